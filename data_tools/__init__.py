@@ -1,0 +1,1 @@
+"""Tools that build, validate and inspect webdataset shards (the ``moe-dist-data`` command)."""

@@ -1,0 +1,190 @@
+"""Which routed assignments survive capacity, and moving tokens to their experts and back.
+
+Shape legend: T tokens, D hidden, E experts (global), L local experts per rank, R expert-parallel ranks,
+K slots per token, A kept (token, expert) assignments on this rank, N tokens received by this rank's
+experts (sorted by local expert).
+
+This is the only module that communicates. Dispatch outline (ep_size R > 1):
+    1. sort the A assignments by global expert; experts [r*L, (r+1)*L) live on EP rank r;
+    2. all-to-all the per-expert counts, so every rank knows how many rows it will receive (uneven
+       loads, empty experts and ranks with zero tokens all work: every rank always joins both
+       collectives);
+    3. all-to-all the rows (variable split sizes); received rows are grouped (source rank, local
+       expert) and get permuted to (local expert, source rank) for the grouped expert compute;
+    4. combine reverses 3 and 1, then scatter-adds gate-weighted rows into their tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Type
+
+import torch
+
+from .config import MoEConfig
+from .router import Routing
+
+
+# ----------------------------------------------------------------------------- capacity policies
+class CapacityPolicy:
+    """Decides ``kept_TK``: the subset of ``routing.valid_TK`` that is computed."""
+
+    def __init__(self, cfg: MoEConfig):
+        self.cfg = cfg
+
+    def capacity(self, num_tokens: int, training: bool) -> int:
+        """Per-expert, per-rank capacity for ``num_tokens`` real tokens."""
+        factor = self.cfg.capacity_factor if training else self.cfg.eval_capacity_factor
+        raw = math.ceil(factor * num_tokens * self.cfg.experts_per_token / self.cfg.num_experts)
+        return max(self.cfg.min_capacity, raw)
+
+    def keep(self, routing: Routing, training: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Dropless(CapacityPolicy):
+    def keep(self, routing, training):
+        return routing.valid_TK
+
+
+class CapacityDrop(CapacityPolicy):
+    """Keep at most ``capacity`` assignments per expert, in priority order.
+
+    Priority: all slot-0 (first choice) assignments come before slot-1 ones, and so on; within a slot
+    the token order is given by ``drop_priority``:
+        position: token index (earlier tokens win);
+        random:   tokens in the order ``torch.randperm(T)`` drawn from the default generator (DeepSpeed's
+                  random token selection);
+        score:    descending router probability of the token's first choice, ties by token index
+                  (V-MoE batch priority routing).
+    """
+
+    def token_rank(self, routing: Routing) -> torch.Tensor:
+        """[T] long: the position of each token in the priority order (0 = served first)."""
+        T = routing.weights_TK.shape[0]
+        device = routing.weights_TK.device
+        if self.cfg.drop_priority == "position":
+            return torch.arange(T, device=device)
+        if self.cfg.drop_priority == "random":
+            order_T = torch.randperm(T, device=device)
+        else:
+            first_T = routing.probs_TE.gather(1, routing.experts_TK[:, :1]).squeeze(1)
+            order_T = torch.sort(-first_T.detach(), stable=True).indices
+        return torch.empty_like(order_T).scatter_(0, order_T, torch.arange(T, device=device))
+
+    def keep(self, routing, training):
+        valid_TK = routing.valid_TK
+        T, K = valid_TK.shape
+        capacity = self.capacity(int(routing.token_mask_T.sum()), training)
+        key_TK = torch.arange(K, device=valid_TK.device)[None, :] * T + self.token_rank(routing)[:, None]
+        # Sort valid assignments by (expert, priority key) and keep the first `capacity` of each expert.
+        flat = valid_TK.flatten().nonzero().squeeze(1)
+        experts_A = routing.experts_TK.flatten()[flat]
+        order = torch.argsort(experts_A * (K * T) + key_TK.flatten()[flat])
+        sorted_experts = experts_A[order]
+        starts_E = torch.searchsorted(sorted_experts, torch.arange(self.cfg.num_experts, device=flat.device))
+        position = torch.arange(order.numel(), device=flat.device) - starts_E[sorted_experts]
+        kept = torch.zeros(T * K, dtype=torch.bool, device=valid_TK.device)
+        kept[flat[order[position < capacity]]] = True
+        return kept.view(T, K)
+
+
+POLICIES: Dict[str, Type[CapacityPolicy]] = {"dropless": Dropless, "capacity": CapacityDrop}
+
+
+def build_capacity_policy(cfg: MoEConfig) -> CapacityPolicy:
+    return POLICIES["dropless" if cfg.dropless else "capacity"](cfg)
+
+
+# ----------------------------------------------------------------------------- communication
+class _AllToAllV(torch.autograd.Function):
+    """Variable-split all-to-all through deepspeed.comm; its gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x_ND, send_splits: List[int], recv_splits: List[int], group):
+        import deepspeed.comm as ds_comm
+
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        out = x_ND.new_empty((sum(recv_splits),) + tuple(x_ND.shape[1:]))
+        ds_comm.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
+                                  input_split_sizes=send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        send_splits, recv_splits = ctx.splits
+        return _AllToAllV.apply(grad_out.contiguous(), recv_splits, send_splits, ctx.group), None, None, None
+
+
+def _exchange_counts(counts_RL: torch.Tensor, group) -> torch.Tensor:
+    """counts_RL[r, l] rows this rank sends to rank r's expert l -> rows it receives, [R, L]."""
+    import deepspeed.comm as ds_comm
+
+    received = torch.empty_like(counts_RL)
+    ds_comm.all_to_all_single(received, counts_RL.contiguous(), group=group)
+    return received
+
+
+@dataclass
+class DispatchPlan:
+    """What combine needs to undo dispatch."""
+
+    token_A: torch.Tensor        # [A] token index of each expert-sorted assignment
+    weight_A: torch.Tensor       # [A] gate weight of each expert-sorted assignment
+    send_splits: List[int]       # rows sent to each EP rank
+    recv_splits: List[int]       # rows received from each EP rank
+    local_perm: Optional[torch.Tensor]  # [N] (source, expert) order -> (expert, source) order
+
+
+class TokenDispatcher:
+    """Moves kept assignments to the ranks holding their experts, and the results back.
+
+    Args:
+        num_experts: E, global.
+        ep_size: R; experts are split in contiguous blocks of L = E / R per rank.
+        group: the expert-parallel process group (None when R == 1).
+    """
+
+    def __init__(self, num_experts: int, ep_size: int = 1, group=None):
+        self.num_experts, self.ep_size, self.group = num_experts, ep_size, group
+        self.num_local = num_experts // ep_size
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, kept_TK: torch.Tensor):
+        """Gather the rows for this rank's experts.
+
+        Returns:
+            x_ND: rows sorted by local expert; counts_L: list of rows per local expert; plan.
+        """
+        K = kept_TK.shape[1]
+        flat = kept_TK.flatten().nonzero().squeeze(1)
+        experts_A = routing.experts_TK.flatten()[flat]
+        order = torch.argsort(experts_A, stable=True)
+        token_A = torch.div(flat[order], K, rounding_mode="floor")
+        weight_A = routing.weights_TK.flatten()[flat[order]]
+        counts_E = torch.bincount(experts_A, minlength=self.num_experts)
+        x_AD = x_TD.index_select(0, token_A)
+        if self.ep_size == 1:
+            plan = DispatchPlan(token_A, weight_A, [], [], None)
+            return x_AD, counts_E.tolist(), plan
+        R, L = self.ep_size, self.num_local
+        counts_RL = counts_E.view(R, L)
+        recv_RL = _exchange_counts(counts_RL, self.group)
+        send_splits, recv_splits = counts_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
+        x_ND = _AllToAllV.apply(x_AD, send_splits, recv_splits, self.group)
+        # Received rows come grouped by (source rank, local expert); regroup by local expert.
+        segment_N = torch.repeat_interleave(torch.arange(R * L, device=x_ND.device), recv_RL.flatten(),
+                                            output_size=x_ND.shape[0])
+        local_perm = torch.argsort((segment_N % L) * R + segment_N // L, stable=True)
+        plan = DispatchPlan(token_A, weight_A, send_splits, recv_splits, local_perm)
+        return x_ND.index_select(0, local_perm), recv_RL.sum(0).tolist(), plan
+
+    def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+        """Send expert outputs home and sum them per token, weighted by the gates: [T, D]."""
+        if self.ep_size > 1:
+            y_back = torch.empty_like(y_ND).index_copy(0, plan.local_perm, y_ND)
+            y_ND = _AllToAllV.apply(y_back, plan.recv_splits, plan.send_splits, self.group)
+        weighted_AD = y_ND * plan.weight_A.to(y_ND.dtype)[:, None]
+        out_TD = y_ND.new_zeros((num_tokens,) + tuple(y_ND.shape[1:]))
+        return out_TD.index_add(0, plan.token_A, weighted_AD)
+

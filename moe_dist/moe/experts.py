@@ -1,0 +1,145 @@
+"""This rank's experts as stacked weights, computed group by group.
+
+Shape legend: N rows sorted by local expert, D hidden, H expert FFN hidden (2H for SwiGLU's fused
+gate+up projection), L local experts.
+
+Expert f_e(x) = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]. Two interchangeable backends compute all
+experts at once over contiguous, expert-sorted rows:
+    loop:        one matmul per expert on its slice (fastest on CPU, see bench/moe_layer.py);
+    grouped_mm:  torch._grouped_mm, one kernel per projection (float32/bf16/fp16 only).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "relu": F.relu,
+    "swiglu": _swiglu,
+}
+
+
+def tag_expert_params(module: nn.Module, group_name: str) -> None:
+    """The one place expert parameters are marked for DeepSpeed: they are reduced over the
+    expert-data-parallel group ``group_name`` and get their own ZeRO param groups."""
+    for p in module.parameters():
+        p.allreduce = False
+        p.group_name = group_name
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (_grouped_mm needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _loop_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    outs = []
+    w1s, w2s = experts.w1.unbind(0), experts.w2.unbind(0)
+    b1s = experts.b1.unbind(0) if experts.b1 is not None else [None] * len(counts)
+    b2s = experts.b2.unbind(0) if experts.b2 is not None else [None] * len(counts)
+    for e, x_e in enumerate(x_ND.split(counts)):
+        if x_e.shape[0] == 0:
+            continue
+        h = x_e @ w1s[e] if b1s[e] is None else torch.addmm(b1s[e], x_e, w1s[e])
+        h = experts.act(h)
+        outs.append(h @ w2s[e] if b2s[e] is None else torch.addmm(b2s[e], h, w2s[e]))
+    if not outs:  # no rows: keep the graph connected to the weights so every rank joins backward
+        return x_ND.new_zeros(0, experts.w2.shape[-1]) + 0 * sum(p.sum() for p in experts.parameters())
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    counts_L = torch.tensor(counts, device=x_ND.device)
+    offs = counts_L.cumsum(0).to(torch.int32)
+    h = _ContiguousGrad.apply(torch._grouped_mm(x_ND, experts.w1.to(x_ND.dtype), offs=offs))
+    if experts.b1 is not None or experts.b2 is not None:
+        expert_N = torch.repeat_interleave(torch.arange(len(counts), device=x_ND.device), counts_L,
+                                           output_size=x_ND.shape[0])
+    if experts.b1 is not None:
+        h = h + experts.b1.to(h.dtype)[expert_N]
+    y = _ContiguousGrad.apply(torch._grouped_mm(experts.act(h), experts.w2.to(x_ND.dtype), offs=offs))
+    if experts.b2 is not None:
+        y = y + experts.b2.to(y.dtype)[expert_N]
+    return y
+
+
+BACKENDS = {"loop": _loop_backend, "grouped_mm": _grouped_mm_backend}
+
+
+def grouped_mm_supported(x: torch.Tensor, widths) -> bool:
+    """torch._grouped_mm exists, takes this dtype on this device, and every row is 16-byte aligned."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(w * x.element_size() % 16 for w in widths):
+        return False
+    if x.device.type == "cuda":  # the CUDA kernel is bf16-only, on sm90+
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+class GroupedExperts(nn.Module):
+    """L experts stored as stacked tensors ``w1 [L, D, H]``, ``b1 [L, H]``, ``w2 [L, H, D]``, ``b2 [L, D]``.
+
+    Args:
+        num_local: L.
+        hidden_size: D.
+        ffn_hidden_size: H.
+        activation: a key of ``ACTIVATIONS``.
+        bias: include b1 and b2.
+        backend: "auto" (grouped_mm on CUDA bf16 sm90+, else loop), "loop" or "grouped_mm".
+        group_name: DeepSpeed expert group name used to tag the parameters.
+    """
+
+    def __init__(self, num_local: int, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu",
+                 bias: bool = True, backend: str = "auto", group_name: str = "ep_size_1"):
+        super().__init__()
+        width = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        self.act = ACTIVATIONS[activation]
+        self.backend = backend
+        self.w1 = nn.Parameter(torch.empty(num_local, hidden_size, width))
+        self.w2 = nn.Parameter(torch.empty(num_local, ffn_hidden_size, hidden_size))
+        self.b1 = nn.Parameter(torch.empty(num_local, width)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_local, hidden_size)) if bias else None
+        self.reset_parameters()
+        tag_expert_params(self, group_name)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Per expert, the same init as nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            w.uniform_(-bound, bound)
+            if b is not None:
+                b.uniform_(-bound, bound)
+
+    def forward(self, x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        """Apply expert l to its ``counts[l]`` consecutive rows of ``x_ND``; returns [N, D]."""
+        backend = self.backend
+        usable = grouped_mm_supported(x_ND, (self.w1.shape[1], self.w1.shape[2], self.w2.shape[1]))
+        if backend == "auto":  # the per-expert loop wins on CPU (bench/moe_layer.py)
+            backend = "grouped_mm" if usable and x_ND.device.type != "cpu" else "loop"
+        elif backend == "grouped_mm" and not usable:
+            raise ValueError(f"expert_backend='grouped_mm' cannot run {x_ND.dtype} on {x_ND.device.type} with "
+                             f"hidden sizes {self.w1.shape[1]}/{self.w2.shape[1]} (rows must be 16-byte aligned); "
+                             "use expert_backend='auto' or 'loop'")
+        return BACKENDS[backend](self, x_ND, counts)

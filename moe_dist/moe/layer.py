@@ -1,0 +1,178 @@
+"""The MoE layer: router -> capacity policy -> dispatch -> grouped experts -> combine.
+
+Shape legend: T tokens (all leading dims of x flattened), D hidden, E experts, L local experts,
+K slots per token, N rows at this rank's experts.
+
+y(x) = sum_{i in S(x)} g_i(x) * f_i(x) (+ shared FFN(x)), where S(x) are the kept experts of token x.
+
+DeepSpeed integration: ``MoELayer`` is a ``deepspeed.moe.layer.MoE`` so that ``deepspeed.initialize``
+recognises it (expert-data-parallel gradient reduction, MoE ZeRO param groups, per-expert checkpoint
+files). It does not use the parent's gate or experts. Its state dict stores the stacked expert
+tensors under DeepSpeed's per-expert key layout (``deepspeed_moe.experts.deepspeed_experts.<i>.w1``,
+one [D, H] slice per expert), so ``engine.save_checkpoint`` writes one file per *global* expert and a
+load under a different ``ep_size`` picks the right experts on every rank.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from deepspeed.moe.layer import MoE as _DeepSpeedMoE
+from torch import nn
+
+from .config import MoEConfig
+from .dispatch import TokenDispatcher, build_capacity_policy
+from .experts import GroupedExperts
+from .losses import router_losses, routing_stats
+from .router import build_router
+
+_DS_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts.{}.{}"
+_DS_EXPERT_RE = re.compile(r"deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
+
+
+@dataclass
+class MoEOutput:
+    """Result of one MoE layer call.
+
+    Attributes:
+        output: same shape and dtype as the input.
+        aux_loss: scalar, sum of coefficient * loss over the enabled auxiliary losses.
+        losses: name -> unweighted scalar loss ("load_balance", "z_loss", "entropy_local", "entropy_global").
+        stats: name -> detached tensor (tokens per expert, dropped fraction, router entropy; "/image"
+            and "/text" variants when a modality tensor is given).
+    """
+
+    output: torch.Tensor
+    aux_loss: torch.Tensor
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def expert_parallel_group(ep_size: int):
+    """Create (once) and return DeepSpeed's expert-parallel group for ``ep_size``; None if 1."""
+    if ep_size == 1:
+        return None
+    import deepspeed.comm as ds_comm
+    from deepspeed.utils import groups
+
+    if not ds_comm.is_initialized():
+        raise ValueError(f"ep_size={ep_size} needs torch.distributed: call deepspeed.init_distributed() "
+                         "(or launch with deepspeed/torchrun) before building the model, or use ep_size=1")
+    world = ds_comm.get_world_size()
+    if world % ep_size != 0:
+        raise ValueError(f"ep_size={ep_size} does not divide the world size {world}; pick an ep_size that "
+                         f"divides it (e.g. {world} or 1)")
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name)
+
+
+class MoELayer(_DeepSpeedMoE):
+    """Sparse mixture-of-experts FFN whose experts are sharded over ``ep_size`` ranks.
+
+    Args:
+        config: the layer's ``MoEConfig``.
+        ep_size: expert-parallel group size; must divide ``config.num_experts`` and the world size.
+    """
+
+    def __init__(self, config: MoEConfig, ep_size: int = 1):
+        nn.Module.__init__(self)  # the parent's gate and experts are not used
+        if ep_size < 1 or config.num_experts % ep_size != 0:
+            raise ValueError(f"num_experts={config.num_experts} is not divisible by ep_size={ep_size}; "
+                             "choose an ep_size that divides num_experts")
+        self.config = config
+        # Attributes DeepSpeed's engine and checkpointing read from a native MoE layer.
+        self.ep_size = ep_size
+        self.num_experts = config.num_experts
+        self.num_local_experts = config.num_experts // ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.enable_expert_tensor_parallelism = False
+        self.use_residual = False
+
+        self.router = build_router(config)
+        self.policy = build_capacity_policy(config)
+        self.experts = GroupedExperts(self.num_local_experts, config.hidden_size, config.ffn_hidden_size,
+                                      config.activation, config.expert_bias, config.expert_backend,
+                                      self.expert_group_name)
+        self.shared_mlp = None
+        if config.shared_expert:
+            width = config.shared_ffn_hidden_size or config.ffn_hidden_size
+            self.shared_mlp = nn.Sequential(nn.Linear(config.hidden_size, width), nn.GELU(),
+                                            nn.Linear(width, config.hidden_size))
+        self.dispatcher = TokenDispatcher(config.num_experts, ep_size, expert_parallel_group(ep_size))
+        self.register_state_dict_post_hook(_experts_to_deepspeed_keys)
+        self.register_load_state_dict_pre_hook(_experts_from_deepspeed_keys)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by ``deepspeed.initialize``; our group already exists (see ``expert_parallel_group``)."""
+        self.dispatcher.group = expert_parallel_group(self.ep_size)
+
+    def forward(self, x: torch.Tensor, modality: Optional[torch.Tensor] = None,
+                padding_mask: Optional[torch.Tensor] = None) -> MoEOutput:
+        """Route, compute and combine.
+
+        Args:
+            x: [..., D] tokens.
+            modality: optional [...] ints (0 image, 1 text), same leading shape as x.
+            padding_mask: optional [...] bool, True marks padding. Padding is never routed, never
+                counted in losses or stats, and its output is zero.
+        """
+        D = self.config.hidden_size
+        if x.shape[-1] != D:
+            raise ValueError(f"MoELayer expects inputs [..., {D}], got {tuple(x.shape)}")
+        x_TD = x.reshape(-1, D)
+        T = x_TD.shape[0]
+        modality_T = None if modality is None else modality.expand(x.shape[:-1]).reshape(T)
+        token_mask_T = None if padding_mask is None else ~padding_mask.expand(x.shape[:-1]).reshape(T)
+
+        routing = self.router(x_TD, modality_T, token_mask_T)
+        kept_TK = self.policy.keep(routing, self.training)
+        x_ND, counts_L, plan = self.dispatcher.dispatch(x_TD, routing, kept_TK)
+        y_ND = self.experts(x_ND, counts_L)
+        y_TD = self.dispatcher.combine(y_ND, plan, T)
+        if self.shared_mlp is not None:
+            y_TD = y_TD + self.shared_mlp(x_TD) * routing.token_mask_T[:, None].to(x_TD.dtype)
+
+        losses = router_losses(routing)
+        cfg = self.config
+        coefs = {"load_balance": cfg.load_balance_coef, "z_loss": cfg.z_loss_coef,
+                 "entropy_local": cfg.entropy_local_coef, "entropy_global": cfg.entropy_global_coef}
+        aux_loss = sum(coefs[name] * loss for name, loss in losses.items() if coefs[name] > 0)
+        if not torch.is_tensor(aux_loss):
+            aux_loss = routing.probs_TE.sum() * 0.0
+        stats = routing_stats(routing, kept_TK)
+        return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), aux_loss, losses, stats)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"router={c.router}, experts={c.num_experts} ({self.num_local_experts} local), "
+                f"k={c.experts_per_token}, dropless={c.dropless}, ep_size={self.ep_size}")
+
+
+def _experts_to_deepspeed_keys(module: MoELayer, state_dict, prefix: str, local_metadata) -> None:
+    """Stacked ``experts.w1 [L, ...]`` -> ``deepspeed_moe.experts.deepspeed_experts.<l>.w1`` per local expert."""
+    for name in ("w1", "b1", "w2", "b2"):
+        stacked = state_dict.pop(f"{prefix}experts.{name}", None)
+        if stacked is None:
+            continue
+        for local_id, tensor in enumerate(stacked.unbind(0)):
+            state_dict[prefix + _DS_EXPERT_KEY.format(local_id, name)] = tensor
+
+
+def _experts_from_deepspeed_keys(module: MoELayer, state_dict, prefix: str, *args) -> None:
+    """Inverse of ``_experts_to_deepspeed_keys``: restack per-expert entries before loading."""
+    pieces: Dict[str, Dict[int, torch.Tensor]] = {}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        match = _DS_EXPERT_RE.fullmatch(key[len(prefix):])
+        if match:
+            pieces.setdefault(match.group(2), {})[int(match.group(1))] = state_dict.pop(key)
+    for name, by_id in pieces.items():
+        if sorted(by_id) != list(range(module.num_local_experts)):
+            raise ValueError(f"checkpoint for {prefix or 'MoE layer'} has experts {sorted(by_id)} for '{name}', "
+                             f"but this rank holds {module.num_local_experts} local experts "
+                             f"(num_experts={module.num_experts}, ep_size={module.ep_size})")
+        state_dict[f"{prefix}experts.{name}"] = torch.stack([by_id[i] for i in range(len(by_id))])

@@ -1,0 +1,165 @@
+"""Routers: token features -> which experts, with what gate weight. No communication here.
+
+Shape legend: T tokens, D hidden size, E experts, K experts-per-token slots (top_k or max_k).
+
+Every router computes its gate network, softmax and selection in fp32 (fp64 when the input is fp64),
+whatever the parameter or input dtype. Variants differ only in ``select``; register new ones in
+``ROUTERS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+
+IMAGE, TEXT = 0, 1
+MODALITY_NAMES = {IMAGE: "image", TEXT: "text"}
+
+
+@dataclass
+class Routing:
+    """The router's decision for T tokens.
+
+    Attributes:
+        logits_TE: gate logits after modality masking (-inf for forbidden experts), fp32.
+        probs_TE: softmax of ``logits_TE``.
+        experts_TK: chosen expert per slot (long); slots with ``valid_TK`` False are unused.
+        weights_TK: gate weight per slot (fp32), 0 where not valid.
+        valid_TK: slot is used; always False for padding tokens.
+        token_mask_T: token is real (not padding).
+        modality_T: modality id per token, or None.
+    """
+
+    logits_TE: torch.Tensor
+    probs_TE: torch.Tensor
+    experts_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    valid_TK: torch.Tensor
+    token_mask_T: torch.Tensor
+    modality_T: Optional[torch.Tensor]
+
+
+def allowed_experts_mask(cfg: MoEConfig, modality_T: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    """[T, E] bool of the experts each token may use under ``cfg.modality_experts``, or None if all."""
+    if not cfg.uses_modality:
+        return None
+    if modality_T is None:
+        raise ValueError(f"MoEConfig.modality_experts={cfg.modality_experts} reserves experts per modality, "
+                         "so forward() needs modality= (0 image, 1 text) for every token")
+    n_img, n_txt = cfg.modality_experts
+    expert = torch.arange(cfg.num_experts, device=device)
+    image_only = expert < n_img
+    text_only = (expert >= n_img) & (expert < n_img + n_txt)
+    is_image = (modality_T == IMAGE)[:, None]
+    return torch.where(is_image, ~text_only[None, :], ~image_only[None, :])
+
+
+class Router(nn.Module):
+    """Gate network plus noise, modality masking and forced balancing; subclasses pick experts."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.router_hidden_size:
+            self.proj = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.router_hidden_size), nn.GELU(),
+                                      nn.Linear(cfg.router_hidden_size, cfg.num_experts))
+        else:
+            self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+
+    def gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """fp32 (or fp64) logits [T, E], computed outside autocast with upcast weights."""
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        h = x_TD.to(dtype)
+        if self.training and self.cfg.router_noise == "jitter":
+            eps = self.cfg.router_noise_eps
+            h = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            for layer in (self.proj if isinstance(self.proj, nn.Sequential) else [self.proj]):
+                if isinstance(layer, nn.Linear):
+                    bias = None if layer.bias is None else layer.bias.to(dtype)
+                    h = F.linear(h, layer.weight.to(dtype), bias)
+                else:
+                    h = layer(h)
+        if self.training and self.cfg.router_noise == "gumbel":
+            u = torch.rand_like(h).clamp_(1e-20, 1.0)
+            h = h - self.cfg.router_noise_eps * torch.log(-torch.log(u))
+        return h
+
+    def forward(self, x_TD: torch.Tensor, modality_T: Optional[torch.Tensor] = None,
+                token_mask_T: Optional[torch.Tensor] = None) -> Routing:
+        T = x_TD.shape[0]
+        if token_mask_T is None:
+            token_mask_T = torch.ones(T, dtype=torch.bool, device=x_TD.device)
+        logits_TE = self.gate_logits(x_TD)
+        allowed_TE = allowed_experts_mask(self.cfg, modality_T, x_TD.device)
+        if allowed_TE is not None:
+            logits_TE = logits_TE.masked_fill(~allowed_TE, float("-inf"))
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        if self.cfg.force_balanced:
+            experts_TK, valid_TK = self._balanced(T, allowed_TE, x_TD.device)
+        else:
+            experts_TK, valid_TK = self.select(probs_TE)
+        weights_TK = probs_TE.gather(1, experts_TK)
+        valid_TK = valid_TK & token_mask_T[:, None]
+        weights_TK = weights_TK * valid_TK
+        if self.cfg.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(weights_TK.dtype).tiny)
+        return Routing(logits_TE, probs_TE, experts_TK, weights_TK, valid_TK, token_mask_T, modality_T)
+
+    def select(self, probs_TE: torch.Tensor):
+        """Return (experts_TK long, valid_TK bool), slots sorted by decreasing probability."""
+        raise NotImplementedError
+
+    def _balanced(self, T: int, allowed_TE: Optional[torch.Tensor], device):
+        """Debug routing: slot j of token t takes allowed expert number (t*K + j) mod |allowed|."""
+        K, E = self.cfg.experts_per_token, self.cfg.num_experts
+        turn_TK = torch.arange(T * K, device=device).view(T, K)
+        if allowed_TE is None:
+            allowed_TE = torch.ones(T, E, dtype=torch.bool, device=device)
+        n_allowed_T = allowed_TE.sum(-1, keepdim=True)
+        # The allowed experts of each token in increasing order, padded with E at the end.
+        ordered_TE = torch.where(allowed_TE, torch.arange(E, device=device), E).sort(-1).values
+        experts_TK = ordered_TE.gather(1, turn_TK % n_allowed_T)
+        return experts_TK, torch.ones(T, K, dtype=torch.bool, device=device)
+
+
+class TopKRouter(Router):
+    def select(self, probs_TE):
+        experts_TK = probs_TE.topk(self.cfg.top_k, dim=-1).indices
+        return experts_TK, torch.ones_like(experts_TK, dtype=torch.bool)
+
+
+class ThresholdRouter(Router):
+    """Keep experts with probability >= threshold; the best one always, at most max_k."""
+
+    def select(self, probs_TE):
+        top_TK, experts_TK = probs_TE.topk(self.cfg.max_k, dim=-1)
+        valid_TK = top_TK >= self.cfg.threshold
+        valid_TK[:, 0] = True
+        return experts_TK, valid_TK
+
+
+class TopPRouter(Router):
+    """Keep the smallest prefix of the sorted experts whose probability mass reaches top_p (<= max_k)."""
+
+    def select(self, probs_TE):
+        top_TK, experts_TK = probs_TE.topk(self.cfg.max_k, dim=-1)
+        mass_before_TK = top_TK.cumsum(-1) - top_TK
+        valid_TK = mass_before_TK < self.cfg.top_p
+        valid_TK[:, 0] = True
+        return experts_TK, valid_TK
+
+
+ROUTERS: Dict[str, Type[Router]] = {"topk": TopKRouter, "threshold": ThresholdRouter, "top_p": TopPRouter}
+
+
+def build_router(cfg: MoEConfig) -> Router:
+    if cfg.router not in ROUTERS:
+        raise ValueError(f"MoEConfig.router={cfg.router!r} is unknown; use one of {sorted(ROUTERS)}")
+    return ROUTERS[cfg.router](cfg)
