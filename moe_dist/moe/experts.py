@@ -52,20 +52,88 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _activation_grad(name: str, act, h: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
+    """d act(h) / dh applied to ``grad_a``."""
+    if name in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(grad_a, h, approximate="none" if name == "gelu" else "tanh")
+    if name == "relu":
+        return grad_a * (h > 0)
+    with torch.enable_grad():
+        h = h.detach().requires_grad_()
+        return torch.autograd.grad(act(h), h, grad_a)[0]
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """All local experts over expert-sorted rows, one matmul per expert and projection.
+
+    Autograd over per-expert slices of stacked weights would build each weight gradient as a stack of
+    strided slices (a full extra copy, 30% of the layer time at E=64). Here every matmul writes straight
+    into its slice of a preallocated output or gradient. Backward keeps only x and the pre-activation
+    h and recomputes act(h): 16% less activation memory than a dense FFN per row (bench/moe_layer.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w1, b1, w2, b2, counts, act_name):
+        act = ACTIVATIONS[act_name]
+        y_ND = x_ND.new_empty(x_ND.shape[0], w2.shape[-1])
+        h_NH = x_ND.new_empty(x_ND.shape[0], w1.shape[-1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            if b1 is None:
+                torch.mm(x_ND[rows], w1[e], out=h_NH[rows])
+            else:
+                torch.addmm(b1[e], x_ND[rows], w1[e], out=h_NH[rows])
+            a = act(h_NH[rows])
+            if b2 is None:
+                torch.mm(a, w2[e], out=y_ND[rows])
+            else:
+                torch.addmm(b2[e], a, w2[e], out=y_ND[rows])
+            start += n
+        ctx.save_for_backward(x_ND, h_NH, w1, w2)
+        ctx.counts, ctx.act_name, ctx.has_bias = counts, act_name, (b1 is not None, b2 is not None)
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_ND, h_NH, w1, w2 = ctx.saved_tensors
+        act = ACTIVATIONS[ctx.act_name]
+        grad_y = grad_y.contiguous()
+        # Every row belongs to one expert, so only the gradients of idle experts need zeroing.
+        grad_x = torch.empty_like(x_ND)
+        grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
+        grad_b1 = w1.new_empty(w1.shape[0], w1.shape[2]) if ctx.has_bias[0] else None
+        grad_b2 = w2.new_empty(w2.shape[0], w2.shape[2]) if ctx.has_bias[1] else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                for grad in (grad_w1, grad_w2, grad_b1, grad_b2):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            rows = slice(start, start + n)
+            h, g_y = h_NH[rows], grad_y[rows]
+            torch.mm(act(h).t(), g_y, out=grad_w2[e])
+            g_h = _activation_grad(ctx.act_name, act, h, g_y @ w2[e].t())
+            torch.mm(x_ND[rows].t(), g_h, out=grad_w1[e])
+            torch.mm(g_h, w1[e].t(), out=grad_x[rows])
+            if grad_b1 is not None:
+                torch.sum(g_h, 0, out=grad_b1[e])
+            if grad_b2 is not None:
+                torch.sum(g_y, 0, out=grad_b2[e])
+            start += n
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
 def _loop_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
-    outs = []
-    w1s, w2s = experts.w1.unbind(0), experts.w2.unbind(0)
-    b1s = experts.b1.unbind(0) if experts.b1 is not None else [None] * len(counts)
-    b2s = experts.b2.unbind(0) if experts.b2 is not None else [None] * len(counts)
-    for e, x_e in enumerate(x_ND.split(counts)):
-        if x_e.shape[0] == 0:
-            continue
-        h = x_e @ w1s[e] if b1s[e] is None else torch.addmm(b1s[e], x_e, w1s[e])
-        h = experts.act(h)
-        outs.append(h @ w2s[e] if b2s[e] is None else torch.addmm(b2s[e], h, w2s[e]))
-    if not outs:  # no rows: keep the graph connected to the weights so every rank joins backward
-        return x_ND.new_zeros(0, experts.w2.shape[-1]) + 0 * sum(p.sum() for p in experts.parameters())
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    dtype = x_ND.dtype  # under autocast, run the experts in the autocast dtype
+    if torch.is_autocast_enabled(x_ND.device.type):
+        dtype = torch.get_autocast_dtype(x_ND.device.type)
+    params = [None if p is None else p.to(dtype) for p in (experts.w1, experts.b1, experts.w2, experts.b2)]
+    with torch.autocast(x_ND.device.type, enabled=False):
+        return _ExpertLoop.apply(x_ND.to(dtype), *params, list(counts), experts.activation)
 
 
 def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
@@ -114,6 +182,7 @@ class GroupedExperts(nn.Module):
                  bias: bool = True, backend: str = "auto", group_name: str = "ep_size_1"):
         super().__init__()
         width = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        self.activation = activation
         self.act = ACTIVATIONS[activation]
         self.backend = backend
         self.w1 = nn.Parameter(torch.empty(num_local, hidden_size, width))

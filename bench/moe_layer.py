@@ -1,0 +1,152 @@
+"""MoE layer speed and memory against a dense FFN and DeepSpeed's stock MoE (one process, CPU, fp32).
+
+    python bench/moe_layer.py [--tokens 4096] [--hidden 256] [--ffn 1024] [--k 2] [--reps 12]
+
+Every variant runs one forward+backward per round; rounds interleave the variants so machine noise
+hits them alike; the table reports medians. Ratios:
+    R1 = T(ours, dropless, E=8) / (k * T(dense FFN))          target <= 1.05
+    R2 = T(ours, dropless, E=8) / T(deepspeed MoE, cf 1.25)   target <= 0.80
+    R4 = T(ours, E=64) / T(ours, E=8)                         target <= 1.10
+Memory is the bytes autograd saves for backward (unique storages), the layer's training-time
+activation footprint, relative to k dense FFNs. Results go to bench/results/moe_layer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from moe_dist.moe import MoEConfig, MoELayer  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "moe_layer.json")
+
+
+def _init_single_process_dist() -> None:
+    """DeepSpeed's MoE needs a process group even for one rank."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29531")
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    deepspeed.init_distributed(get_accelerator().communication_backend_name(), verbose=False)
+
+
+def deepspeed_moe(args, num_experts: int) -> nn.Module:
+    from deepspeed.moe.layer import MoE
+
+    expert = nn.Sequential(nn.Linear(args.hidden, args.ffn), nn.GELU(), nn.Linear(args.ffn, args.hidden))
+    layer = MoE(args.hidden, expert, num_experts=num_experts, k=args.k, capacity_factor=1.25,
+                eval_capacity_factor=1.25, min_capacity=4)
+    layer.set_deepspeed_parallelism()
+    return layer
+
+
+def ours(args, num_experts: int, **kw) -> nn.Module:
+    return MoELayer(MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=num_experts,
+                              top_k=args.k, **kw))
+
+
+def _loss(module, x):
+    out = module(x)
+    if isinstance(out, tuple):  # deepspeed: (output, l_aux, exp_counts)
+        return out[0].square().mean() + out[1]
+    if hasattr(out, "output"):
+        return out.output.square().mean() + out.aux_loss
+    return out.square().mean()
+
+
+def saved_bytes(module, x) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for backward during one forward."""
+    seen = {}
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:  # weights are not activation memory
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss(module, x)
+    loss.backward()
+    module.zero_grad(set_to_none=True)
+    return sum(seen.values()) - x.numel() * x.element_size()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=12, help="timed rounds (after 2 warm-up rounds)")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    _init_single_process_dist()
+    torch.manual_seed(0)
+
+    variants = {
+        "dense_ffn": nn.Sequential(nn.Linear(args.hidden, args.ffn), nn.GELU(), nn.Linear(args.ffn, args.hidden)),
+        "ours_dropless_E8_loop": ours(args, 8, dropless=True, expert_backend="loop"),
+        "ours_dropless_E8_grouped_mm": ours(args, 8, dropless=True, expert_backend="grouped_mm"),
+        "ours_capacity1.25_E8": ours(args, 8, capacity_factor=1.25),
+        "ours_dropless_E64": ours(args, 64, dropless=True),
+        "deepspeed_cf1.25_E8": deepspeed_moe(args, 8),
+        "deepspeed_cf1.25_E64": deepspeed_moe(args, 64),
+    }
+    x = torch.randn(args.tokens, args.hidden, requires_grad=True)
+    times = {name: [] for name in variants}
+    for rnd in range(args.reps + 2):
+        for name, module in variants.items():
+            start = time.perf_counter()
+            _loss(module, x).backward()
+            elapsed = time.perf_counter() - start
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            if rnd >= 2:
+                times[name].append(elapsed)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    mem = {name: saved_bytes(module, x) for name, module in variants.items()}
+    dense = med["dense_ffn"]
+    ours_e8 = min(med["ours_dropless_E8_loop"], med["ours_dropless_E8_grouped_mm"])
+    results = {
+        "R1": ours_e8 / (args.k * dense),
+        "R2": ours_e8 / med["deepspeed_cf1.25_E8"],
+        "R4": med["ours_dropless_E64"] / ours_e8,
+        "R1_deepspeed": med["deepspeed_cf1.25_E8"] / (args.k * dense),
+        "R4_deepspeed": med["deepspeed_cf1.25_E64"] / med["deepspeed_cf1.25_E8"],
+        "R1_loop": med["ours_dropless_E8_loop"] / (args.k * dense),
+        "R1_grouped_mm": med["ours_dropless_E8_grouped_mm"] / (args.k * dense),
+        "memory_vs_k_dense": mem["ours_dropless_E8_loop"] / (args.k * mem["dense_ffn"]),
+        "memory_vs_k_dense_deepspeed": mem["deepspeed_cf1.25_E8"] / (args.k * mem["dense_ffn"]),
+        "median_ms": {name: 1e3 * t for name, t in med.items()},
+        "saved_mb": {name: m / 2 ** 20 for name, m in mem.items()},
+        "setup": {"tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn, "k": args.k, "reps": args.reps,
+                  "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
+                  "device": "cpu"},
+    }
+    print(f"{'variant':32s} {'median ms':>10s} {'x k*dense':>10s} {'saved MB':>9s}")
+    for name in variants:
+        print(f"{name:32s} {1e3 * med[name]:10.1f} {med[name] / (args.k * dense):10.3f} {mem[name] / 2 ** 20:9.1f}")
+    print()
+    for key, target in (("R1", "<= 1.05"), ("R2", "<= 0.80"), ("R4", "<= 1.10"), ("R1_deepspeed", ""),
+                        ("R4_deepspeed", ""), ("memory_vs_k_dense", ""), ("memory_vs_k_dense_deepspeed", "")):
+        print(f"{key:28s} {results[key]:6.3f}  {target}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
