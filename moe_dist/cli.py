@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
-from . import __version__
+# DeepSpeed's logger binds to the stdout of its import time; bind it to stderr so that stdout carries
+# only command output (moe-dist params --json | jq ...).
+with contextlib.redirect_stdout(sys.stderr):
+    import deepspeed  # noqa: F401
+
+from . import __version__  # noqa: E402
+from .models.params import add_params_command  # noqa: E402
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -23,7 +30,10 @@ def _add_version(sub: argparse._SubParsersAction) -> None:
 
 
 # name -> function that adds the subcommand's parser (and sets ``func``)
-COMMANDS: Dict[str, Callable[[argparse._SubParsersAction], None]] = {"version": _add_version}
+COMMANDS: Dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "version": _add_version,
+    "params": add_params_command,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

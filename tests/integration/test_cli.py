@@ -33,3 +33,32 @@ def test_unknown_subcommand_fails_cleanly():
     res = _run(sys.executable, "-m", "moe_dist.cli", "frobnicate")
     assert res.returncode == 2
     assert "invalid choice" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_params_cli_matches_tensor_count():
+    import json
+
+    import torch
+
+    from moe_dist.models import create_model
+
+    res = _run("moe-dist", "params", "--model", "moe-clip-tiny", "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)["params"]
+    model = create_model("moe-clip-tiny")
+    assert report["total"] == sum(p.numel() for p in model.parameters())
+    # hand count: each MoE layer (width 64, H 256, E 4, k 1) leaves 3 experts of 64*256+256+256*64+64 idle
+    per_expert = 64 * 256 + 256 + 256 * 64 + 64
+    moe_layers = 2 + 2
+    assert report["active"] == report["total"] - moe_layers * 3 * per_expert
+    assert report["expert"] == moe_layers * 4 * per_expert
+    vision = sum(p.numel() for n, p in model.named_parameters() if n.startswith("visual."))
+    assert report["active/image"] == report["total"] - (report["total"] - vision - 1) - 2 * 3 * per_expert
+    table = _run("moe-dist", "params", "--model", "moe-clip-tiny")
+    assert f"{report['total']:,}" in table.stdout and torch is not None
+
+
+def test_params_cli_bad_input_is_one_line():
+    res = _run("moe-dist", "params", "--model", "moe-clip-tiny", "--set", "vision.moe.blocks=[4]")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "model.vision.moe.blocks=[4] is out of range" in res.stderr

@@ -1,0 +1,42 @@
+"""MoE vision-language models built from open_clip components.
+
+    config.py      ModelConfig dataclasses and the JSON registry (configs/models/*.json)
+    moe_blocks.py  MoE MLPs inside open_clip blocks; collecting aux losses and stats
+    clip.py        two-tower MoE-CLIP
+    limoe.py       single-tower LIMoE
+    loss.py        CLIP / SigLIP contrastive loss (open_clip, gathered across ranks) + MoE aux loss
+    upcycle.py     sparse upcycling from a dense open_clip checkpoint
+    params.py      parameter and FLOP accounting
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from .clip import ModelOutput, MoECLIP
+from .config import ModelConfig, list_models, load_model_config
+from .limoe import LIMoE
+
+MODEL_KINDS = {"clip": MoECLIP, "limoe": LIMoE}
+
+
+def build_model(cfg: ModelConfig, ep_size: int = 1):
+    return MODEL_KINDS[cfg.kind](cfg, ep_size=ep_size)
+
+
+def create_model(name_or_path: str, ep_size: int = 1, overrides: Optional[Dict[str, Any]] = None, **kwargs):
+    """Build a model by registry name or JSON path.
+
+    Args:
+        name_or_path: a name from ``list_models()`` or a path to a model JSON.
+        ep_size: expert-parallel size for every MoE layer.
+        overrides: nested dict merged into the JSON, e.g. ``{"moe": {"top_k": 2}}``.
+        **kwargs: top-level shortcuts merged the same way (``embed_dim=256``, ``moe={...}``).
+    """
+    merged = dict(overrides or {})
+    merged.update(kwargs)
+    return build_model(load_model_config(name_or_path, merged), ep_size=ep_size)
+
+
+__all__ = ["ModelConfig", "ModelOutput", "MoECLIP", "LIMoE", "create_model", "build_model", "list_models",
+           "load_model_config"]

@@ -1,0 +1,94 @@
+"""Two-tower MoE-CLIP: open_clip's VisionTransformer and TextTransformer with MoE MLPs in chosen blocks.
+
+The module layout is open_clip's CustomTextCLIP (``visual.*``, ``text.*``, ``logit_scale``), so dense
+open_clip weights map onto it directly (see upcycle.py). Image tokens are routed as modality 0,
+text tokens as modality 1, and text positions after EOS as padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import TextTransformer, VisionTransformer
+from torch import nn
+
+from .config import ModelConfig
+from .moe_blocks import MoEAux, collect_moe_outputs, place_moe, routing_context
+
+IMAGE, TEXT = 0, 1
+
+
+@dataclass
+class ModelOutput:
+    """Normalised embeddings [B, embed_dim], exp'd logit scale, optional logit bias, MoE results."""
+
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: Optional[torch.Tensor]
+    moe: MoEAux
+
+
+def text_padding_mask(text: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """[B, C] bool, True after each sequence's EOS (the position the text tower pools)."""
+    eos_pos = text_eos_position(text, cfg)
+    return torch.arange(text.shape[1], device=text.device)[None, :] > eos_pos[:, None]
+
+
+def text_eos_position(text: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    if cfg.text.pool_type == "argmax":
+        return text.argmax(dim=-1)
+    if cfg.text.pool_type == "eos":
+        return (text == cfg.text.eos_id).int().argmax(dim=-1)
+    return torch.full(text.shape[:1], text.shape[1] - 1, device=text.device)
+
+
+class ContrastiveModel(nn.Module):
+    """What both model kinds share: logit scale/bias, the forward contract and MoE collection."""
+
+    def _init_logits(self, cfg: ModelConfig) -> None:
+        self.logit_scale = nn.Parameter(torch.ones([]) * cfg.init_logit_scale)
+        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.ones([]) * cfg.init_logit_bias)
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> ModelOutput:
+        """images [B, 3, S, S], text [B, C] token ids -> ModelOutput."""
+        image_features, text_features = self.encode_pair(images, text)
+        return ModelOutput(image_features, text_features, self.logit_scale.exp(), self.logit_bias,
+                           collect_moe_outputs(self, image_features))
+
+    def encode_pair(self, images, text):
+        return self.encode_image(images), self.encode_text(text)
+
+
+class MoECLIP(ContrastiveModel):
+    def __init__(self, cfg: ModelConfig, ep_size: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        v, t = cfg.vision, cfg.text
+        self.visual = VisionTransformer(image_size=v.image_size, patch_size=v.patch_size, width=v.width,
+                                        layers=v.layers, heads=v.heads, mlp_ratio=v.mlp_ratio,
+                                        output_dim=cfg.embed_dim)
+        self.text = TextTransformer(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
+                                    heads=t.heads, layers=t.layers, mlp_ratio=t.mlp_ratio,
+                                    output_dim=cfg.embed_dim, pad_id=t.pad_id, eos_id=t.eos_id,
+                                    pool_type=t.pool_type)
+        place_moe(self.visual.transformer, cfg.vision_moe_blocks(), cfg.moe_config(v.width, v.mlp_ratio),
+                  ep_size, "vision")
+        place_moe(self.text.transformer, cfg.text_moe_blocks(), cfg.moe_config(t.width, t.mlp_ratio),
+                  ep_size, "text")
+        self._init_logits(cfg)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        modality = torch.full((), IMAGE, device=images.device)
+        with routing_context(self.visual, modality=modality):
+            features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        modality = torch.full((), TEXT, device=text.device)
+        with routing_context(self.text, modality=modality, padding_mask=text_padding_mask(text, self.cfg)):
+            features = self.text(text)
+        return F.normalize(features, dim=-1) if normalize else features

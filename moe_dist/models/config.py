@@ -1,0 +1,178 @@
+"""Model configs: typed dataclasses loaded from JSON files in configs/models/, validated up front.
+
+A model JSON holds ``kind`` ("clip" two-tower or "limoe" single-tower), ``embed_dim``, ``vision``,
+``text``, ``moe`` (MoEConfig fields except the hidden sizes) and, per tower, where the MoE layers go.
+Keys starting with "_" are comments (each shipped config states its parameter counts there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..moe.config import MoEConfig
+
+KINDS = ("clip", "limoe")
+LOSSES = ("clip", "siglip")
+
+
+@dataclass
+class MoEPlacement:
+    """Which transformer blocks get an MoE MLP: every n-th (``every``, starting at block every-1),
+    an explicit ``blocks`` list, or the ``last`` k blocks. All zero/empty means a dense tower."""
+
+    every: int = 0
+    blocks: List[int] = field(default_factory=list)
+    last: int = 0
+
+    def indices(self, num_layers: int, where: str) -> List[int]:
+        chosen = set(self.blocks)
+        if self.every:
+            chosen |= set(range(self.every - 1, num_layers, self.every))
+        if self.last:
+            chosen |= set(range(max(0, num_layers - self.last), num_layers))
+        bad = sorted(i for i in chosen if not 0 <= i < num_layers)
+        if bad:
+            raise ValueError(f"{where}.blocks={bad} is out of range: the tower has {num_layers} blocks "
+                             f"(valid indices 0..{num_layers - 1})")
+        return sorted(chosen)
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    moe: MoEPlacement = field(default_factory=MoEPlacement)
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    pad_id: int = 0
+    eos_id: int = 49407
+    pool_type: str = "argmax"  # "argmax" for open_clip's BPE (EOT has the largest id), "eos" otherwise
+    tokenizer: str = "openclip-bpe"  # or "sentencepiece:<path to .model>"
+    moe: MoEPlacement = field(default_factory=MoEPlacement)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    kind: str = "clip"
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    moe: Dict[str, Any] = field(default_factory=lambda: {"num_experts": 8, "top_k": 1})
+    loss: str = "clip"
+    init_logit_scale: float = 2.659260036932778  # ln(1/0.07), open_clip's default
+    init_logit_bias: Optional[float] = None  # SigLIP uses -10
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model.kind={self.kind!r} is unknown; use one of {KINDS}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"model.loss={self.loss!r} is unknown; use one of {LOSSES}")
+        v, t = self.vision, self.text
+        if v.image_size % v.patch_size:
+            raise ValueError(f"model.vision.image_size={v.image_size} is not divisible by "
+                             f"model.vision.patch_size={v.patch_size}; pick sizes with image_size % patch_size == 0")
+        if t.context_length < 2:
+            raise ValueError(f"model.text.context_length={t.context_length} must be >= 2 (room for BOS and EOS)")
+        if t.pool_type not in ("argmax", "eos", "last", "first"):
+            raise ValueError(f"model.text.pool_type={t.pool_type!r}; use 'argmax', 'eos', 'last' or 'first'")
+        for name, tower in (("vision", v), ("text", t)):
+            if tower.width % tower.heads:
+                raise ValueError(f"model.{name}.width={tower.width} is not divisible by heads={tower.heads}")
+        if self.kind == "limoe" and v.width != t.width:
+            raise ValueError(f"LIMoE shares one transformer: model.vision.width={v.width} must equal "
+                             f"model.text.width={t.width}")
+        self.vision_moe_blocks()
+        self.text_moe_blocks()
+        self.moe_config(v.width)  # validates the MoE fields
+
+    def vision_moe_blocks(self) -> List[int]:
+        return self.vision.moe.indices(self.vision.layers, "model.vision.moe")
+
+    def text_moe_blocks(self) -> List[int]:
+        return self.text.moe.indices(self.text.layers, "model.text.moe")
+
+    def moe_config(self, width: int, mlp_ratio: float = 4.0) -> MoEConfig:
+        known = {f.name for f in dataclasses.fields(MoEConfig)} - {"hidden_size", "ffn_hidden_size"}
+        unknown = sorted(set(self.moe) - known)
+        if unknown:
+            raise ValueError(f"model.moe has unknown fields {unknown}; valid fields: {sorted(known)}")
+        return MoEConfig(hidden_size=width, ffn_hidden_size=int(width * mlp_ratio), **self.moe)
+
+
+def _build(cls, data: Dict[str, Any], where: str):
+    """Dataclass from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {unknown}; valid fields: {sorted(fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        ftype = fields[key].type
+        nested = {"MoEPlacement": MoEPlacement, "VisionConfig": VisionConfig, "TextConfig": TextConfig}.get(ftype)
+        kwargs[key] = _build(nested, value, f"{where}.{key}") if nested and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def model_config_dirs() -> List[Path]:
+    """Where named model configs live: $MOE_DIST_CONFIG_DIR/models, the source tree, the install prefix."""
+    dirs = []
+    if os.environ.get("MOE_DIST_CONFIG_DIR"):
+        dirs.append(Path(os.environ["MOE_DIST_CONFIG_DIR"]) / "models")
+    dirs.append(Path(__file__).resolve().parents[2] / "configs" / "models")
+    dirs.append(Path(sys.prefix) / "share" / "moe_dist" / "configs" / "models")
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_models() -> Dict[str, Path]:
+    """Registry: model name (JSON file stem) -> path; earlier directories win."""
+    found: Dict[str, Path] = {}
+    for directory in model_config_dirs():
+        for path in sorted(directory.glob("*.json")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def _deep_update(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def load_model_config(name_or_path: str, overrides: Optional[Dict[str, Any]] = None) -> ModelConfig:
+    """Load a model config by registry name or JSON path, apply nested ``overrides``, validate."""
+    registry = list_models()
+    if name_or_path in registry:
+        path = registry[name_or_path]
+    elif name_or_path.endswith(".json") or os.path.sep in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ValueError(f"model config file {name_or_path!r} does not exist")
+    else:
+        raise ValueError(f"unknown model {name_or_path!r}; known models: {', '.join(sorted(registry)) or 'none'} "
+                         "(or pass a path to a model JSON)")
+    with open(path) as f:
+        data = json.load(f)
+    data.setdefault("name", Path(path).stem)
+    return _build(ModelConfig, _deep_update(data, overrides or {}), "model")
