@@ -1,18 +1,154 @@
-"""The ``moe-dist-data`` command: shard, validate, stats, tokenizer and synth arrive with the data issue."""
+"""The ``moe-dist-data`` command: build, check and inspect webdataset image-text shards.
+
+    moe-dist-data shard INPUT --out DIR [--per-shard N] [--max-shard-bytes B] [--resize PX]
+                        [--format keep|jpg|webp] [--workers W] [--val-fraction F] ...
+    moe-dist-data validate SPEC            exit 1 if any sample is broken
+    moe-dist-data stats SPEC [--json]
+    moe-dist-data tokenizer SPEC --out tok.model [--vocab-size V]
+    moe-dist-data synth --out DIR [--n N] [--seed S]
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import List, Optional
 
 
+def _shard(args) -> int:
+    from .shard import ShardOptions, shard
+
+    opts = ShardOptions(per_shard=args.per_shard, max_shard_bytes=args.max_shard_bytes, resize=args.resize,
+                        format=args.format, quality=args.quality, workers=args.workers,
+                        val_fraction=args.val_fraction, seed=args.seed)
+    manifest = shard(args.input, args.out, opts, args.kind, args.image_column, args.caption_column, args.images,
+                     progress=not args.quiet)
+    _report(manifest, args.out)
+    return 0
+
+
+def _report(manifest, out) -> None:
+    reasons = {}
+    for f in manifest["failed"]:
+        reasons[f["reason"]] = reasons.get(f["reason"], 0) + 1
+    print(f"{manifest['inputs']} inputs: {manifest['written']} written, {manifest['failed_count']} failed"
+          + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})" if reasons else ""))
+    for name, split in manifest["splits"].items():
+        print(f"  {name}: {split['samples']} samples in {split['shards']} shards -> {os.path.join(out, name)}")
+    print(f"manifest: {os.path.join(out, 'manifest.json')}")
+
+
+def _synth(args) -> int:
+    from .shard import ShardOptions, shard_items
+    from .synth import CLASSES, TEMPLATES, synth_items
+    from .writer import write_json
+
+    opts = ShardOptions(per_shard=args.per_shard, workers=args.workers, val_fraction=args.val_fraction,
+                        seed=args.seed)
+    manifest = shard_items(synth_items(args.n, args.seed, args.size), args.out, opts, source=f"synth(seed={args.seed})",
+                           total=args.n, progress=not args.quiet)
+    write_json(os.path.join(args.out, "classes.json"), {"classes": CLASSES, "templates": TEMPLATES})
+    _report(manifest, args.out)
+    return 0
+
+
+def _validate(args) -> int:
+    from .inspect import validate
+
+    result = validate(args.spec, progress=not args.quiet)
+    for b in result["broken"]:
+        print(f"BROKEN {b['shard']} key={b['key']} reason={b['reason']}")
+    print(f"{result['samples']} samples, {result['ok']} ok, {len(result['broken'])} broken")
+    return 1 if result["broken"] else 0
+
+
+def _stats(args) -> int:
+    from .inspect import stats
+
+    result = stats(args.spec, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['shards']} shards, {result['samples']} samples, {result['bytes']:,} bytes"
+          + (f", {result['unreadable']} unreadable" if result["unreadable"] else ""))
+    for title, key in (("image longest side", "image_longest_side"), ("caption words", "caption_words"),
+                       ("key sets", "key_sets")):
+        print(f"{title}:")
+        for bucket, count in sorted(result[key].items()):
+            print(f"  {bucket:>16s} {count:8d}")
+    return 0
+
+
+def _tokenizer(args) -> int:
+    from moe_dist.text import SentencePieceTokenizer, train_sentencepiece
+
+    from .inspect import captions
+
+    model = train_sentencepiece(captions(args.spec, progress=not args.quiet), args.vocab_size, args.model_type,
+                                args.max_sentences, args.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "wb") as f:
+        f.write(model)
+    tok = SentencePieceTokenizer(args.out)
+    print(f"wrote {args.out}: {args.model_type} model, {tok.vocab_size} pieces (pad=0 unk=1 bos=2 eos=3)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moe-dist-data",
-        description="Build, validate and inspect webdataset image-text shards for moe-dist. "
-                    "No subcommands are available yet.")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="moe-dist-data", description="Build, validate and inspect webdataset "
+                                     "image-text shards for moe-dist.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("shard", help="turn a CSV/TSV/JSONL, COCO captions, image folder, img2dataset output "
+                                     "or existing shards into shards + manifest.json")
+    p.add_argument("input", help="CSV/TSV/JSONL file, COCO .json, folder of images with .txt captions, or shard spec")
+    p.add_argument("--out", required=True, help="output directory (train/, val/, manifest.json)")
+    p.add_argument("--kind", choices=["table", "coco", "folder", "shards"], help="input kind (default: detected)")
+    p.add_argument("--image-column", default="image", help="table column with image paths (default: image)")
+    p.add_argument("--caption-column", default="caption", help="table column with captions (default: caption)")
+    p.add_argument("--images", help="image folder of a COCO captions file (default: next to the .json)")
+    p.add_argument("--per-shard", type=int, default=10000, help="samples per shard (default: 10000)")
+    p.add_argument("--max-shard-bytes", type=int, default=1 << 30, help="payload bytes per shard (default: 1 GiB)")
+    p.add_argument("--resize", type=int, default=0, metavar="PX", help="shrink so the longest side is <= PX")
+    p.add_argument("--format", default="keep", choices=["keep", "jpg", "webp"], help="re-encode images")
+    p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding (default: 90)")
+    p.add_argument("--workers", type=int, default=1, help="parallel decode/re-encode processes")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of samples for val/ (by key hash)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.set_defaults(func=_shard)
+
+    p = sub.add_parser("validate", help="decode every sample; exit 1 if any is broken")
+    p.add_argument("spec", help="brace pattern, .tar, or shard directory ('a::b' for several)")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("stats", help="counts, bytes, image-size and caption-length histograms, key sets")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_stats)
+
+    p = sub.add_parser("tokenizer", help="train a sentencepiece model on the captions of a shard spec")
+    p.add_argument("spec")
+    p.add_argument("--out", required=True, help="output .model file")
+    p.add_argument("--vocab-size", type=int, default=8000, help="at most this many pieces (default: 8000)")
+    p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"])
+    p.add_argument("--max-sentences", type=int, default=0, help="subsample this many captions (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsampling")
+    p.set_defaults(func=_tokenizer)
+
+    p = sub.add_parser("synth", help="procedural shapes dataset with compositional captions and class labels")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=int, default=2000, help="number of samples (default: 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.add_argument("--per-shard", type=int, default=250, help="samples per shard (default: 250)")
+    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=_synth)
+
+    for p in sub.choices.values():
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -21,7 +157,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-    return 0
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as err:
+        print(f"moe-dist-data {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

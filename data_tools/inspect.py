@@ -1,0 +1,93 @@
+"""``validate``, ``stats`` and ``tokenizer``: reading every sample of a shard spec."""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Dict, Iterator, List, Tuple
+
+from tqdm import tqdm
+
+from moe_dist.data.decode import SampleError, decode_caption, decode_image, image_key
+from moe_dist.data.spec import resolve_spec
+from moe_dist.data.stream import _Counter, _raw_samples
+
+
+def iter_samples(spec: str, progress: bool = True, desc: str = "read") -> Iterator[Tuple[str, dict, _Counter]]:
+    """(shard url, raw sample, that shard's error counter) for every readable sample."""
+    shards = resolve_spec(spec)
+    bar = tqdm(total=sum(s.samples for s in shards) or None, unit="sample", desc=desc, disable=not progress)
+    for shard in shards:
+        counter = _Counter()
+        for sample in _raw_samples(iter([shard.url]), counter):
+            bar.update(1)
+            yield shard.url, sample, counter
+        if counter.failures:
+            yield shard.url, {"__key__": None, "__tar_error__": dict(counter.failures)}, counter
+    bar.close()
+
+
+def validate(spec: str, progress: bool = True) -> Dict[str, object]:
+    """Decode every sample; returns {"samples", "ok", "broken": [{"shard", "key", "reason"}]}."""
+    broken: List[Dict[str, str]] = []
+    total = 0
+    for url, sample, _ in iter_samples(spec, progress, "validate"):
+        if "__tar_error__" in sample:
+            for reason in sample["__tar_error__"]:
+                broken.append({"shard": url, "key": None, "reason": reason})
+            continue
+        total += 1
+        try:
+            key = image_key(sample)
+            if key is None:
+                raise SampleError("missing_image")
+            decode_caption(sample.get("txt"))
+            decode_image(sample[key])
+        except SampleError as err:
+            broken.append({"shard": url, "key": sample["__key__"], "reason": err.reason})
+    return {"samples": total, "ok": total - sum(1 for b in broken if b["key"] is not None), "broken": broken}
+
+
+def _bucket(value: int, edges=(32, 64, 128, 256, 512, 1024)) -> str:
+    for lo, hi in zip((0,) + edges, edges + (math.inf,)):
+        if lo <= value < hi:
+            return f"{lo}-{hi - 1}" if hi != math.inf else f">={lo}"
+    return "?"
+
+
+def stats(spec: str, progress: bool = True) -> Dict[str, object]:
+    """Counts, bytes, image-size and caption-length histograms and key sets."""
+    from PIL import Image
+    import io
+
+    shards = resolve_spec(spec)
+    out = {"shards": len(shards), "samples": 0, "bytes": 0, "image_longest_side": collections.Counter(),
+           "caption_words": collections.Counter(), "key_sets": collections.Counter(), "unreadable": 0}
+    import os
+
+    out["bytes"] = sum(os.path.getsize(s.url) for s in shards if os.path.isfile(s.url))
+    for _, sample, _ in iter_samples(spec, progress, "stats"):
+        if "__tar_error__" in sample:
+            out["unreadable"] += sum(sample["__tar_error__"].values())
+            continue
+        out["samples"] += 1
+        out["key_sets"][",".join(sorted(k for k in sample if not k.startswith("__")))] += 1
+        key = image_key(sample)
+        if key:
+            try:
+                out["image_longest_side"][_bucket(max(Image.open(io.BytesIO(sample[key])).size))] += 1
+            except Exception:
+                out["image_longest_side"]["undecodable"] += 1
+        try:
+            out["caption_words"][_bucket(len(decode_caption(sample.get("txt")).split()), (4, 8, 16, 32, 64))] += 1
+        except SampleError as err:
+            out["caption_words"][err.reason] += 1
+    return {k: dict(v) if isinstance(v, collections.Counter) else v for k, v in out.items()}
+
+
+def captions(spec: str, progress: bool = True) -> Iterator[str]:
+    for _, sample, _ in iter_samples(spec, progress, "captions"):
+        try:
+            yield decode_caption(sample.get("txt"))
+        except SampleError:
+            continue

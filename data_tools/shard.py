@@ -1,0 +1,128 @@
+"""``moe-dist-data shard``: inputs -> validated, optionally re-encoded samples -> shards + manifests.
+
+Outline:
+    1. read the input as a stream of Items (sources.py), numbered in input order;
+    2. a pool of workers checks each item (image decodes through PIL within the pixel limit, caption
+       is non-empty UTF-8) and re-encodes it if asked (--resize, --format, --quality);
+    3. results come back in input order, so keys (9-digit input index) and shard contents are
+       deterministic for any --workers; failures go to the manifest with their reason;
+    4. the writer splits train/val by key hash and rotates shards by count and bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple, Union
+
+from tqdm import tqdm
+
+from moe_dist.data.decode import DEFAULT_MAX_PIXELS, SampleError, decode_caption, decode_image
+
+from .sources import Item, read_items
+from .writer import DatasetWriter
+
+FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+@dataclass
+class ShardOptions:
+    per_shard: int = 10000
+    max_shard_bytes: int = 1 << 30
+    resize: int = 0  # longest side; 0 keeps the size
+    format: str = "keep"  # keep | jpg | webp
+    quality: int = 90
+    workers: int = 1
+    val_fraction: float = 0.0
+    seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self):
+        if self.format not in ("keep", "jpg", "webp"):
+            raise ValueError(f"--format {self.format!r}; use keep, jpg or webp")
+        if self.per_shard < 1 or self.max_shard_bytes < 1:
+            raise ValueError("--per-shard and --max-shard-bytes must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction {self.val_fraction} must lie in [0, 1)")
+        if self.resize < 0 or not 1 <= self.quality <= 100 or self.workers < 1:
+            raise ValueError("--resize must be >= 0, --quality in 1..100 and --workers >= 1")
+
+
+def _caption(raw) -> str:
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode("utf-8")
+        except UnicodeEncodeError as err:  # undecodable bytes kept as surrogates by the table reader
+            raise SampleError("caption_not_utf8", str(err)) from None
+    return decode_caption(raw)
+
+
+def prepare(item: Item, opts: ShardOptions) -> Union[Dict[str, object], Tuple[str, str]]:
+    """A sample dict without ``__key__``, or (ref, reason) when the input cannot be used."""
+    if "__failed__" in item.meta:
+        return item.ref, item.meta["__failed__"]
+    try:
+        caption = _caption(item.caption)
+        data = item.data
+        if data is None:
+            if not item.path or not os.path.isfile(item.path):
+                raise SampleError("missing_image_file", str(item.path))
+            with open(item.path, "rb") as f:
+                data = f.read()
+        if not data:
+            raise SampleError("missing_image", "empty image")
+        image = decode_image(data, opts.max_pixels)
+    except SampleError as err:
+        return item.ref, err.reason
+    from PIL import Image
+
+    source_format = Image.open(io.BytesIO(data)).format
+    ext = FORMATS.get(source_format, "jpg")
+    if opts.resize and max(image.size) > opts.resize:
+        image.thumbnail((opts.resize, opts.resize), Image.Resampling.BICUBIC)
+    else:
+        image = None if opts.format == "keep" else image
+    if image is not None:  # re-encode
+        ext = ext if opts.format == "keep" else opts.format
+        out = io.BytesIO()
+        image.save(out, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext], quality=opts.quality)
+        data = out.getvalue()
+    meta = {k: v for k, v in item.meta.items() if not k.startswith("__")}
+    return {ext: data, "txt": caption, "json": meta}
+
+
+def _prepare_star(args):
+    return prepare(*args)
+
+
+def shard_items(items: Iterator[Item], out: str, opts: ShardOptions, source: str,
+                total: Optional[int] = None, progress: bool = True) -> Dict[str, object]:
+    """Write ``items`` as shards under ``out``; returns the top-level manifest."""
+    writer = DatasetWriter(out, opts.per_shard, opts.max_shard_bytes, opts.val_fraction, opts.seed)
+    jobs = ((item, opts) for item in items)
+    pool = mp.get_context("fork").Pool(opts.workers) if opts.workers > 1 else None
+    try:
+        results = pool.imap(_prepare_star, jobs, chunksize=16) if pool else map(_prepare_star, jobs)
+        bar = tqdm(results, total=total, unit="sample", desc="shard", disable=not progress)
+        for index, result in zip(itertools.count(), bar):
+            if isinstance(result, tuple):
+                writer.fail(*result)
+            else:
+                result["__key__"] = f"{index:09d}"
+                writer.add(result)
+            bar.set_postfix(failed=len(writer.failed), refresh=False)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    return writer.finish(source, {k: v for k, v in vars(opts).items()})
+
+
+def shard(input_path: str, out: str, opts: ShardOptions, kind: Optional[str] = None, image_column: str = "image",
+          caption_column: str = "caption", images_dir: Optional[str] = None, progress: bool = True):
+    items = read_items(input_path, kind, image_column, caption_column, images_dir)
+    return shard_items(items, out, opts, source=os.path.abspath(input_path) if os.path.exists(input_path)
+                       else input_path, progress=progress)

@@ -1,0 +1,252 @@
+"""The training input pipeline of one rank: shards -> batches of (images, tokens, padding_mask).
+
+Loader outline:
+    1. resolve the shard spec (spec.py) and fix steps per epoch, the same on every rank:
+       exact: ceil(samples of the fullest rank / batch); resampled: epoch_samples / (world x batch);
+    2. DataLoader workers run stream.worker_stream and send chunks in any order;
+    3. the main process re-orders them canonically: one sample per worker in turn (skipping
+       finished workers), independent of chunking and timing, so the batch sequence is a pure
+       function of (seed, epoch, rank) and a resumed loader continues it exactly;
+    4. failures are counted by reason; past ``max_failure_fraction`` (or when nothing decodes) the
+       loader raises ``DataError`` naming the reasons;
+    5. in exact mode a rank that runs out before the common step count (unbalanced shards, corrupt
+       samples) repeats its most recent samples and counts them as ``padded``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Deque, Dict, Iterator, List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from .spec import resolve_spec
+from .stream import Chunk, WorkerDataset, WorkerJob, epoch_plan
+
+log = logging.getLogger(__name__)
+
+
+class DataError(RuntimeError):
+    """The data cannot feed training (too many broken samples, no shards for the workers, ...)."""
+
+
+@dataclass
+class LoaderConfig:
+    spec: str
+    batch_size: int
+    mode: str = "exact"  # or "resampled"
+    weights: Optional[List[float]] = None
+    workers: int = 2
+    image_size: int = 224
+    train_transform: bool = True
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    epoch_samples: int = 0  # resampled mode: samples per epoch over all ranks
+    max_failure_fraction: float = 0.1
+    min_samples_before_failure_check: int = 64
+    max_image_pixels: int = 64_000_000
+    draft: bool = True  # decode JPEGs at reduced size when the target is smaller
+    allow_pipe: bool = False
+
+    def __post_init__(self):
+        if self.mode not in ("exact", "resampled"):
+            raise ValueError(f"data.mode={self.mode!r}; use 'exact' or 'resampled'")
+        if self.batch_size < 1 or self.workers < 0:
+            raise ValueError(f"data batch size ({self.batch_size}) must be >= 1 and workers ({self.workers}) >= 0")
+        if not 0.0 <= self.max_failure_fraction <= 1.0:
+            raise ValueError(f"data.max_failure_fraction={self.max_failure_fraction} must lie in [0, 1]")
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor        # [B, 3, S, S]
+    tokens: torch.Tensor        # [B, C]
+    padding_mask: torch.Tensor  # [B, C], True = padding
+
+    def __iter__(self):
+        return iter((self.images, self.tokens, self.padding_mask))
+
+
+class ShardLoader:
+    """Iterate one epoch of batches per ``iter()``; ``state_dict`` resumes mid-epoch exactly.
+
+    Args:
+        cfg: LoaderConfig.
+        tokenizer: object with ``encode(texts) -> (tokens, padding_mask)`` (moe_dist.text).
+        rank, world_size: this rank and the data-parallel world.
+        transform: image transform; defaults to open_clip's train/eval transform at ``cfg.image_size``.
+    """
+
+    def __init__(self, cfg: LoaderConfig, tokenizer, rank: int = 0, world_size: int = 1, transform=None):
+        self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
+        self.shards = resolve_spec(cfg.spec, cfg.weights, cfg.allow_pipe, need_counts=cfg.mode == "exact")
+        self.num_workers = max(1, cfg.workers)
+        if cfg.mode == "exact" and len(self.shards) < world_size * self.num_workers:
+            raise DataError(f"{len(self.shards)} shards cannot feed {world_size} ranks x {self.num_workers} workers "
+                            "in exact mode: every worker needs at least one shard. Reshard into more shards "
+                            "(moe-dist-data shard --per-shard N), use fewer workers, or use data.mode=resampled")
+        if transform is None:
+            from open_clip.transform import image_transform
+
+            transform = image_transform(cfg.image_size, is_train=cfg.train_transform)
+        self.transform = transform
+        self.epoch = 0
+        self.last_epoch_stats: Dict[str, object] = {}
+        self._reset_epoch_state()
+
+    # ---------------------------------------------------------------- public
+    @property
+    def steps_per_epoch(self) -> int:
+        B = self.cfg.batch_size
+        if self.cfg.mode == "resampled":
+            total = self.cfg.epoch_samples or sum(s.samples for s in self.shards)
+            return max(1, total // (self.world_size * B))
+        plan = epoch_plan(self.shards, self.world_size, self.num_workers, self.cfg.seed, self.epoch)
+        fullest = max(sum(s.samples for w in rank for s in w) for rank in plan)
+        return -(-fullest // B)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._reset_epoch_state()
+
+    def stats(self) -> Dict[str, object]:
+        failures = collections.Counter(self._base_failures)
+        for f in self._worker_failures.values():
+            failures.update(f)
+        good = self._base_good + sum(self._worker_good.values())
+        return {"good": good, "failed": sum(failures.values()), "failures": dict(failures),
+                "padded": self._padded, "wait_s": self._wait_s}
+
+    def state_dict(self) -> Dict[str, object]:
+        stats = self.stats()
+        return {"epoch": self.epoch, "mode": self.cfg.mode, "seed": self.cfg.seed, "step": self._step,
+                "next_positions": list(self._next_positions), "turn": self._turn, "done": sorted(self._done),
+                "good": stats["good"], "failures": stats["failures"], "padded": self._padded,
+                "recent": [t.clone() for t in self._recent_tensors()], "resumes": self._resumes,
+                "world_size": self.world_size, "workers": self.num_workers}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        if state["mode"] != self.cfg.mode or state["world_size"] != self.world_size \
+                or state["workers"] != self.num_workers:
+            raise ValueError(f"loader state was saved with mode={state['mode']}, world_size={state['world_size']}, "
+                             f"workers={state['workers']}; this loader has mode={self.cfg.mode}, "
+                             f"world_size={self.world_size}, workers={self.num_workers}. Keep them equal to "
+                             "resume the data stream exactly, or start the epoch afresh")
+        self.epoch = int(state["epoch"])
+        self._reset_epoch_state()
+        self._step, self._turn = int(state["step"]), int(state["turn"])
+        self._next_positions = list(state["next_positions"])
+        self._done = set(state["done"])
+        self._base_good, self._base_failures = int(state["good"]), dict(state["failures"])
+        self._padded, self._resumes = int(state["padded"]), int(state["resumes"]) + 1
+        images, tokens, padding = state["recent"] or (None, None, None)
+        if images is not None:
+            self._recent.extend(zip(images, tokens, padding))
+
+    def __iter__(self) -> Iterator[Batch]:
+        steps = self.steps_per_epoch
+        chunks = self._chunks() if self._step < steps else iter(())
+        while self._step < steps:
+            rows = [self._next_sample(chunks) for _ in range(self.cfg.batch_size)]
+            self._step += 1
+            yield Batch(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
+                        torch.stack([r[2] for r in rows]))
+        self.last_epoch_stats = self.stats()
+        self.set_epoch(self.epoch + 1)
+
+    # ---------------------------------------------------------------- internals
+    def _reset_epoch_state(self) -> None:
+        self._step, self._turn, self._done = 0, 0, set()
+        self._next_positions = [0] * self.num_workers
+        self._queues: Dict[int, Deque] = {w: collections.deque() for w in range(self.num_workers)}
+        self._base_good, self._base_failures, self._padded, self._resumes = 0, {}, 0, 0
+        self._worker_good: Dict[int, int] = {}
+        self._worker_failures: Dict[int, Dict[str, int]] = {}
+        self._recent: Deque = collections.deque(maxlen=self.cfg.batch_size)
+        self._wait_s = 0.0
+
+    def _recent_tensors(self):
+        if not self._recent:
+            return []
+        return [torch.stack(list(col)) for col in zip(*self._recent)]
+
+    def _job(self) -> WorkerJob:
+        cfg = self.cfg
+
+        def tokenize(text, tok=self.tokenizer):
+            tokens, padding = tok.encode([text])
+            return tokens[0], padding[0]
+
+        return WorkerJob(mode=cfg.mode, shards=self.shards, source_weights=cfg.weights, rank=self.rank,
+                         world_size=self.world_size, num_workers=self.num_workers, epoch=self.epoch, seed=cfg.seed,
+                         plan_seed=cfg.seed + 7919 * self._resumes, shuffle_buffer=cfg.shuffle_buffer,
+                         start_positions=list(self._next_positions) if cfg.mode == "exact" else [0] * self.num_workers,
+                         transform=self.transform, tokenize=tokenize, max_pixels=cfg.max_image_pixels,
+                         draft_size=cfg.image_size if cfg.draft else None)
+
+    def _chunks(self) -> Iterator[Chunk]:
+        loader = DataLoader(WorkerDataset(self._job()), batch_size=None, num_workers=self.cfg.workers,
+                            prefetch_factor=4 if self.cfg.workers else None)
+        return iter(loader)
+
+    def _next_sample(self, chunks: Iterator[Chunk]):
+        """The next sample in canonical order: worker by worker in turn, skipping finished ones."""
+        while any(w not in self._done or self._queues[w] for w in range(self.num_workers)):
+            w = self._turn % self.num_workers
+            queue = self._queues[w]
+            if w in self._done and not queue:
+                self._turn += 1
+                continue
+            while not queue and w not in self._done:
+                start = time.perf_counter()
+                chunk = next(chunks)
+                self._wait_s += time.perf_counter() - start
+                self._receive(chunk)
+            if queue:
+                self._turn += 1
+                position, *row = queue.popleft()
+                self._next_positions[w] = position + 1
+                self._recent.append(tuple(row))
+                return row
+        return self._pad()
+
+    def _receive(self, chunk: Chunk) -> None:
+        self._queues[chunk.worker].extend(zip(chunk.positions, chunk.images, chunk.tokens, chunk.padding))
+        self._worker_good[chunk.worker] = chunk.good
+        self._worker_failures[chunk.worker] = chunk.failures
+        if chunk.done:
+            self._done.add(chunk.worker)
+        self._check_failures(final=len(self._done) == self.num_workers)
+
+    def _check_failures(self, final: bool) -> None:
+        stats = self.stats()
+        seen = stats["good"] + stats["failed"]
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats["failures"].items(), key=lambda kv: -kv[1]))
+        if final and stats["good"] == 0 and not self._recent:
+            raise DataError(f"no sample of {self.cfg.spec!r} could be used on rank {self.rank} "
+                            f"({seen} failed: {reasons or 'the shards are empty'}); fix the shards "
+                            "(moe-dist-data validate SPEC lists the broken samples)")
+        if seen >= self.cfg.min_samples_before_failure_check and stats["failed"] > self.cfg.max_failure_fraction * seen:
+            raise DataError(f"{stats['failed']} of {seen} samples failed on rank {self.rank} ({reasons}), more than "
+                            f"data.max_failure_fraction={self.cfg.max_failure_fraction}; fix the shards "
+                            "(moe-dist-data validate SPEC) or raise the threshold")
+
+    def _pad(self):
+        if not self._recent:
+            self._check_failures(final=True)
+            raise DataError(f"rank {self.rank} ran out of samples with nothing to repeat")
+        if self._padded == 0:
+            log.warning("rank %d: out of samples before step %d of %d; repeating recent samples to keep ranks "
+                        "in step (unbalanced shards or skipped samples)", self.rank, self._step + 1,
+                        self.steps_per_epoch)
+        self._padded += 1
+        row = self._recent[0]
+        self._recent.rotate(-1)
+        return list(row)

@@ -1,0 +1,165 @@
+"""What one DataLoader worker does: read its shards with webdataset, shuffle, decode, transform.
+
+Worker outline (exact mode):
+    1. every rank computes the same epoch plan: the shard list shuffled with (seed, epoch), then
+       balanced over ranks and over each rank's workers by sample count (longest-first);
+    2. the worker streams its shards through webdataset's tar reader and a sample shuffle buffer
+       seeded with (seed, epoch, rank, worker); a broken tar is counted and skipped;
+    3. each raw sample gets a position in that shuffled stream; on resume the worker skips the
+       positions already consumed without decoding them;
+    4. survivors are decoded (decode.py), transformed and tokenized, and sent in chunks tagged with
+       (worker, position) plus the worker's cumulative counters. A final chunk says "done".
+Resampled mode draws shards with replacement (weighted by source) from an RNG seeded with
+(seed, epoch, rank, worker, resume generation), forever.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset import tariterators
+
+from .decode import SampleError, decode_sample
+from .spec import Shard
+
+
+def _seed(*parts) -> int:
+    return hash(tuple(int(p) for p in parts)) & 0x7FFF_FFFF_FFFF
+
+
+def balance(items: Sequence[Shard], bins: int) -> List[List[Shard]]:
+    """Longest-first greedy split of shards into ``bins`` groups of near-equal sample counts
+    (stable: equal-sized shards keep their given, shuffled order)."""
+    groups: List[List[Shard]] = [[] for _ in range(bins)]
+    loads = [0] * bins
+    for shard in sorted(items, key=lambda s: -s.samples):
+        i = loads.index(min(loads))
+        groups[i].append(shard)
+        loads[i] += shard.samples
+    return groups
+
+
+def epoch_plan(shards: Sequence[Shard], world_size: int, workers: int, seed: int, epoch: int) -> List[List[List[Shard]]]:
+    """plan[rank][worker] -> that worker's shards for this epoch (exact mode)."""
+    order = list(shards)
+    random.Random(_seed(seed, epoch)).shuffle(order)
+    return [balance(rank_shards, workers) for rank_shards in balance(order, world_size)]
+
+
+@dataclass
+class Chunk:
+    worker: int
+    positions: List[int]
+    images: List[torch.Tensor]
+    tokens: List[torch.Tensor]
+    padding: List[torch.Tensor]
+    good: int
+    failures: Dict[str, int]
+    done: bool = False
+
+
+@dataclass
+class WorkerJob:
+    """Everything a worker needs (pickled into the worker processes)."""
+
+    mode: str
+    shards: List[Shard]
+    source_weights: Optional[List[float]]
+    rank: int
+    world_size: int
+    num_workers: int
+    epoch: int
+    seed: int
+    plan_seed: int
+    shuffle_buffer: int
+    start_positions: List[int]
+    transform: Callable
+    tokenize: Callable
+    max_pixels: int
+    draft_size: Optional[int]
+    chunk_size: int = 16
+
+
+class _Counter:
+    def __init__(self):
+        self.good, self.failures = 0, Counter()
+
+
+def _raw_samples(urls: Iterator[str], counter: _Counter) -> Iterator[dict]:
+    """webdataset's tar reading, shard by shard; a shard that breaks counts once as "broken_tar"
+    (the samples read before the break are kept)."""
+    for url in urls:
+        errors: List[Exception] = []
+
+        def handler(exn: Exception) -> bool:
+            errors.append(exn)
+            return True  # go on with what can still be read
+
+        streams = tariterators.url_opener([{"url": url}], handler=handler)
+        files = tariterators.tar_file_expander(streams, handler=handler)
+        for sample in tariterators.group_by_keys(files, handler=handler):
+            if sample:  # webdataset >= 1.0 marks each shard's end with an empty sample
+                yield sample
+        if errors:
+            counter.failures["broken_tar"] += 1
+
+
+def _shard_urls(job: WorkerJob, worker: int) -> Iterator[str]:
+    if job.mode == "exact":
+        plan = epoch_plan(job.shards, job.world_size, job.num_workers, job.seed, job.epoch)
+        yield from (s.url for s in plan[job.rank][worker])
+        return
+    rng = random.Random(_seed(job.plan_seed, job.epoch, job.rank, worker))
+    weights = job.source_weights or [1.0] * (1 + max(s.source for s in job.shards))
+    per_source = Counter(s.source for s in job.shards)
+    shard_weights = [weights[s.source] / per_source[s.source] for s in job.shards]
+    while True:
+        yield rng.choices(job.shards, weights=shard_weights)[0].url
+
+
+def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
+    counter = _Counter()
+    raw = _raw_samples(_shard_urls(job, worker), counter)
+    rng = random.Random(_seed(job.seed, job.epoch, job.rank, worker, 1))
+    if job.shuffle_buffer > 1:
+        raw = wds.filters.shuffle(bufsize=job.shuffle_buffer, initial=min(100, job.shuffle_buffer), rng=rng)(raw)
+    chunk = Chunk(worker, [], [], [], [], 0, {})
+    start = job.start_positions[worker]
+    for position, sample in enumerate(raw):
+        if position < start:
+            continue
+        try:
+            image, caption = decode_sample(sample, job.max_pixels, job.draft_size)
+        except SampleError as err:
+            counter.failures[err.reason] += 1
+            continue
+        tokens, padding = job.tokenize(caption)
+        counter.good += 1
+        chunk.positions.append(position)
+        chunk.images.append(job.transform(image))
+        chunk.tokens.append(tokens)
+        chunk.padding.append(padding)
+        if len(chunk.positions) >= job.chunk_size:
+            chunk.good, chunk.failures = counter.good, dict(counter.failures)
+            yield chunk
+            chunk = Chunk(worker, [], [], [], [], 0, {})
+    chunk.good, chunk.failures, chunk.done = counter.good, dict(counter.failures), True
+    yield chunk
+
+
+class WorkerDataset(IterableDataset):
+    """IterableDataset wrapper: each DataLoader worker runs ``worker_stream`` for its own index."""
+
+    def __init__(self, job: WorkerJob):
+        super().__init__()
+        self.job = job
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = get_worker_info()
+        return worker_stream(self.job, info.id if info is not None else 0)
