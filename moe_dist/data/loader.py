@@ -189,7 +189,7 @@ class ShardLoader:
                          plan_seed=cfg.seed + 7919 * self._resumes, shuffle_buffer=cfg.shuffle_buffer,
                          start_positions=list(self._next_positions) if cfg.mode == "exact" else [0] * self.num_workers,
                          transform=self.transform, tokenize=tokenize, max_pixels=cfg.max_image_pixels,
-                         draft_size=cfg.image_size if cfg.draft else None)
+                         draft_size=cfg.image_size if cfg.draft else None, chunk_size=min(64, cfg.batch_size))
 
     def _chunks(self) -> Iterator[Chunk]:
         loader = DataLoader(WorkerDataset(self._job()), batch_size=None, num_workers=self.cfg.workers,
@@ -218,7 +218,9 @@ class ShardLoader:
         return self._pad()
 
     def _receive(self, chunk: Chunk) -> None:
-        self._queues[chunk.worker].extend(zip(chunk.positions, chunk.images, chunk.tokens, chunk.padding))
+        if chunk.positions:
+            self._queues[chunk.worker].extend(zip(chunk.positions, chunk.images.unbind(0), chunk.tokens.unbind(0),
+                                                  chunk.padding.unbind(0)))
         self._worker_good[chunk.worker] = chunk.good
         self._worker_failures[chunk.worker] = chunk.failures
         if chunk.done:

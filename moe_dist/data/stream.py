@@ -54,11 +54,14 @@ def epoch_plan(shards: Sequence[Shard], world_size: int, workers: int, seed: int
 
 @dataclass
 class Chunk:
+    """Up to ``chunk_size`` consecutive samples of one worker, stacked (one shared-memory transfer
+    per tensor), with the worker's cumulative counters."""
+
     worker: int
     positions: List[int]
-    images: List[torch.Tensor]
-    tokens: List[torch.Tensor]
-    padding: List[torch.Tensor]
+    images: Optional[torch.Tensor]   # [n, 3, S, S]
+    tokens: Optional[torch.Tensor]   # [n, C]
+    padding: Optional[torch.Tensor]  # [n, C]
     good: int
     failures: Dict[str, int]
     done: bool = False
@@ -83,7 +86,7 @@ class WorkerJob:
     tokenize: Callable
     max_pixels: int
     draft_size: Optional[int]
-    chunk_size: int = 16
+    chunk_size: int = 64
 
 
 class _Counter:
@@ -129,7 +132,16 @@ def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
     rng = random.Random(_seed(job.seed, job.epoch, job.rank, worker, 1))
     if job.shuffle_buffer > 1:
         raw = wds.filters.shuffle(bufsize=job.shuffle_buffer, initial=min(100, job.shuffle_buffer), rng=rng)(raw)
-    chunk = Chunk(worker, [], [], [], [], 0, {})
+    positions, images, tokens, paddings = [], [], [], []
+
+    def flush(done: bool = False) -> Chunk:
+        stack = (lambda xs: torch.stack(xs)) if positions else (lambda xs: None)
+        chunk = Chunk(worker, list(positions), stack(images), stack(tokens), stack(paddings), counter.good,
+                      dict(counter.failures), done)
+        for buffer in (positions, images, tokens, paddings):
+            buffer.clear()
+        return chunk
+
     start = job.start_positions[worker]
     for position, sample in enumerate(raw):
         if position < start:
@@ -139,18 +151,15 @@ def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
         except SampleError as err:
             counter.failures[err.reason] += 1
             continue
-        tokens, padding = job.tokenize(caption)
+        token_ids, padding = job.tokenize(caption)
         counter.good += 1
-        chunk.positions.append(position)
-        chunk.images.append(job.transform(image))
-        chunk.tokens.append(tokens)
-        chunk.padding.append(padding)
-        if len(chunk.positions) >= job.chunk_size:
-            chunk.good, chunk.failures = counter.good, dict(counter.failures)
-            yield chunk
-            chunk = Chunk(worker, [], [], [], [], 0, {})
-    chunk.good, chunk.failures, chunk.done = counter.good, dict(counter.failures), True
-    yield chunk
+        positions.append(position)
+        images.append(job.transform(image))
+        tokens.append(token_ids)
+        paddings.append(padding)
+        if len(positions) >= job.chunk_size:
+            yield flush()
+    yield flush(done=True)
 
 
 class WorkerDataset(IterableDataset):
