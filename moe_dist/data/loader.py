@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import signal
 import time
 from dataclasses import dataclass
 from typing import Deque, Dict, Iterator, List, Optional
@@ -28,6 +29,13 @@ from .spec import resolve_spec
 from .stream import Chunk, WorkerDataset, WorkerJob, epoch_plan
 
 log = logging.getLogger(__name__)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM signals every process of a job step; workers leave SIGTERM/SIGUSR1 to the trainer, which
+    finishes its step, checkpoints and shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class DataError(RuntimeError):
@@ -192,8 +200,10 @@ class ShardLoader:
                          draft_size=cfg.image_size if cfg.draft else None, chunk_size=min(64, cfg.batch_size))
 
     def _chunks(self) -> Iterator[Chunk]:
+        # own generator: creating the iterator must not consume the training process's global RNG
         loader = DataLoader(WorkerDataset(self._job()), batch_size=None, num_workers=self.cfg.workers,
-                            prefetch_factor=4 if self.cfg.workers else None)
+                            prefetch_factor=4 if self.cfg.workers else None, generator=torch.Generator(),
+                            worker_init_fn=_ignore_stop_signals)
         return iter(loader)
 
     def _next_sample(self, chunks: Iterator[Chunk]):

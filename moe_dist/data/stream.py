@@ -7,8 +7,9 @@ Worker outline (exact mode):
        seeded with (seed, epoch, rank, worker); a broken tar is counted and skipped;
     3. each raw sample gets a position in that shuffled stream; on resume the worker skips the
        positions already consumed without decoding them;
-    4. survivors are decoded (decode.py), transformed and tokenized, and sent in chunks tagged with
-       (worker, position) plus the worker's cumulative counters. A final chunk says "done".
+    4. survivors are decoded (decode.py), transformed (torch RNG seeded per sample position) and
+       tokenized, and sent in chunks tagged with (worker, position) plus the worker's cumulative
+       counters. A final chunk says "done".
 Resampled mode draws shards with replacement (weighted by source) from an RNG seeded with
 (seed, epoch, rank, worker, resume generation), forever.
 """
@@ -154,6 +155,9 @@ def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
         token_ids, padding = job.tokenize(caption)
         counter.good += 1
         positions.append(position)
+        # augmentation randomness is a function of the sample's place in the stream, so a resumed
+        # worker reproduces the same crops
+        torch.manual_seed(_seed(job.seed, job.epoch, job.rank, worker, position))
         images.append(job.transform(image))
         tokens.append(token_ids)
         paddings.append(padding)

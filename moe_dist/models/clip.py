@@ -50,8 +50,10 @@ class ContrastiveModel(nn.Module):
     """What both model kinds share: logit scale/bias, the forward contract and MoE collection."""
 
     def _init_logits(self, cfg: ModelConfig) -> None:
-        self.logit_scale = nn.Parameter(torch.ones([]) * cfg.init_logit_scale)
-        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.ones([]) * cfg.init_logit_bias)
+        # shape [1], not []: DeepSpeed's parameter broadcast cannot view 0-d tensors as bytes
+        # (open_clip's nonscalar_logit_scale option exists for the same reason)
+        self.logit_scale = nn.Parameter(torch.ones([1]) * cfg.init_logit_scale)
+        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.ones([1]) * cfg.init_logit_bias)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> ModelOutput:
         """images [B, 3, S, S], text [B, C] token ids -> ModelOutput."""

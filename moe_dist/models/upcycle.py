@@ -75,7 +75,9 @@ def upcycle(model: nn.Module, source, noise_std: float = 0.0, generator: torch.G
         raise ValueError(f"dense checkpoint has weights the MoE model lacks: {skipped[:5]}"
                          f"{' ...' if len(skipped) > 5 else ''}; is it the same architecture?")
     for key, value in rest.items():
-        if own[key].shape != value.shape:
+        if own[key].shape != value.shape and own[key].numel() == value.numel() == 1:
+            rest[key] = value.reshape(own[key].shape)  # open_clip's scalar logit_scale vs our [1]
+        elif own[key].shape != value.shape:
             raise ValueError(f"dense {key} has shape {tuple(value.shape)}, the MoE model {tuple(own[key].shape)}")
     moe_owned = ("deepspeed_moe.", "router.", "shared_mlp.")
     missing = sorted(k for k in own if k not in rest and not any(f".{tag}" in k for tag in moe_owned))

@@ -52,13 +52,14 @@ class MoEOutput:
 
 
 def expert_parallel_group(ep_size: int):
-    """Create (once) and return DeepSpeed's expert-parallel group for ``ep_size``; None if 1."""
-    if ep_size == 1:
-        return None
+    """Create (once) DeepSpeed's expert-parallel and expert-data-parallel groups for ``ep_size`` and
+    return the expert-parallel group (None for ep_size 1, which needs no all-to-all)."""
     import deepspeed.comm as ds_comm
     from deepspeed.utils import groups
 
     if not ds_comm.is_initialized():
+        if ep_size == 1:
+            return None  # single process; deepspeed.initialize creates the groups later
         raise ValueError(f"ep_size={ep_size} needs torch.distributed: call deepspeed.init_distributed() "
                          "(or launch with deepspeed/torchrun) before building the model, or use ep_size=1")
     world = ds_comm.get_world_size()
@@ -68,7 +69,7 @@ def expert_parallel_group(ep_size: int):
     name = f"ep_size_{ep_size}"
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
-    return groups._get_expert_parallel_group(name)
+    return groups._get_expert_parallel_group(name) if ep_size > 1 else None
 
 
 class MoELayer(_DeepSpeedMoE):

@@ -1,0 +1,218 @@
+"""The run config: typed sections loaded from YAML, ``--set a.b=c`` overrides, validated before any
+process group starts; the DeepSpeed config is generated from it (batch sizes are stated once)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from ..config import parse_overrides
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelSection:
+    name: str = "moe-clip-tiny"  # registry name or path to a model JSON
+    overrides: Dict[str, Any] = field(default_factory=dict)  # nested model-JSON fields, e.g. {moe: {top_k: 2}}
+
+
+@dataclass
+class DataSection:
+    train: str = ""
+    val: str = ""
+    mode: str = "exact"  # exact | resampled
+    workers: int = 2
+    tokenizer: str = ""  # sentencepiece .model path, or openclip-bpe
+    shuffle_buffer: int = 1000
+    epoch_samples: int = 0
+    max_failure_fraction: float = 0.1
+    allow_pipe: bool = False
+
+
+@dataclass
+class BatchSection:
+    global_batch: int = 0  # 0: micro_batch x grad_accum x data-parallel size
+    micro_batch: int = 8
+    grad_accum: int = 1
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+
+
+@dataclass
+class ScheduleSection:
+    kind: str = "cosine"  # cosine | constant
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = ""  # default: <output_dir>/checkpoints
+    every: int = 0  # optimizer steps; 0 = only at the end and on signals
+    keep: int = 2
+
+
+@dataclass
+class LoggingSection:
+    every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # optimizer steps; 0 = at the end only (if data.val is set)
+    batches: int = 10
+
+
+@dataclass
+class DebugSection:
+    nan_loss_steps: List[int] = field(default_factory=list)  # inject a NaN loss at these micro steps
+    nan_loss_rank: int = 0
+    pause_in_save_s: float = 0.0  # sleep between writing a checkpoint and committing it (tests)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    steps: int = 100  # optimizer steps
+    seed: int = 0
+    precision: str = "fp32"
+    zero_stage: int = 2
+    ep_size: int = 1
+    grad_clip: float = 1.0
+    max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    debug: DebugSection = field(default_factory=DebugSection)
+
+    def validate(self, world_size: int) -> None:
+        """Raise ValueError naming the field and the fix; needs only the world size."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is unknown; use one of {PRECISIONS}")
+        if self.zero_stage == 3:
+            raise ValueError("zero_stage=3 is refused: DeepSpeed's native MoE (expert parallelism) does not support "
+                             "ZeRO stage 3 (experts must not be partitioned across the data-parallel group); "
+                             "use zero_stage=1 or 2")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage={self.zero_stage} must be 0, 1 or 2")
+        if self.ep_size < 1 or world_size % self.ep_size:
+            raise ValueError(f"ep_size={self.ep_size} must divide the world size {world_size}; use an ep_size "
+                             f"among {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
+        model = self.model_config()
+        experts = model.moe_config(model.vision.width).num_experts
+        if experts % self.ep_size:
+            raise ValueError(f"ep_size={self.ep_size} must divide model.moe.num_experts={experts}")
+        b = self.batch
+        if b.micro_batch < 1 or b.grad_accum < 1:
+            raise ValueError("batch.micro_batch and batch.grad_accum must be >= 1")
+        expected = b.micro_batch * b.grad_accum * world_size
+        if b.global_batch and b.global_batch != expected:
+            raise ValueError(f"batch.global_batch={b.global_batch} != batch.micro_batch ({b.micro_batch}) x "
+                             f"batch.grad_accum ({b.grad_accum}) x data-parallel size ({world_size}) = {expected}; "
+                             "set global_batch to 0 (derived) or adjust micro_batch/grad_accum")
+        if not self.data.train:
+            raise ValueError("data.train is empty; give a shard spec (e.g. --set data.train=data/synth/train)")
+        if self.data.mode not in ("exact", "resampled"):
+            raise ValueError(f"data.mode={self.data.mode!r}; use 'exact' or 'resampled'")
+        if self.schedule.kind not in ("cosine", "constant"):
+            raise ValueError(f"schedule.kind={self.schedule.kind!r}; use 'cosine' or 'constant'")
+        if self.steps < 1 or self.checkpoint.keep < 2:
+            raise ValueError("steps must be >= 1 and checkpoint.keep >= 2 (never keep fewer than two)")
+
+    def model_config(self):
+        from ..models import load_model_config
+
+        return load_model_config(self.model.name, self.model.overrides)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        import os
+
+        return self.checkpoint.dir or os.path.join(self.output_dir, "checkpoints")
+
+    def global_batch(self, world_size: int) -> int:
+        return self.batch.micro_batch * self.batch.grad_accum * world_size
+
+    def deepspeed_config(self, world_size: int) -> Dict[str, Any]:
+        return {
+            "train_batch_size": self.global_batch(world_size),
+            "train_micro_batch_size_per_gpu": self.batch.micro_batch,
+            "gradient_accumulation_steps": self.batch.grad_accum,
+            "gradient_clipping": self.grad_clip,
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": self.precision == "bf16"},
+            "fp16": {"enabled": self.precision == "fp16", "initial_scale_power": 12},
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+        }
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: Dict[str, Any], where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where or 'run config'} has unknown fields {unknown}; valid: {sorted(fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        nested = globals().get(fields[key].type) if isinstance(fields[key].type, str) else None
+        if dataclasses.is_dataclass(nested) and key != "overrides":
+            if not isinstance(value, dict):
+                raise ValueError(f"{where + '.' if where else ''}{key} must be a mapping, got {value!r}")
+            value = _build(nested, value, f"{where + '.' if where else ''}{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _merge(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_run_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
+    """YAML file (optional) + ``--set`` overrides -> RunConfig (not yet validated against a world size)."""
+    data: Dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ValueError(f"run config {path!r} does not exist") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"run config {path!r} must be a YAML mapping")
+    changes = parse_overrides(overrides or [])
+    return _build(RunConfig, _merge(_normalize_model(data), _normalize_model(changes)), "")
+
+
+def _normalize_model(data: Dict[str, Any]) -> Dict[str, Any]:
+    """Model-JSON fields may sit directly under ``model`` (model.moe.top_k=2): move them to overrides."""
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return data
+    extra = {k: v for k, v in model.items() if k not in ("name", "overrides")}
+    if not extra:
+        return data
+    kept = {k: v for k, v in model.items() if k in ("name", "overrides")}
+    kept["overrides"] = _merge(kept.get("overrides", {}), extra)
+    return {**data, "model": kept}

@@ -1,0 +1,119 @@
+"""Rank 0's view of training: TensorBoard scalars and expert-load histograms, metrics.jsonl, a
+progress bar with ETA, and the one-screen summary at start."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from typing import Dict, Optional
+
+import torch
+from tqdm import tqdm
+
+MODALITIES = ("", "/image", "/text")
+
+
+def memory_mb() -> Dict[str, float]:
+    from deepspeed.accelerator import get_accelerator
+
+    out = {"memory/host_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        out["memory/device_allocated_mb"] = accelerator.memory_allocated() / 2 ** 20
+        out["memory/device_max_allocated_mb"] = accelerator.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def moe_scalars(layer_stats: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    out = {}
+    for layer, stats in layer_stats.items():
+        for suffix in MODALITIES:
+            for name in ("dropped_fraction", "router_entropy"):
+                if name + suffix in stats and int(stats["num_tokens" + suffix]) > 0:
+                    out[f"moe/{name}{suffix}/{layer}"] = float(stats[name + suffix])
+    return out
+
+
+class MetricsLogger:
+    """Does nothing on ranks other than 0."""
+
+    def __init__(self, output_dir: str, rank: int, total_steps: int, start_step: int, tensorboard: bool = True,
+                 progress: bool = True):
+        self.active = rank == 0
+        self.writer = None
+        self.jsonl = None
+        self.bar: Optional[tqdm] = None
+        if not self.active:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb_dir = os.path.join(output_dir, "tensorboard")
+            self.writer = SummaryWriter(self.tb_dir)
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", disable=not progress,
+                        dynamic_ncols=True)
+
+    def log(self, step: int, scalars: Dict[str, float], layer_stats: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        if not self.active:
+            return
+        scalars = {**scalars, **moe_scalars(layer_stats)}
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            for layer, stats in layer_stats.items():
+                for suffix in MODALITIES:
+                    counts = stats.get("tokens_per_expert" + suffix)
+                    if counts is not None and int(counts.sum()) > 0:
+                        self._expert_histogram(f"moe/expert_load{suffix}/{layer}", counts, step)
+            self.writer.flush()
+
+    def _expert_histogram(self, tag: str, counts: torch.Tensor, step: int) -> None:
+        """Exact per-expert token counts as a TensorBoard histogram (bucket e = expert e)."""
+        counts = counts.double().cpu()
+        experts = torch.arange(len(counts), dtype=torch.float64)
+        self.writer.add_histogram_raw(tag, min=0.0, max=float(len(counts) - 1), num=float(counts.sum()),
+                                      sum=float((experts * counts).sum()), sum_squares=float((experts ** 2 * counts).sum()),
+                                      bucket_limits=(experts + 0.5).tolist(), bucket_counts=counts.tolist(),
+                                      global_step=step)
+
+    def progress(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.0f}", refresh=False)
+            self.bar.refresh()
+
+    def print(self, text: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.jsonl.close()
+
+
+def summary(cfg, env, model_cfg, params: Dict[str, int], ds_config: Dict[str, object]) -> str:
+    dp = env.world_size
+    lines = [
+        "=" * 72,
+        f"moe-dist train  model={model_cfg.name} ({model_cfg.kind})  launcher={env.launcher}",
+        f"world size {env.world_size}: data-parallel {dp}, expert-parallel {cfg.ep_size} "
+        f"(x{env.world_size // cfg.ep_size} expert replicas), ZeRO-{cfg.zero_stage}, {cfg.precision}",
+        f"params: total {params['total']:,}  experts {params['expert']:,}  active/image {params['active/image']:,}  "
+        f"active/text {params['active/text']:,}",
+        f"batch: global {ds_config['train_batch_size']} = micro {ds_config['train_micro_batch_size_per_gpu']} x "
+        f"accum {ds_config['gradient_accumulation_steps']} x dp {dp}; steps {cfg.steps}",
+        f"deepspeed: {json.dumps(ds_config, sort_keys=True)}",
+        f"output: {os.path.abspath(cfg.output_dir)}",
+        "=" * 72,
+    ]
+    return "\n".join(lines)

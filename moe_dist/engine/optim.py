@@ -1,0 +1,47 @@
+"""AdamW parameter groups (no weight decay on norms, biases, embeddings, logit scale/bias), MoE
+groups for DeepSpeed, and the warmup + cosine/constant learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from .config import RunConfig
+
+NO_DECAY_NAMES = ("bias", "logit_scale", "logit_bias", "positional_embedding", "class_embedding", "image_positions",
+                  "text_positions", "modality_embedding", "token_embedding")
+
+
+def _decays(name: str, param: nn.Parameter) -> bool:
+    if param.ndim < 2 or any(part in name for part in NO_DECAY_NAMES):
+        return False  # norms (1-d), biases, embeddings and the logit scale
+    return not name.split(".")[-1].startswith("b")  # stacked expert biases b1/b2 are 2-d
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if _decays(name, param) else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+    o = cfg.optimizer
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    s, total = cfg.schedule, cfg.steps
+
+    def factor(step: int) -> float:
+        if step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        if s.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
