@@ -1,0 +1,148 @@
+"""Training throughput on CPU, one process: moe-dist train vs open_clip_train.main, and MoE vs dense.
+
+    python bench/train_throughput.py [--steps 40] [--n 2560] [--batch 64]
+
+Architecture (both frameworks): ViT 4 x 192 wide, patch 8, 64 px; text 4 x 128 wide, context 32,
+open_clip's BPE tokenizer; embed 128; batch 64; fp32; 1 data worker; same synth images.
+open_clip_train reads them as a CSV of image files (its webdataset *training* path crashes on
+webdataset >= 1.0's end-of-shard marker); moe-dist reads shards of the same images.
+Throughput is the median of per-step samples/s after 5 warm-up steps, from each framework's own log
+(open_clip_train's "N/s" field, our metrics.jsonl). The MoE variant puts E=8 top-1 experts in every
+other block of both towers: the same active FLOPs as the dense model.
+Writes bench/results/train_throughput.json with ``dense_vs_open_clip`` and ``moe_vs_dense``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULTS = os.path.join(ROOT, "bench", "results", "train_throughput.json")
+
+VISION = {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "heads": 3}
+TEXT = {"vocab_size": 49408, "context_length": 32, "width": 128, "layers": 4, "heads": 2}
+
+
+def make_data(root: str, n: int) -> str:
+    """Synth shards plus the same images as files and a CSV for open_clip_train."""
+    from data_tools.shard import ShardOptions, shard_items
+    from data_tools.synth import synth_items
+
+    shard_items(synth_items(n, seed=0, size=64), root, ShardOptions(per_shard=max(1, n // 4)), "bench", progress=False)
+    images = os.path.join(root, "files")
+    os.makedirs(images)
+    rows = ["filepath\ttitle"]
+    for path in sorted(os.listdir(os.path.join(root, "train"))):
+        if not path.endswith(".tar"):
+            continue
+        with tarfile.open(os.path.join(root, "train", path)) as tar:
+            members = {m.name: m for m in tar}
+            for name in members:
+                if name.endswith(".jpg"):
+                    key = name[:-4]
+                    target = os.path.join(images, name)
+                    with open(target, "wb") as f:
+                        f.write(tar.extractfile(members[name]).read())
+                    caption = tar.extractfile(members[key + ".txt"]).read().decode()
+                    rows.append(f"{target}\t{caption}")
+    with open(os.path.join(root, "train.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return root
+
+
+def model_json(root: str, moe: bool) -> str:
+    spec = {"kind": "clip", "embed_dim": 128,
+            "vision": {**VISION, "moe": {"every": 2 if moe else 0}},
+            "text": {**TEXT, "moe": {"every": 2 if moe else 0}},
+            "moe": {"num_experts": 8, "top_k": 1, "capacity_factor": 1.25}}
+    path = os.path.join(root, f"bench-{'moe' if moe else 'dense'}.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    return path
+
+
+def run_ours(root: str, moe: bool, steps: int, batch: int) -> float:
+    out = os.path.join(root, f"ours-{'moe' if moe else 'dense'}")
+    sets = {"model.name": model_json(root, moe), "data.train": os.path.join(root, "train"),
+            "data.tokenizer": "openclip-bpe", "data.workers": 1, "output_dir": out, "steps": steps,
+            "batch.micro_batch": batch, "ep_size": 1, "zero_stage": 0, "logging.progress": "false",
+            "checkpoint.keep": 2, "logging.tensorboard": "false", "schedule.warmup_steps": 2}
+    cmd = [sys.executable, "-m", "moe_dist", "train", "--resume", "none"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if res.returncode != 0:
+        raise RuntimeError(f"moe-dist train failed:\n{res.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rates = [json.loads(line)["perf/samples_per_s"] for line in f if "perf/samples_per_s" in line]
+    return statistics.median(rates[5:])
+
+
+def run_open_clip(root: str, steps: int, batch: int) -> float:
+    cfg_dir = os.path.join(root, "open_clip_cfg")
+    os.makedirs(cfg_dir, exist_ok=True)
+    with open(os.path.join(cfg_dir, "bench-tiny.json"), "w") as f:
+        json.dump({"embed_dim": 128,
+                   "vision_cfg": {"image_size": 64, "layers": 4, "width": 192, "patch_size": 8, "head_width": 64},
+                   "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4}}, f)
+    script = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+              "from open_clip_train.main import main; main(sys.argv[2:])")
+    n_samples = steps * batch
+    cmd = [sys.executable, "-c", script, cfg_dir, "--model", "bench-tiny", "--train-data",
+           os.path.join(root, "train.csv"), "--dataset-type", "csv", "--csv-separator", "\t",
+           "--train-num-samples", str(n_samples), "--batch-size", str(batch), "--workers", "1", "--epochs", "1",
+           "--lr", "1e-3", "--warmup", "2", "--precision", "fp32", "--device", "cpu", "--log-every-n-steps", "1",
+           "--logs", os.path.join(root, "oc_logs"), "--name", "bench", "--save-frequency", "0", "--report-to", ""]
+    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+    log = res.stdout + res.stderr
+    rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s", log)]
+    if len(rates) < 6:
+        raise RuntimeError(f"open_clip_train produced no throughput lines:\n{log[-3000:]}")
+    return statistics.median(rates[5:])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the three runs")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    runs = {"open_clip_train_dense": [], "moe_dist_dense": [], "moe_dist_moe_e8_top1": []}
+    with tempfile.TemporaryDirectory() as root:
+        make_data(root, args.steps * args.batch)
+        for _ in range(args.rounds):
+            runs["open_clip_train_dense"].append(run_open_clip(root, args.steps, args.batch))
+            runs["moe_dist_dense"].append(run_ours(root, False, args.steps, args.batch))
+            runs["moe_dist_moe_e8_top1"].append(run_ours(root, True, args.steps, args.batch))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    results = {"dense_vs_open_clip": med["moe_dist_dense"] / med["open_clip_train_dense"],
+               "moe_vs_dense": med["moe_dist_moe_e8_top1"] / med["moe_dist_dense"],
+               "samples_per_s": med,
+               "setup": {"steps": args.steps, "batch": args.batch, "rounds": args.rounds, "vision": VISION,
+                         "text": TEXT, "cpus": os.cpu_count(), "precision": "fp32", "workers": 1}}
+    print(f"{'run':26s} {'samples/s':>10s}")
+    for name, value in med.items():
+        print(f"{name:26s} {value:10.1f}")
+    print(f"dense_vs_open_clip {results['dense_vs_open_clip']:.3f}  (target >= 1.1)")
+    print(f"moe_vs_dense       {results['moe_vs_dense']:.3f}  (target >= 0.85)")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
