@@ -63,6 +63,7 @@ start_munge() {
 idle_nodes() { SLURM_CONF=$CONF sinfo -h -t idle -o %D 2>/dev/null | awk '{s+=$1} END {print s+0}'; }
 
 start() {
+  if [ -f "$CONF" ] && [ "$(idle_nodes)" = 2 ]; then echo "local SLURM cluster already up. export SLURM_CONF=$CONF"; return; fi
   install
   write_conf
   start_munge

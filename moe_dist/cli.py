@@ -13,6 +13,7 @@ with contextlib.redirect_stdout(sys.stderr):
     import deepspeed  # noqa: F401
 
 from . import __version__  # noqa: E402
+from .dist.slurm import add_slurm_command  # noqa: E402
 from .models.params import add_params_command  # noqa: E402
 
 
@@ -53,6 +54,7 @@ COMMANDS: Dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "version": _add_version,
     "train": _add_train,
     "params": add_params_command,
+    "slurm": add_slurm_command,
 }
 
 

@@ -28,15 +28,21 @@ class NonFiniteError(RuntimeError):
 
 
 class GracefulStop:
-    """SIGTERM/SIGUSR1 set a flag; the loop finishes its step, and all ranks agree to stop."""
+    """SIGTERM/SIGUSR1, or the file named by $MOE_DIST_STOP_FILE appearing (what launch/slurm/train.sbatch
+    creates on a preemption notice), ask for a stop; the loop finishes its step and all ranks agree."""
 
     def __init__(self):
-        self.requested = False
+        self.signalled = False
+        self.stop_file = os.environ.get("MOE_DIST_STOP_FILE", "")
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.signalled = True
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled or bool(self.stop_file and os.path.exists(self.stop_file))
 
 
 def _all_reduce(value: float, op: str) -> float:
@@ -66,7 +72,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical non-expert init on every rank
         self.model_cfg = cfg.model_config()
         model = build_model(self.model_cfg, ep_size=cfg.ep_size)
-        self.params = count_params(model, self.model_cfg)
+        with torch.device("meta"):  # global counts (all experts), whatever this rank holds
+            self.params = count_params(build_model(self.model_cfg), self.model_cfg)
         optimizer = build_optimizer(model, cfg)
         self.ds_config = cfg.deepspeed_config(self.world)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,

@@ -1,0 +1,97 @@
+"""Rank, world size and rendezvous address from whichever launcher started us, in one function.
+
+Checked in order: torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
+SLURM's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, first host of SLURM_JOB_NODELIST), Open MPI /
+MPICH (OMPI_COMM_WORLD_*, PMI_*), and otherwise a single process on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def expand_nodelist(nodelist: str) -> List[str]:
+    """SLURM compressed host lists: "gpu[01-03,07],cpu5" -> gpu01 gpu02 gpu03 gpu07 cpu5."""
+    hosts: List[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", nodelist):
+        prefix, ranges = match.group(1), match.group(2)
+        if not prefix:
+            continue
+        if ranges is None:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            for n in range(int(lo), int(hi) + 1):
+                hosts.append(f"{prefix}{n:0{len(lo)}d}")
+    return hosts
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    hosts = expand_nodelist(nodelist)
+    return hosts[0] if hosts else "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_env(environ: Optional[Dict[str, str]] = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    port = int(env.get("MASTER_PORT", 0) or 0)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "deepspeed" if "DEEPSPEED_LAUNCHER" in env or "CROSS_RANK" in env else "torchrun"
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), port or 29500, launcher)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job = int(env.get("SLURM_JOB_ID", "0") or 0)
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                       env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                       port or 20000 + job % 20000, "slurm")
+    if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
+        rank = int(env.get("OMPI_COMM_WORLD_RANK", env.get("PMI_RANK", 0)))
+        world = int(env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", 1)))
+        local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", 0)))
+        return DistEnv(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"), port or 29500, "mpi")
+    return DistEnv(0, 1, 0, "127.0.0.1", port or _free_port(), "none")
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Export the standard variables and start DeepSpeed's process group on the accelerator's backend."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
+                               verbose=False)

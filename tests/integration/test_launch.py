@@ -1,0 +1,172 @@
+"""Launch paths: a real local SLURM cluster (sbatch, requeue), two no-ssh deepspeed launchers,
+sbatch rendering, hostfiles and bad input."""
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from helpers.train import ROOT, make_synth, metrics, _env
+
+LOCAL_SLURM = os.path.join(ROOT, "launch", "local_slurm.sh")
+SLURM_DIR = "/tmp/moe_dist_slurm_tests"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_synth(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """Start launch/local_slurm.sh's two-node cluster (CI installs SLURM; elsewhere a missing one skips)."""
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        pytest.skip("SLURM (slurmctld, slurmd, munge) and root are needed for the local cluster")
+    env = dict(os.environ, LOCAL_SLURM_DIR=SLURM_DIR, INSTALL="0")
+    res = subprocess.run(["bash", LOCAL_SLURM, "start"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    yield dict(os.environ, SLURM_CONF=os.path.join(SLURM_DIR, "slurm.conf"))
+    subprocess.run(["bash", LOCAL_SLURM, "stop"], env=env, capture_output=True, timeout=60)
+
+
+def _extra(synth, out, **sets):
+    base = {"data.train": synth / "train", "data.val": synth / "val", "data.tokenizer": synth / "tok.model",
+            "output_dir": out, "logging.progress": "false", "batch.micro_batch": 16, "data.workers": 1}
+    base.update(sets)
+    return " ".join(f"--set {k}={v}" for k, v in base.items())
+
+
+def _sbatch(slurm, synth, out, log, wait=False, **sets):
+    env = dict(slurm, **_env())
+    cmd = ["sbatch", "--parsable", "--nodes", "2", "--output", str(log),
+           "--export", f"ALL,CONFIG=configs/runs/tiny-synth.yaml,EXTRA_ARGS={_extra(synth, out, **sets)}"]
+    if wait:
+        cmd.insert(1, "--wait")
+    return subprocess.run(cmd + ["launch/slurm/train.sbatch"], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+
+
+def _job(slurm, job_id):
+    res = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=slurm)
+    return dict(kv.split("=", 1) for kv in res.stdout.split() if "=" in kv)
+
+
+def test_sbatch_job_on_two_nodes(slurm, synth, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    res = _sbatch(slurm, synth, out, log, wait=True, steps=4, ep_size=2)
+    text = log.read_text() if log.exists() else ""
+    assert res.returncode == 0, res.stderr + text[-3000:]
+    assert "nodes n[1-2], 1 per node" in text and "launcher=deepspeed" in text
+    assert (out / "checkpoints" / "step00000004" / "COMPLETE").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4]
+    assert "world size 2: data-parallel 2, expert-parallel 2" in text
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm, synth, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    res = _sbatch(slurm, synth, out, log, steps=40, ep_size=2, **{"checkpoint.every": 0})
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    deadline = time.time() + 240
+    while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2):
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "job never started"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    while True:  # requeued jobs wait for a begin time; let it start now
+        info = _job(slurm, job)
+        if info.get("Restarts") == "1" and info.get("JobState") == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm)
+        # the first run ends (briefly shown as ended) before the requeue puts it back: wait for the rerun
+        if info.get("Restarts") == "1" and info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        assert time.time() < deadline + 240, info
+        time.sleep(1)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["ExitCode"] == "0:0", text[-3000:]
+    assert "requeueing job" in text
+    stopped = [line for line in text.splitlines() if line.startswith("stopped by signal at step")]
+    resumed = [line for line in text.splitlines() if line.startswith("resumed from")]
+    assert len(stopped) == 1 and len(resumed) == 1
+    step = int(stopped[0].split("step ")[1].split(";")[0])
+    assert resumed[0].endswith(f"at step {step}")
+    steps = [m["step"] for m in metrics(out) if "loss/total" in m]
+    assert steps == list(range(1, 41)), "the step counter must continue after the requeue"
+
+
+def test_two_no_ssh_deepspeed_launchers(synth, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("n1 slots=1\nn2 slots=1\n")
+    from helpers.harness import free_port
+
+    port = str(free_port())
+    out = tmp_path / "run"
+    args = _extra(synth, out, steps=3, ep_size=2).split()
+    procs = []
+    for node in (0, 1):
+        env = dict(_env(), HOSTFILE=str(hostfile), NO_SSH="1", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port)
+        procs.append(subprocess.Popen(["bash", "launch/deepspeed.sh", "configs/runs/tiny-synth.yaml"] + args,
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "world size 2" in outputs[0] and (out / "checkpoints" / "step00000003" / "COMPLETE").exists()
+
+
+def test_render_sbatch_for_4_nodes_x_8_gpus(tmp_path):
+    res = subprocess.run(["moe-dist", "slurm", "--config", "configs/runs/tiny-synth.yaml", "--nodes", "4",
+                          "--gpus-per-node", "8", "--time", "12:00:00", "--partition", "gpu", "--account", "vlm",
+                          "--set", "ep_size=8", "--set", "model.moe.num_experts=16", "--set", "data.train=/data/train",
+                          "--dry-run"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    sbatch = [line for line in lines if line.startswith("#SBATCH")]
+    for want in ("--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=1", "--time=12:00:00", "--partition=gpu",
+                 "--account=vlm", "--signal=B:USR1@120", "--requeue"):
+        assert f"#SBATCH {want}" in sbatch, want
+    assert lines.index(sbatch[-1]) < min(i for i, line in enumerate(lines) if not line.startswith("#"))
+    assert "export GPUS_PER_NODE=8" in lines and "export LAUNCHER=deepspeed" in lines
+    assert "export EXTRA_ARGS='--set ep_size=8 --set model.moe.num_experts=16 --set data.train=/data/train'" in lines
+    assert any('--node_rank "$SLURM_NODEID"' in line for line in lines)
+    assert any("scontrol requeue" in line for line in lines)
+
+
+def test_hostfile_from_compressed_nodelist():
+    res = subprocess.run(["python", "launch/hostfile.py", "--slots", "8", "--nodelist", "gpu[01-03,07]"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.stdout == "gpu01 slots=8\ngpu02 slots=8\ngpu03 slots=8\ngpu07 slots=8\n"
+    res = subprocess.run(["python", "launch/hostfile.py", "--slots", "2"], capture_output=True, text=True, cwd=ROOT,
+                         env={k: v for k, v in os.environ.items() if k != "SLURM_JOB_NODELIST"})
+    assert res.returncode == 2 and "no hosts" in res.stderr
+
+
+@pytest.mark.parametrize("case", ["missing_hostfile", "no_slots", "ep_size", "no_sbatch"])
+def test_bad_launch_input_gives_a_clear_message(case, tmp_path):
+    env = dict(os.environ)
+    if case == "missing_hostfile":
+        cmd = ["bash", "launch/deepspeed.sh", "configs/runs/tiny-synth.yaml"]
+        env["HOSTFILE"], want = str(tmp_path / "nope"), "hostfile '%s' does not exist" % (tmp_path / "nope")
+    elif case == "no_slots":
+        (tmp_path / "hf").write_text("node1 slots=8\nnode2\n")
+        cmd = ["bash", "launch/deepspeed.sh", "configs/runs/tiny-synth.yaml"]
+        env["HOSTFILE"], want = str(tmp_path / "hf"), "line 2 of hostfile"
+    elif case == "ep_size":
+        cmd = ["moe-dist", "slurm", "--config", "configs/runs/tiny-synth.yaml", "--nodes", "3", "--gpus-per-node", "1",
+               "--set", "data.train=x", "--dry-run"]
+        want = "for 3 nodes x 1 GPUs (world size 3): ep_size=2 must divide the world size 3"
+    else:
+        cmd = ["moe-dist", "slurm", "--config", "configs/runs/tiny-synth.yaml", "--nodes", "1", "--gpus-per-node", "2",
+               "--set", "data.train=x", "--set", f"output_dir={tmp_path}"]
+        env["PATH"] = os.path.dirname(shutil.which("moe-dist")) + ":/usr/local/bin:/bin"
+        env["PATH"] = ":".join(p for p in env["PATH"].split(":") if not os.path.exists(os.path.join(p, "sbatch")))
+        want = "sbatch is not installed"
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert want in res.stderr and "Traceback" not in res.stderr
