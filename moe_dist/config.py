@@ -1,10 +1,43 @@
-"""Command-line overrides shared by every config: ``--set a.b=c`` -> nested dict, values parsed as YAML."""
+"""The one config system: typed dataclasses built from nested dicts (JSON/YAML), merged with
+``--set a.b=c`` overrides (values parsed as YAML). Model configs and run configs both use it."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any, Dict, Iterable, Optional
 
 import yaml
+
+
+def merge(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str, Any]:
+    """Nested dict update that returns a new dict."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def from_dict(cls, data: Dict[str, Any], where: str):
+    """Build dataclass ``cls`` from ``data``, recursing into dataclass-typed fields.
+
+    Keys starting with "_" are comments. Raises ValueError naming ``where`` for unknown fields or a
+    non-mapping where a section is expected; the dataclasses' own ``__post_init__`` validate values.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if not str(k).startswith("_")}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {unknown}; valid fields: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{key} must be a mapping, got {value!r}")
+            value = from_dict(hints[key], value, f"{where}.{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
 
 
 def parse_overrides(items: Iterable[str], prefix: Optional[str] = None) -> Dict[str, Any]:

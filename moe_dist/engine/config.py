@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from ..config import parse_overrides
+from ..config import from_dict, merge, parse_overrides
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -167,29 +167,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls, data: Dict[str, Any], where: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where or 'run config'} has unknown fields {unknown}; valid: {sorted(fields)}")
-    kwargs = {}
-    for key, value in data.items():
-        nested = globals().get(fields[key].type) if isinstance(fields[key].type, str) else None
-        if dataclasses.is_dataclass(nested) and key != "overrides":
-            if not isinstance(value, dict):
-                raise ValueError(f"{where + '.' if where else ''}{key} must be a mapping, got {value!r}")
-            value = _build(nested, value, f"{where + '.' if where else ''}{key}")
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _merge(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str, Any]:
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def load_run_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
     """YAML file (optional) + ``--set`` overrides -> RunConfig (not yet validated against a world size)."""
     data: Dict[str, Any] = {}
@@ -202,7 +179,7 @@ def load_run_config(path: Optional[str] = None, overrides: Optional[List[str]] =
         if not isinstance(data, dict):
             raise ValueError(f"run config {path!r} must be a YAML mapping")
     changes = parse_overrides(overrides or [])
-    return _build(RunConfig, _merge(_normalize_model(data), _normalize_model(changes)), "")
+    return from_dict(RunConfig, merge(_normalize_model(data), _normalize_model(changes)), "run config")
 
 
 def _normalize_model(data: Dict[str, Any]) -> Dict[str, Any]:
@@ -214,5 +191,5 @@ def _normalize_model(data: Dict[str, Any]) -> Dict[str, Any]:
     if not extra:
         return data
     kept = {k: v for k, v in model.items() if k in ("name", "overrides")}
-    kept["overrides"] = _merge(kept.get("overrides", {}), extra)
+    kept["overrides"] = merge(kept.get("overrides", {}), extra)
     return {**data, "model": kept}

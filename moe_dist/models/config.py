@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..config import from_dict, merge
 from ..moe.config import MoEConfig
 
 KINDS = ("clip", "limoe")
@@ -118,21 +119,6 @@ class ModelConfig:
         return MoEConfig(hidden_size=width, ffn_hidden_size=int(width * mlp_ratio), **self.moe)
 
 
-def _build(cls, data: Dict[str, Any], where: str):
-    """Dataclass from a dict, recursing into nested dataclasses; unknown keys are errors."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    data = {k: v for k, v in data.items() if not k.startswith("_")}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where} has unknown fields {unknown}; valid fields: {sorted(fields)}")
-    kwargs = {}
-    for key, value in data.items():
-        ftype = fields[key].type
-        nested = {"MoEPlacement": MoEPlacement, "VisionConfig": VisionConfig, "TextConfig": TextConfig}.get(ftype)
-        kwargs[key] = _build(nested, value, f"{where}.{key}") if nested and isinstance(value, dict) else value
-    return cls(**kwargs)
-
-
 def model_config_dirs() -> List[Path]:
     """Where named model configs live: $MOE_DIST_CONFIG_DIR/models, the source tree, the install prefix."""
     dirs = []
@@ -152,14 +138,6 @@ def list_models() -> Dict[str, Path]:
     return found
 
 
-def _deep_update(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str, Any]:
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
-
-
 def load_model_config(name_or_path: str, overrides: Optional[Dict[str, Any]] = None) -> ModelConfig:
     """Load a model config by registry name or JSON path, apply nested ``overrides``, validate."""
     registry = list_models()
@@ -175,4 +153,4 @@ def load_model_config(name_or_path: str, overrides: Optional[Dict[str, Any]] = N
     with open(path) as f:
         data = json.load(f)
     data.setdefault("name", Path(path).stem)
-    return _build(ModelConfig, _deep_update(data, overrides or {}), "model")
+    return from_dict(ModelConfig, merge(data, overrides or {}), "model")

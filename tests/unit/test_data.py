@@ -215,3 +215,23 @@ def test_synth_and_stats(tmp_path, capsys):
     data_cli(["synth", "--out", str(tmp_path / "s2"), "--n", "40", "--per-shard", "10", "-q"])
     assert (tmp_path / "s" / "train" / "train-000002.tar").read_bytes() == \
         (tmp_path / "s2" / "train" / "train-000002.tar").read_bytes()
+
+
+def test_reshard_existing_shards(csv_shards, tmp_path):
+    root, _ = csv_shards
+    manifest = shard(str(root / "out" / "train"), str(tmp_path / "re"), ShardOptions(per_shard=64), progress=False)
+    assert manifest["inputs"] == manifest["written"] == 200 and manifest["splits"]["train"]["shards"] == 4
+
+
+def test_coco_captions_input(tmp_path):
+    (tmp_path / "images").mkdir()
+    images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(3)]
+    for img in images:
+        (tmp_path / "images" / img["file_name"]).write_bytes(jpeg_bytes(img["id"]))
+    anns = [{"id": 10 * i + j, "image_id": i, "caption": f"caption number {i} {j}"} for i in range(3) for j in range(2)]
+    anns.append({"id": 99, "image_id": 7, "caption": "an annotation of a missing image"})
+    (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    manifest = shard(str(tmp_path / "captions.json"), str(tmp_path / "out"), ShardOptions(), images_dir=str(tmp_path / "images"),
+                     progress=False)
+    assert manifest["inputs"] == 7 and manifest["written"] == 6
+    assert [f["reason"] for f in manifest["failed"]] == ["missing_image_file"]

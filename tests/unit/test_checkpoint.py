@@ -1,0 +1,54 @@
+"""Checkpoint bookkeeping without an engine: resume selection and the weights-only allow-list."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from helpers.data import PickleBomb
+from moe_dist.engine import checkpoint
+
+
+def _tag(root, step, complete=True):
+    d = root / checkpoint.tag_for(step)
+    d.mkdir(parents=True)
+    torch.save({"w": torch.ones(2)}, d / "mp_rank_00_model_states.pt")
+    if complete:
+        (d / checkpoint.MARKER).write_text(json.dumps({"step": step}))
+    return d
+
+
+def test_auto_picks_newest_complete_and_paths_must_be_complete(tmp_path):
+    assert checkpoint.find_resume(str(tmp_path), "auto") is None  # fresh start
+    _tag(tmp_path, 2)
+    _tag(tmp_path, 10)
+    _tag(tmp_path, 12, complete=False)
+    (tmp_path / "latest").write_text("step00000012")  # dangling: points at the incomplete one
+    assert checkpoint.find_resume(str(tmp_path), "auto") == (str(tmp_path), "step00000010")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        checkpoint.find_resume(str(tmp_path), "latest")
+    with pytest.raises(ValueError, match="incomplete"):
+        checkpoint.find_resume(str(tmp_path), str(tmp_path / "step00000012"))
+    assert checkpoint.find_resume(str(tmp_path), str(tmp_path / "step00000002")) == (str(tmp_path), "step00000002")
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        checkpoint.find_resume(str(tmp_path), str(tmp_path / "elsewhere"))
+    assert checkpoint.find_resume(str(tmp_path), "none") is None
+
+
+def test_prune_keeps_newest_and_drops_stale_incomplete(tmp_path):
+    for step in (2, 4, 6):
+        _tag(tmp_path, step)
+    _tag(tmp_path, 5, complete=False)
+    checkpoint._prune(str(tmp_path), keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["step00000004", "step00000006"]
+
+
+def test_pickled_objects_are_refused_before_loading(tmp_path):
+    d = _tag(tmp_path, 1)
+    checkpoint.verify_safe(str(d))  # tensors and dicts pass
+    marker = tmp_path / "payload-ran"
+    torch.save({"state": PickleBomb(str(marker))}, d / "client_rank0.pt")
+    with pytest.raises(ValueError, match="refusing to load .*client_rank0.pt"):
+        checkpoint.verify_safe(str(d))
+    assert not marker.exists()
