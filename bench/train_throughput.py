@@ -7,7 +7,7 @@ open_clip's BPE tokenizer; embed 128; batch 64; fp32; 1 data worker; same synth 
 open_clip_train reads them as a CSV of image files (its webdataset *training* path crashes on
 webdataset >= 1.0's end-of-shard marker); moe-dist reads shards of the same images.
 Throughput is the median of per-step samples/s after 5 warm-up steps, from each framework's own log
-(open_clip_train's "N/s" field, our metrics.jsonl). The MoE variant puts E=8 top-1 experts in every
+(open_clip_train's "N/s" field, our metrics.jsonl). Both clip gradients at norm 1.0. The MoE variant puts E=8 top-1 experts in every
 other block of both towers: the same active FLOPs as the dense model.
 Writes bench/results/train_throughput.json with ``dense_vs_open_clip`` and ``moe_vs_dense``.
 """
@@ -70,8 +70,8 @@ def model_json(root: str, moe: bool) -> str:
     return path
 
 
-def run_ours(root: str, moe: bool, steps: int, batch: int) -> float:
-    out = os.path.join(root, f"ours-{'moe' if moe else 'dense'}")
+def run_ours(root: str, moe: bool, steps: int, batch: int, run: int = 0) -> float:
+    out = os.path.join(root, f"ours-{'moe' if moe else 'dense'}-{run}")
     sets = {"model.name": model_json(root, moe), "data.train": os.path.join(root, "train"),
             "data.tokenizer": "openclip-bpe", "data.workers": 1, "output_dir": out, "steps": steps,
             "batch.micro_batch": batch, "ep_size": 1, "zero_stage": 0, "logging.progress": "false",
@@ -88,7 +88,7 @@ def run_ours(root: str, moe: bool, steps: int, batch: int) -> float:
     return statistics.median(rates[5:])
 
 
-def run_open_clip(root: str, steps: int, batch: int) -> float:
+def run_open_clip(root: str, steps: int, batch: int, run: int = 0) -> float:
     cfg_dir = os.path.join(root, "open_clip_cfg")
     os.makedirs(cfg_dir, exist_ok=True)
     with open(os.path.join(cfg_dir, "bench-tiny.json"), "w") as f:
@@ -101,8 +101,8 @@ def run_open_clip(root: str, steps: int, batch: int) -> float:
     cmd = [sys.executable, "-c", script, cfg_dir, "--model", "bench-tiny", "--train-data",
            os.path.join(root, "train.csv"), "--dataset-type", "csv", "--csv-separator", "\t",
            "--train-num-samples", str(n_samples), "--batch-size", str(batch), "--workers", "1", "--epochs", "1",
-           "--lr", "1e-3", "--warmup", "2", "--precision", "fp32", "--device", "cpu", "--log-every-n-steps", "1",
-           "--logs", os.path.join(root, "oc_logs"), "--name", "bench", "--save-frequency", "0", "--report-to", ""]
+           "--lr", "1e-3", "--warmup", "2", "--grad-clip-norm", "1.0", "--precision", "fp32", "--device", "cpu", "--log-every-n-steps", "1",
+           "--logs", os.path.join(root, "oc_logs"), "--name", f"bench{run}", "--save-frequency", "0", "--report-to", ""]
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     log = res.stdout + res.stderr
@@ -116,16 +116,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the three runs")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the three runs")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     runs = {"open_clip_train_dense": [], "moe_dist_dense": [], "moe_dist_moe_e8_top1": []}
     with tempfile.TemporaryDirectory() as root:
         make_data(root, args.steps * args.batch)
-        for _ in range(args.rounds):
-            runs["open_clip_train_dense"].append(run_open_clip(root, args.steps, args.batch))
-            runs["moe_dist_dense"].append(run_ours(root, False, args.steps, args.batch))
-            runs["moe_dist_moe_e8_top1"].append(run_ours(root, True, args.steps, args.batch))
+        for round_ in range(args.rounds):
+            runs["open_clip_train_dense"].append(run_open_clip(root, args.steps, args.batch, round_))
+            runs["moe_dist_dense"].append(run_ours(root, False, args.steps, args.batch, round_))
+            runs["moe_dist_moe_e8_top1"].append(run_ours(root, True, args.steps, args.batch, round_))
     med = {k: statistics.median(v) for k, v in runs.items()}
     results = {"dense_vs_open_clip": med["moe_dist_dense"] / med["open_clip_train_dense"],
                "moe_vs_dense": med["moe_dist_moe_e8_top1"] / med["moe_dist_dense"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -29,13 +30,20 @@ from .spec import resolve_spec
 from .stream import Chunk, WorkerDataset, WorkerJob, epoch_plan
 
 log = logging.getLogger(__name__)
+WORKER_NICENESS = 10
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """SLURM signals every process of a job step; workers leave SIGTERM/SIGUSR1 to the trainer, which
-    finishes its step, checkpoints and shuts them down."""
+def _init_worker(worker_id: int) -> None:
+    """1. SLURM signals every process of a job step; workers leave SIGTERM/SIGUSR1 to the trainer,
+    which finishes its step, checkpoints and shuts them down.
+    2. Workers run at a lower CPU priority: they need a fraction of a core and keep a prefetch queue
+    full, while the trainer's compute threads lose less to them when cores are scarce."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        pass
 
 
 class DataError(RuntimeError):
@@ -203,7 +211,7 @@ class ShardLoader:
         # own generator: creating the iterator must not consume the training process's global RNG
         loader = DataLoader(WorkerDataset(self._job()), batch_size=None, num_workers=self.cfg.workers,
                             prefetch_factor=4 if self.cfg.workers else None, generator=torch.Generator(),
-                            worker_init_fn=_ignore_stop_signals)
+                            worker_init_fn=_init_worker)
         return iter(loader)
 
     def _next_sample(self, chunks: Iterator[Chunk]):
