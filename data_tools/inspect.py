@@ -10,16 +10,16 @@ from tqdm import tqdm
 
 from moe_dist.data.decode import SampleError, decode_caption, decode_image, image_key
 from moe_dist.data.spec import resolve_spec
-from moe_dist.data.stream import _Counter, _raw_samples
+from moe_dist.data.stream import SampleCounter, raw_samples
 
 
-def iter_samples(spec: str, progress: bool = True, desc: str = "read") -> Iterator[Tuple[str, dict, _Counter]]:
+def iter_samples(spec: str, progress: bool = True, desc: str = "read") -> Iterator[Tuple[str, dict, SampleCounter]]:
     """(shard url, raw sample, that shard's error counter) for every readable sample."""
     shards = resolve_spec(spec)
     bar = tqdm(total=sum(s.samples for s in shards) or None, unit="sample", desc=desc, disable=not progress)
     for shard in shards:
-        counter = _Counter()
-        for sample in _raw_samples(iter([shard.url]), counter):
+        counter = SampleCounter()
+        for sample in raw_samples(iter([shard.url]), counter):
             bar.update(1)
             yield shard.url, sample, counter
         if counter.failures:

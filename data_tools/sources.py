@@ -101,12 +101,12 @@ def read_folder(path: str) -> Iterator[Item]:
 def read_shards(spec: str) -> Iterator[Item]:
     from moe_dist.data.decode import decode_metadata, image_key
     from moe_dist.data.spec import resolve_spec
-    from moe_dist.data.stream import _Counter, _raw_samples
+    from moe_dist.data.stream import SampleCounter, raw_samples
 
     shards = resolve_spec(spec, need_counts=False)
-    counter = _Counter()
+    counter = SampleCounter()
     for shard in shards:
-        for sample in _raw_samples(iter([shard.url]), counter):
+        for sample in raw_samples(iter([shard.url]), counter):
             key = image_key(sample)
             try:
                 meta = decode_metadata(sample)

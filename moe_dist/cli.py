@@ -18,7 +18,6 @@ from .models.params import add_params_command  # noqa: E402
 
 
 def _version(args: argparse.Namespace) -> int:
-    import deepspeed
     import torch
 
     print(f"moe-dist {__version__} (torch {torch.__version__}, deepspeed {deepspeed.__version__})")

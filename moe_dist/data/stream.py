@@ -90,12 +90,14 @@ class WorkerJob:
     chunk_size: int = 64
 
 
-class _Counter:
+class SampleCounter:
+    """Samples that decoded, and failures by reason."""
+
     def __init__(self):
         self.good, self.failures = 0, Counter()
 
 
-def _raw_samples(urls: Iterator[str], counter: _Counter) -> Iterator[dict]:
+def raw_samples(urls: Iterator[str], counter: SampleCounter) -> Iterator[dict]:
     """webdataset's tar reading, shard by shard; a shard that breaks counts once as "broken_tar"
     (the samples read before the break are kept)."""
     for url in urls:
@@ -128,8 +130,8 @@ def _shard_urls(job: WorkerJob, worker: int) -> Iterator[str]:
 
 
 def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
-    counter = _Counter()
-    raw = _raw_samples(_shard_urls(job, worker), counter)
+    counter = SampleCounter()
+    raw = raw_samples(_shard_urls(job, worker), counter)
     rng = random.Random(_seed(job.seed, job.epoch, job.rank, worker, 1))
     if job.shuffle_buffer > 1:
         raw = wds.filters.shuffle(bufsize=job.shuffle_buffer, initial=min(100, job.shuffle_buffer), rng=rng)(raw)

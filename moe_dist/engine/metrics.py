@@ -57,7 +57,7 @@ class MetricsLogger:
                         dynamic_ncols=True)
 
     def log(self, step: int, scalars: Dict[str, float], layer_stats: Dict[str, Dict[str, torch.Tensor]]) -> None:
-        if not self.active:
+        if not self.active or not (scalars or layer_stats):
             return
         scalars = {**scalars, **moe_scalars(layer_stats)}
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")

@@ -218,7 +218,8 @@ class Trainer:
                 return EXIT_PREEMPTED
         self.log.log(self.step, self.evaluate(), {})
         path = self.save()
-        self.log.print(f"done: {self.step} steps; checkpoint {path}; TensorBoard logs {os.path.abspath(self.log.tb_dir) if self.rank == 0 and cfg.logging.tensorboard else ''}")
+        tensorboard = f"; TensorBoard logs {os.path.abspath(self.log.tb_dir)}" if self.log.writer is not None else ""
+        self.log.print(f"done: {self.step} steps; checkpoint {path}{tensorboard}")
         self.log.close()
         return 0
 

@@ -1,6 +1,5 @@
 """Small on-disk datasets for data tests: images, CSVs, hand-built shards with broken samples."""
 
-import csv
 import io
 import os
 import struct

@@ -35,7 +35,7 @@ def overrides(data_dir, out_dir, **extra):
     return args
 
 
-def _env():
+def clean_env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
@@ -53,7 +53,7 @@ def torchrun_cmd(args, ranks=2):
 
 
 def run(cmd, timeout=300):
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=ROOT)
     return res
 
 
@@ -62,7 +62,7 @@ def start_srun_style(args, ranks=2, log_dir=None):
     port = free_port()
     procs = []
     for rank in range(ranks):
-        env = dict(_env(), SLURM_PROCID=str(rank), SLURM_NTASKS=str(ranks), SLURM_LOCALID=str(rank),
+        env = dict(clean_env(), SLURM_PROCID=str(rank), SLURM_NTASKS=str(ranks), SLURM_LOCALID=str(rank),
                    SLURM_JOB_NODELIST="localhost", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         log = open(os.path.join(log_dir, f"rank{rank}.log"), "w") if log_dir else subprocess.DEVNULL
         procs.append(subprocess.Popen([sys.executable, "-m", "moe_dist", "train", "--config", RUN_CONFIG] + args,

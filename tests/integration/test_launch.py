@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers.train import ROOT, make_synth, metrics, _env
+from helpers.train import ROOT, make_synth, metrics, clean_env
 
 LOCAL_SLURM = os.path.join(ROOT, "launch", "local_slurm.sh")
 SLURM_DIR = "/tmp/moe_dist_slurm_tests"
@@ -39,7 +39,7 @@ def _extra(synth, out, **sets):
 
 
 def _sbatch(slurm, synth, out, log, wait=False, **sets):
-    env = dict(slurm, **_env())
+    env = dict(slurm, **clean_env())
     cmd = ["sbatch", "--parsable", "--nodes", "2", "--output", str(log),
            "--export", f"ALL,CONFIG=configs/runs/tiny-synth.yaml,EXTRA_ARGS={_extra(synth, out, **sets)}"]
     if wait:
@@ -82,8 +82,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, synth, tmp_path):
         info = _job(slurm, job)
         if info.get("Restarts") == "1" and info.get("JobState") == "PENDING":
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm)
-        # the first run ends (briefly shown as ended) before the requeue puts it back: wait for the rerun
-        if info.get("Restarts") == "1" and info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        # the first run's end shows briefly as a final state: only the rerun's end counts
+        rerun = "(restart 1)" in log.read_text()
+        if rerun and info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
             break
         assert time.time() < deadline + 240, info
         time.sleep(1)
@@ -109,7 +110,7 @@ def test_two_no_ssh_deepspeed_launchers(synth, tmp_path):
     args = _extra(synth, out, steps=3, ep_size=2).split()
     procs = []
     for node in (0, 1):
-        env = dict(_env(), HOSTFILE=str(hostfile), NO_SSH="1", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1",
+        env = dict(clean_env(), HOSTFILE=str(hostfile), NO_SSH="1", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port)
         procs.append(subprocess.Popen(["bash", "launch/deepspeed.sh", "configs/runs/tiny-synth.yaml"] + args,
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
