@@ -122,9 +122,15 @@ def _shard_urls(job: WorkerJob, worker: int) -> Iterator[str]:
         yield from (s.url for s in plan[job.rank][worker])
         return
     rng = random.Random(_seed(job.plan_seed, job.epoch, job.rank, worker))
+    # Each shard of source s is drawn with probability proportional to w_s / (samples in s), so the
+    # expected share of *samples* from s is w_s (shard count when sample counts are unknown).
     weights = job.source_weights or [1.0] * (1 + max(s.source for s in job.shards))
-    per_source = Counter(s.source for s in job.shards)
-    shard_weights = [weights[s.source] / per_source[s.source] for s in job.shards]
+    sizes = Counter()
+    for shard in job.shards:
+        sizes[shard.source] += shard.samples
+    if not all(sizes.values()):
+        sizes = Counter(s.source for s in job.shards)
+    shard_weights = [weights[s.source] / sizes[s.source] for s in job.shards]
     while True:
         yield rng.choices(job.shards, weights=shard_weights)[0].url
 

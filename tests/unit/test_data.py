@@ -235,3 +235,25 @@ def test_coco_captions_input(tmp_path):
                      progress=False)
     assert manifest["inputs"] == 7 and manifest["written"] == 6
     assert [f["reason"] for f in manifest["failed"]] == ["missing_image_file"]
+
+
+def test_pipe_specs_need_explicit_permission(tokenizer):
+    with pytest.raises(ValueError, match="pipe: URL, which runs a shell command; set data.allow_pipe=true"):
+        _loader("pipe:cat /etc/passwd", tokenizer)
+
+
+def test_resampled_mode_follows_source_weights(csv_shards, tmp_path, tokenizer):
+    root, _ = csv_shards
+    other = tmp_path / "other"
+    other.mkdir()
+    for s in range(2):
+        write_tar(other / f"o-{s}.tar", [good_sample(100 * s + i) for i in range(40)])
+    spec = f"{root / 'out' / 'train'}::{other}/o-{{0..1}}.tar"
+    loader = _loader(spec, tokenizer, mode="resampled", weights=[3.0, 1.0], epoch_samples=2000, workers=2,
+                     shuffle_buffer=1)
+    captions = [c for batch in loader for c in tokenizer.decode(batch.tokens)]
+    assert len(captions) == 2000 and loader.last_epoch_stats["padded"] == 0
+    share = sum(c.startswith("caption") for c in captions) / len(captions)
+    # weights 3:1 -> 3/4 of the samples from the first source; weighting shards instead of samples
+    # would give 3*25 / (3*25 + 40) = 0.65 here (its shards hold 25 samples, the other's 40)
+    assert 0.70 < share < 0.80, share
