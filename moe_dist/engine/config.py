@@ -22,8 +22,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str = ""
+    train: str = ""  # shard spec; several sources joined by "::"
     val: str = ""
+    weights: List[float] = field(default_factory=list)  # per-source sample shares (resampled mode)
     mode: str = "exact"  # exact | resampled
     workers: int = 2
     tokenizer: str = ""  # sentencepiece .model path, or openclip-bpe
@@ -129,6 +130,10 @@ class RunConfig:
                              "set global_batch to 0 (derived) or adjust micro_batch/grad_accum")
         if not self.data.train:
             raise ValueError("data.train is empty; give a shard spec (e.g. --set data.train=data/synth/train)")
+        sources = [x for x in self.data.train.split("::") if x.strip()]
+        if self.data.weights and (len(self.data.weights) != len(sources) or min(self.data.weights) <= 0):
+            raise ValueError(f"data.weights={self.data.weights} must give one positive weight per source of "
+                             f"data.train ({len(sources)} sources joined by '::')")
         if self.data.mode not in ("exact", "resampled"):
             raise ValueError(f"data.mode={self.data.mode!r}; use 'exact' or 'resampled'")
         if self.schedule.kind not in ("cosine", "constant"):

@@ -87,6 +87,7 @@ class Trainer:
         self.tokenizer = get_tokenizer(cfg.data.tokenizer or t.tokenizer, t.context_length)
         d = cfg.data
         self.loader = ShardLoader(LoaderConfig(spec=d.train, batch_size=cfg.batch.micro_batch, mode=d.mode,
+                                               weights=list(d.weights) or None,
                                                workers=d.workers, image_size=self.model_cfg.vision.image_size,
                                                seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
                                                epoch_samples=d.epoch_samples, allow_pipe=d.allow_pipe,

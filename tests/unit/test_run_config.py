@@ -22,6 +22,7 @@ def _cfg(*sets):
     (["model.moe.num_experts=6", "ep_size=4"], 4, ["ep_size=4 must divide model.moe.num_experts=6"]),
     (["data.mode=shuffled"], 1, ["data.mode='shuffled'"]),
     (["checkpoint.keep=1"], 1, ["checkpoint.keep >= 2"]),
+    (["data.weights=[1,2]"], 1, ["data.weights=[1, 2] must give one positive weight per source", "1 sources"]),
 ])
 def test_invalid_run_configs(sets, world, words):
     with pytest.raises(ValueError) as err:
