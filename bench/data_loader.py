@@ -1,6 +1,6 @@
 """Input pipeline throughput: moe_dist.data.ShardLoader against open_clip_train's webdataset pipeline.
 
-    python bench/data_loader.py [--n 2000] [--source-size 256] [--image-size 64] [--rounds 3]
+    python bench/data_loader.py [--n 2000] [--source-size 256] [--image-size 64] [--rounds 5]
 
 Both read the same synth shards (JPEG, --source-size px), apply open_clip's training transform at
 --image-size and the same sentencepiece tokenizer, and batch 64 samples; rounds interleave the
@@ -64,7 +64,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--source-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)

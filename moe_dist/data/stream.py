@@ -164,8 +164,9 @@ def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
         counter.good += 1
         positions.append(position)
         # augmentation randomness is a function of the sample's place in the stream, so a resumed
-        # worker reproduces the same crops
-        torch.manual_seed(_seed(job.seed, job.epoch, job.rank, worker, position))
+        # worker reproduces the same crops (CPU generator only: torch.manual_seed also queues a seed
+        # for every accelerator, 60 us a call, which cost this loader 40% of its throughput)
+        torch.default_generator.manual_seed(_seed(job.seed, job.epoch, job.rank, worker, position))
         images.append(job.transform(image))
         tokens.append(token_ids)
         paddings.append(padding)
