@@ -7,8 +7,8 @@ open_clip's BPE tokenizer; embed 128; batch 64; fp32; 1 data worker; same synth 
 open_clip_train reads them as a CSV of image files (its webdataset *training* path crashes on
 webdataset >= 1.0's end-of-shard marker); moe-dist reads shards of the same images.
 Throughput is the median of per-step samples/s after 5 warm-up steps, from each framework's own log
-(open_clip_train's "N/s" field, our metrics.jsonl). Both clip gradients at norm 1.0. The MoE variant puts E=8 top-1 experts in every
-other block of both towers: the same active FLOPs as the dense model.
+(open_clip_train's "N/s" field, our metrics.jsonl). Both clip gradients at norm 1.0. The MoE variant
+puts E=8 top-1 experts in every other block of both towers: the same active FLOPs as the dense model.
 Writes bench/results/train_throughput.json with ``dense_vs_open_clip`` and ``moe_vs_dense``.
 """
 
@@ -101,7 +101,8 @@ def run_open_clip(root: str, steps: int, batch: int, run: int = 0) -> float:
     cmd = [sys.executable, "-c", script, cfg_dir, "--model", "bench-tiny", "--train-data",
            os.path.join(root, "train.csv"), "--dataset-type", "csv", "--csv-separator", "\t",
            "--train-num-samples", str(n_samples), "--batch-size", str(batch), "--workers", "1", "--epochs", "1",
-           "--lr", "1e-3", "--warmup", "2", "--grad-clip-norm", "1.0", "--precision", "fp32", "--device", "cpu", "--log-every-n-steps", "1",
+           "--lr", "1e-3", "--warmup", "2", "--grad-clip-norm", "1.0", "--precision", "fp32", "--device", "cpu",
+           "--log-every-n-steps", "1",
            "--logs", os.path.join(root, "oc_logs"), "--name", f"bench{run}", "--save-frequency", "0", "--report-to", ""]
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)

@@ -46,7 +46,8 @@ def balance(items: Sequence[Shard], bins: int) -> List[List[Shard]]:
     return groups
 
 
-def epoch_plan(shards: Sequence[Shard], world_size: int, workers: int, seed: int, epoch: int) -> List[List[List[Shard]]]:
+def epoch_plan(shards: Sequence[Shard], world_size: int, workers: int, seed: int,
+               epoch: int) -> List[List[List[Shard]]]:
     """plan[rank][worker] -> that worker's shards for this epoch (exact mode)."""
     order = list(shards)
     random.Random(_seed(seed, epoch)).shuffle(order)

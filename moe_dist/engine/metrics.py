@@ -77,7 +77,8 @@ class MetricsLogger:
         counts = counts.double().cpu()
         experts = torch.arange(len(counts), dtype=torch.float64)
         self.writer.add_histogram_raw(tag, min=0.0, max=float(len(counts) - 1), num=float(counts.sum()),
-                                      sum=float((experts * counts).sum()), sum_squares=float((experts ** 2 * counts).sum()),
+                                      sum=float((experts * counts).sum()),
+                                      sum_squares=float((experts ** 2 * counts).sum()),
                                       bucket_limits=(experts + 0.5).tolist(), bucket_counts=counts.tolist(),
                                       global_step=step)
 

@@ -164,7 +164,8 @@ class Trainer:
         loader = ShardLoader(LoaderConfig(spec=self.cfg.data.val, batch_size=self.cfg.batch.micro_batch,
                                           mode="resampled", workers=0, image_size=self.model_cfg.vision.image_size,
                                           train_transform=False, seed=self.cfg.seed,
-                                          epoch_samples=self.cfg.eval.batches * self.cfg.batch.micro_batch * self.world),
+                                          epoch_samples=self.cfg.eval.batches * self.cfg.batch.micro_batch
+                                          * self.world),
                              self.tokenizer, self.rank, self.world)
         self.engine.eval()
         total, count = 0.0, 0

@@ -92,6 +92,7 @@ def routing_stats(routing: Routing, kept_TK: torch.Tensor) -> Dict[str, torch.Te
     if routing.modality_T is not None:
         for key in ("routed_per_expert", "tokens_per_expert", "num_tokens"):
             stats[key] = stats[f"{key}/image"] + stats[f"{key}/text"]
-        stats["dropped_fraction"] = 1.0 - stats["tokens_per_expert"].sum() / stats["routed_per_expert"].sum().clamp_min(1)
+        routed = stats["routed_per_expert"].sum().clamp_min(1)
+        stats["dropped_fraction"] = 1.0 - stats["tokens_per_expert"].sum() / routed
         stats["router_entropy"] = _masked_mean(ent_T, routing.token_mask_T)
     return stats

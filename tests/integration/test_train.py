@@ -132,4 +132,5 @@ def test_injected_nan_is_skipped_on_all_ranks_then_stops_when_repeated(synth, tm
     res = run(deepspeed_cmd(overrides(synth, out, steps=6, ep_size=2, max_nonfinite_steps=3,
                                       **{"debug.nan_loss_steps": "[1,2,3,4,5]", "debug.nan_loss_rank": 0})))
     assert res.returncode != 0
-    assert "3 consecutive micro steps had a non-finite loss (max_nonfinite_steps=3); stopping" in res.stdout + res.stderr
+    message = "3 consecutive micro steps had a non-finite loss (max_nonfinite_steps=3); stopping"
+    assert message in res.stdout + res.stderr

@@ -231,8 +231,8 @@ def test_coco_captions_input(tmp_path):
     anns = [{"id": 10 * i + j, "image_id": i, "caption": f"caption number {i} {j}"} for i in range(3) for j in range(2)]
     anns.append({"id": 99, "image_id": 7, "caption": "an annotation of a missing image"})
     (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
-    manifest = shard(str(tmp_path / "captions.json"), str(tmp_path / "out"), ShardOptions(), images_dir=str(tmp_path / "images"),
-                     progress=False)
+    manifest = shard(str(tmp_path / "captions.json"), str(tmp_path / "out"), ShardOptions(),
+                     images_dir=str(tmp_path / "images"), progress=False)
     assert manifest["inputs"] == 7 and manifest["written"] == 6
     assert [f["reason"] for f in manifest["failed"]] == ["missing_image_file"]
 
