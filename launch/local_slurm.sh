@@ -50,7 +50,7 @@ CONF
 }
 
 start_munge() {
-  if pgrep -x munged >/dev/null; then return; fi
+  if munge -n >/dev/null 2>&1; then return; fi  # a working munged answers
   mkdir -p /run/munge /var/log/munge /var/lib/munge /etc/munge
   chown munge:munge /run/munge /var/log/munge /var/lib/munge
   if [ ! -s /etc/munge/munge.key ]; then
