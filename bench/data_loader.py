@@ -13,7 +13,6 @@ bench/results/data_loader.json with ``speedup_vs_open_clip`` (min over worker co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,8 @@ import time
 import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import save  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "data_loader.json")
 
@@ -100,10 +101,7 @@ def main(argv=None):
         print(f"{name:22s} {med[name]:10.0f}")
     for w, s in speedups.items():
         print(f"speedup vs open_clip_train, {w} worker(s): {s:.2f}x  (target >= 1.5)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    save(args.out, results)
     return results
 
 

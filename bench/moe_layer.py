@@ -14,7 +14,6 @@ activation footprint, relative to k dense FFNs. Results go to bench/results/moe_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import save  # noqa: E402
 from moe_dist.moe import MoEConfig, MoELayer  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "moe_layer.json")
@@ -146,10 +147,7 @@ def main(argv=None) -> dict:
     for key, target in (("R1", "<= 1.05"), ("R2", "<= 0.80"), ("R4", "<= 1.10"), ("R1_deepspeed", ""),
                         ("R4_deepspeed", ""), ("memory_vs_k_dense", ""), ("memory_vs_k_dense_deepspeed", "")):
         print(f"{key:28s} {results[key]:6.3f}  {target}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {args.out}")
+    save(args.out, results)
     return results
 
 

@@ -26,6 +26,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import save  # noqa: E402
 RESULTS = os.path.join(ROOT, "bench", "results", "train_throughput.json")
 
 VISION = {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "heads": 3}
@@ -138,10 +140,7 @@ def main(argv=None):
         print(f"{name:26s} {value:10.1f}")
     print(f"dense_vs_open_clip {results['dense_vs_open_clip']:.3f}  (target >= 1.1)")
     print(f"moe_vs_dense       {results['moe_vs_dense']:.3f}  (target >= 0.85)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    save(args.out, results)
     return results
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import io
 import math
+import os
 from typing import Dict, Iterator, List, Tuple
 
 from tqdm import tqdm
@@ -58,13 +60,10 @@ def _bucket(value: int, edges=(32, 64, 128, 256, 512, 1024)) -> str:
 def stats(spec: str, progress: bool = True) -> Dict[str, object]:
     """Counts, bytes, image-size and caption-length histograms and key sets."""
     from PIL import Image
-    import io
 
     shards = resolve_spec(spec)
     out = {"shards": len(shards), "samples": 0, "bytes": 0, "image_longest_side": collections.Counter(),
            "caption_words": collections.Counter(), "key_sets": collections.Counter(), "unreadable": 0}
-    import os
-
     out["bytes"] = sum(os.path.getsize(s.url) for s in shards if os.path.isfile(s.url))
     for _, sample, _ in iter_samples(spec, progress, "stats"):
         if "__tar_error__" in sample:

@@ -57,7 +57,7 @@ def _first_slurm_host(nodelist: str) -> str:
     return hosts[0] if hosts else "127.0.0.1"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -80,7 +80,7 @@ def detect_env(environ: Optional[Dict[str, str]] = None) -> DistEnv:
         world = int(env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", 1)))
         local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", 0)))
         return DistEnv(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"), port or 29500, "mpi")
-    return DistEnv(0, 1, 0, "127.0.0.1", port or _free_port(), "none")
+    return DistEnv(0, 1, 0, "127.0.0.1", port or free_port(), "none")
 
 
 def init_distributed(env: DistEnv) -> None:

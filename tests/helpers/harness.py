@@ -10,14 +10,9 @@ ranks and fails the test with the rank's traceback, so a hang never blocks the s
 import multiprocessing as mp
 import os
 import queue
-import socket
 import traceback
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moe_dist.dist.env import free_port
 
 
 def _entry(fn, rank, world_size, port, args, results):
