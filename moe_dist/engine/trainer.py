@@ -253,7 +253,7 @@ class Trainer:
 
 def run(cfg: RunConfig, resume: str = "auto") -> int:
     """Validate, start the process group, train; returns the exit code."""
-    from ..dist import detect_env, init_distributed
+    from ..distributed import detect_env, init_distributed
 
     # deprecation notices that open_clip ClipLoss and DeepSpeed ZeRO would print every step
     warnings.filterwarnings("ignore", message=".*all_gather.* is deprecated")

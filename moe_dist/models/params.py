@@ -1,4 +1,4 @@
-"""Parameter and FLOP accounting, and the ``moe-dist params`` command.
+"""Parameter and FLOP accounting (what ``moe-dist params`` prints).
 
 Active parameters are what one token touches: every MoE layer counts its router, shared expert and
 k (top_k, or max_k for threshold/top-p routing) of its E experts. Per modality, the parameters that
@@ -8,8 +8,6 @@ FLOPs are forward multiply-adds x 2 for one image and one caption (training is a
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Dict, List
 
 from torch import nn
@@ -83,36 +81,3 @@ def params_report(name_or_path: str, overrides=None) -> Dict[str, object]:
     with torch.device("meta"):  # shapes only: an L/14 MoE would need 18 GB otherwise
         model = build_model(cfg)
     return {"model": cfg.name, "kind": cfg.kind, "params": count_params(model, cfg), "flops": count_flops(cfg)}
-
-
-def _human(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T", "P"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}E"
-
-
-def _run(args: argparse.Namespace) -> int:
-    from ..config import parse_overrides
-
-    report = params_report(args.model, parse_overrides(args.set, prefix="model."))
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"model {report['model']} ({report['kind']})")
-    rows = [(f"params {k}", v) for k, v in report["params"].items()]
-    rows += [(f"forward FLOPs {k}", v) for k, v in report["flops"].items()]
-    for label, value in rows:
-        print(f"  {label:26s} {value:>16,d}  ({_human(value)})")
-    return 0
-
-
-def add_params_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("params", help="parameter counts (total, expert, active per modality) and FLOPs of a model",
-                       description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="registry name (see configs/models/) or path to a model JSON")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model field, e.g. --set moe.top_k=2 (repeatable)")
-    p.set_defaults(func=_run)

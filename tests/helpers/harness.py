@@ -12,7 +12,7 @@ import os
 import queue
 import traceback
 
-from moe_dist.dist.env import free_port
+from moe_dist.distributed import free_port
 
 
 def _entry(fn, rank, world_size, port, args, results):

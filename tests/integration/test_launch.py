@@ -139,10 +139,10 @@ def test_render_sbatch_for_4_nodes_x_8_gpus(tmp_path):
 
 
 def test_hostfile_from_compressed_nodelist():
-    res = subprocess.run(["python", "launch/hostfile.py", "--slots", "8", "--nodelist", "gpu[01-03,07]"],
+    res = subprocess.run(["moe-dist", "hostfile", "--slots", "8", "--nodelist", "gpu[01-03,07]"],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.stdout == "gpu01 slots=8\ngpu02 slots=8\ngpu03 slots=8\ngpu07 slots=8\n"
-    res = subprocess.run(["python", "launch/hostfile.py", "--slots", "2"], capture_output=True, text=True, cwd=ROOT,
+    res = subprocess.run(["moe-dist", "hostfile", "--slots", "2"], capture_output=True, text=True, cwd=ROOT,
                          env={k: v for k, v in os.environ.items() if k != "SLURM_JOB_NODELIST"})
     assert res.returncode == 2 and "no hosts" in res.stderr
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moe_dist.dist.env import detect_env, expand_nodelist
+from moe_dist.distributed import detect_env, expand_nodelist
 from moe_dist.engine import load_run_config
 
 BASE = ["data.train=x"]

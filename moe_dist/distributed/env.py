@@ -57,6 +57,12 @@ def _first_slurm_host(nodelist: str) -> str:
     return hosts[0] if hosts else "127.0.0.1"
 
 
+def slurm_master_port(job_id) -> int:
+    """The rendezvous port of a SLURM job: the same on every node, different for jobs sharing a node
+    (launch/slurm/train.sbatch asks this function too)."""
+    return 20000 + int(job_id or 0) % 20000
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,6 +70,7 @@ def free_port() -> int:
 
 
 def detect_env(environ: Optional[Dict[str, str]] = None) -> DistEnv:
+    """The launcher's view of this process (``environ`` defaults to ``os.environ``)."""
     env = os.environ if environ is None else environ
     port = int(env.get("MASTER_PORT", 0) or 0)
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -71,10 +78,9 @@ def detect_env(environ: Optional[Dict[str, str]] = None) -> DistEnv:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), port or 29500, launcher)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        job = int(env.get("SLURM_JOB_ID", "0") or 0)
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                        env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-                       port or 20000 + job % 20000, "slurm")
+                       port or slurm_master_port(env.get("SLURM_JOB_ID")), "slurm")
     if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
         rank = int(env.get("OMPI_COMM_WORLD_RANK", env.get("PMI_RANK", 0)))
         world = int(env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", 1)))

@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_slurm_command(sub: argparse._SubParsersAction) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("slurm", help="render launch/slurm/train.sbatch for a run config and submit it",
                        description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="run config YAML")

@@ -1,0 +1,68 @@
+"""The ``moe-dist`` command: one module per subcommand, each exposing ``add(subparsers)``.
+
+Commands sit on top of the libraries (``moe``, ``models``, ``data``, ``engine``, ``distributed``,
+``text``); no library imports a command. A new subcommand is a new module here plus one line in
+``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import sys
+from typing import List, Optional
+
+# DeepSpeed's logger binds to the stdout of its import time; bind it to stderr so that stdout carries
+# only command output (moe-dist params --json | jq ...).
+with contextlib.redirect_stdout(sys.stderr):
+    import deepspeed  # noqa: F401
+
+from .. import __version__  # noqa: E402
+
+# subcommand name -> module under moe_dist.cli (imported when the parser is built)
+COMMANDS = {
+    "version": "version",
+    "train": "train",
+    "params": "params",
+    "slurm": "slurm",
+    "hostfile": "hostfile",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-dist",
+        description="Train sparse Mixture-of-Experts vision-language models (MoE-CLIP, LIMoE) with DeepSpeed.")
+    parser.add_argument("--version", action="version", version=f"moe-dist {__version__}")
+    # the deepspeed launcher passes --local_rank; the rank comes from the environment (LOCAL_RANK)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS.values():
+        importlib.import_module(f"{__name__}.{module}").add(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:  # configuration errors: one clear line, no traceback
+        print(f"moe-dist {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from ..data import DataError
+        from ..engine.trainer import NonFiniteError
+
+        if not isinstance(err, (DataError, NonFiniteError)):
+            raise
+        print(f"moe-dist {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
