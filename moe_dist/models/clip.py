@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 
+from ..moe import IMAGE, TEXT
 from .config import ModelConfig
 from .moe_blocks import MoEAux, collect_moe_outputs, place_moe, routing_context
-
-IMAGE, TEXT = 0, 1
 
 
 @dataclass

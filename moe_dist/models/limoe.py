@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, Transformer
 from torch import nn
 
-from .clip import IMAGE, TEXT, ContrastiveModel, text_eos_position, text_padding_mask
+from ..moe import IMAGE, TEXT
+from .clip import ContrastiveModel, text_eos_position, text_padding_mask
 from .config import ModelConfig
 from .moe_blocks import place_moe, routing_context
 

@@ -1,5 +1,6 @@
 """Sparse mixture-of-experts layer with DeepSpeed expert parallelism.
 
+    registry.py  one registry per family of variants (routers, noise, drop priorities, activations, backends)
     router.py    logits -> Routing (which experts, gate weights); no communication
     dispatch.py  capacity policies and the token dispatcher (the only all-to-all)
     experts.py   stacked local experts, grouped compute
@@ -9,5 +10,6 @@
 
 from .config import MoEConfig
 from .layer import MoELayer, MoEOutput
+from .router import IMAGE, MODALITY_NAMES, TEXT
 
-__all__ = ["MoEConfig", "MoELayer", "MoEOutput"]
+__all__ = ["IMAGE", "MODALITY_NAMES", "MoEConfig", "MoELayer", "MoEOutput", "TEXT"]

@@ -1,4 +1,8 @@
-"""Typed configuration of one MoE layer, validated when it is built."""
+"""Typed configuration of one MoE layer, validated when it is built.
+
+Fields that name a variant are checked against that family's registry (router.py, dispatch.py,
+experts.py), the one place each variant is defined.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Tuple
 
-ROUTERS = ("topk", "threshold", "top_p")
-ROUTER_NOISE = ("none", "jitter", "gumbel")
-DROP_PRIORITIES = ("position", "random", "score")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
-EXPERT_BACKENDS = ("auto", "loop", "grouped_mm")
+from .dispatch import DROP_PRIORITIES
+from .experts import ACTIVATIONS, EXPERT_BACKENDS
+from .router import ROUTER_NOISE, ROUTERS
 
-
-def _choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"MoEConfig.{field}={value!r} is unknown; use one of {', '.join(map(repr, allowed))}")
+# MoEConfig field -> the registry its value must name
+VARIANT_FIELDS = {"router": ROUTERS, "router_noise": ROUTER_NOISE, "drop_priority": DROP_PRIORITIES,
+                  "activation": ACTIVATIONS, "expert_backend": EXPERT_BACKENDS}
 
 
 @dataclass
@@ -81,11 +82,8 @@ class MoEConfig:
         for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "max_k"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r} must be a positive integer")
-        _choice("router", self.router, ROUTERS)
-        _choice("router_noise", self.router_noise, ROUTER_NOISE)
-        _choice("drop_priority", self.drop_priority, DROP_PRIORITIES)
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("expert_backend", self.expert_backend, EXPERT_BACKENDS)
+        for name, registry in VARIANT_FIELDS.items():
+            registry.get(getattr(self, name))
         if self.top_k > self.num_experts:
             raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}; "
                              f"set top_k <= num_experts or add experts")

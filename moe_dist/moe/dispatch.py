@@ -18,12 +18,49 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Type
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Type
 
 import torch
 
-from .config import MoEConfig
+from .registry import Registry
 from .router import Routing
+
+if TYPE_CHECKING:
+    from .config import MoEConfig
+
+
+def _by_expert(mask_TK: torch.Tensor, experts_TK: torch.Tensor, key_TK: Optional[torch.Tensor] = None):
+    """The (token, slot) assignments where ``mask_TK`` holds, sorted by expert (then by ``key_TK``, else
+    stably). Returns (flat_A: their flat T*K indices, order_A: the sorting permutation of flat_A,
+    experts_A: the expert of each assignment in flat_A, unsorted)."""
+    flat_A = mask_TK.flatten().nonzero().squeeze(1)
+    experts_A = experts_TK.flatten()[flat_A]
+    if key_TK is None:
+        return flat_A, torch.argsort(experts_A, stable=True), experts_A
+    return flat_A, torch.argsort(experts_A * mask_TK.numel() + key_TK.flatten()[flat_A]), experts_A
+
+
+# ----------------------------------------------------------------------------- drop priorities
+# Each maps a routing decision to the priority order of its T tokens: order_T[i] = the token served i-th.
+def _position_order(routing: Routing) -> torch.Tensor:
+    """Token index: earlier tokens win."""
+    return torch.arange(routing.weights_TK.shape[0], device=routing.weights_TK.device)
+
+
+def _random_order(routing: Routing) -> torch.Tensor:
+    """A fresh uniform permutation from the default generator (DeepSpeed's random token selection)."""
+    return torch.randperm(routing.weights_TK.shape[0], device=routing.weights_TK.device)
+
+
+def _score_order(routing: Routing) -> torch.Tensor:
+    """Descending router probability of the token's first choice, ties by token index (V-MoE batch
+    priority routing)."""
+    first_T = routing.probs_TE.gather(1, routing.experts_TK[:, :1]).squeeze(1)
+    return torch.sort(-first_T.detach(), stable=True).indices
+
+
+DROP_PRIORITIES: Registry[Callable[[Routing], torch.Tensor]] = Registry(
+    "drop_priority", {"position": _position_order, "random": _random_order, "score": _score_order})
 
 
 # ----------------------------------------------------------------------------- capacity policies
@@ -52,26 +89,17 @@ class CapacityDrop(CapacityPolicy):
     """Keep at most ``capacity`` assignments per expert, in priority order.
 
     Priority: all slot-0 (first choice) assignments come before slot-1 ones, and so on; within a slot
-    the token order is given by ``drop_priority``:
-        position: token index (earlier tokens win);
-        random:   tokens in the order ``torch.randperm(T)`` drawn from the default generator (DeepSpeed's
-                  random token selection);
-        score:    descending router probability of the token's first choice, ties by token index
-                  (V-MoE batch priority routing).
+    the token order is the ``drop_priority`` entry of ``DROP_PRIORITIES``.
     """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__(cfg)
+        self.order = DROP_PRIORITIES.get(cfg.drop_priority)
 
     def token_rank(self, routing: Routing) -> torch.Tensor:
         """[T] long: the position of each token in the priority order (0 = served first)."""
-        T = routing.weights_TK.shape[0]
-        device = routing.weights_TK.device
-        if self.cfg.drop_priority == "position":
-            return torch.arange(T, device=device)
-        if self.cfg.drop_priority == "random":
-            order_T = torch.randperm(T, device=device)
-        else:
-            first_T = routing.probs_TE.gather(1, routing.experts_TK[:, :1]).squeeze(1)
-            order_T = torch.sort(-first_T.detach(), stable=True).indices
-        return torch.empty_like(order_T).scatter_(0, order_T, torch.arange(T, device=device))
+        order_T = self.order(routing)
+        return torch.empty_like(order_T).scatter_(0, order_T, torch.arange(order_T.numel(), device=order_T.device))
 
     def keep(self, routing, training):
         valid_TK = routing.valid_TK
@@ -79,14 +107,12 @@ class CapacityDrop(CapacityPolicy):
         capacity = self.capacity(int(routing.token_mask_T.sum()), training)
         key_TK = torch.arange(K, device=valid_TK.device)[None, :] * T + self.token_rank(routing)[:, None]
         # Sort valid assignments by (expert, priority key) and keep the first `capacity` of each expert.
-        flat = valid_TK.flatten().nonzero().squeeze(1)
-        experts_A = routing.experts_TK.flatten()[flat]
-        order = torch.argsort(experts_A * (K * T) + key_TK.flatten()[flat])
-        sorted_experts = experts_A[order]
-        starts_E = torch.searchsorted(sorted_experts, torch.arange(self.cfg.num_experts, device=flat.device))
-        position = torch.arange(order.numel(), device=flat.device) - starts_E[sorted_experts]
+        flat_A, order_A, experts_A = _by_expert(valid_TK, routing.experts_TK, key_TK)
+        sorted_experts = experts_A[order_A]
+        starts_E = torch.searchsorted(sorted_experts, torch.arange(self.cfg.num_experts, device=flat_A.device))
+        position = torch.arange(order_A.numel(), device=flat_A.device) - starts_E[sorted_experts]
         kept = torch.zeros(T * K, dtype=torch.bool, device=valid_TK.device)
-        kept[flat[order[position < capacity]]] = True
+        kept[flat_A[order_A[position < capacity]]] = True
         return kept.view(T, K)
 
 
@@ -137,6 +163,15 @@ class DispatchPlan:
     local_perm: Optional[torch.Tensor]  # [N] (source, expert) order -> (expert, source) order
 
 
+@dataclass
+class Dispatched:
+    """What ``TokenDispatcher.dispatch`` returns: this rank's expert input and how to undo the move."""
+
+    rows_ND: torch.Tensor  # rows for this rank's experts, sorted by local expert
+    counts_L: List[int]    # rows per local expert
+    plan: DispatchPlan
+
+
 class TokenDispatcher:
     """Moves kept assignments to the ranks holding their experts, and the results back.
 
@@ -150,23 +185,16 @@ class TokenDispatcher:
         self.num_experts, self.ep_size, self.group = num_experts, ep_size, group
         self.num_local = num_experts // ep_size
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing, kept_TK: torch.Tensor):
-        """Gather the rows for this rank's experts.
-
-        Returns:
-            x_ND: rows sorted by local expert; counts_L: list of rows per local expert; plan.
-        """
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, kept_TK: torch.Tensor) -> Dispatched:
+        """Gather the rows for this rank's experts (x_TD [T, D], kept_TK [T, K] bool)."""
         K = kept_TK.shape[1]
-        flat = kept_TK.flatten().nonzero().squeeze(1)
-        experts_A = routing.experts_TK.flatten()[flat]
-        order = torch.argsort(experts_A, stable=True)
-        token_A = torch.div(flat[order], K, rounding_mode="floor")
-        weight_A = routing.weights_TK.flatten()[flat[order]]
+        flat_A, order_A, experts_A = _by_expert(kept_TK, routing.experts_TK)
+        token_A = torch.div(flat_A[order_A], K, rounding_mode="floor")
+        weight_A = routing.weights_TK.flatten()[flat_A[order_A]]
         counts_E = torch.bincount(experts_A, minlength=self.num_experts)
         x_AD = x_TD.index_select(0, token_A)
         if self.ep_size == 1:
-            plan = DispatchPlan(token_A, weight_A, [], [], None)
-            return x_AD, counts_E.tolist(), plan
+            return Dispatched(x_AD, counts_E.tolist(), DispatchPlan(token_A, weight_A, [], [], None))
         R, L = self.ep_size, self.num_local
         counts_RL = counts_E.view(R, L)
         recv_RL = _exchange_counts(counts_RL, self.group)
@@ -177,7 +205,7 @@ class TokenDispatcher:
                                             output_size=x_ND.shape[0])
         local_perm = torch.argsort((segment_N % L) * R + segment_N // L, stable=True)
         plan = DispatchPlan(token_A, weight_A, send_splits, recv_splits, local_perm)
-        return x_ND.index_select(0, local_perm), recv_RL.sum(0).tolist(), plan
+        return Dispatched(x_ND.index_select(0, local_perm), recv_RL.sum(0).tolist(), plan)
 
     def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
         """Send expert outputs home and sum them per token, weighted by the gates: [T, D]."""

@@ -12,11 +12,14 @@ experts at once over contiguous, expert-sorted rows:
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List
+from dataclasses import dataclass
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .registry import Registry
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -24,12 +27,31 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
-    "relu": F.relu,
-    "swiglu": _swiglu,
-}
+@dataclass(frozen=True)
+class Activation:
+    """An expert activation and, where a closed form is cheaper than autograd, its backward:
+    ``grad(h, grad_a)`` = d fn(h) / dh applied to ``grad_a``. ``width`` multiplies H for the first
+    projection (SwiGLU's fused gate + up projection is 2H wide)."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    grad: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    width: int = 1
+
+    def backward(self, h: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
+        if self.grad is not None:
+            return self.grad(h, grad_a)
+        with torch.enable_grad():
+            h = h.detach().requires_grad_()
+            return torch.autograd.grad(self.fn(h), h, grad_a)[0]
+
+
+ACTIVATIONS: Registry[Activation] = Registry("activation", {
+    "gelu": Activation(F.gelu, lambda h, g: torch.ops.aten.gelu_backward(g, h, approximate="none")),
+    "gelu_tanh": Activation(lambda h: F.gelu(h, approximate="tanh"),
+                            lambda h, g: torch.ops.aten.gelu_backward(g, h, approximate="tanh")),
+    "relu": Activation(F.relu, lambda h, g: g * (h > 0)),
+    "swiglu": Activation(_swiglu, width=2),
+})
 
 
 def tag_expert_params(module: nn.Module, group_name: str) -> None:
@@ -52,17 +74,6 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _activation_grad(name: str, act, h: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
-    """d act(h) / dh applied to ``grad_a``."""
-    if name in ("gelu", "gelu_tanh"):
-        return torch.ops.aten.gelu_backward(grad_a, h, approximate="none" if name == "gelu" else "tanh")
-    if name == "relu":
-        return grad_a * (h > 0)
-    with torch.enable_grad():
-        h = h.detach().requires_grad_()
-        return torch.autograd.grad(act(h), h, grad_a)[0]
-
-
 class _ExpertLoop(torch.autograd.Function):
     """All local experts over expert-sorted rows, one matmul per expert and projection.
 
@@ -73,8 +84,7 @@ class _ExpertLoop(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w1, b1, w2, b2, counts, act_name):
-        act = ACTIVATIONS[act_name]
+    def forward(ctx, x_ND, w1, b1, w2, b2, counts, act: Activation):
         y_ND = x_ND.new_empty(x_ND.shape[0], w2.shape[-1])
         h_NH = x_ND.new_empty(x_ND.shape[0], w1.shape[-1])
         start = 0
@@ -86,20 +96,20 @@ class _ExpertLoop(torch.autograd.Function):
                 torch.mm(x_ND[rows], w1[e], out=h_NH[rows])
             else:
                 torch.addmm(b1[e], x_ND[rows], w1[e], out=h_NH[rows])
-            a = act(h_NH[rows])
+            a = act.fn(h_NH[rows])
             if b2 is None:
                 torch.mm(a, w2[e], out=y_ND[rows])
             else:
                 torch.addmm(b2[e], a, w2[e], out=y_ND[rows])
             start += n
         ctx.save_for_backward(x_ND, h_NH, w1, w2)
-        ctx.counts, ctx.act_name, ctx.has_bias = counts, act_name, (b1 is not None, b2 is not None)
+        ctx.counts, ctx.act, ctx.has_bias = counts, act, (b1 is not None, b2 is not None)
         return y_ND
 
     @staticmethod
     def backward(ctx, grad_y):
         x_ND, h_NH, w1, w2 = ctx.saved_tensors
-        act = ACTIVATIONS[ctx.act_name]
+        act = ctx.act
         grad_y = grad_y.contiguous()
         # Every row belongs to one expert, so only the gradients of idle experts need zeroing.
         grad_x = torch.empty_like(x_ND)
@@ -115,8 +125,8 @@ class _ExpertLoop(torch.autograd.Function):
                 continue
             rows = slice(start, start + n)
             h, g_y = h_NH[rows], grad_y[rows]
-            torch.mm(act(h).t(), g_y, out=grad_w2[e])
-            g_h = _activation_grad(ctx.act_name, act, h, g_y @ w2[e].t())
+            torch.mm(act.fn(h).t(), g_y, out=grad_w2[e])
+            g_h = act.backward(h, g_y @ w2[e].t())
             torch.mm(x_ND[rows].t(), g_h, out=grad_w1[e])
             torch.mm(g_h, w1[e].t(), out=grad_x[rows])
             if grad_b1 is not None:
@@ -133,10 +143,14 @@ def _loop_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[in
         dtype = torch.get_autocast_dtype(x_ND.device.type)
     params = [None if p is None else p.to(dtype) for p in (experts.w1, experts.b1, experts.w2, experts.b2)]
     with torch.autocast(x_ND.device.type, enabled=False):
-        return _ExpertLoop.apply(x_ND.to(dtype), *params, list(counts), experts.activation)
+        return _ExpertLoop.apply(x_ND.to(dtype), *params, list(counts), experts.act)
 
 
 def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    if not _grouped_mm_usable(experts, x_ND):
+        raise ValueError(f"expert_backend='grouped_mm' cannot run {x_ND.dtype} on {x_ND.device.type} with "
+                         f"hidden sizes {experts.w1.shape[1]}/{experts.w2.shape[1]} (rows must be 16-byte "
+                         "aligned); use expert_backend='auto' or 'loop'")
     counts_L = torch.tensor(counts, device=x_ND.device)
     offs = counts_L.cumsum(0).to(torch.int32)
     h = _ContiguousGrad.apply(torch._grouped_mm(x_ND, experts.w1.to(x_ND.dtype), offs=offs))
@@ -145,13 +159,10 @@ def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: L
                                            output_size=x_ND.shape[0])
     if experts.b1 is not None:
         h = h + experts.b1.to(h.dtype)[expert_N]
-    y = _ContiguousGrad.apply(torch._grouped_mm(experts.act(h), experts.w2.to(x_ND.dtype), offs=offs))
+    y = _ContiguousGrad.apply(torch._grouped_mm(experts.act.fn(h), experts.w2.to(x_ND.dtype), offs=offs))
     if experts.b2 is not None:
         y = y + experts.b2.to(y.dtype)[expert_N]
     return y
-
-
-BACKENDS = {"loop": _loop_backend, "grouped_mm": _grouped_mm_backend}
 
 
 def grouped_mm_supported(x: torch.Tensor, widths) -> bool:
@@ -165,6 +176,22 @@ def grouped_mm_supported(x: torch.Tensor, widths) -> bool:
     return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _grouped_mm_usable(experts: "GroupedExperts", x_ND: torch.Tensor) -> bool:
+    return grouped_mm_supported(x_ND, (experts.w1.shape[1], experts.w1.shape[2], experts.w2.shape[1]))
+
+
+def _auto_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """grouped_mm where it runs off the CPU; the per-expert loop wins on CPU (bench/moe_layer.py)."""
+    if x_ND.device.type != "cpu" and _grouped_mm_usable(experts, x_ND):
+        return _grouped_mm_backend(experts, x_ND, counts)
+    return _loop_backend(experts, x_ND, counts)
+
+
+ExpertBackend = Callable[["GroupedExperts", torch.Tensor, List[int]], torch.Tensor]
+EXPERT_BACKENDS: Registry[ExpertBackend] = Registry("expert_backend", {
+    "auto": _auto_backend, "loop": _loop_backend, "grouped_mm": _grouped_mm_backend})
+
+
 class GroupedExperts(nn.Module):
     """L experts stored as stacked tensors ``w1 [L, D, H]``, ``b1 [L, H]``, ``w2 [L, H, D]``, ``b2 [L, D]``.
 
@@ -172,19 +199,20 @@ class GroupedExperts(nn.Module):
         num_local: L.
         hidden_size: D.
         ffn_hidden_size: H.
-        activation: a key of ``ACTIVATIONS``.
+        activation: a name in ``ACTIVATIONS``.
         bias: include b1 and b2.
-        backend: "auto" (grouped_mm on CUDA bf16 sm90+, else loop), "loop" or "grouped_mm".
+        backend: a name in ``EXPERT_BACKENDS``: "auto" (grouped_mm on CUDA bf16 sm90+, else loop), "loop"
+            or "grouped_mm".
         group_name: DeepSpeed expert group name used to tag the parameters.
     """
 
     def __init__(self, num_local: int, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu",
                  bias: bool = True, backend: str = "auto", group_name: str = "ep_size_1"):
         super().__init__()
-        width = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
         self.activation = activation
-        self.act = ACTIVATIONS[activation]
-        self.backend = backend
+        self.act = ACTIVATIONS.get(activation)
+        width = self.act.width * ffn_hidden_size
+        self.backend = EXPERT_BACKENDS.get(backend)
         self.w1 = nn.Parameter(torch.empty(num_local, hidden_size, width))
         self.w2 = nn.Parameter(torch.empty(num_local, ffn_hidden_size, hidden_size))
         self.b1 = nn.Parameter(torch.empty(num_local, width)) if bias else None
@@ -203,12 +231,4 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
         """Apply expert l to its ``counts[l]`` consecutive rows of ``x_ND``; returns [N, D]."""
-        backend = self.backend
-        usable = grouped_mm_supported(x_ND, (self.w1.shape[1], self.w1.shape[2], self.w2.shape[1]))
-        if backend == "auto":  # the per-expert loop wins on CPU (bench/moe_layer.py)
-            backend = "grouped_mm" if usable and x_ND.device.type != "cpu" else "loop"
-        elif backend == "grouped_mm" and not usable:
-            raise ValueError(f"expert_backend='grouped_mm' cannot run {x_ND.dtype} on {x_ND.device.type} with "
-                             f"hidden sizes {self.w1.shape[1]}/{self.w2.shape[1]} (rows must be 16-byte aligned); "
-                             "use expert_backend='auto' or 'loop'")
-        return BACKENDS[backend](self, x_ND, counts)
+        return self.backend(self, x_ND, counts)

@@ -132,9 +132,9 @@ class MoELayer(_DeepSpeedMoE):
 
         routing = self.router(x_TD, modality_T, token_mask_T)
         kept_TK = self.policy.keep(routing, self.training)
-        x_ND, counts_L, plan = self.dispatcher.dispatch(x_TD, routing, kept_TK)
-        y_ND = self.experts(x_ND, counts_L)
-        y_TD = self.dispatcher.combine(y_ND, plan, T)
+        sent = self.dispatcher.dispatch(x_TD, routing, kept_TK)
+        y_ND = self.experts(sent.rows_ND, sent.counts_L)
+        y_TD = self.dispatcher.combine(y_ND, sent.plan, T)
         if self.shared_mlp is not None:
             y_TD = y_TD + self.shared_mlp(x_TD) * routing.token_mask_T[:, None].to(x_TD.dtype)
 

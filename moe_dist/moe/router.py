@@ -4,22 +4,56 @@ Shape legend: T tokens, D hidden size, E experts, K experts-per-token slots (top
 
 Every router computes its gate network, softmax and selection in fp32 (fp64 when the input is fp64),
 whatever the parameter or input dtype. Variants differ only in ``select``; register new ones in
-``ROUTERS``.
+``ROUTERS``. Training-time noise is a ``ROUTER_NOISE`` entry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Type
+from typing import TYPE_CHECKING, Optional, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig
+from .registry import Registry
 
+if TYPE_CHECKING:
+    from .config import MoEConfig
+
+# modality ids of routed tokens (models tag image tokens IMAGE and text tokens TEXT)
 IMAGE, TEXT = 0, 1
 MODALITY_NAMES = {IMAGE: "image", TEXT: "text"}
+
+
+class RouterNoise:
+    """Exploration noise in training: ``on_input`` perturbs the router input, ``on_logits`` its logits.
+    The base class adds none."""
+
+    def on_input(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+        return h
+
+    def on_logits(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+        return h
+
+
+class JitterNoise(RouterNoise):
+    """Multiply the router input by U(1 - eps, 1 + eps) (Switch Transformer)."""
+
+    def on_input(self, h, eps):
+        return h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)
+
+
+class GumbelNoise(RouterNoise):
+    """Add eps * Gumbel(0, 1) to the logits."""
+
+    def on_logits(self, h, eps):
+        u = torch.rand_like(h).clamp_(1e-20, 1.0)
+        return h - eps * torch.log(-torch.log(u))
+
+
+ROUTER_NOISE: Registry[RouterNoise] = Registry("router_noise", {"none": RouterNoise(), "jitter": JitterNoise(),
+                                                                "gumbel": GumbelNoise()})
 
 
 @dataclass
@@ -71,14 +105,14 @@ class Router(nn.Module):
                                       nn.Linear(cfg.router_hidden_size, cfg.num_experts))
         else:
             self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.noise = ROUTER_NOISE.get(cfg.router_noise)
 
     def gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """fp32 (or fp64) logits [T, E], computed outside autocast with upcast weights."""
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         h = x_TD.to(dtype)
-        if self.training and self.cfg.router_noise == "jitter":
-            eps = self.cfg.router_noise_eps
-            h = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)
+        if self.training:
+            h = self.noise.on_input(h, self.cfg.router_noise_eps)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             for layer in (self.proj if isinstance(self.proj, nn.Sequential) else [self.proj]):
                 if isinstance(layer, nn.Linear):
@@ -86,9 +120,8 @@ class Router(nn.Module):
                     h = F.linear(h, layer.weight.to(dtype), bias)
                 else:
                     h = layer(h)
-        if self.training and self.cfg.router_noise == "gumbel":
-            u = torch.rand_like(h).clamp_(1e-20, 1.0)
-            h = h - self.cfg.router_noise_eps * torch.log(-torch.log(u))
+        if self.training:
+            h = self.noise.on_logits(h, self.cfg.router_noise_eps)
         return h
 
     def forward(self, x_TD: torch.Tensor, modality_T: Optional[torch.Tensor] = None,
@@ -156,10 +189,9 @@ class TopPRouter(Router):
         return experts_TK, valid_TK
 
 
-ROUTERS: Dict[str, Type[Router]] = {"topk": TopKRouter, "threshold": ThresholdRouter, "top_p": TopPRouter}
+ROUTERS: Registry[Type[Router]] = Registry("router", {"topk": TopKRouter, "threshold": ThresholdRouter,
+                                                     "top_p": TopPRouter})
 
 
 def build_router(cfg: MoEConfig) -> Router:
-    if cfg.router not in ROUTERS:
-        raise ValueError(f"MoEConfig.router={cfg.router!r} is unknown; use one of {sorted(ROUTERS)}")
-    return ROUTERS[cfg.router](cfg)
+    return ROUTERS.get(cfg.router)(cfg)
