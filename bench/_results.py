@@ -1,12 +1,11 @@
 """What every benchmark does last: write its results JSON (atomically) and say where."""
 
-import json
 import os
+
+from moe_dist.files import atomic_json
 
 
 def save(path: str, results: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic_json(path, results, durable=False)
     print(f"wrote {path}")

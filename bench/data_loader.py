@@ -1,6 +1,6 @@
 """Input pipeline throughput: moe_dist.data.ShardLoader against open_clip_train's webdataset pipeline.
 
-    python bench/data_loader.py [--n 2000] [--source-size 256] [--image-size 64] [--rounds 5]
+    python -m bench.data_loader [--n 2000] [--source-size 256] [--image-size 64] [--rounds 5]
 
 Both read the same synth shards (JPEG, --source-size px), apply open_clip's training transform at
 --image-size and the same sentencepiece tokenizer, and batch 64 samples; rounds interleave the
@@ -15,14 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 import types
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _results import save  # noqa: E402
+from bench._results import save
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "data_loader.json")
 
@@ -72,7 +69,7 @@ def main(argv=None):
 
     from open_clip.transform import image_transform
 
-    from data_tools.inspect import captions
+    from data_tools.scan import captions
     from moe_dist.text import SentencePieceTokenizer, train_sentencepiece
 
     with tempfile.TemporaryDirectory() as root:

@@ -1,6 +1,6 @@
 """MoE layer speed and memory against a dense FFN and DeepSpeed's stock MoE (one process, CPU, fp32).
 
-    python bench/moe_layer.py [--tokens 4096] [--hidden 256] [--ffn 1024] [--k 2] [--reps 12]
+    python -m bench.moe_layer [--tokens 4096] [--hidden 256] [--ffn 1024] [--k 2] [--reps 12]
 
 Every variant runs one forward+backward per round; rounds interleave the variants so machine noise
 hits them alike; the table reports medians, and each ratio is the median of the per-round ratios.
@@ -16,29 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _results import save  # noqa: E402
-from moe_dist.moe import MoEConfig, MoELayer  # noqa: E402
+from bench._results import save
+from moe_dist.distributed import detect_env, init_distributed
+from moe_dist.moe import MoEConfig, MoELayer
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "moe_layer.json")
-
-
-def _init_single_process_dist() -> None:
-    """DeepSpeed's MoE needs a process group even for one rank."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29531")
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    deepspeed.init_distributed(get_accelerator().communication_backend_name(), verbose=False)
 
 
 def deepspeed_moe(args, num_experts: int) -> nn.Module:
@@ -92,7 +79,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--reps", type=int, default=20, help="timed rounds (after 2 warm-up rounds)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
-    _init_single_process_dist()
+    init_distributed(detect_env())  # DeepSpeed's MoE needs a process group even for one rank
     torch.manual_seed(0)
 
     variants = {

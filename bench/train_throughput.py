@@ -1,6 +1,6 @@
 """Training throughput on CPU, one process: moe-dist train vs open_clip_train.main, and MoE vs dense.
 
-    python bench/train_throughput.py [--steps 40] [--n 2560] [--batch 64]
+    python -m bench.train_throughput [--steps 40] [--n 2560] [--batch 64]
 
 Architecture (both frameworks): ViT 4 x 192 wide, patch 8, 64 px; text 4 x 128 wide, context 32,
 open_clip's BPE tokenizer; embed 128; batch 64; fp32; 1 data worker; same synth images.
@@ -25,9 +25,7 @@ import tarfile
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _results import save  # noqa: E402
+from bench._results import save
 RESULTS = os.path.join(ROOT, "bench", "results", "train_throughput.json")
 
 VISION = {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "heads": 3}

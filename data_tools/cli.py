@@ -43,19 +43,19 @@ def _report(manifest, out) -> None:
 def _synth(args) -> int:
     from .shard import ShardOptions, shard_items
     from .synth import CLASSES, TEMPLATES, synth_items
-    from .writer import write_json
+    from moe_dist.files import atomic_json
 
     opts = ShardOptions(per_shard=args.per_shard, workers=args.workers, val_fraction=args.val_fraction,
                         seed=args.seed)
     manifest = shard_items(synth_items(args.n, args.seed, args.size), args.out, opts, source=f"synth(seed={args.seed})",
                            total=args.n, progress=not args.quiet)
-    write_json(os.path.join(args.out, "classes.json"), {"classes": CLASSES, "templates": TEMPLATES})
+    atomic_json(os.path.join(args.out, "classes.json"), {"classes": CLASSES, "templates": TEMPLATES})
     _report(manifest, args.out)
     return 0
 
 
 def _validate(args) -> int:
-    from .inspect import validate
+    from .scan import validate
 
     result = validate(args.spec, progress=not args.quiet)
     for b in result["broken"]:
@@ -65,7 +65,7 @@ def _validate(args) -> int:
 
 
 def _stats(args) -> int:
-    from .inspect import stats
+    from .scan import stats
 
     result = stats(args.spec, progress=not args.quiet)
     if args.json:
@@ -84,7 +84,7 @@ def _stats(args) -> int:
 def _tokenizer(args) -> int:
     from moe_dist.text import SentencePieceTokenizer, train_sentencepiece
 
-    from .inspect import captions
+    from .scan import captions
 
     model = train_sentencepiece(captions(args.spec, progress=not args.quiet), args.vocab_size, args.model_type,
                                 args.max_sentences, args.seed)

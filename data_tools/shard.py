@@ -62,8 +62,8 @@ def _caption(raw) -> str:
 
 def prepare(item: Item, opts: ShardOptions) -> Union[Dict[str, object], Tuple[str, str]]:
     """A sample dict without ``__key__``, or (ref, reason) when the input cannot be used."""
-    if "__failed__" in item.meta:
-        return item.ref, item.meta["__failed__"]
+    if item.failure:
+        return item.ref, item.failure
     try:
         caption = _caption(item.caption)
         data = item.data
@@ -90,8 +90,7 @@ def prepare(item: Item, opts: ShardOptions) -> Union[Dict[str, object], Tuple[st
         out = io.BytesIO()
         image.save(out, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext], quality=opts.quality)
         data = out.getvalue()
-    meta = {k: v for k, v in item.meta.items() if not k.startswith("__")}
-    return {ext: data, "txt": caption, "json": meta}
+    return {ext: data, "txt": caption, "json": item.meta}
 
 
 def _prepare_star(args):

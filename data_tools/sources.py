@@ -21,7 +21,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
 @dataclass
 class Item:
-    """One input: where it came from (for error reports), image bytes or a path, caption, metadata."""
+    """One input: where it came from (for error reports), image bytes or a path, caption, metadata;
+    or, with ``failure`` set, an input that could not even be read (the reason)."""
 
     ref: str
     caption: object  # str, bytes (undecoded, from shards) or None
@@ -29,6 +30,7 @@ class Item:
     data: Optional[bytes] = None
     ext: str = "jpg"
     meta: Dict[str, object] = field(default_factory=dict)
+    failure: Optional[str] = None
 
 
 def detect(path: str) -> str:
@@ -116,7 +118,7 @@ def read_shards(spec: str) -> Iterator[Item]:
                        ext=key or "jpg", meta=meta)
     for reason, count in counter.failures.items():
         for _ in range(count):
-            yield Item(f"{spec}: {reason}", None, meta={"__failed__": reason})
+            yield Item(f"{spec}: {reason}", None, failure=reason)
 
 
 def read_items(path: str, kind: Optional[str] = None, image_column: str = "image", caption_column: str = "caption",

@@ -10,12 +10,13 @@ Samples use the keys img2dataset and open_clip use: jpg/png/webp + txt + json.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import webdataset as wds
+
+from moe_dist.files import atomic_json
 
 FORMAT = "moe_dist.shards/1"
 
@@ -63,17 +64,8 @@ class ShardSet:
                     "samples": sum(s["samples"] for s in self.shards),
                     "bytes": sum(s["bytes"] for s in self.shards), **extra}
         if self.shards:
-            write_json(os.path.join(self.directory, "manifest.json"), manifest)
+            atomic_json(os.path.join(self.directory, "manifest.json"), manifest)
         return manifest
-
-
-def write_json(path: str, data) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def split_of(key: str, val_fraction: float, seed: int) -> str:
@@ -111,5 +103,5 @@ class DatasetWriter:
                                    "path": n} for n, m in splits.items() if m["shards"]}}
         assert written + len(self.failed) == self.inputs, "every input is written or reported failed"
         os.makedirs(self.out, exist_ok=True)
-        write_json(os.path.join(self.out, "manifest.json"), manifest)
+        atomic_json(os.path.join(self.out, "manifest.json"), manifest)
         return manifest

@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..files import atomic_path, atomic_write
+
 MARKER = "COMPLETE"
 LATEST = "latest"
 _TAG = re.compile(r"^step(\d{8})$")
@@ -34,15 +36,6 @@ _TAG = re.compile(r"^step(\d{8})$")
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_complete(tag_dir: str) -> bool:
@@ -88,19 +81,19 @@ def save(engine, root: str, step: int, client: Dict[str, Any], keep: int, run_fi
     os.makedirs(tag_dir, exist_ok=True)
     rank = dist.get_rank()
     client_path = os.path.join(tag_dir, f"client_rank{rank}.pt")
-    torch.save(client, client_path + ".tmp")
-    os.replace(client_path + ".tmp", client_path)
+    with atomic_path(client_path) as tmp:
+        torch.save(client, tmp)
     if rank == 0:
         for name, text in run_files.items():
-            _atomic_write(os.path.join(tag_dir, name), text)
+            atomic_write(os.path.join(tag_dir, name), text)
     if pause_s:
-        _atomic_write(os.path.join(root, f"saving.rank{rank}"), tag)
+        atomic_write(os.path.join(root, f"saving.rank{rank}"), tag)
         time.sleep(pause_s)
     dist.barrier()
     if rank == 0:
         info = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
-        _atomic_write(os.path.join(tag_dir, MARKER), json.dumps(info))
-        _atomic_write(os.path.join(root, LATEST), tag)
+        atomic_write(os.path.join(tag_dir, MARKER), json.dumps(info))
+        atomic_write(os.path.join(root, LATEST), tag)
         _prune(root, keep)
     for stale in glob.glob(os.path.join(root, f"saving.rank{rank}")):
         os.remove(stale)
@@ -180,6 +173,21 @@ def verify_safe(tag_dir: str) -> None:
             except Exception as err:
                 raise ValueError(f"refusing to load {path}: it holds objects outside the weights-only allow-list "
                                  f"({str(err).splitlines()[0][:200]})") from None
+
+
+def check_compatible(tag_dir: str, world_size: int, ep_size: int) -> None:
+    """Refuse to resume ``tag_dir`` under another world size or ep_size (its run_config.json says which)."""
+    saved_path = os.path.join(tag_dir, "run_config.json")
+    if not os.path.isfile(saved_path):
+        return
+    with open(saved_path) as f:
+        saved = json.load(f)
+    now = {"world_size": world_size, "ep_size": ep_size}
+    was = {"world_size": saved.get("_world_size"), "ep_size": saved.get("ep_size")}
+    if was != now:
+        raise ValueError(f"checkpoint {tag_dir} was written with {was}, this run has {now}. Resuming with a "
+                         "different world size or ep_size would re-partition ZeRO optimizer state and the data "
+                         "stream; resume with the same layout")
 
 
 def load(engine, root: str, tag: str, rank: int) -> Dict[str, Any]:

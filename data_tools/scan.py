@@ -6,7 +6,8 @@ import collections
 import io
 import math
 import os
-from typing import Dict, Iterator, List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional
 
 from tqdm import tqdm
 
@@ -15,17 +16,27 @@ from moe_dist.data.spec import resolve_spec
 from moe_dist.data.stream import SampleCounter, raw_samples
 
 
-def iter_samples(spec: str, progress: bool = True, desc: str = "read") -> Iterator[Tuple[str, dict, SampleCounter]]:
-    """(shard url, raw sample, that shard's error counter) for every readable sample."""
+@dataclass
+class ShardRead:
+    """One step of a scan: a raw sample of shard ``url``, or (``sample`` None, once per shard after its
+    samples) the errors that stopped the tar reader, by reason."""
+
+    url: str
+    sample: Optional[dict] = None
+    tar_errors: Dict[str, int] = field(default_factory=dict)
+
+
+def iter_samples(spec: str, progress: bool = True, desc: str = "read") -> Iterator[ShardRead]:
+    """Every readable sample of ``spec``, shard by shard, and each shard's tar errors."""
     shards = resolve_spec(spec)
     bar = tqdm(total=sum(s.samples for s in shards) or None, unit="sample", desc=desc, disable=not progress)
     for shard in shards:
         counter = SampleCounter()
         for sample in raw_samples(iter([shard.url]), counter):
             bar.update(1)
-            yield shard.url, sample, counter
+            yield ShardRead(shard.url, sample)
         if counter.failures:
-            yield shard.url, {"__key__": None, "__tar_error__": dict(counter.failures)}, counter
+            yield ShardRead(shard.url, tar_errors=dict(counter.failures))
     bar.close()
 
 
@@ -33,10 +44,10 @@ def validate(spec: str, progress: bool = True) -> Dict[str, object]:
     """Decode every sample; returns {"samples", "ok", "broken": [{"shard", "key", "reason"}]}."""
     broken: List[Dict[str, str]] = []
     total = 0
-    for url, sample, _ in iter_samples(spec, progress, "validate"):
-        if "__tar_error__" in sample:
-            for reason in sample["__tar_error__"]:
-                broken.append({"shard": url, "key": None, "reason": reason})
+    for read in iter_samples(spec, progress, "validate"):
+        url, sample = read.url, read.sample
+        if sample is None:
+            broken.extend({"shard": url, "key": None, "reason": reason} for reason in read.tar_errors)
             continue
         total += 1
         try:
@@ -65,9 +76,10 @@ def stats(spec: str, progress: bool = True) -> Dict[str, object]:
     out = {"shards": len(shards), "samples": 0, "bytes": 0, "image_longest_side": collections.Counter(),
            "caption_words": collections.Counter(), "key_sets": collections.Counter(), "unreadable": 0}
     out["bytes"] = sum(os.path.getsize(s.url) for s in shards if os.path.isfile(s.url))
-    for _, sample, _ in iter_samples(spec, progress, "stats"):
-        if "__tar_error__" in sample:
-            out["unreadable"] += sum(sample["__tar_error__"].values())
+    for read in iter_samples(spec, progress, "stats"):
+        sample = read.sample
+        if sample is None:
+            out["unreadable"] += sum(read.tar_errors.values())
             continue
         out["samples"] += 1
         out["key_sets"][",".join(sorted(k for k in sample if not k.startswith("__")))] += 1
@@ -85,8 +97,10 @@ def stats(spec: str, progress: bool = True) -> Dict[str, object]:
 
 
 def captions(spec: str, progress: bool = True) -> Iterator[str]:
-    for _, sample, _ in iter_samples(spec, progress, "captions"):
+    for read in iter_samples(spec, progress, "captions"):
+        if read.sample is None:
+            continue
         try:
-            yield decode_caption(sample.get("txt"))
+            yield decode_caption(read.sample.get("txt"))
         except SampleError:
             continue
