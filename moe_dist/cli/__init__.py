@@ -62,7 +62,3 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"moe-dist {args.command}: stopped: {err}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The training input pipeline of one rank: shards -> batches of (images, tokens, padding_mask).
+"""The training input pipeline of one rank: shards -> batches of (images, tokens).
 
 Loader outline:
     1. resolve the shard spec (spec.py) and fix steps per epoch, the same on every rank:
@@ -26,11 +26,15 @@ from typing import Deque, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from .decode import DEFAULT_MAX_PIXELS
 from .spec import resolve_spec
 from .stream import Chunk, WorkerDataset, WorkerJob, epoch_plan
 
 log = logging.getLogger(__name__)
 WORKER_NICENESS = 10
+# A resumed resampled stream must not replay the shard draws of the run it resumes: each resume
+# generation reseeds the shard sampler with this multiple (a prime, so generations never collide).
+RESUME_SEED_STRIDE = 7919
 
 
 def _init_worker(worker_id: int) -> None:
@@ -64,7 +68,7 @@ class LoaderConfig:
     epoch_samples: int = 0  # resampled mode: samples per epoch over all ranks
     max_failure_fraction: float = 0.1
     min_samples_before_failure_check: int = 64
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = True  # decode JPEGs at reduced size when the target is smaller
     allow_pipe: bool = False
 
@@ -79,12 +83,10 @@ class LoaderConfig:
 
 @dataclass
 class Batch:
-    images: torch.Tensor        # [B, 3, S, S]
-    tokens: torch.Tensor        # [B, C]
-    padding_mask: torch.Tensor  # [B, C], True = padding
+    """One micro-batch. Text padding is not carried: the models derive it from the EOS position."""
 
-    def __iter__(self):
-        return iter((self.images, self.tokens, self.padding_mask))
+    images: torch.Tensor  # [B, 3, S, S]
+    tokens: torch.Tensor  # [B, C]
 
 
 class ShardLoader:
@@ -92,7 +94,8 @@ class ShardLoader:
 
     Args:
         cfg: LoaderConfig.
-        tokenizer: object with ``encode(texts) -> (tokens, padding_mask)`` (moe_dist.text).
+        tokenizer: object with ``encode(texts) -> (tokens, padding_mask)`` (moe_dist.text); only the
+            tokens are used.
         rank, world_size: this rank and the data-parallel world.
         transform: image transform; defaults to open_clip's train/eval transform at ``cfg.image_size``.
     """
@@ -162,9 +165,9 @@ class ShardLoader:
         self._done = set(state["done"])
         self._base_good, self._base_failures = int(state["good"]), dict(state["failures"])
         self._padded, self._resumes = int(state["padded"]), int(state["resumes"]) + 1
-        images, tokens, padding = state["recent"] or (None, None, None)
+        images, tokens = state["recent"] or (None, None)
         if images is not None:
-            self._recent.extend(zip(images, tokens, padding))
+            self._recent.extend(zip(images, tokens))
 
     def __iter__(self) -> Iterator[Batch]:
         steps = self.steps_per_epoch
@@ -172,8 +175,7 @@ class ShardLoader:
         while self._step < steps:
             rows = [self._next_sample(chunks) for _ in range(self.cfg.batch_size)]
             self._step += 1
-            yield Batch(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
-                        torch.stack([r[2] for r in rows]))
+            yield Batch(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
         self.last_epoch_stats = self.stats()
         self.set_epoch(self.epoch + 1)
 
@@ -197,12 +199,11 @@ class ShardLoader:
         cfg = self.cfg
 
         def tokenize(text, tok=self.tokenizer):
-            tokens, padding = tok.encode([text])
-            return tokens[0], padding[0]
+            return tok.encode([text])[0][0]
 
         return WorkerJob(mode=cfg.mode, shards=self.shards, source_weights=cfg.weights, rank=self.rank,
                          world_size=self.world_size, num_workers=self.num_workers, epoch=self.epoch, seed=cfg.seed,
-                         plan_seed=cfg.seed + 7919 * self._resumes, shuffle_buffer=cfg.shuffle_buffer,
+                         plan_seed=cfg.seed + RESUME_SEED_STRIDE * self._resumes, shuffle_buffer=cfg.shuffle_buffer,
                          start_positions=list(self._next_positions) if cfg.mode == "exact" else [0] * self.num_workers,
                          transform=self.transform, tokenize=tokenize, max_pixels=cfg.max_image_pixels,
                          draft_size=cfg.image_size if cfg.draft else None, chunk_size=min(64, cfg.batch_size))
@@ -237,8 +238,7 @@ class ShardLoader:
 
     def _receive(self, chunk: Chunk) -> None:
         if chunk.positions:
-            self._queues[chunk.worker].extend(zip(chunk.positions, chunk.images.unbind(0), chunk.tokens.unbind(0),
-                                                  chunk.padding.unbind(0)))
+            self._queues[chunk.worker].extend(zip(chunk.positions, chunk.images.unbind(0), chunk.tokens.unbind(0)))
         self._worker_good[chunk.worker] = chunk.good
         self._worker_failures[chunk.worker] = chunk.failures
         if chunk.done:

@@ -34,6 +34,11 @@ def _seed(*parts) -> int:
     return hash(tuple(int(p) for p in parts)) & 0x7FFF_FFFF_FFFF
 
 
+# The sample shuffle buffer draws from its own stream: the same (seed, epoch, rank, worker) as the
+# resampled shard sampler plus this tag, so the two generators never coincide.
+SHUFFLE_STREAM = 1
+
+
 def balance(items: Sequence[Shard], bins: int) -> List[List[Shard]]:
     """Longest-first greedy split of shards into ``bins`` groups of near-equal sample counts
     (stable: equal-sized shards keep their given, shuffled order)."""
@@ -61,9 +66,8 @@ class Chunk:
 
     worker: int
     positions: List[int]
-    images: Optional[torch.Tensor]   # [n, 3, S, S]
-    tokens: Optional[torch.Tensor]   # [n, C]
-    padding: Optional[torch.Tensor]  # [n, C]
+    images: Optional[torch.Tensor]  # [n, 3, S, S]
+    tokens: Optional[torch.Tensor]  # [n, C]
     good: int
     failures: Dict[str, int]
     done: bool = False
@@ -139,16 +143,16 @@ def _shard_urls(job: WorkerJob, worker: int) -> Iterator[str]:
 def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
     counter = SampleCounter()
     raw = raw_samples(_shard_urls(job, worker), counter)
-    rng = random.Random(_seed(job.seed, job.epoch, job.rank, worker, 1))
+    rng = random.Random(_seed(job.seed, job.epoch, job.rank, worker, SHUFFLE_STREAM))
     if job.shuffle_buffer > 1:
         raw = wds.filters.shuffle(bufsize=job.shuffle_buffer, initial=min(100, job.shuffle_buffer), rng=rng)(raw)
-    positions, images, tokens, paddings = [], [], [], []
+    positions, images, tokens = [], [], []
 
     def flush(done: bool = False) -> Chunk:
         stack = (lambda xs: torch.stack(xs)) if positions else (lambda xs: None)
-        chunk = Chunk(worker, list(positions), stack(images), stack(tokens), stack(paddings), counter.good,
-                      dict(counter.failures), done)
-        for buffer in (positions, images, tokens, paddings):
+        chunk = Chunk(worker, list(positions), stack(images), stack(tokens), counter.good, dict(counter.failures),
+                      done)
+        for buffer in (positions, images, tokens):
             buffer.clear()
         return chunk
 
@@ -161,7 +165,7 @@ def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
         except SampleError as err:
             counter.failures[err.reason] += 1
             continue
-        token_ids, padding = job.tokenize(caption)
+        token_ids = job.tokenize(caption)
         counter.good += 1
         positions.append(position)
         # augmentation randomness is a function of the sample's place in the stream, so a resumed
@@ -170,7 +174,6 @@ def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
         torch.default_generator.manual_seed(_seed(job.seed, job.epoch, job.rank, worker, position))
         images.append(job.transform(image))
         tokens.append(token_ids)
-        paddings.append(padding)
         if len(positions) >= job.chunk_size:
             yield flush()
     yield flush(done=True)

@@ -33,6 +33,20 @@ class DataSection:
     max_failure_fraction: float = 0.1
     allow_pipe: bool = False
 
+    def loader_config(self, split: str, batch_size: int, image_size: int, seed: int, eval_samples: int = 0):
+        """The ``LoaderConfig`` of ``split``: "train" streams ``train`` with augmentation; "val" reads
+        ``eval_samples`` samples (over all ranks) of ``val`` without augmentation, in one process."""
+        from ..data import LoaderConfig
+
+        common = dict(batch_size=batch_size, image_size=image_size, seed=seed, allow_pipe=self.allow_pipe,
+                      max_failure_fraction=self.max_failure_fraction)
+        if split == "train":
+            return LoaderConfig(spec=self.train, mode=self.mode, weights=list(self.weights) or None,
+                                workers=self.workers, shuffle_buffer=self.shuffle_buffer,
+                                epoch_samples=self.epoch_samples, **common)
+        return LoaderConfig(spec=self.val, mode="resampled", workers=0, train_transform=False,
+                            epoch_samples=eval_samples, **common)
+
 
 @dataclass
 class BatchSection:
@@ -129,13 +143,12 @@ class RunConfig:
                              f"batch.grad_accum ({b.grad_accum}) x data-parallel size ({world_size}) = {expected}; "
                              "set global_batch to 0 (derived) or adjust micro_batch/grad_accum")
         if not self.data.train:
-            raise ValueError("data.train is empty; give a shard spec (e.g. --set data.train=data/synth/train)")
+            raise ValueError("data.train is empty; give a shard spec (e.g. --set data.train=datasets/synth/train)")
         sources = [x for x in self.data.train.split("::") if x.strip()]
         if self.data.weights and (len(self.data.weights) != len(sources) or min(self.data.weights) <= 0):
             raise ValueError(f"data.weights={self.data.weights} must give one positive weight per source of "
                              f"data.train ({len(sources)} sources joined by '::')")
-        if self.data.mode not in ("exact", "resampled"):
-            raise ValueError(f"data.mode={self.data.mode!r}; use 'exact' or 'resampled'")
+        self.data.loader_config("train", b.micro_batch, model.vision.image_size, self.seed)  # mode, workers, ...
         if self.schedule.kind not in ("cosine", "constant"):
             raise ValueError(f"schedule.kind={self.schedule.kind!r}; use 'cosine' or 'constant'")
         if self.steps < 1 or self.checkpoint.keep < 2:

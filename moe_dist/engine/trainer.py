@@ -12,10 +12,12 @@ import random
 import signal
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Dict, Iterator
 
 import torch
 
+from ..files import atomic_write
 from . import checkpoint
 from .config import RunConfig
 from .metrics import MetricsLogger, memory_mb, summary
@@ -45,6 +47,30 @@ class GracefulStop:
         return self.signalled or bool(self.stop_file and os.path.exists(self.stop_file))
 
 
+@dataclass
+class StepOutput:
+    """One micro-batch forward: the loss to backpropagate, its unweighted parts, the model's output."""
+
+    loss: torch.Tensor
+    parts: Dict[str, torch.Tensor]
+    model: object  # models.ModelOutput
+
+
+class NanInjector:
+    """Debug (``debug.nan_loss_steps``): wraps the loss so that it is NaN at the given micro steps on
+    one rank, to exercise the all-rank skip. Installed only when configured."""
+
+    def __init__(self, loss_fn, trainer: "Trainer"):
+        self.loss_fn, self.trainer = loss_fn, trainer
+
+    def __call__(self, out):
+        result = self.loss_fn(out)
+        debug = self.trainer.cfg.debug
+        if self.trainer.micro_step in debug.nan_loss_steps and self.trainer.rank == debug.nan_loss_rank:
+            result.total = result.total * float("nan")
+        return result
+
+
 def _all_reduce(value: float, op: str) -> float:
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
@@ -59,7 +85,7 @@ class Trainer:
         import deepspeed
         import deepspeed.comm as dist
 
-        from ..data import LoaderConfig, ShardLoader
+        from ..data import ShardLoader
         from ..models import build_model
         from ..models.loss import ContrastiveLoss
         from ..models.params import count_params
@@ -85,17 +111,16 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)
         t = self.model_cfg.text
         self.tokenizer = get_tokenizer(cfg.data.tokenizer or t.tokenizer, t.context_length)
-        d = cfg.data
-        self.loader = ShardLoader(LoaderConfig(spec=d.train, batch_size=cfg.batch.micro_batch, mode=d.mode,
-                                               weights=list(d.weights) or None,
-                                               workers=d.workers, image_size=self.model_cfg.vision.image_size,
-                                               seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
-                                               epoch_samples=d.epoch_samples, allow_pipe=d.allow_pipe,
-                                               max_failure_fraction=d.max_failure_fraction),
-                                  self.tokenizer, self.rank, self.world)
+        self.loader = ShardLoader(self._loader_config("train"), self.tokenizer, self.rank, self.world)
         self.loss_fn = ContrastiveLoss(self.model_cfg.loss, self.rank, self.world)
+        if cfg.debug.nan_loss_steps:
+            self.loss_fn = NanInjector(self.loss_fn, self)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
         self.step, self.skipped, self.consecutive_skips, self.micro_step = 0, 0, 0, 0
+
+    def _loader_config(self, split: str, eval_samples: int = 0):
+        return self.cfg.data.loader_config(split, self.cfg.batch.micro_batch, self.model_cfg.vision.image_size,
+                                           self.cfg.seed, eval_samples)
 
     # ------------------------------------------------------------------ collaborators
     def resume(self, how: str) -> None:
@@ -103,76 +128,56 @@ class Trainer:
         if found is None:
             return
         root, tag = found
-        self._check_compatible(os.path.join(root, tag))
+        checkpoint.check_compatible(os.path.join(root, tag), self.world, self.cfg.ep_size)
         client = checkpoint.load(self.engine, root, tag, self.rank)
         self.step, self.skipped, self.micro_step = client["step"], client["skipped"], client["micro_step"]
         self.loader.load_state_dict(client["loader"])
         checkpoint.set_rng_state(client["rng"])
         self.log.print(f"resumed from {os.path.join(root, tag)} at step {self.step}")
 
-    def _check_compatible(self, tag_dir: str) -> None:
-        saved_path = os.path.join(tag_dir, "run_config.json")
-        if not os.path.isfile(saved_path):
-            return
-        saved = json.load(open(saved_path))
-        now = {"world_size": self.world, "ep_size": self.cfg.ep_size}
-        was = {"world_size": saved.get("_world_size"), "ep_size": saved.get("ep_size")}
-        if was != now:
-            raise ValueError(f"checkpoint {tag_dir} was written with {was}, this run has {now}. Resuming with a "
-                             "different world size or ep_size would re-partition ZeRO optimizer state and the data "
-                             "stream; resume with the same layout")
-
     def save(self) -> str:
         client = {"step": self.step, "skipped": self.skipped, "micro_step": self.micro_step,
                   "loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}
-        run_files = {"run_config.json": json.dumps(self._resolved(), indent=2),
-                     "deepspeed_config.json": json.dumps(self.ds_config, indent=2)}
         return checkpoint.save(self.engine, self.cfg.checkpoint_dir, self.step, client, self.cfg.checkpoint.keep,
-                               run_files, self.cfg.debug.pause_in_save_s)
+                               self._run_files(), self.cfg.debug.pause_in_save_s)
 
-    def _resolved(self) -> Dict[str, object]:
-        return {**self.cfg.to_dict(), "_world_size": self.world}
+    def _run_files(self) -> Dict[str, str]:
+        """What the run was (name -> text): written to output_dir at start and into every checkpoint."""
+        resolved = {**self.cfg.to_dict(), "_world_size": self.world}
+        return {"run_config.json": json.dumps(resolved, indent=2),
+                "deepspeed_config.json": json.dumps(self.ds_config, indent=2)}
 
     def _write_run_files(self) -> None:
         if self.rank != 0:
             return
         os.makedirs(self.cfg.output_dir, exist_ok=True)
-        with open(os.path.join(self.cfg.output_dir, "run_config.json"), "w") as f:
-            json.dump(self._resolved(), f, indent=2)
-        with open(os.path.join(self.cfg.output_dir, "deepspeed_config.json"), "w") as f:
-            json.dump(self.ds_config, f, indent=2)
+        for name, text in self._run_files().items():
+            atomic_write(os.path.join(self.cfg.output_dir, name), text, durable=False)
 
     def _batches(self) -> Iterator:
         while True:
             yield from self.loader
 
-    def _forward(self, batch):
+    def _forward(self, batch) -> StepOutput:
         images = batch.images.to(self.engine.device, dtype=self.dtype)
         out = self.engine(images, batch.tokens.to(self.engine.device))
-        loss, parts = self.loss_fn(out)
-        if self.micro_step in self.cfg.debug.nan_loss_steps and self.rank == self.cfg.debug.nan_loss_rank:
-            loss = loss * float("nan")
-        return loss, parts, out
+        result = self.loss_fn(out)
+        return StepOutput(result.total, result.parts, out)
 
     def evaluate(self) -> Dict[str, float]:
         """Validation contrastive loss over ``eval.batches`` batches per rank (the eval issue adds
         zero-shot and retrieval metrics here)."""
         if not self.cfg.data.val:
             return {}
-        from ..data import LoaderConfig, ShardLoader
+        from ..data import ShardLoader
 
-        loader = ShardLoader(LoaderConfig(spec=self.cfg.data.val, batch_size=self.cfg.batch.micro_batch,
-                                          mode="resampled", workers=0, image_size=self.model_cfg.vision.image_size,
-                                          train_transform=False, seed=self.cfg.seed,
-                                          epoch_samples=self.cfg.eval.batches * self.cfg.batch.micro_batch
-                                          * self.world),
-                             self.tokenizer, self.rank, self.world)
+        samples = self.cfg.eval.batches * self.cfg.batch.micro_batch * self.world
+        loader = ShardLoader(self._loader_config("val", samples), self.tokenizer, self.rank, self.world)
         self.engine.eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in loader:
-                _, parts, _ = self._forward(batch)
-                total, count = total + float(parts["contrastive"]), count + 1
+                total, count = total + float(self._forward(batch).parts["contrastive"]), count + 1
         self.engine.train()
         return {"val/contrastive": _all_reduce(total / max(count, 1), "SUM") / self.world}
 
@@ -197,18 +202,18 @@ class Trainer:
                 t = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - t
-                loss, parts, out = self._forward(batch)
+                step_out = self._forward(batch)
                 self.micro_step += 1
-                if _all_reduce(float(torch.isfinite(loss.detach()).all()), "MIN") < 1:
+                if _all_reduce(float(torch.isfinite(step_out.loss.detach()).all()), "MIN") < 1:
                     self._skip_nonfinite()
                     continue
                 self.consecutive_skips = 0
-                self.engine.backward(loss)
+                self.engine.backward(step_out.loss)
                 self.engine.step()
             self.step += 1
             # 2. metrics, evaluation, checkpoints, signals
             elapsed = time.perf_counter() - start
-            self._log_step(loss, parts, out, elapsed, wait)
+            self._log_step(step_out, elapsed, wait)
             if cfg.eval.every and self.step % cfg.eval.every == 0:
                 self.log.log(self.step, self.evaluate(), {})
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:
@@ -236,13 +241,15 @@ class Trainer:
                                  f"(max_nonfinite_steps={self.cfg.max_nonfinite_steps}); stopping. Lower the learning "
                                  "rate, check the data, or use fp32/bf16 instead of fp16")
 
-    def _log_step(self, loss, parts, out, elapsed: float, wait: float) -> None:
+    def _log_step(self, step_out: StepOutput, elapsed: float, wait: float) -> None:
         if self.step % self.cfg.logging.every and self.step != self.cfg.steps:
             return
         samples_per_s = self.ds_config["train_batch_size"] / elapsed
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
-        scalars = {"loss/total": float(loss.detach()), **{f"loss/{k}": float(v.detach()) for k, v in parts.items()},
+        out = step_out.model
+        scalars = {"loss/total": float(step_out.loss.detach()),
+                   **{f"loss/{k}": float(v.detach()) for k, v in step_out.parts.items()},
                    "train/lr": lr, "train/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                    "train/logit_scale": float(out.logit_scale.detach()), "train/skipped_steps": float(self.skipped),
                    "perf/samples_per_s": samples_per_s, "perf/step_time_s": elapsed,

@@ -17,9 +17,10 @@ from typing import Any, Dict, List, Optional
 
 from ..config import from_dict, merge
 from ..moe.config import MoEConfig
+from ..text.tokenizer import sentencepiece_path
+from .loss import CONTRASTIVE_LOSSES
 
 KINDS = ("clip", "limoe")
-LOSSES = ("clip", "siglip")
 
 
 @dataclass
@@ -66,7 +67,7 @@ class TextConfig:
     pad_id: int = 0
     eos_id: int = 49407
     pool_type: str = "argmax"  # "argmax" for open_clip's BPE (EOT has the largest id), "eos" otherwise
-    tokenizer: str = "openclip-bpe"  # or "sentencepiece:<path to .model>"
+    tokenizer: str = "openclip-bpe"  # or "sentencepiece:<path to .model>" (a run's data.tokenizer overrides it)
     moe: MoEPlacement = field(default_factory=MoEPlacement)
 
 
@@ -85,14 +86,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"model.kind={self.kind!r} is unknown; use one of {KINDS}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"model.loss={self.loss!r} is unknown; use one of {LOSSES}")
+        if self.loss not in CONTRASTIVE_LOSSES:
+            raise ValueError(f"model.loss={self.loss!r} is unknown; use one of {sorted(CONTRASTIVE_LOSSES)}")
         v, t = self.vision, self.text
         if v.image_size % v.patch_size:
             raise ValueError(f"model.vision.image_size={v.image_size} is not divisible by "
                              f"model.vision.patch_size={v.patch_size}; pick sizes with image_size % patch_size == 0")
         if t.context_length < 2:
             raise ValueError(f"model.text.context_length={t.context_length} must be >= 2 (room for BOS and EOS)")
+        sentencepiece_path(t.tokenizer)  # the form; the file is checked when the tokenizer is loaded
         if t.pool_type not in ("argmax", "eos", "last", "first"):
             raise ValueError(f"model.text.pool_type={t.pool_type!r}; use 'argmax', 'eos', 'last' or 'first'")
         for name, tower in (("vision", v), ("text", t)):

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict
 
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 
-from .clip import ModelOutput
+if TYPE_CHECKING:
+    from .clip import ModelOutput
+
+
+def _clip(rank: int, world_size: int) -> nn.Module:
+    return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+
+
+def _siglip(rank: int, world_size: int) -> nn.Module:
+    return SigLipLoss(cache_labels=True, rank=rank, world_size=world_size)
+
+
+# model.loss -> builder of the open_clip loss (ModelConfig validates against these names)
+CONTRASTIVE_LOSSES = {"clip": _clip, "siglip": _siglip}
+
+
+@dataclass
+class LossOutput:
+    """total: the loss to backpropagate; parts: unweighted contrastive and each MoE loss summed over layers."""
+
+    total: torch.Tensor
+    parts: Dict[str, torch.Tensor]
 
 
 class ContrastiveLoss(nn.Module):
@@ -22,22 +44,16 @@ class ContrastiveLoss(nn.Module):
 
     def __init__(self, kind: str = "clip", rank: int = 0, world_size: int = 1):
         super().__init__()
+        if kind not in CONTRASTIVE_LOSSES:
+            raise ValueError(f"model.loss={kind!r} is unknown; use one of {sorted(CONTRASTIVE_LOSSES)}")
         self.kind = kind
-        if kind == "clip":
-            self.contrastive = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank,
-                                        world_size=world_size)
-        elif kind == "siglip":
-            self.contrastive = SigLipLoss(cache_labels=True, rank=rank, world_size=world_size)
-        else:
-            raise ValueError(f"model.loss={kind!r} is unknown; use 'clip' or 'siglip'")
+        self.contrastive = CONTRASTIVE_LOSSES[kind](rank, world_size)
 
-    def forward(self, out: ModelOutput) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Returns (total loss, unweighted parts: contrastive and each MoE loss summed over layers)."""
+    def forward(self, out: ModelOutput) -> LossOutput:
         if self.kind == "clip":
             contrastive = self.contrastive(out.image_features, out.text_features, out.logit_scale)
         else:
             if out.logit_bias is None:
                 raise ValueError("model.loss='siglip' needs a logit bias: set model.init_logit_bias (e.g. -10)")
             contrastive = self.contrastive(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
-        parts = {"contrastive": contrastive, **out.moe.losses}
-        return contrastive + out.moe.aux_loss, parts
+        return LossOutput(contrastive + out.moe.aux_loss, {"contrastive": contrastive, **out.moe.losses})

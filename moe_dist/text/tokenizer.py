@@ -8,6 +8,7 @@ BOS + pieces + EOS, truncated so EOS always fits, then padded with the pad id.
 from __future__ import annotations
 
 import io
+import os
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -93,14 +94,28 @@ class OpenClipBPETokenizer(_Tokenizer):
         return [self.bpe.encode(t) for t in texts]
 
 
-def get_tokenizer(name: str, context_length: int = 77) -> _Tokenizer:
-    """"openclip-bpe", or "sentencepiece:<path to .model>" (a bare path ending in .model works too)."""
+def sentencepiece_path(name: str) -> str:
+    """The .model path a tokenizer name refers to, "" for "openclip-bpe"; ValueError for any other form.
+
+    Accepted: "openclip-bpe", "sentencepiece:<path to .model>", or a bare path ending in .model (relative
+    paths are taken from the current directory)."""
     if name == "openclip-bpe":
-        return OpenClipBPETokenizer(context_length)
+        return ""
     path = name.split(":", 1)[1] if name.startswith("sentencepiece:") else name
-    if path.endswith(".model"):
-        return SentencePieceTokenizer(path, context_length)
-    raise ValueError(f"unknown tokenizer {name!r}; use 'openclip-bpe' or 'sentencepiece:<path to .model>'")
+    if not path.endswith(".model"):
+        raise ValueError(f"unknown tokenizer {name!r}; use 'openclip-bpe' or 'sentencepiece:<path to .model>'")
+    return path
+
+
+def get_tokenizer(name: str, context_length: int = 77) -> _Tokenizer:
+    """The tokenizer ``name`` refers to (see ``sentencepiece_path`` for the accepted forms)."""
+    path = sentencepiece_path(name)
+    if not path:
+        return OpenClipBPETokenizer(context_length)
+    if not os.path.isfile(path):
+        raise ValueError(f"sentencepiece model {path!r} does not exist; train one with 'moe-dist-data tokenizer "
+                         f"SPEC --out {path}' (launch/quickstart.sh makes the synth one) or set data.tokenizer")
+    return SentencePieceTokenizer(path, context_length)
 
 
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int = 1000, model_type: str = "unigram",

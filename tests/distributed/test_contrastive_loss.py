@@ -30,7 +30,7 @@ def _check(rank, world_size, kind):
         bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
         out = ModelOutput(img, txt, scale.exp(), bias if kind == "siglip" else None,
                           MoEAux(torch.zeros((), dtype=torch.float64)))
-        loss, _ = ContrastiveLoss(kind, rank_, world_)(out)
+        loss = ContrastiveLoss(kind, rank_, world_)(out).total
         loss.backward()
         return loss.detach(), img.grad, txt.grad, scale.grad, bias.grad
 

@@ -33,7 +33,8 @@ def test_forward_backward_shapes(name, bf16):
     loss_fn = ContrastiveLoss(cfg.loss)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(images, text)
-        loss, parts = loss_fn(out)
+        result = loss_fn(out)
+        loss, parts = result.total, result.parts
     loss.backward()
     for feats in (out.image_features, out.text_features):
         assert feats.shape == (4, cfg.embed_dim)
@@ -86,7 +87,8 @@ def test_tiny_model_overfits_a_fixed_batch(name):
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     first = None
     for step in range(60):
-        loss, parts = loss_fn(model(images, text))
+        result = loss_fn(model(images, text))
+        loss, parts = result.total, result.parts
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -100,7 +102,7 @@ def test_forced_balanced_routing_gives_every_expert_gradient():
     torch.manual_seed(0)
     model = create_model("moe-clip-tiny", moe={"force_balanced": True})
     images, text, _ = _batch(model.cfg, n=8)
-    loss, _ = ContrastiveLoss()(model(images, text))
+    loss = ContrastiveLoss()(model(images, text)).total
     loss.backward()
     for mlp in (m for m in model.modules() if isinstance(m, MoEMLP)):
         grad = mlp.moe.experts.w1.grad
