@@ -4,7 +4,7 @@
 #   bash launch/quickstart.sh [extra moe-dist train args, e.g. --set steps=100]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${DATA:-data/synth}
+DATA=${DATA:-datasets/synth}
 NUM_RANKS=${NUM_RANKS:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ ! -f "$DATA/manifest.json" ]; then
