@@ -3,12 +3,18 @@
 The rendered script is the repository's train.sbatch with its #SBATCH defaults replaced by the
 requested ones and the job's settings (CONFIG, EXTRA_ARGS, GPUS_PER_NODE, LAUNCHER) fixed in it, so
 the file alone says what ran. It is written to <output_dir>/slurm/train.sbatch before submission.
+
+No value can add a line to the script: control characters are refused in everything rendered into it
+(#SBATCH options, the config path, --set values, output_dir). #SBATCH values are quoted the way
+sbatch reads them back, and the train arguments are a bash array of shell-quoted elements, so spaces,
+quotes, $(...), backticks, braces and globs reach ``moe-dist train`` unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -17,6 +23,34 @@ from pathlib import Path
 from typing import List, Optional
 
 TEMPLATE_NAME = os.path.join("launch", "slurm", "train.sbatch")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What sbatch reads literally on an #SBATCH line. It splits on whitespace, groups quoted text, takes a
+# backslash as escaping the next character and an unquoted '#' as the start of a comment.
+_SBATCH_PLAIN = re.compile(r"[\w@%+=:,./-]*", re.ASCII)
+
+
+def refuse_control_characters(option: str, value: str) -> str:
+    """``value`` unchanged, or a ``ValueError`` naming ``option`` if it holds a control character.
+
+    A newline (or CR, NUL, any character below 0x20, DEL) in a rendered value would start a new line
+    of the batch script, which bash then runs.
+    """
+    found = _CONTROL.search(value)
+    if found:
+        raise ValueError(f"{option} {value!r} contains the control character {found.group()!r}; values "
+                         "rendered into the batch script must be printable (no newlines or tabs)")
+    return value
+
+
+def sbatch_line(option: str) -> str:
+    """``#SBATCH <option>``, double-quoted where sbatch would otherwise split or cut it (spaces, quotes, #)."""
+    if _SBATCH_PLAIN.fullmatch(option):
+        return f"#SBATCH {option}"
+    name, eq, value = option.partition("=")
+    if not (eq and name.startswith("-") and _SBATCH_PLAIN.fullmatch(name)):
+        name, eq, value = "", "", option
+    return f'#SBATCH {name}{eq}"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def template_path() -> Path:
@@ -31,14 +65,26 @@ def template_path() -> Path:
 def render(config: str, nodes: int, gpus_per_node: int, sets: List[str], time: str = "", partition: str = "",
            account: str = "", job_name: str = "moe-dist", launcher: str = "deepspeed",
            output: Optional[str] = None, extra_sbatch: Optional[List[str]] = None, gres: bool = True) -> str:
-    """The sbatch script text; validates the run config against nodes x GPUs first."""
+    """The sbatch script text; validates the run config against nodes x GPUs first.
+
+    Raises:
+        ValueError: a control character in any rendered value (naming the option), or an invalid run
+            config for this world size.
+    """
     from ..engine import load_run_config
 
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"--nodes ({nodes}) and --gpus-per-node ({gpus_per_node}) must be >= 1")
     if launcher not in ("deepspeed", "srun"):
         raise ValueError(f"--launcher {launcher!r}; use deepspeed or srun")
+    rendered = [("--job-name", job_name), ("--time", time), ("--partition", partition), ("--account", account),
+                ("--output", output or ""), ("--config", config)]
+    for option, value in rendered + [("--sbatch", s) for s in extra_sbatch or []] + [("--set", s) for s in sets]:
+        refuse_control_characters(option, value)
     cfg = load_run_config(config, sets)
+    # the default log path is derived from output_dir ('%' escaped: sbatch expands %j, %x, ... in it)
+    refuse_control_characters("output_dir", str(cfg.output_dir))
+    log = output or os.path.join(os.path.abspath(cfg.output_dir).replace("%", "%%"), "slurm-%j.out")
     world = nodes * gpus_per_node
     try:
         cfg.validate(world)
@@ -48,8 +94,9 @@ def render(config: str, nodes: int, gpus_per_node: int, sets: List[str], time: s
                   f"--ntasks-per-node={gpus_per_node if launcher == 'srun' else 1}"]
     if gres:
         directives.append(f"--gpus-per-node={gpus_per_node}")
-    directives += ["--signal=B:USR1@120", "--requeue", "--open-mode=append",
-                   f"--output={output or os.path.join(os.path.abspath(cfg.output_dir), 'slurm-%j.out')}"]
+    if not any(option.startswith("--signal") for option in extra_sbatch or []):  # --sbatch=--signal=... replaces it
+        directives.append("--signal=B:USR1@120")
+    directives += ["--requeue", "--open-mode=append", f"--output={log}"]
     if time:
         directives.append(f"--time={time}")
     if partition:
@@ -61,12 +108,13 @@ def render(config: str, nodes: int, gpus_per_node: int, sets: List[str], time: s
     settings = [
         "# --- settings fixed by moe-dist slurm ---",
         f"export CONFIG={shlex.quote(os.path.abspath(config))}",
-        f"export EXTRA_ARGS={shlex.quote(' '.join('--set ' + shlex.quote(s) for s in sets))}",
+        # one element per argument: train.sbatch passes "${EXTRA_ARGS[@]}" on unchanged
+        f"EXTRA_ARGS=({' '.join(shlex.quote(arg) for s in sets for arg in ('--set', s))})",
         f"export GPUS_PER_NODE={gpus_per_node}",
         f"export LAUNCHER={launcher}",
         f"export REPO=${{REPO:-{shlex.quote(str(template_path().parents[2]))}}}",
     ]
-    return "\n".join([body[0]] + [f"#SBATCH {d}" for d in directives] + settings + body[1:]) + "\n"
+    return "\n".join([body[0]] + [sbatch_line(d) for d in directives] + settings + body[1:]) + "\n"
 
 
 def submit(script: str, path: str) -> str:

@@ -133,7 +133,7 @@ def test_render_sbatch_for_4_nodes_x_8_gpus(tmp_path):
         assert f"#SBATCH {want}" in sbatch, want
     assert lines.index(sbatch[-1]) < min(i for i, line in enumerate(lines) if not line.startswith("#"))
     assert "export GPUS_PER_NODE=8" in lines and "export LAUNCHER=deepspeed" in lines
-    assert "export EXTRA_ARGS='--set ep_size=8 --set model.moe.num_experts=16 --set data.train=/data/train'" in lines
+    assert "EXTRA_ARGS=(--set ep_size=8 --set model.moe.num_experts=16 --set data.train=/data/train)" in lines
     assert any('--node_rank "$SLURM_NODEID"' in line for line in lines)
     assert any("scontrol requeue" in line for line in lines)
 
@@ -170,3 +170,35 @@ def test_bad_launch_input_gives_a_clear_message(case, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     assert want in res.stderr and "Traceback" not in res.stderr
+
+
+def test_rendered_script_keeps_every_value_through_real_sbatch(slurm, synth, tmp_path):
+    """Issue 10, item 7, on the real sbatch: #SBATCH values with spaces, quotes, '#' and '%' and --set
+    values with $(...), backticks, braces and globs arrive unchanged (training is replaced by a recorder
+    that saves its argv, so no rank starts)."""
+    marker, record, recorder = tmp_path / "pwned", tmp_path / "argv", tmp_path / "recorder"
+    recorder.write_text('#!/usr/bin/env bash\nfor a in "$@"; do\n'
+                        '  if [ "$a" = train ]; then printf "%s\\0" "$@" > "$RECORD"; exit 0; fi\ndone\n')
+    recorder.chmod(0o755)
+    out = tmp_path / "run dir's \"q\" no#1 {a,b} 50%"  # (" #" would start a YAML comment in --set)
+    job_name = f"it's \"a\" job #2 $(touch {marker})"
+    sets = [f"data.train={synth / 'train'}", f"data.val={synth / 'val'}", f"data.tokenizer={synth / 'tok.model'}",
+            f"output_dir={out}", f"checkpoint.dir=/x  y $(touch {marker}) `touch {marker}` *", "ep_size=1"]
+    cmd = ["moe-dist", "slurm", "--config", "configs/runs/tiny-synth.yaml", "--nodes", "1", "--gpus-per-node", "1",
+           "--no-gres", "--launcher", "srun", "--job-name", job_name, '--sbatch=--comment=a # b "c"']
+    res = subprocess.run(cmd + [arg for s in sets for arg in ("--set", s)], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(slurm, PYTHON=str(recorder), RECORD=str(record)), timeout=120)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.split("Submitted batch job ")[1].split()[0]
+    deadline = time.time() + 120
+    while _job(slurm, job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert time.time() < deadline, _job(slurm, job)
+        time.sleep(1)
+    info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=slurm).stdout
+    log = out / f"slurm-{job}.out"
+    assert _job(slurm, job)["JobState"] == "COMPLETED", log.read_text() if log.exists() else info
+    assert log.exists(), f"the job log is not at {log}: {info}"
+    assert f"JobName={job_name}\n" in info and 'Comment=a # b "c"' in info, info
+    argv = record.read_bytes().decode().split("\0")[:-1]
+    assert [v for flag, v in zip(argv, argv[1:]) if flag == "--set"] == sets, argv
+    assert not marker.exists(), "a value ran a command substitution"
