@@ -11,9 +11,10 @@
 # Environment (defaults): GPUS_PER_NODE (GPUs visible to nvidia-smi, else 1; ignored with HOSTFILE),
 # HOSTFILE (DeepSpeed hostfile, "host slots=N" per line), NO_SSH=0, NODE_RANK, MASTER_ADDR (first host
 # of HOSTFILE, or 127.0.0.1), MASTER_PORT=29500, FORWARD_ENV (extra variable names to forward).
-# The DeepSpeed runner forwards only some variables to remote ranks, so this writes the ones a job
-# needs (OMP_NUM_THREADS, NCCL_*, PYTHONPATH, MOE_DIST_*, ...) to .deepspeed_env in the current
-# directory, which the runner reads.
+# With a hostfile and ssh (NO_SSH unset), the DeepSpeed runner exports to remote ranks only the
+# variables listed in .deepspeed_env in the current directory, so this writes the ones a job needs
+# (OMP_NUM_THREADS, NCCL_*, PYTHONPATH, MOE_DIST_*, ...) there, mode 0600. Credentials (HF_TOKEN, any
+# *TOKEN*/*SECRET*/*PASSWORD* name) are left out unless named in FORWARD_ENV.
 set -euo pipefail
 
 die() { echo "launch/deepspeed.sh: error: $*" >&2; exit 2; }
@@ -52,15 +53,39 @@ else
   launcher_args+=(--num_gpus "$GPUS_PER_NODE")
 fi
 
-# What remote ranks need to see (the runner forwards only a few prefixes by itself).
-{
+# What remote ranks need to see (the runner forwards only a few prefixes by itself). Only the pdsh/ssh
+# runner reads .deepspeed_env; single-node and NO_SSH=1 ranks inherit this environment directly.
+forwarded() {  # is variable $1 one that remote ranks need?
+  [[ " ${FORWARD_ENV:-} " == *" $1 "* ]] && return 0
+  case "$1" in
+    *TOKEN*|*SECRET*|*PASSWORD*|*PASSWD*|*CREDENTIAL*) return 1 ;;
+    # HF_HOME/HF_HUB_CACHE/HF_HUB_OFFLINE: where the cache is and whether to go online; no credentials
+    OMP_NUM_THREADS|PYTHONPATH|PATH|LD_LIBRARY_PATH|NCCL_*|MOE_DIST_*|TORCH_*|CUDA_*|FI_*|UCX_*|GLOO_*) ;;
+    HF_HOME|HF_HUB_CACHE|HF_HUB_OFFLINE) ;;
+    *) return 1 ;;
+  esac
+}
+write_deepspeed_env() {
+  local tmp name value
+  tmp=$(mktemp .deepspeed_env.XXXXXX)  # created 0600 whatever the umask; renamed over any older file
+  trap "rm -f -- $tmp" EXIT  # (mktemp's name has no characters the shell would interpret)
   for name in $(compgen -e); do
-    case "$name" in
-      OMP_NUM_THREADS|PYTHONPATH|PATH|LD_LIBRARY_PATH|NCCL_*|MOE_DIST_*|TORCH_*|CUDA_*|HF_*|FI_*|UCX_*|GLOO_*) ;;
-      *) [[ " ${FORWARD_ENV:-} " == *" $name "* ]] || continue ;;
-    esac
-    printf '%s=%s\n' "$name" "${!name}"
-  done
-} > .deepspeed_env
+    forwarded "$name" || continue
+    value=${!name}
+    # the runner reads one NAME=value per line and pastes the value into a remote shell command
+    # inside double quotes, where newlines, $, `, " and \ would not survive
+    if [[ "$value" == *[$'\n'\$\`\"\\]* ]]; then
+      echo "launch/deepspeed.sh: warning: not forwarding $name to remote ranks:" \
+           "its value holds a newline, \$, \`, \" or \\" >&2
+      continue
+    fi
+    printf '%s=%s\n' "$name" "$value"
+  done > "$tmp"
+  mv -f "$tmp" .deepspeed_env
+  trap - EXIT
+}
+if [ -n "${HOSTFILE:-}" ] && [ "$NO_SSH" != 1 ]; then
+  write_deepspeed_env
+fi
 
 exec deepspeed "${launcher_args[@]}" --master_port "$MASTER_PORT" --module moe_dist train --config "$CONFIG" "$@"

@@ -3,6 +3,7 @@ sbatch rendering, hostfiles and bad input."""
 
 import os
 import shutil
+import stat
 import subprocess
 import time
 
@@ -170,6 +171,38 @@ def test_bad_launch_input_gives_a_clear_message(case, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     assert want in res.stderr and "Traceback" not in res.stderr
+
+
+def test_deepspeed_env_file_is_private_and_forwards_no_credentials(tmp_path):
+    """Issue 10, item 10: .deepspeed_env (what the pdsh runner exports to remote ranks) is 0600, leaves
+    out HF_TOKEN and other credentials unless FORWARD_ENV names them, and no value can add a line."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "deepspeed").write_text("#!/usr/bin/env bash\nexit 0\n")  # stands in for the runner
+    (fake / "deepspeed").chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("n1 slots=1\nn2 slots=1\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    env_file = work / ".deepspeed_env"
+    env_file.write_text("OLD=1\n")
+    env_file.chmod(0o644)  # a world-readable file left by an older launch
+    base = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", HOSTFILE=str(hostfile),
+                HF_TOKEN="hf_secret", HUGGING_FACE_HUB_TOKEN="hf_secret2", HF_HOME="/cache/hf", NCCL_DEBUG="INFO",
+                MOE_DIST_NOTE="x\nHF_TOKEN=injected")
+    for forward, token_forwarded in (("", False), ("HF_TOKEN", True)):
+        res = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed.sh"),
+                              os.path.join(ROOT, "configs", "runs", "tiny-synth.yaml")],
+                             capture_output=True, text=True, cwd=work, env=dict(base, FORWARD_ENV=forward), timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+        lines = env_file.read_text().splitlines()
+        assert "NCCL_DEBUG=INFO" in lines and "HF_HOME=/cache/hf" in lines and "OLD=1" not in lines
+        assert [line for line in lines if line.startswith("HF_TOKEN=")] == (["HF_TOKEN=hf_secret"] if token_forwarded
+                                                                             else [])
+        assert not any("secret2" in line or line.startswith("MOE_DIST_NOTE") for line in lines), lines
+        assert "not forwarding MOE_DIST_NOTE" in res.stderr
+        assert sorted(p.name for p in work.iterdir()) == [".deepspeed_env"]  # no temporary file left
 
 
 def test_rendered_script_keeps_every_value_through_real_sbatch(slurm, synth, tmp_path):
