@@ -1,8 +1,9 @@
 """The ``moe-dist-data`` command: build, check and inspect webdataset image-text shards.
 
     moe-dist-data shard INPUT --out DIR [--per-shard N] [--max-shard-bytes B] [--resize PX]
-                        [--format keep|jpg|webp] [--workers W] [--val-fraction F] ...
-    moe-dist-data validate SPEC            exit 1 if any sample is broken
+                        [--format keep|jpg|webp] [--workers W] [--val-fraction F]
+                        [--max-caption-chars N] [--allow-outside-paths] [--overwrite] ...
+    moe-dist-data validate SPEC            exit 1 if any sample is broken or a shard differs from its manifest
     moe-dist-data stats SPEC [--json]
     moe-dist-data tokenizer SPEC --out tok.model [--vocab-size V]
     moe-dist-data synth --out DIR [--n N] [--seed S]
@@ -16,15 +17,18 @@ import os
 import sys
 from typing import List, Optional
 
+from . import DEFAULT_MAX_CAPTION_CHARS
+
 
 def _shard(args) -> int:
     from .shard import ShardOptions, shard
 
     opts = ShardOptions(per_shard=args.per_shard, max_shard_bytes=args.max_shard_bytes, resize=args.resize,
                         format=args.format, quality=args.quality, workers=args.workers,
-                        val_fraction=args.val_fraction, seed=args.seed)
+                        val_fraction=args.val_fraction, seed=args.seed, max_caption_chars=args.max_caption_chars)
     manifest = shard(args.input, args.out, opts, args.kind, args.image_column, args.caption_column, args.images,
-                     progress=not args.quiet)
+                     progress=not args.quiet, allow_outside=args.allow_outside_paths, allow_pipe=args.allow_pipe,
+                     overwrite=args.overwrite)
     _report(manifest, args.out)
     return 0
 
@@ -48,7 +52,7 @@ def _synth(args) -> int:
     opts = ShardOptions(per_shard=args.per_shard, workers=args.workers, val_fraction=args.val_fraction,
                         seed=args.seed)
     manifest = shard_items(synth_items(args.n, args.seed, args.size), args.out, opts, source=f"synth(seed={args.seed})",
-                           total=args.n, progress=not args.quiet)
+                           total=args.n, progress=not args.quiet, overwrite=args.overwrite)
     atomic_json(os.path.join(args.out, "classes.json"), {"classes": CLASSES, "templates": TEMPLATES})
     _report(manifest, args.out)
     return 0
@@ -57,7 +61,7 @@ def _synth(args) -> int:
 def _validate(args) -> int:
     from .scan import validate
 
-    result = validate(args.spec, progress=not args.quiet)
+    result = validate(args.spec, progress=not args.quiet, allow_pipe=args.allow_pipe)
     for b in result["broken"]:
         print(f"BROKEN {b['shard']} key={b['key']} reason={b['reason']}")
     print(f"{result['samples']} samples, {result['ok']} ok, {len(result['broken'])} broken")
@@ -67,12 +71,13 @@ def _validate(args) -> int:
 def _stats(args) -> int:
     from .scan import stats
 
-    result = stats(args.spec, progress=not args.quiet)
+    result = stats(args.spec, progress=not args.quiet, allow_pipe=args.allow_pipe)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{result['shards']} shards, {result['samples']} samples, {result['bytes']:,} bytes"
-          + (f", {result['unreadable']} unreadable" if result["unreadable"] else ""))
+          + (f", {result['unreadable']} unreadable" if result["unreadable"] else "")
+          + (f", {result['missing']} missing (listed in a manifest, not in its shard)" if result["missing"] else ""))
     for title, key in (("image longest side", "image_longest_side"), ("caption words", "caption_words"),
                        ("key sets", "key_sets")):
         print(f"{title}:")
@@ -86,8 +91,8 @@ def _tokenizer(args) -> int:
 
     from .scan import captions
 
-    model = train_sentencepiece(captions(args.spec, progress=not args.quiet), args.vocab_size, args.model_type,
-                                args.max_sentences, args.seed)
+    model = train_sentencepiece(captions(args.spec, progress=not args.quiet, allow_pipe=args.allow_pipe),
+                                args.vocab_size, args.model_type, args.max_sentences, args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "wb") as f:
         f.write(model)
@@ -117,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="parallel decode/re-encode processes")
     p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of samples for val/ (by key hash)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--max-caption-chars", type=int, default=DEFAULT_MAX_CAPTION_CHARS, metavar="N",
+                   help=f"longer captions are failed inputs (default: {DEFAULT_MAX_CAPTION_CHARS})")
+    p.add_argument("--allow-outside-paths", action="store_true", help="read image paths that leave the input's "
+                   "directory ('..', absolute, symlinks out); by default they are failed inputs")
     p.set_defaults(func=_shard)
 
     p = sub.add_parser("validate", help="decode every sample; exit 1 if any is broken")
@@ -147,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=_synth)
 
+    for name in ("shard", "synth"):
+        sub.choices[name].add_argument("--overwrite", action="store_true", help="replace the dataset (shards and "
+                                       "manifests) already in --out; by default such an --out is refused")
+    for name in ("shard", "validate", "stats", "tokenizer"):
+        sub.choices[name].add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs in the spec "
+                                       "(they run shell commands); other URL schemes are always refused")
     for p in sub.choices.values():
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser

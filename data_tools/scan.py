@@ -12,42 +12,56 @@ from typing import Dict, Iterator, List, Optional
 from tqdm import tqdm
 
 from moe_dist.data.decode import SampleError, decode_caption, decode_image, image_key
-from moe_dist.data.spec import resolve_spec
+from moe_dist.data.spec import Shard, resolve_spec
 from moe_dist.data.stream import SampleCounter, raw_samples
 
 
 @dataclass
 class ShardRead:
-    """One step of a scan: a raw sample of shard ``url``, or (``sample`` None, once per shard after its
-    samples) the errors that stopped the tar reader, by reason."""
+    """One step of a scan: a raw sample of ``shard``, or (``sample`` None, once per shard after its
+    samples) how many samples the shard held and its shard-level failures by reason."""
 
-    url: str
+    shard: Shard
     sample: Optional[dict] = None
-    tar_errors: Dict[str, int] = field(default_factory=dict)
+    read: int = 0
+    failures: Dict[str, int] = field(default_factory=dict)
+
+    def mismatch(self) -> Optional[str]:
+        """How the samples read differ from what the shard's index lists (None when they agree)."""
+        shard = self.shard
+        if shard.index is None or self.read == shard.samples:
+            return None
+        return f"manifest_mismatch: {self.read} samples, its {shard.index} lists {shard.samples}"
 
 
-def iter_samples(spec: str, progress: bool = True, desc: str = "read") -> Iterator[ShardRead]:
-    """Every readable sample of ``spec``, shard by shard, and each shard's tar errors."""
-    shards = resolve_spec(spec)
+def iter_samples(spec: str, progress: bool = True, desc: str = "read", allow_pipe: bool = False) -> Iterator[ShardRead]:
+    """Every readable sample of ``spec``, shard by shard, and after each shard its ShardRead summary.
+    The spec is resolved (and refused) here, before the first sample is asked for."""
+    return _scan(resolve_spec(spec, allow_pipe=allow_pipe), progress, desc, allow_pipe)
+
+
+def _scan(shards: List[Shard], progress: bool, desc: str, allow_pipe: bool) -> Iterator[ShardRead]:
     bar = tqdm(total=sum(s.samples for s in shards) or None, unit="sample", desc=desc, disable=not progress)
     for shard in shards:
-        counter = SampleCounter()
-        for sample in raw_samples(iter([shard.url]), counter):
+        counter, read = SampleCounter(), 0
+        for sample in raw_samples(iter([shard]), counter, allow_pipe):
             bar.update(1)
-            yield ShardRead(shard.url, sample)
-        if counter.failures:
-            yield ShardRead(shard.url, tar_errors=dict(counter.failures))
+            read += 1
+            yield ShardRead(shard, sample)
+        yield ShardRead(shard, read=read, failures=dict(counter.failures))
     bar.close()
 
 
-def validate(spec: str, progress: bool = True) -> Dict[str, object]:
-    """Decode every sample; returns {"samples", "ok", "broken": [{"shard", "key", "reason"}]}."""
+def validate(spec: str, progress: bool = True, allow_pipe: bool = False) -> Dict[str, object]:
+    """Decode every sample and compare each shard with its index; returns {"samples", "ok", "broken":
+    [{"shard", "key", "reason"}]} (key None for a shard-level problem)."""
     broken: List[Dict[str, str]] = []
     total = 0
-    for read in iter_samples(spec, progress, "validate"):
-        url, sample = read.url, read.sample
+    for read in iter_samples(spec, progress, "validate", allow_pipe):
+        url, sample = read.shard.url, read.sample
         if sample is None:
-            broken.extend({"shard": url, "key": None, "reason": reason} for reason in read.tar_errors)
+            reasons = [r for r in read.failures if r != "short_shard"] + [read.mismatch()]
+            broken.extend({"shard": url, "key": None, "reason": reason} for reason in reasons if reason)
             continue
         total += 1
         try:
@@ -68,18 +82,21 @@ def _bucket(value: int, edges=(32, 64, 128, 256, 512, 1024)) -> str:
     return "?"
 
 
-def stats(spec: str, progress: bool = True) -> Dict[str, object]:
-    """Counts, bytes, image-size and caption-length histograms and key sets."""
+def stats(spec: str, progress: bool = True, allow_pipe: bool = False) -> Dict[str, object]:
+    """Counts, bytes, image-size and caption-length histograms and key sets; "unreadable" counts broken
+    tars, "missing" the samples indexes list but shards lack."""
     from PIL import Image
 
-    shards = resolve_spec(spec)
+    shards = resolve_spec(spec, allow_pipe=allow_pipe)
     out = {"shards": len(shards), "samples": 0, "bytes": 0, "image_longest_side": collections.Counter(),
-           "caption_words": collections.Counter(), "key_sets": collections.Counter(), "unreadable": 0}
+           "caption_words": collections.Counter(), "key_sets": collections.Counter(), "unreadable": 0,
+           "missing": 0}
     out["bytes"] = sum(os.path.getsize(s.url) for s in shards if os.path.isfile(s.url))
-    for read in iter_samples(spec, progress, "stats"):
+    for read in iter_samples(spec, progress, "stats", allow_pipe):
         sample = read.sample
         if sample is None:
-            out["unreadable"] += sum(read.tar_errors.values())
+            out["unreadable"] += read.failures.get("broken_tar", 0)
+            out["missing"] += read.failures.get("short_shard", 0)
             continue
         out["samples"] += 1
         out["key_sets"][",".join(sorted(k for k in sample if not k.startswith("__")))] += 1
@@ -96,8 +113,13 @@ def stats(spec: str, progress: bool = True) -> Dict[str, object]:
     return {k: dict(v) if isinstance(v, collections.Counter) else v for k, v in out.items()}
 
 
-def captions(spec: str, progress: bool = True) -> Iterator[str]:
-    for read in iter_samples(spec, progress, "captions"):
+def captions(spec: str, progress: bool = True, allow_pipe: bool = False) -> Iterator[str]:
+    """The decodable captions of ``spec``, in shard order (the spec is resolved before this returns)."""
+    return _decodable_captions(iter_samples(spec, progress, "captions", allow_pipe))
+
+
+def _decodable_captions(reads: Iterator[ShardRead]) -> Iterator[str]:
+    for read in reads:
         if read.sample is None:
             continue
         try:

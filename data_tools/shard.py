@@ -3,10 +3,12 @@
 Outline:
     1. read the input as a stream of Items (sources.py), numbered in input order;
     2. a pool of workers checks each item (image decodes through PIL within the pixel limit, caption
-       is non-empty UTF-8) and re-encodes it if asked (--resize, --format, --quality);
+       is non-empty UTF-8 text of at most --max-caption-chars) and re-encodes it if asked (--resize,
+       --format, --quality); a bad input is a failure with its reason, never the end of the run;
     3. results come back in input order, so keys (9-digit input index) and shard contents are
        deterministic for any --workers; failures go to the manifest with their reason;
-    4. the writer splits train/val by key hash and rotates shards by count and bytes.
+    4. the writer splits train/val by key hash and rotates shards by count and bytes; each shard takes
+       its final name only when complete, and a failed write leaves manifests of the complete ones.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 from tqdm import tqdm
 
 from moe_dist.data.decode import DEFAULT_MAX_PIXELS, SampleError, decode_caption, decode_image
+from moe_dist.data.spec import resolve_spec
 
-from .sources import Item, read_items
-from .writer import DatasetWriter
+from . import DEFAULT_MAX_CAPTION_CHARS
+from .sources import Item, detect, inside, read_items
+from .writer import SPLITS, DatasetWriter, clear_out
 
 FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -39,6 +43,7 @@ class ShardOptions:
     val_fraction: float = 0.0
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS
 
     def __post_init__(self):
         if self.format not in ("keep", "jpg", "webp"):
@@ -49,15 +54,35 @@ class ShardOptions:
             raise ValueError(f"--val-fraction {self.val_fraction} must lie in [0, 1)")
         if self.resize < 0 or not 1 <= self.quality <= 100 or self.workers < 1:
             raise ValueError("--resize must be >= 0, --quality in 1..100 and --workers >= 1")
+        if self.max_caption_chars < 1:
+            raise ValueError(f"--max-caption-chars {self.max_caption_chars} must be >= 1")
 
 
-def _caption(raw) -> str:
+def _caption(raw: object, max_chars: int) -> str:
+    """The caption of an input (str, bytes or None; anything else is refused), at most ``max_chars``."""
     if isinstance(raw, str):
         try:
             raw = raw.encode("utf-8")
         except UnicodeEncodeError as err:  # undecodable bytes kept as surrogates by the table reader
             raise SampleError("caption_not_utf8", str(err)) from None
-    return decode_caption(raw)
+    elif raw is not None and not isinstance(raw, bytes):
+        raise SampleError("caption_not_text", f"a {type(raw).__name__}")
+    caption = decode_caption(raw)
+    if len(caption) > max_chars:
+        raise SampleError("caption_too_long", f"{len(caption)} characters; --max-caption-chars is {max_chars}")
+    return caption
+
+
+def _image_bytes(item: Item) -> bytes:
+    if item.data is not None:
+        return item.data
+    if not item.path or not os.path.isfile(item.path):
+        raise SampleError("missing_image_file", str(item.path))
+    try:
+        with open(item.path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise SampleError("unreadable_image_file", str(err)) from None
 
 
 def prepare(item: Item, opts: ShardOptions) -> Union[Dict[str, object], Tuple[str, str]]:
@@ -65,13 +90,8 @@ def prepare(item: Item, opts: ShardOptions) -> Union[Dict[str, object], Tuple[st
     if item.failure:
         return item.ref, item.failure
     try:
-        caption = _caption(item.caption)
-        data = item.data
-        if data is None:
-            if not item.path or not os.path.isfile(item.path):
-                raise SampleError("missing_image_file", str(item.path))
-            with open(item.path, "rb") as f:
-                data = f.read()
+        caption = _caption(item.caption, opts.max_caption_chars)
+        data = _image_bytes(item)
         if not data:
             raise SampleError("missing_image", "empty image")
         image = decode_image(data, opts.max_pixels)
@@ -98,9 +118,16 @@ def _prepare_star(args):
 
 
 def shard_items(items: Iterator[Item], out: str, opts: ShardOptions, source: str,
-                total: Optional[int] = None, progress: bool = True) -> Dict[str, object]:
-    """Write ``items`` as shards under ``out``; returns the top-level manifest."""
+                total: Optional[int] = None, progress: bool = True, overwrite: bool = False) -> Dict[str, object]:
+    """Write ``items`` as shards under ``out``; returns the top-level manifest.
+
+    Raises:
+        ValueError: ``out`` holds a dataset and ``overwrite`` is False.
+        OSError: writing failed (a full disk); ``out`` then lists exactly the complete shards.
+    """
+    clear_out(out, overwrite)
     writer = DatasetWriter(out, opts.per_shard, opts.max_shard_bytes, opts.val_fraction, opts.seed)
+    options = dict(vars(opts))
     jobs = ((item, opts) for item in items)
     pool = mp.get_context("fork").Pool(opts.workers) if opts.workers > 1 else None
     try:
@@ -113,15 +140,45 @@ def shard_items(items: Iterator[Item], out: str, opts: ShardOptions, source: str
                 result["__key__"] = f"{index:09d}"
                 writer.add(result)
             bar.set_postfix(failed=len(writer.failed), refresh=False)
+        return writer.finish(source, options)
+    except BaseException as err:
+        if pool:
+            pool.terminate()
+        kept = writer.abort(source, options, err)
+        if isinstance(err, OSError):
+            raise OSError(f"writing shards into {out} failed ({err}); the {kept['written']} samples of the "
+                          f"complete shards are kept and listed in {os.path.join(out, 'manifest.json')}; fix "
+                          "the cause (disk space, ulimit -f) and run again with --overwrite") from err
+        raise
     finally:
         if pool:
             pool.close()
             pool.join()
-    return writer.finish(source, {k: v for k, v in vars(opts).items()})
+
+
+def _refuse_deleting_inputs(input_path: str, kind: str, out: str, allow_pipe: bool) -> None:
+    """--overwrite clears ``out``'s splits before reading the input: refuse when the input lies there."""
+    paths = [s.url for s in resolve_spec(input_path, allow_pipe=allow_pipe, need_counts=False)] \
+        if kind == "shards" else [input_path]
+    for path in paths:
+        if any(inside(path, os.path.join(out, split)) for split in SPLITS):
+            raise ValueError(f"--overwrite would delete the input {path!r} before reading it (it lies in {out}); "
+                             "write to another --out and move it afterwards")
 
 
 def shard(input_path: str, out: str, opts: ShardOptions, kind: Optional[str] = None, image_column: str = "image",
-          caption_column: str = "caption", images_dir: Optional[str] = None, progress: bool = True):
-    items = read_items(input_path, kind, image_column, caption_column, images_dir)
+          caption_column: str = "caption", images_dir: Optional[str] = None, progress: bool = True,
+          allow_outside: bool = False, allow_pipe: bool = False, overwrite: bool = False) -> Dict[str, object]:
+    """Shard one input (see sources.py for the kinds) into ``out``; returns the top-level manifest.
+
+    Args:
+        allow_outside: read image paths that leave the input's directory (else counted failures).
+        allow_pipe: allow pipe: URLs in a shard-spec input.
+        overwrite: replace a dataset already in ``out`` (else refused).
+    """
+    kind = kind or detect(input_path)
+    items = read_items(input_path, kind, image_column, caption_column, images_dir, allow_outside, allow_pipe)
+    if overwrite:
+        _refuse_deleting_inputs(input_path, kind, out, allow_pipe)
     return shard_items(items, out, opts, source=os.path.abspath(input_path) if os.path.exists(input_path)
-                       else input_path, progress=progress)
+                       else input_path, progress=progress, overwrite=overwrite)

@@ -1,8 +1,9 @@
 """Safe sample decoding: images through PIL only (with a pixel limit), captions as strict UTF-8.
 
 Nothing else in a sample is decoded: members such as .pyd, .pickle, .pth or .npy are never
-unpickled or even read past the tar reader; unknown keys are ignored. Every failure has a reason
-name so that loaders and ``moe-dist-data validate`` can count them.
+unpickled, nor even read (the tar readers read only ``USED_KEYS`` and pass the rest over with value
+None); unknown keys are ignored. Every failure has a reason name so that loaders and
+``moe-dist-data validate`` can count them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Dict, Optional, Tuple
 from PIL import Image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+USED_KEYS = frozenset(IMAGE_KEYS + ("txt", "json"))  # the only members a tar reader needs to read
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; a 20000 x 20000 "bomb" is refused before decoding
 

@@ -7,10 +7,12 @@ Loader outline:
     3. the main process re-orders them canonically: one sample per worker in turn (skipping
        finished workers), independent of chunking and timing, so the batch sequence is a pure
        function of (seed, epoch, rank) and a resumed loader continues it exactly;
-    4. failures are counted by reason; past ``max_failure_fraction`` (or when nothing decodes) the
-       loader raises ``DataError`` naming the reasons;
+    4. failures are counted by reason (a sample that a shard's manifest lists but the shard lacks is a
+       "short_shard" failure); past ``max_failure_fraction`` (or when nothing decodes) the loader
+       raises ``DataError`` naming the reasons;
     5. in exact mode a rank that runs out before the common step count (unbalanced shards, corrupt
-       samples) repeats its most recent samples and counts them as ``padded``.
+       samples, short shards within the threshold) repeats its most recent samples and counts them
+       as ``padded``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ WORKER_NICENESS = 10
 # A resumed resampled stream must not replay the shard draws of the run it resumes: each resume
 # generation reseeds the shard sampler with this multiple (a prime, so generations never collide).
 RESUME_SEED_STRIDE = 7919
+SHORT_SHARD_HINT = ("short_shard: samples a shard's manifest.json or sizes.json lists but the tar lacks, e.g. a "
+                    "truncated copy; copy the shards again")
 
 
 def _init_worker(worker_id: int) -> None:
@@ -206,7 +210,8 @@ class ShardLoader:
                          plan_seed=cfg.seed + RESUME_SEED_STRIDE * self._resumes, shuffle_buffer=cfg.shuffle_buffer,
                          start_positions=list(self._next_positions) if cfg.mode == "exact" else [0] * self.num_workers,
                          transform=self.transform, tokenize=tokenize, max_pixels=cfg.max_image_pixels,
-                         draft_size=cfg.image_size if cfg.draft else None, chunk_size=min(64, cfg.batch_size))
+                         draft_size=cfg.image_size if cfg.draft else None, chunk_size=min(64, cfg.batch_size),
+                         allow_pipe=cfg.allow_pipe)
 
     def _chunks(self) -> Iterator[Chunk]:
         # own generator: creating the iterator must not consume the training process's global RNG
@@ -249,6 +254,8 @@ class ShardLoader:
         stats = self.stats()
         seen = stats["good"] + stats["failed"]
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats["failures"].items(), key=lambda kv: -kv[1]))
+        if "short_shard" in stats["failures"]:
+            reasons += f"; {SHORT_SHARD_HINT}"
         if final and stats["good"] == 0 and not self._recent:
             raise DataError(f"no sample of {self.cfg.spec!r} could be used on rank {self.rank} "
                             f"({seen} failed: {reasons or 'the shards are empty'}); fix the shards "

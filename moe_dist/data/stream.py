@@ -3,8 +3,9 @@
 Worker outline (exact mode):
     1. every rank computes the same epoch plan: the shard list shuffled with (seed, epoch), then
        balanced over ranks and over each rank's workers by sample count (longest-first);
-    2. the worker streams its shards through webdataset's tar reader and a sample shuffle buffer
-       seeded with (seed, epoch, rank, worker); a broken tar is counted and skipped;
+    2. the worker streams its shards through webdataset's tar reader (reading only the members it
+       decodes) and a sample shuffle buffer seeded with (seed, epoch, rank, worker); a broken tar is
+       counted and skipped, and so is each sample a shard's manifest lists but the shard lacks;
     3. each raw sample gets a position in that shuffled stream; on resume the worker skips the
        positions already consumed without decoding them;
     4. survivors are decoded (decode.py), transformed (torch RNG seeded per sample position) and
@@ -17,17 +18,19 @@ Resampled mode draws shards with replacement (weighted by source) from an RNG se
 from __future__ import annotations
 
 import random
+import re
+import tarfile
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import AbstractSet, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import tariterators
 
-from .decode import SampleError, decode_sample
-from .spec import Shard
+from .decode import USED_KEYS, SampleError, decode_sample
+from .spec import Shard, check_url, open_shard
 
 
 def _seed(*parts) -> int:
@@ -93,6 +96,7 @@ class WorkerJob:
     max_pixels: int
     draft_size: Optional[int]
     chunk_size: int = 64
+    allow_pipe: bool = False
 
 
 class SampleCounter:
@@ -101,30 +105,62 @@ class SampleCounter:
     def __init__(self):
         self.good, self.failures = 0, Counter()
 
+    def end_shard(self, shard: Shard, read: int, broken: bool) -> None:
+        """Count a shard whose reading stopped with an error once as "broken_tar", and each sample its
+        index promised but it did not hold as "short_shard" (a truncated copy must not pass as padding)."""
+        if broken:
+            self.failures["broken_tar"] += 1
+        if shard.shortfall(read):
+            self.failures["short_shard"] += shard.shortfall(read)
 
-def raw_samples(urls: Iterator[str], counter: SampleCounter) -> Iterator[dict]:
-    """webdataset's tar reading, shard by shard; a shard that breaks counts once as "broken_tar"
-    (the samples read before the break are kept)."""
-    for url in urls:
+
+_WDS_META = re.compile(r"__[^/]*__($|/)")  # names webdataset's tar reader skips
+
+
+def tar_members(shard: Shard, keep: AbstractSet[str], errors: List[Exception],
+                allow_pipe: bool = False) -> Iterator[dict]:
+    """webdataset's file stage for one shard ({"fname", "data", "__url__"} per member, then the {}
+    end-of-shard marker), except that a member whose extension is not in ``keep`` is passed over
+    without being read (``data`` None): a 300 MB .npy costs no memory. An error stops the shard and
+    goes to ``errors``; the members read before it are kept."""
+    check_url(shard.url, allow_pipe)  # a refused URL is the spec's error, never a broken shard
+    try:
+        with open_shard(shard.url, allow_pipe) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if info.isreg() and not _WDS_META.match(info.name):
+                    _, suffix = tariterators.base_plus_ext(info.name)
+                    used = suffix is not None and suffix.lower() in keep
+                    yield {"fname": info.name, "data": tar.extractfile(info).read() if used else None,
+                           "__url__": shard.url}
+                tar.members = []  # a streamed tar otherwise keeps every header it has seen
+    except Exception as err:  # tarfile, gzip, zlib and pipes fail in many types; all mean the same
+        errors.append(err)
+    yield {}
+
+
+def raw_samples(shards: Iterator[Shard], counter: SampleCounter, allow_pipe: bool = False,
+                keep: AbstractSet[str] = USED_KEYS) -> Iterator[dict]:
+    """Samples (webdataset's key grouping over ``tar_members``), shard by shard; members outside
+    ``keep`` appear with value None. Each shard's end goes to ``counter.end_shard``."""
+    for shard in shards:
         errors: List[Exception] = []
 
         def handler(exn: Exception) -> bool:
             errors.append(exn)
             return True  # go on with what can still be read
 
-        streams = tariterators.url_opener([{"url": url}], handler=handler)
-        files = tariterators.tar_file_expander(streams, handler=handler)
-        for sample in tariterators.group_by_keys(files, handler=handler):
-            if sample:  # webdataset >= 1.0 marks each shard's end with an empty sample
-                yield sample
-        if errors:
-            counter.failures["broken_tar"] += 1
+        read = 0
+        members = tar_members(shard, keep, errors, allow_pipe)
+        for sample in tariterators.group_by_keys(members, handler=handler):
+            read += 1
+            yield sample
+        counter.end_shard(shard, read, broken=bool(errors))
 
 
-def _shard_urls(job: WorkerJob, worker: int) -> Iterator[str]:
+def _worker_shards(job: WorkerJob, worker: int) -> Iterator[Shard]:
     if job.mode == "exact":
         plan = epoch_plan(job.shards, job.world_size, job.num_workers, job.seed, job.epoch)
-        yield from (s.url for s in plan[job.rank][worker])
+        yield from plan[job.rank][worker]
         return
     rng = random.Random(_seed(job.plan_seed, job.epoch, job.rank, worker))
     # Each shard of source s is drawn with probability proportional to w_s / (samples in s), so the
@@ -137,12 +173,12 @@ def _shard_urls(job: WorkerJob, worker: int) -> Iterator[str]:
         sizes = Counter(s.source for s in job.shards)
     shard_weights = [weights[s.source] / sizes[s.source] for s in job.shards]
     while True:
-        yield rng.choices(job.shards, weights=shard_weights)[0].url
+        yield rng.choices(job.shards, weights=shard_weights)[0]
 
 
 def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
     counter = SampleCounter()
-    raw = raw_samples(_shard_urls(job, worker), counter)
+    raw = raw_samples(_worker_shards(job, worker), counter, job.allow_pipe)
     rng = random.Random(_seed(job.seed, job.epoch, job.rank, worker, SHUFFLE_STREAM))
     if job.shuffle_buffer > 1:
         raw = wds.filters.shuffle(bufsize=job.shuffle_buffer, initial=min(100, job.shuffle_buffer), rng=rng)(raw)

@@ -242,6 +242,27 @@ def test_pipe_specs_need_explicit_permission(tokenizer):
         _loader("pipe:cat /etc/passwd", tokenizer)
 
 
+@pytest.mark.parametrize("url, allow_pipe, refused", [
+    ("data/a.tar", False, None), ("./http:x.tar", False, None), ("pipe:cat a.tar", True, None),
+    ("pipe:cat a.tar", False, "pipe: URL"), ("http://h/a.tar", True, "http: scheme"),
+    ("file:a.tar", True, "file: scheme"), ("s3://b/a.tar", False, "s3: scheme"), ("gs://b/a.tar", False, "gs:")])
+def test_one_rule_decides_what_a_shard_url_may_be(url, allow_pipe, refused):
+    from moe_dist.data.spec import check_url
+
+    if refused is None:
+        assert check_url(url, allow_pipe) == url
+    else:
+        with pytest.raises(ValueError, match=refused):
+            check_url(url, allow_pipe)
+
+
+def test_an_allowed_pipe_feeds_the_loader(csv_shards, tokenizer):
+    root, _ = csv_shards
+    shard = root / "out" / "train" / "train-000000.tar"
+    loader = _loader(f"pipe:cat {shard}", tokenizer, workers=0, allow_pipe=True, mode="resampled", epoch_samples=20)
+    assert sum(batch.tokens.shape[0] for batch in loader) == 20
+
+
 def test_resampled_mode_follows_source_weights(csv_shards, tmp_path, tokenizer):
     root, _ = csv_shards
     other = tmp_path / "other"
