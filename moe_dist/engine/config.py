@@ -7,11 +7,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import yaml
-
-from ..config import from_dict, merge, parse_overrides
+from ..config import from_dict, load_yaml, merge, parse_overrides
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _at_least(section: object, where: str, minimum: float, *names: str) -> None:
+    """ValueError naming the first field of ``section`` below ``minimum``."""
+    for name in names:
+        value = getattr(section, name)
+        if value < minimum:
+            raise ValueError(f"{where}{name}={value} must be >= {minimum}")
 
 
 @dataclass
@@ -32,6 +38,9 @@ class DataSection:
     epoch_samples: int = 0
     max_failure_fraction: float = 0.1
     allow_pipe: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least(self, "data.", 0, "workers", "shuffle_buffer", "epoch_samples")
 
     def loader_config(self, split: str, batch_size: int, image_size: int, seed: int, eval_samples: int = 0):
         """The ``LoaderConfig`` of ``split``: "train" streams ``train`` with augmentation; "val" reads
@@ -54,6 +63,10 @@ class BatchSection:
     micro_batch: int = 8
     grad_accum: int = 1
 
+    def __post_init__(self) -> None:
+        _at_least(self, "batch.", 0, "global_batch")
+        _at_least(self, "batch.", 1, "micro_batch", "grad_accum")
+
 
 @dataclass
 class OptimizerSection:
@@ -62,12 +75,26 @@ class OptimizerSection:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
 
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.eps <= 0:
+            raise ValueError(f"optimizer.lr={self.lr} and optimizer.eps={self.eps} must be > 0")
+        _at_least(self, "optimizer.", 0, "weight_decay")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas={self.betas} must be two numbers in [0, 1)")
+
 
 @dataclass
 class ScheduleSection:
     kind: str = "cosine"  # cosine | constant
     warmup_steps: int = 10
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cosine", "constant"):
+            raise ValueError(f"schedule.kind={self.kind!r}; use 'cosine' or 'constant'")
+        _at_least(self, "schedule.", 0, "warmup_steps")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"schedule.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
 
 
 @dataclass
@@ -76,6 +103,11 @@ class CheckpointSection:
     every: int = 0  # optimizer steps; 0 = only at the end and on signals
     keep: int = 2
 
+    def __post_init__(self) -> None:
+        _at_least(self, "checkpoint.", 0, "every")
+        if self.keep < 2:
+            raise ValueError(f"checkpoint.keep={self.keep}: keep checkpoint.keep >= 2 (never keep fewer than two)")
+
 
 @dataclass
 class LoggingSection:
@@ -83,17 +115,26 @@ class LoggingSection:
     tensorboard: bool = True
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        _at_least(self, "logging.", 1, "every")
+
 
 @dataclass
 class EvalSection:
     every: int = 0  # optimizer steps; 0 = at the end only (if data.val is set)
     batches: int = 10
 
+    def __post_init__(self) -> None:
+        _at_least(self, "eval.", 0, "every")
+        _at_least(self, "eval.", 1, "batches")
+
 
 @dataclass
 class DebugSection:
     nan_loss_steps: List[int] = field(default_factory=list)  # inject a NaN loss at these micro steps
     nan_loss_rank: int = 0
+    raise_at_step: int = -1  # raise an error at this micro step (>= 0) on raise_rank
+    raise_rank: int = 0
     pause_in_save_s: float = 0.0  # sleep between writing a checkpoint and committing it (tests)
 
 
@@ -107,6 +148,7 @@ class RunConfig:
     ep_size: int = 1
     grad_clip: float = 1.0
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
+    stop_timeout_s: float = 600.0  # after a stop signal, exit anyway if no checkpoint is done by then (0: never)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     batch: BatchSection = field(default_factory=BatchSection)
@@ -116,6 +158,10 @@ class RunConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     debug: DebugSection = field(default_factory=DebugSection)
+
+    def __post_init__(self) -> None:
+        _at_least(self, "", 1, "steps", "max_nonfinite_steps")
+        _at_least(self, "", 0, "seed", "grad_clip", "stop_timeout_s")
 
     def validate(self, world_size: int) -> None:
         """Raise ValueError naming the field and the fix; needs only the world size."""
@@ -135,8 +181,6 @@ class RunConfig:
         if experts % self.ep_size:
             raise ValueError(f"ep_size={self.ep_size} must divide model.moe.num_experts={experts}")
         b = self.batch
-        if b.micro_batch < 1 or b.grad_accum < 1:
-            raise ValueError("batch.micro_batch and batch.grad_accum must be >= 1")
         expected = b.micro_batch * b.grad_accum * world_size
         if b.global_batch and b.global_batch != expected:
             raise ValueError(f"batch.global_batch={b.global_batch} != batch.micro_batch ({b.micro_batch}) x "
@@ -149,10 +193,29 @@ class RunConfig:
             raise ValueError(f"data.weights={self.data.weights} must give one positive weight per source of "
                              f"data.train ({len(sources)} sources joined by '::')")
         self.data.loader_config("train", b.micro_batch, model.vision.image_size, self.seed)  # mode, workers, ...
-        if self.schedule.kind not in ("cosine", "constant"):
-            raise ValueError(f"schedule.kind={self.schedule.kind!r}; use 'cosine' or 'constant'")
-        if self.steps < 1 or self.checkpoint.keep < 2:
-            raise ValueError("steps must be >= 1 and checkpoint.keep >= 2 (never keep fewer than two)")
+
+    def check_inputs(self, resume: str = "auto") -> None:
+        """Resolve every input the run will open (shard specs, tokenizer, a resume path) now, so that a
+        wrong path fails before the first step instead of at the final evaluation."""
+        from ..data import resolve_spec
+        from ..text import get_tokenizer
+        from . import checkpoint
+
+        d = self.data
+        for name, spec in (("data.train", d.train), ("data.val", d.val)):
+            if not spec:
+                continue
+            try:
+                resolve_spec(spec, list(d.weights) or None if name == "data.train" else None, d.allow_pipe,
+                             need_counts=False)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        text = self.model_config().text
+        try:
+            get_tokenizer(d.tokenizer or text.tokenizer, text.context_length)
+        except ValueError as err:
+            raise ValueError(f"data.tokenizer: {err}") from None
+        checkpoint.find_resume(self.checkpoint_dir, resume)
 
     def model_config(self):
         from ..models import load_model_config
@@ -189,11 +252,7 @@ def load_run_config(path: Optional[str] = None, overrides: Optional[List[str]] =
     """YAML file (optional) + ``--set`` overrides -> RunConfig (not yet validated against a world size)."""
     data: Dict[str, Any] = {}
     if path:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ValueError(f"run config {path!r} does not exist") from None
+        data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"run config {path!r} must be a YAML mapping")
     changes = parse_overrides(overrides or [])
