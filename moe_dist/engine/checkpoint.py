@@ -1,17 +1,24 @@
-"""Checkpoints that count only when complete, and resuming from the newest complete one.
+"""Checkpoints that count only when complete, belong to one run, and resume from the newest one that loads.
 
 Layout: CKPT/step00000100/ holds DeepSpeed's files (model states, one file per global expert, ZeRO
-optimizer shards), ``client_rank<r>.pt`` per rank (step, data-loader state, RNG states), and the
-``COMPLETE`` marker; CKPT/latest names the newest complete tag.
+optimizer shards), ``client_rank<r>.pt`` per rank (step, data-loader state, RNG states), the run files
+and the ``COMPLETE`` marker (step, world size, run id); CKPT/latest names the newest complete tag.
 
-Save outline:
-    1. engine.save_checkpoint (collective; DeepSpeed's own ``latest`` is not written);
-    2. every rank writes its client file atomically (temp file + rename);
+Save outline (no directory is ever written while it is marked complete):
+    1. rank 0 removes a leftover staging directory of this step; barrier;
+    2. every rank writes into the fresh staging directory CKPT/step00000100.saving (DeepSpeed's files,
+       its client file), then fsyncs the files there: data reaches the disk before any marker;
     3. barrier: every rank has finished writing;
-    4. rank 0 writes COMPLETE atomically, then points ``latest`` at the tag atomically, then prunes
-       all but the newest ``keep`` complete checkpoints (the newest complete one is never deleted);
+    4. rank 0 writes the run files and COMPLETE into the staging directory, moves an existing
+       step00000100 aside (a step saved twice), renames the staging directory to step00000100 (the
+       commit), points ``latest`` at it, deletes what it moved aside and prunes this run's checkpoints
+       beyond ``keep``;
     5. barrier.
-A kill anywhere before 4 leaves a directory without COMPLETE, which resume ignores.
+A kill anywhere before the rename leaves only a ``.saving`` directory, which resume ignores and the next
+save or run start deletes; the complete checkpoints are untouched.
+
+Resume (``resume_candidates``): ``auto`` tries the complete checkpoints newest first; one whose files do
+not load (truncated, corrupt, or holding objects outside the allow-list) is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -19,18 +26,22 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import time
+import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..files import atomic_path, atomic_write
+from ..files import atomic_path, atomic_write, fsync_dir, fsync_file, remove_stale_temporaries
 
 MARKER = "COMPLETE"
 LATEST = "latest"
+STAGING = ".saving"
+REPLACED = ".replaced"
 _TAG = re.compile(r"^step(\d{8})$")
 
 
@@ -69,44 +80,99 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def read_marker(tag_dir: str) -> Dict[str, Any]:
+    """The COMPLETE marker's contents ({} when it is missing or unreadable)."""
+    try:
+        with open(os.path.join(tag_dir, MARKER)) as f:
+            info = json.load(f)
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def run_ids(root: str) -> Dict[str, List[str]]:
+    """Run id -> its complete tags under ``root`` (checkpoints from before run ids count as run "")."""
+    out: Dict[str, List[str]] = {}
+    for tag in complete_tags(root):
+        out.setdefault(str(read_marker(os.path.join(root, tag)).get("run_id", "")), []).append(tag)
+    return out
+
+
+def clean_leftovers(root: str) -> None:
+    """Delete what interrupted saves leave: staging and moved-aside directories, temporary files."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if name.endswith(STAGING) or REPLACED in name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    remove_stale_temporaries(root)
+
+
+def _fsync_tree(directory: str) -> None:
+    for path in glob.glob(os.path.join(glob.escape(directory), "*")):
+        if os.path.isfile(path):
+            fsync_file(path)
+    fsync_dir(directory)
+
+
 def save(engine, root: str, step: int, client: Dict[str, Any], keep: int, run_files: Dict[str, str],
-         pause_s: float = 0.0) -> str:
-    """Write a complete checkpoint of ``engine`` at ``step`` (plus ``run_files``, name -> text, from
-    rank 0); returns its directory."""
+         run_id: str, pause_s: float = 0.0) -> str:
+    """Write a complete checkpoint of ``engine`` at ``step`` for run ``run_id`` (plus ``run_files``, name
+    -> text, from rank 0); returns its directory. Collective: every rank calls it."""
     import deepspeed.comm as dist
 
-    tag = tag_for(step)
-    tag_dir = os.path.join(root, tag)
-    engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False)
-    os.makedirs(tag_dir, exist_ok=True)
     rank = dist.get_rank()
-    client_path = os.path.join(tag_dir, f"client_rank{rank}.pt")
-    with atomic_path(client_path) as tmp:
-        torch.save(client, tmp)
+    tag = tag_for(step)
+    tag_dir, staging = os.path.join(root, tag), os.path.join(root, tag + STAGING)
     if rank == 0:
-        for name, text in run_files.items():
-            atomic_write(os.path.join(tag_dir, name), text)
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+    # 2. write everything into the staging directory and flush it to disk
+    engine.save_checkpoint(root, tag=tag + STAGING, client_state={"step": step}, save_latest=False)
+    os.makedirs(staging, exist_ok=True)
+    with atomic_path(os.path.join(staging, f"client_rank{rank}.pt")) as tmp:
+        torch.save(client, tmp)
     if pause_s:
         atomic_write(os.path.join(root, f"saving.rank{rank}"), tag)
         time.sleep(pause_s)
+    _fsync_tree(staging)
     dist.barrier()
+    # 4. commit: marker inside, then one rename makes it a checkpoint
     if rank == 0:
-        info = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
-        atomic_write(os.path.join(tag_dir, MARKER), json.dumps(info))
+        for name, text in run_files.items():
+            atomic_write(os.path.join(staging, name), text)
+        info = {"step": step, "world_size": dist.get_world_size(), "run_id": run_id, "time": time.time()}
+        atomic_write(os.path.join(staging, MARKER), json.dumps(info))
+        replaced = None
+        if os.path.exists(tag_dir):
+            replaced = f"{tag_dir}{REPLACED}.{os.getpid()}"
+            os.replace(tag_dir, replaced)
+        os.replace(staging, tag_dir)
+        fsync_dir(root)
         atomic_write(os.path.join(root, LATEST), tag)
-        _prune(root, keep)
+        if replaced:
+            shutil.rmtree(replaced, ignore_errors=True)
+        _prune(root, keep, run_id)
     for stale in glob.glob(os.path.join(root, f"saving.rank{rank}")):
         os.remove(stale)
     dist.barrier()
     return tag_dir
 
 
-def _prune(root: str, keep: int) -> None:
-    tags = complete_tags(root)
-    newest = int(_TAG.match(tags[-1]).group(1))
+def _prune(root: str, keep: int, run_id: str) -> None:
+    """Keep the newest ``keep`` complete checkpoints of run ``run_id``; never touch another run's."""
+    tags = run_ids(root).get(run_id, [])
     for tag in tags[:-max(keep, 1)]:
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
-    for name in os.listdir(root):  # incomplete leftovers older than the newest complete checkpoint
+    if not tags:
+        return
+    newest = int(_TAG.match(tags[-1]).group(1))
+    for name in os.listdir(root):  # incomplete step directories older than the newest complete checkpoint
         match = _TAG.match(name)
         if match and int(match.group(1)) < newest and not is_complete(os.path.join(root, name)):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
@@ -134,6 +200,9 @@ def find_resume(root: str, resume: str) -> Optional[Tuple[str, str]]:
                              "use --resume auto to take the newest complete one")
         return root, tag
     path = os.path.abspath(resume.rstrip("/"))
+    if path.endswith(STAGING):
+        raise ValueError(f"--resume {resume}: checkpoint is incomplete (an unfinished save); pick a complete one "
+                         "or use --resume auto")
     if os.path.isdir(path) and _TAG.match(os.path.basename(path)):
         if not is_complete(path):
             raise ValueError(f"--resume {resume}: checkpoint is incomplete (no {MARKER} marker: the save was "
@@ -143,6 +212,15 @@ def find_resume(root: str, resume: str) -> Optional[Tuple[str, str]]:
     if not tags:
         raise ValueError(f"--resume {resume}: no complete checkpoint there (expected step########/{MARKER})")
     return path, tags[-1]
+
+
+def resume_candidates(root: str, resume: str) -> List[Tuple[str, str]]:
+    """What to try, in order: for ``auto`` every complete checkpoint newest first (a broken newest one
+    falls back to the one before), otherwise ``find_resume``'s single answer; [] for a fresh start."""
+    if resume == "auto":
+        return [(root, tag) for tag in reversed(complete_tags(root))]
+    found = find_resume(root, resume)
+    return [found] if found else []
 
 
 # Types DeepSpeed's checkpoint files contain besides tensors and containers.
@@ -163,16 +241,23 @@ def _allowed_globals() -> List[Any]:
     return allowed
 
 
-def verify_safe(tag_dir: str) -> None:
-    """Refuse checkpoint files holding arbitrary pickled objects: each must load with
-    ``weights_only=True`` and the allow-list above, before DeepSpeed loads it (unrestricted)."""
+def verify_safe(tag_dir: str, rank: Optional[int] = None) -> None:
+    """Refuse checkpoint files that are unreadable (truncated, corrupt) or hold arbitrary pickled
+    objects: each must load with ``weights_only=True`` and the allow-list above, before DeepSpeed loads
+    it (unrestricted). With ``rank``, this rank's client file must exist too."""
+    if rank is not None and not os.path.isfile(os.path.join(tag_dir, f"client_rank{rank}.pt")):
+        raise ValueError(f"checkpoint {tag_dir} has no client_rank{rank}.pt: it was written by fewer ranks "
+                         "than this run has; resume with the same world size")
     with torch.serialization.safe_globals(_allowed_globals()):
         for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
             try:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:
+            except pickle.UnpicklingError as err:
                 raise ValueError(f"refusing to load {path}: it holds objects outside the weights-only allow-list "
                                  f"({str(err).splitlines()[0][:200]})") from None
+            except Exception as err:
+                raise ValueError(f"cannot read {path}: the file is truncated or corrupt "
+                                 f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
 def check_compatible(tag_dir: str, world_size: int, ep_size: int) -> None:
@@ -193,12 +278,8 @@ def check_compatible(tag_dir: str, world_size: int, ep_size: int) -> None:
 def load(engine, root: str, tag: str, rank: int) -> Dict[str, Any]:
     """Load DeepSpeed state and this rank's client state; raise if anything is missing."""
     tag_dir = os.path.join(root, tag)
-    verify_safe(tag_dir)
+    verify_safe(tag_dir, rank)
     path, _ = engine.load_checkpoint(root, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    client_path = os.path.join(tag_dir, f"client_rank{rank}.pt")
-    if not os.path.isfile(client_path):
-        raise ValueError(f"checkpoint {tag_dir} has no {os.path.basename(client_path)}: it was written by fewer ranks "
-                         "than this run has; resume with the same world size")
-    return torch.load(client_path, map_location="cpu", weights_only=True)
+    return torch.load(os.path.join(tag_dir, f"client_rank{rank}.pt"), map_location="cpu", weights_only=True)

@@ -100,6 +100,7 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
         self.jsonl.close()
+        self.active = False  # closing again does nothing
 
 
 def summary(cfg, env, model_cfg, params: Dict[str, int], ds_config: Dict[str, object]) -> str:

@@ -1,7 +1,9 @@
 """``moe-dist train``: the DeepSpeed engine with ZeRO and expert parallelism on the shard pipeline.
 
 The loop (``Trainer.train``) reads top to bottom; setup, checkpoints, metrics, evaluation and
-signals are collaborators. Exit codes: 0 done, EXIT_PREEMPTED after a signal-triggered checkpoint.
+signals (stop.py) are collaborators. Exit codes: 0 done, EXIT_PREEMPTED after a signal-triggered
+checkpoint (or a stop requested before the first step), 1 a data error or repeated non-finite losses
+(every rank stops with the same message), 2 a configuration error.
 """
 
 from __future__ import annotations
@@ -9,11 +11,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterator
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -21,30 +22,13 @@ from ..files import atomic_write
 from . import checkpoint
 from .config import RunConfig
 from .metrics import MetricsLogger, memory_mb, summary
+from .stop import DebugFaults, GracefulStop
 
 EXIT_PREEMPTED = 75  # "checkpoint saved after SIGTERM/SIGUSR1; requeue me" (EX_TEMPFAIL)
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-class GracefulStop:
-    """SIGTERM/SIGUSR1, or the file named by $MOE_DIST_STOP_FILE appearing (what launch/slurm/train.sbatch
-    creates on a preemption notice), ask for a stop; the loop finishes its step and all ranks agree."""
-
-    def __init__(self):
-        self.signalled = False
-        self.stop_file = os.environ.get("MOE_DIST_STOP_FILE", "")
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signalled = True
-
-    @property
-    def requested(self) -> bool:
-        return self.signalled or bool(self.stop_file and os.path.exists(self.stop_file))
 
 
 @dataclass
@@ -56,19 +40,13 @@ class StepOutput:
     model: object  # models.ModelOutput
 
 
-class NanInjector:
-    """Debug (``debug.nan_loss_steps``): wraps the loss so that it is NaN at the given micro steps on
-    one rank, to exercise the all-rank skip. Installed only when configured."""
+def _all_gather_text(text: str) -> List[str]:
+    """Every rank's ``text`` (an error path only: it pickles)."""
+    import torch.distributed
 
-    def __init__(self, loss_fn, trainer: "Trainer"):
-        self.loss_fn, self.trainer = loss_fn, trainer
-
-    def __call__(self, out):
-        result = self.loss_fn(out)
-        debug = self.trainer.cfg.debug
-        if self.trainer.micro_step in debug.nan_loss_steps and self.trainer.rank == debug.nan_loss_rank:
-            result.total = result.total * float("nan")
-        return result
+    out: List[Optional[str]] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, text)
+    return [t or "" for t in out]
 
 
 def _all_reduce(value: float, op: str) -> float:
@@ -81,7 +59,7 @@ def _all_reduce(value: float, op: str) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env):
+    def __init__(self, cfg: RunConfig, env, stop: Optional[GracefulStop] = None):
         import deepspeed
         import deepspeed.comm as dist
 
@@ -93,6 +71,8 @@ class Trainer:
         from .optim import build_optimizer, build_schedule
 
         self.cfg, self.env = cfg, env
+        self.stop = stop or GracefulStop(cfg.stop_timeout_s)
+        self.log: Optional[MetricsLogger] = None
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         random.seed(cfg.seed + self.rank)
         torch.manual_seed(cfg.seed)  # identical non-expert init on every rank
@@ -113,10 +93,12 @@ class Trainer:
         self.tokenizer = get_tokenizer(cfg.data.tokenizer or t.tokenizer, t.context_length)
         self.loader = ShardLoader(self._loader_config("train"), self.tokenizer, self.rank, self.world)
         self.loss_fn = ContrastiveLoss(self.model_cfg.loss, self.rank, self.world)
-        if cfg.debug.nan_loss_steps:
-            self.loss_fn = NanInjector(self.loss_fn, self)
+        if cfg.debug.nan_loss_steps or cfg.debug.raise_at_step >= 0:
+            self.loss_fn = DebugFaults(self.loss_fn, self)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
         self.step, self.skipped, self.consecutive_skips, self.micro_step = 0, 0, 0, 0
+        self.run_id = ""
+        self._stream: Optional[Iterator] = None
 
     def _loader_config(self, split: str, eval_samples: int = 0):
         return self.cfg.data.loader_config(split, self.cfg.batch.micro_batch, self.model_cfg.vision.image_size,
@@ -124,22 +106,67 @@ class Trainer:
 
     # ------------------------------------------------------------------ collaborators
     def resume(self, how: str) -> None:
-        found = checkpoint.find_resume(self.cfg.checkpoint_dir, how)
+        """Load the checkpoint ``how`` names (``auto``: the newest complete one that loads on every rank,
+        falling back past broken ones), and take over its run id; or start a new run."""
+        root = self.cfg.checkpoint_dir
+        if self.rank == 0:
+            checkpoint.clean_leftovers(root)
+        found = self._first_loadable(checkpoint.resume_candidates(root, how), fallback=how == "auto")
+        ours = checkpoint.run_ids(root)
         if found is None:
+            if ours:  # a fresh run must not share a checkpoint directory with another one
+                newest = max(tag for tags in ours.values() for tag in tags)
+                raise ValueError(f"checkpoint directory {root} already holds another run's checkpoints (newest "
+                                 f"{newest}); a fresh start there would prune or later resume them. Continue that run "
+                                 "with --resume auto, or give this run its own output_dir (or checkpoint.dir)")
+            self.run_id = self._agree(checkpoint.new_run_id())
             return
-        root, tag = found
-        checkpoint.check_compatible(os.path.join(root, tag), self.world, self.cfg.ep_size)
-        client = checkpoint.load(self.engine, root, tag, self.rank)
+        src_root, tag = found
+        tag_dir = os.path.join(src_root, tag)
+        self.run_id = str(checkpoint.read_marker(tag_dir).get("run_id", ""))
+        if set(ours) - {self.run_id}:
+            raise ValueError(f"checkpoint directory {root} holds checkpoints of runs {sorted(set(ours) - {self.run_id})}"
+                             f", not of the run in {tag_dir}; resume into its own directory (set checkpoint.dir)")
+        client = checkpoint.load(self.engine, src_root, tag, self.rank)
         self.step, self.skipped, self.micro_step = client["step"], client["skipped"], client["micro_step"]
         self.loader.load_state_dict(client["loader"])
         checkpoint.set_rng_state(client["rng"])
-        self.log.print(f"resumed from {os.path.join(root, tag)} at step {self.step}")
+        self.log.print(f"resumed from {tag_dir} at step {self.step}")
+
+    def _first_loadable(self, candidates: List[Tuple[str, str]], fallback: bool) -> Optional[Tuple[str, str]]:
+        """The first candidate whose files every rank can read; with ``fallback`` a broken one is skipped
+        with a warning, otherwise its error is raised."""
+        for root, tag in candidates:
+            tag_dir = os.path.join(root, tag)
+            checkpoint.check_compatible(tag_dir, self.world, self.cfg.ep_size)
+            try:
+                checkpoint.verify_safe(tag_dir, self.rank)
+                problem = ""
+            except ValueError as err:
+                problem = str(err)
+            problems = [p for p in _all_gather_text(problem) if p] if self.world > 1 else [p for p in [problem] if p]
+            if not problems:
+                return root, tag
+            if not fallback:
+                raise ValueError(problems[0])
+            self.log.print(f"warning: skipping checkpoint {tag_dir}: {problems[0]}; trying the one before")
+        return None
+
+    def _agree(self, value: str) -> str:
+        """Rank 0's ``value`` on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed
+
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def save(self) -> str:
         client = {"step": self.step, "skipped": self.skipped, "micro_step": self.micro_step,
                   "loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}
         return checkpoint.save(self.engine, self.cfg.checkpoint_dir, self.step, client, self.cfg.checkpoint.keep,
-                               self._run_files(), self.cfg.debug.pause_in_save_s)
+                               self._run_files(), self.run_id, self.cfg.debug.pause_in_save_s)
 
     def _run_files(self) -> Dict[str, str]:
         """What the run was (name -> text): written to output_dir at start and into every checkpoint."""
@@ -155,8 +182,32 @@ class Trainer:
             atomic_write(os.path.join(self.cfg.output_dir, name), text, durable=False)
 
     def _batches(self) -> Iterator:
+        """Batches forever; a DataError on this rank yields a placeholder batch and the error text, so
+        this rank still joins the step's collectives and all ranks stop together (``_agree_step``)."""
+        from ..data import Batch, DataError
+
         while True:
-            yield from self.loader
+            try:
+                for batch in self.loader:
+                    yield batch, ""
+            except DataError as err:
+                B, v, t = self.cfg.batch.micro_batch, self.model_cfg.vision, self.model_cfg.text
+                placeholder = Batch(torch.zeros(B, 3, v.image_size, v.image_size),
+                                    torch.full((B, t.context_length), t.pad_id, dtype=torch.long))
+                while True:
+                    yield placeholder, str(err)
+
+    def _agree_step(self, loss: torch.Tensor, data_error: str) -> bool:
+        """One all-reduce per micro step: True when the loss is finite on every rank. A data error on any
+        rank stops every rank with that rank's message."""
+        status = -1.0 if data_error else float(torch.isfinite(loss.detach()).all())
+        agreed = _all_reduce(status, "MIN")
+        if agreed < 0:
+            from ..data import DataError
+
+            errors = [e for e in (_all_gather_text(data_error) if self.world > 1 else [data_error]) if e]
+            raise DataError(errors[0])
+        return agreed > 0
 
     def _forward(self, batch) -> StepOutput:
         images = batch.images.to(self.engine.device, dtype=self.dtype)
@@ -181,6 +232,24 @@ class Trainer:
         self.engine.train()
         return {"val/contrastive": _all_reduce(total / max(count, 1), "SUM") / self.world}
 
+    def close(self) -> None:
+        """Stop the data workers and the loggers, restore the signal handlers; safe to call twice.
+
+        Workers ignore SIGTERM (stream.py leaves preemption to the trainer), so a worker still alive here
+        would block interpreter exit in multiprocessing's join: closing the batch stream shuts the
+        DataLoader down, and any worker left (its iterator kept alive by a traceback) is killed."""
+        import multiprocessing
+
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join(timeout=10)
+        if self.log is not None:
+            self.log.close()
+        self.stop.close()
+
     # ------------------------------------------------------------------ the loop
     def train(self, resume: str = "auto") -> int:
         cfg = self.cfg
@@ -191,20 +260,22 @@ class Trainer:
         self.log.print(summary(cfg, self.env, self.model_cfg, self.params, self.ds_config))
         if self.step >= cfg.steps:
             self.log.print(f"nothing to do: the checkpoint is at step {self.step} of {cfg.steps}")
-            self.log.close()
             return 0
-        stop, batches = GracefulStop(), self._batches()
+        if _all_reduce(float(self.stop.requested), "MAX") > 0:  # a signal during setup or resume
+            self.log.print(f"stop requested before step {self.step + 1}; nothing new to save")
+            return EXIT_PREEMPTED
+        batches = self._stream = self._batches()
         while self.step < cfg.steps:
             # 1. one optimizer step = grad_accum micro-batches whose loss is finite on every rank
             start, wait = time.perf_counter(), 0.0
             boundary_step = self.engine.global_steps + 1
             while self.engine.global_steps < boundary_step:
                 t = time.perf_counter()
-                batch = next(batches)
+                batch, data_error = next(batches)
                 wait += time.perf_counter() - t
                 step_out = self._forward(batch)
                 self.micro_step += 1
-                if _all_reduce(float(torch.isfinite(step_out.loss.detach()).all()), "MIN") < 1:
+                if not self._agree_step(step_out.loss, data_error):
                     self._skip_nonfinite()
                     continue
                 self.consecutive_skips = 0
@@ -218,16 +289,14 @@ class Trainer:
                 self.log.log(self.step, self.evaluate(), {})
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:
                 self.save()
-            if _all_reduce(float(stop.requested), "MAX") > 0:
+            if _all_reduce(float(self.stop.requested), "MAX") > 0:
                 path = self.save()
                 self.log.print(f"stopped by signal at step {self.step}; checkpoint {path}")
-                self.log.close()
                 return EXIT_PREEMPTED
         self.log.log(self.step, self.evaluate(), {})
         path = self.save()
         tensorboard = f"; TensorBoard logs {os.path.abspath(self.log.tb_dir)}" if self.log.writer is not None else ""
         self.log.print(f"done: {self.step} steps; checkpoint {path}{tensorboard}")
-        self.log.close()
         return 0
 
     def _skip_nonfinite(self) -> None:
@@ -259,13 +328,25 @@ class Trainer:
 
 
 def run(cfg: RunConfig, resume: str = "auto") -> int:
-    """Validate, start the process group, train; returns the exit code."""
+    """Validate, start the process group, train; returns the exit code.
+
+    Stop requests are honoured from here on (a signal during setup is a clean stop), and whatever ends
+    the run (success, an error on this rank) shuts the data workers down, so the process exits promptly.
+    """
     from ..distributed import detect_env, init_distributed
 
     # deprecation notices that open_clip ClipLoss and DeepSpeed ZeRO would print every step
     warnings.filterwarnings("ignore", message=".*all_gather.* is deprecated")
-    env = detect_env()
-    cfg.validate(env.world_size)  # before any process group starts
-    init_distributed(env)
-    trainer = Trainer(cfg, env)
-    return trainer.train(resume)
+    stop = GracefulStop(cfg.stop_timeout_s)
+    try:
+        env = detect_env()
+        cfg.validate(env.world_size)  # before any process group starts
+        cfg.check_inputs(resume)
+        init_distributed(env)
+        trainer = Trainer(cfg, env, stop)
+        try:
+            return trainer.train(resume)
+        finally:
+            trainer.close()
+    finally:
+        stop.close()

@@ -97,8 +97,9 @@ def test_kill_during_save_keeps_previous_checkpoint(synth, tmp_path):
     for p in procs:
         p.wait()
     assert checkpoint.find_resume(str(ckpts), "auto") == (str(ckpts), "step00000002")
+    assert not (ckpts / "step00000004").exists()  # the save wrote only its staging directory
     with pytest.raises(ValueError, match="incomplete"):
-        checkpoint.find_resume(str(ckpts / "step00000004"), str(ckpts / "step00000004"))
+        checkpoint.find_resume(str(ckpts), str(ckpts / "step00000004.saving"))
     (ckpts / "latest").write_text("step00000004")  # a dangling latest falls back under auto
     assert checkpoint.find_resume(str(ckpts), "auto")[1] == "step00000002"
     with pytest.raises(ValueError, match="not a complete checkpoint"):

@@ -40,7 +40,7 @@ def test_prune_keeps_newest_and_drops_stale_incomplete(tmp_path):
     for step in (2, 4, 6):
         _tag(tmp_path, step)
     _tag(tmp_path, 5, complete=False)
-    checkpoint._prune(str(tmp_path), keep=2)
+    checkpoint._prune(str(tmp_path), keep=2, run_id="")
     assert sorted(os.listdir(tmp_path)) == ["step00000004", "step00000006"]
 
 
