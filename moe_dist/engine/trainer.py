@@ -8,6 +8,7 @@ checkpoint (or a stop requested before the first step), 1 a data error or repeat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -19,6 +20,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..files import atomic_write
+from ..models.config import MODEL_CONFIG_FILE, TOKENIZER_FILE
+from ..text.tokenizer import sentencepiece_path
 from . import checkpoint
 from .config import RunConfig
 from .metrics import MetricsLogger, memory_mb, summary
@@ -168,11 +171,23 @@ class Trainer:
         return checkpoint.save(self.engine, self.cfg.checkpoint_dir, self.step, client, self.cfg.checkpoint.keep,
                                self._run_files(), self.run_id, self.cfg.debug.pause_in_save_s)
 
-    def _run_files(self) -> Dict[str, str]:
-        """What the run was (name -> text): written to output_dir at start and into every checkpoint."""
+    def _run_files(self) -> Dict[str, object]:
+        """What the run was (name -> text or bytes): written to output_dir at start and into every
+        checkpoint. ``model_config.json`` and the tokenizer make a checkpoint usable on its own
+        (``moe_dist.models.load_pretrained``)."""
         resolved = {**self.cfg.to_dict(), "_world_size": self.world}
-        return {"run_config.json": json.dumps(resolved, indent=2),
-                "deepspeed_config.json": json.dumps(self.ds_config, indent=2)}
+        files: Dict[str, object] = {"run_config.json": json.dumps(resolved, indent=2),
+                                    "deepspeed_config.json": json.dumps(self.ds_config, indent=2)}
+        model = dataclasses.asdict(self.model_cfg)
+        path = sentencepiece_path(self.cfg.data.tokenizer or self.model_cfg.text.tokenizer)
+        if path:
+            with open(path, "rb") as f:
+                files[TOKENIZER_FILE] = f.read()
+            model["text"]["tokenizer"] = f"sentencepiece:{TOKENIZER_FILE}"  # relative to the checkpoint
+        else:
+            model["text"]["tokenizer"] = "openclip-bpe"
+        files[MODEL_CONFIG_FILE] = json.dumps(model, indent=2)
+        return files
 
     def _write_run_files(self) -> None:
         if self.rank != 0:

@@ -21,6 +21,9 @@ from ..text.tokenizer import sentencepiece_path
 from .loss import CONTRASTIVE_LOSSES
 
 KINDS = ("clip", "limoe")
+# What every checkpoint directory (and export) carries besides the weights, so that it loads on its own:
+MODEL_CONFIG_FILE = "model_config.json"  # the resolved ModelConfig as JSON; text.tokenizer relative to it
+TOKENIZER_FILE = "tokenizer.model"  # a copy of the run's sentencepiece model (absent for openclip-bpe)
 
 
 @dataclass

@@ -45,6 +45,12 @@ def moe_mlps(module: nn.Module) -> Iterator[MoEMLP]:
     return (m for m in module.modules() if isinstance(m, MoEMLP))
 
 
+def set_dropless(module: nn.Module, dropless: bool = True) -> None:
+    """Dropless (or the configured capacity) dispatch in every MoE layer under ``module``."""
+    for m in moe_mlps(module):
+        m.moe.set_dropless(dropless)
+
+
 @contextlib.contextmanager
 def routing_context(module: nn.Module, modality=None, padding_mask=None):
     """Give every MoEMLP under ``module`` the modality/padding of the tokens about to pass."""

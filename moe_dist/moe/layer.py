@@ -108,6 +108,11 @@ class MoELayer(_DeepSpeedMoE):
         self.register_state_dict_post_hook(_experts_to_deepspeed_keys)
         self.register_load_state_dict_pre_hook(_experts_from_deepspeed_keys)
 
+    def set_dropless(self, dropless: bool) -> None:
+        """Switch between dropless and capacity dispatch after construction (evaluation runs dropless by
+        default: capacity clipping at eval inflates the loss)."""
+        self.policy = build_capacity_policy(self.config.replace(dropless=dropless))
+
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by ``deepspeed.initialize``; our group already exists (see ``expert_parallel_group``)."""
         self.dispatcher.group = expert_parallel_group(self.ep_size)
