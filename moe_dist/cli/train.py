@@ -9,7 +9,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..engine import load_run_config
     from ..engine.trainer import run
 
-    return run(load_run_config(args.config, args.set), resume=args.resume)
+    return run(load_run_config(args.config, args.set), resume=args.resume, weights_only=args.weights_only)
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -21,4 +21,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="override a run-config field, e.g. --set batch.micro_batch=16 --set model.moe.top_k=2")
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint, else fresh), latest, none, or a checkpoint path")
+    p.add_argument("--weights-only", action="store_true",
+                   help="with --resume PATH: load only the model weights, so a checkpoint of another world size or "
+                        "ep_size trains on (fresh optimizer state and data stream; the step counter and LR "
+                        "schedule continue)")
     p.set_defaults(func=_run)

@@ -283,3 +283,17 @@ def load(engine, root: str, tag: str, rank: int) -> Dict[str, Any]:
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     return torch.load(os.path.join(tag_dir, f"client_rank{rank}.pt"), map_location="cpu", weights_only=True)
+
+
+def load_weights(engine, root: str, tag: str) -> int:
+    """Load only the model weights of a checkpoint written under any world size or ep_size (DeepSpeed
+    keeps one file per global expert, and refreshes ZeRO's fp32 copies from them); returns its step.
+    Optimizer state, the LR schedule's state and the data stream are not read."""
+    tag_dir = os.path.join(root, tag)
+    verify_safe(tag_dir)
+    path, _ = engine.load_checkpoint(root, tag=tag, load_module_only=True, load_optimizer_states=False,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the weights of checkpoint {tag_dir}")
+    step = read_marker(tag_dir).get("step")
+    return int(step) if step is not None else int(_TAG.match(tag).group(1))

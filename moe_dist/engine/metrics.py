@@ -35,6 +35,42 @@ def moe_scalars(layer_stats: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, fl
     return out
 
 
+class ExpertLoadWindow:
+    """Per-expert token counts summed over the micro-batches of a logging window and, when logged, over
+    all ranks (rank 0's last micro-batch alone would show a sample of one)."""
+
+    PREFIX = "tokens_per_expert"
+
+    def __init__(self):
+        self.sums: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    def add(self, layer_stats: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        for layer, stats in layer_stats.items():
+            acc = self.sums.setdefault(layer, {})
+            for key, value in stats.items():
+                if key.startswith(self.PREFIX):
+                    acc[key] = acc.get(key, 0) + value.detach().double()
+
+    def reduce(self, layer_stats: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
+        """``layer_stats`` with its per-expert counts replaced by the window's all-rank sums (collective:
+        every rank calls it at the same step); the window starts afresh."""
+        import deepspeed.comm as dist
+
+        keys = [(layer, key) for layer in sorted(self.sums) for key in sorted(self.sums[layer])]
+        if not keys:
+            return layer_stats
+        flat = torch.cat([self.sums[layer][key].flatten() for layer, key in keys])
+        dist.all_reduce(flat)
+        out = {layer: dict(stats) for layer, stats in layer_stats.items()}
+        offset = 0
+        for layer, key in keys:
+            n = self.sums[layer][key].numel()
+            out.setdefault(layer, {})[key] = flat[offset:offset + n]
+            offset += n
+        self.sums = {}
+        return out
+
+
 class MetricsLogger:
     """Does nothing on ranks other than 0."""
 

@@ -24,7 +24,7 @@ from ..models.config import MODEL_CONFIG_FILE, TOKENIZER_FILE
 from ..text.tokenizer import sentencepiece_path
 from . import checkpoint
 from .config import RunConfig
-from .metrics import MetricsLogger, memory_mb, summary
+from .metrics import ExpertLoadWindow, MetricsLogger, memory_mb, summary
 from .stop import DebugFaults, GracefulStop
 
 EXIT_PREEMPTED = 75  # "checkpoint saved after SIGTERM/SIGUSR1; requeue me" (EX_TEMPFAIL)
@@ -102,19 +102,22 @@ class Trainer:
         self.step, self.skipped, self.consecutive_skips, self.micro_step = 0, 0, 0, 0
         self.run_id = ""
         self._stream: Optional[Iterator] = None
+        self._expert_load = ExpertLoadWindow()
 
     def _loader_config(self, split: str, eval_samples: int = 0):
         return self.cfg.data.loader_config(split, self.cfg.batch.micro_batch, self.model_cfg.vision.image_size,
                                            self.cfg.seed, eval_samples)
 
     # ------------------------------------------------------------------ collaborators
-    def resume(self, how: str) -> None:
+    def resume(self, how: str, weights_only: bool = False) -> None:
         """Load the checkpoint ``how`` names (``auto``: the newest complete one that loads on every rank,
-        falling back past broken ones), and take over its run id; or start a new run."""
+        falling back past broken ones), and take over its run id; or start a new run. ``weights_only``
+        loads just the model weights (any world size or ep_size) and keeps the step counter."""
         root = self.cfg.checkpoint_dir
         if self.rank == 0:
             checkpoint.clean_leftovers(root)
-        found = self._first_loadable(checkpoint.resume_candidates(root, how), fallback=how == "auto")
+        candidates = checkpoint.resume_candidates(root, how)
+        found = self._first_loadable(candidates, fallback=how == "auto", same_layout=not weights_only)
         ours = checkpoint.run_ids(root)
         if found is None:
             if ours:  # a fresh run must not share a checkpoint directory with another one
@@ -130,20 +133,30 @@ class Trainer:
         if set(ours) - {self.run_id}:
             raise ValueError(f"checkpoint directory {root} holds checkpoints of runs {sorted(set(ours) - {self.run_id})}"
                              f", not of the run in {tag_dir}; resume into its own directory (set checkpoint.dir)")
+        if weights_only:
+            self.step = checkpoint.load_weights(self.engine, src_root, tag)
+            self.scheduler.last_epoch = self.step - 1
+            self.scheduler.step()  # the LR schedule continues at the step counter
+            self.log.print(f"warning: weights-only resume from {tag_dir} at step {self.step}: the model weights "
+                           "are loaded; the optimizer state (Adam moments) and the data stream start afresh")
+            return
         client = checkpoint.load(self.engine, src_root, tag, self.rank)
         self.step, self.skipped, self.micro_step = client["step"], client["skipped"], client["micro_step"]
         self.loader.load_state_dict(client["loader"])
         checkpoint.set_rng_state(client["rng"])
         self.log.print(f"resumed from {tag_dir} at step {self.step}")
 
-    def _first_loadable(self, candidates: List[Tuple[str, str]], fallback: bool) -> Optional[Tuple[str, str]]:
+    def _first_loadable(self, candidates: List[Tuple[str, str]], fallback: bool,
+                        same_layout: bool = True) -> Optional[Tuple[str, str]]:
         """The first candidate whose files every rank can read; with ``fallback`` a broken one is skipped
-        with a warning, otherwise its error is raised."""
+        with a warning, otherwise its error is raised. ``same_layout`` also requires this run's world
+        size and ep_size (a full resume re-reads ZeRO shards and per-rank client files)."""
         for root, tag in candidates:
             tag_dir = os.path.join(root, tag)
-            checkpoint.check_compatible(tag_dir, self.world, self.cfg.ep_size)
+            if same_layout:
+                checkpoint.check_compatible(tag_dir, self.world, self.cfg.ep_size)
             try:
-                checkpoint.verify_safe(tag_dir, self.rank)
+                checkpoint.verify_safe(tag_dir, self.rank if same_layout else None)
                 problem = ""
             except ValueError as err:
                 problem = str(err)
@@ -266,11 +279,11 @@ class Trainer:
         self.stop.close()
 
     # ------------------------------------------------------------------ the loop
-    def train(self, resume: str = "auto") -> int:
+    def train(self, resume: str = "auto", weights_only: bool = False) -> int:
         cfg = self.cfg
         self.log = MetricsLogger(cfg.output_dir, self.rank, cfg.steps, 0, cfg.logging.tensorboard,
                                  cfg.logging.progress)
-        self.resume(resume)
+        self.resume(resume, weights_only)
         self._write_run_files()
         self.log.print(summary(cfg, self.env, self.model_cfg, self.params, self.ds_config))
         if self.step >= cfg.steps:
@@ -294,6 +307,7 @@ class Trainer:
                     self._skip_nonfinite()
                     continue
                 self.consecutive_skips = 0
+                self._expert_load.add(step_out.model.moe.layer_stats)
                 self.engine.backward(step_out.loss)
                 self.engine.step()
             self.step += 1
@@ -338,11 +352,11 @@ class Trainer:
                    "train/logit_scale": float(out.logit_scale.detach()), "train/skipped_steps": float(self.skipped),
                    "perf/samples_per_s": samples_per_s, "perf/step_time_s": elapsed,
                    "perf/data_wait_fraction": wait / elapsed, **memory_mb()}
-        self.log.log(self.step, scalars, out.moe.layer_stats)
+        self.log.log(self.step, scalars, self._expert_load.reduce(out.moe.layer_stats))
         self.log.progress(self.step, scalars["loss/total"], lr, samples_per_s)
 
 
-def run(cfg: RunConfig, resume: str = "auto") -> int:
+def run(cfg: RunConfig, resume: str = "auto", weights_only: bool = False) -> int:
     """Validate, start the process group, train; returns the exit code.
 
     Stop requests are honoured from here on (a signal during setup is a clean stop), and whatever ends
@@ -356,11 +370,13 @@ def run(cfg: RunConfig, resume: str = "auto") -> int:
     try:
         env = detect_env()
         cfg.validate(env.world_size)  # before any process group starts
+        if weights_only and resume in ("auto", "latest", "none", ""):
+            raise ValueError("--weights-only needs --resume PATH (a checkpoint directory or a run's checkpoint root)")
         cfg.check_inputs(resume)
         init_distributed(env)
         trainer = Trainer(cfg, env, stop)
         try:
-            return trainer.train(resume)
+            return trainer.train(resume, weights_only)
         finally:
             trainer.close()
     finally:

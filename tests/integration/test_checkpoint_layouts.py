@@ -1,0 +1,50 @@
+"""A checkpoint written by 2 ranks with ep_size=2 trains on as 1 process with --weights-only, and the
+expert load TensorBoard shows is summed over all ranks and micro-batches of the logging window."""
+
+import os
+
+import pytest
+
+from helpers.train import RUN_CONFIG, deepspeed_cmd, make_synth, metrics, overrides, run
+
+IMAGE_TOKENS = (32 // 8) ** 2 + 1  # moe-clip-tiny: 32 px images, 8 px patches, plus the class token
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_synth(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep2") / "run"
+    res = run(deepspeed_cmd(overrides(synth, out, steps=4, ep_size=2, zero_stage=2,
+                                      **{"batch.grad_accum": 2, "batch.micro_batch": 8,
+                                         "model.moe.dropless": "true"})))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return out
+
+
+def test_expert_load_is_summed_over_ranks_and_micro_batches(two_rank_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(two_rank_run, "tensorboard"), size_guidance={"histograms": 0})
+    acc.Reload()
+    tag = next(t for t in acc.Tags()["histograms"] if t.startswith("moe/expert_load/image/vision."))
+    # every step: 2 ranks x 2 micro-batches x 8 images x 17 tokens, top-1 dropless routing
+    assert [h.histogram_value.num for h in acc.Histograms(tag)] == [2 * 2 * 8 * IMAGE_TOKENS] * 4
+
+
+def test_weights_only_resume_on_another_world_size_trains_on(synth, two_rank_run, tmp_path):
+    step_dir = two_rank_run / "checkpoints" / "step00000004"
+    out = tmp_path / "one"
+    cmd = ["moe-dist", "train", "--config", RUN_CONFIG, "--resume", str(step_dir)]
+    sets = overrides(synth, out, steps=6, ep_size=1, **{"data.workers": 0})
+    refused = run(cmd + sets)
+    assert refused.returncode == 2 and "resume with the same layout" in refused.stderr, refused.stderr[-2000:]
+    res = run(cmd + sets + ["--weights-only"])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "weights-only resume from" in res.stdout and "at step 4" in res.stdout
+    steps = [m["step"] for m in metrics(out) if "loss/total" in m]
+    assert steps == [5, 6]
+    assert os.path.isdir(out / "checkpoints" / "step00000006")
