@@ -21,7 +21,7 @@ import torch
 from .router import MODALITY_NAMES, Routing
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
+def entropy(p: torch.Tensor) -> torch.Tensor:
     """Entropy along the last dim; 0*log(0) = 0 with finite gradients."""
     logp = torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
     return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
@@ -54,14 +54,14 @@ def router_losses(routing: Routing) -> Dict[str, torch.Tensor]:
         "load_balance": E * (f_E * P_E).sum(),
         "z_loss": _masked_mean(lse_T.square(), mask_T),
     }
-    ent_T = _entropy(routing.probs_TE)
+    ent_T = entropy(routing.probs_TE)
     local, global_ = [], []
     for _, group_T in _groups(routing):
         if routing.modality_T is not None and not bool(group_T.any()):
             continue
         local.append(_masked_mean(ent_T, group_T))
         mean_p_E = (routing.probs_TE * group_T[:, None]).sum(0) / group_T.sum().clamp_min(1)
-        global_.append(-_entropy(mean_p_E))
+        global_.append(-entropy(mean_p_E))
     zero = probs_TE.sum() * 0
     losses["entropy_local"] = torch.stack(local).sum() if local else zero
     losses["entropy_global"] = torch.stack(global_).sum() if global_ else zero
@@ -76,7 +76,7 @@ def routing_stats(routing: Routing, kept_TK: torch.Tensor) -> Dict[str, torch.Te
     dropped_fraction: dropped / selected assignments; router_entropy: mean H(p_t) over tokens.
     """
     E = routing.probs_TE.shape[-1]
-    ent_T = _entropy(routing.probs_TE)
+    ent_T = entropy(routing.probs_TE)
     stats: Dict[str, torch.Tensor] = {}
     for name, group_T in _groups(routing):
         suffix = "" if name is None else f"/{name}"
