@@ -7,6 +7,7 @@
     loss.py        CLIP / SigLIP contrastive loss (open_clip, gathered across ranks) + MoE aux loss
     upcycle.py     sparse upcycling from a dense open_clip checkpoint
     params.py      parameter and FLOP accounting
+    pretrained.py  load_pretrained (any checkpoint or export -> one-process model + tokenizer), export
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Dict, Optional
 from .clip import ModelOutput, MoECLIP
 from .config import ModelConfig, list_models, load_model_config
 from .limoe import LIMoE
+from .pretrained import consolidated_state_dict, load_pretrained
 
 MODEL_KINDS = {"clip": MoECLIP, "limoe": LIMoE}
 
@@ -39,4 +41,4 @@ def create_model(name_or_path: str, ep_size: int = 1, overrides: Optional[Dict[s
 
 
 __all__ = ["ModelConfig", "ModelOutput", "MoECLIP", "LIMoE", "create_model", "build_model", "list_models",
-           "load_model_config"]
+           "load_model_config", "load_pretrained", "consolidated_state_dict"]
