@@ -1,0 +1,218 @@
+"""``evaluate``: zero-shot classification, image-text retrieval and contrastive loss over a full eval set.
+
+Outline:
+    1. eval mode and dropless routing (capacity mode on request), both restored afterwards;
+    2. zero-shot: the text classifier [D, C] from class names x templates (the same on every rank);
+    3. one exact pass over this rank's shards (data.EvalSet): per batch the image embeddings, and the text
+       embeddings plus the batch's contrastive loss when retrieval or loss is asked; under expert
+       parallelism every rank calls the model equally often (a rank out of data runs a dummy batch);
+    4. every rank gathers all ranks' results and sorts them by (shard, position): the canonical order;
+    5. every rank computes the same metrics from it (metrics.py). Batches never span shards, so each
+       sample's embedding and each batch's loss are the same at any world size: an N-rank eval equals a
+       1-process eval exactly.
+
+The result groups metrics by task with open_clip's key names inside (``result.groups["zeroshot"]["top1"]``,
+``result.groups["retrieval"]["image_to_text_R@1"]``); ``result.scalars()`` flattens the numbers to
+"task/key" for TensorBoard and metrics.jsonl; ``result.to_json()`` is what ``moe-dist eval --json`` writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from ..data.evalset import EvalBatch, EvalSet, default_eval_transform, eval_batches
+from ..models.moe_blocks import collect_moe_outputs, moe_mlps
+from .collect import BatchOutput, Gathered, PassRecord, gather_records
+from .metrics import retrieval_metrics, zeroshot_metrics
+from .zeroshot import ClassSet, build_classifier, load_classes, resolve_labels
+
+TASKS = ("zeroshot", "retrieval", "loss")
+
+
+@dataclass
+class EvalResult:
+    """Metrics grouped by task ("zeroshot", "retrieval", "loss", "routing", "samples"), plus the zero-shot
+    confusion matrix (C x C counts, rows true class) and class names for ``save_confusion_png``."""
+
+    groups: Dict[str, Dict[str, object]]
+    confusion: Optional[List[List[int]]] = None
+    class_names: Optional[List[str]] = None
+
+    def scalars(self) -> Dict[str, float]:
+        """{"zeroshot/top1": ..., "retrieval/image_to_text_R@1": ..., "loss/contrastive": ...}: every
+        top-level number of every group (per-class and per-layer breakdowns stay in ``groups``)."""
+        return {f"{group}/{key}": value for group, values in self.groups.items() for key, value in values.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+    def to_json(self) -> Dict[str, object]:
+        out: Dict[str, object] = {group: dict(values) for group, values in self.groups.items()}
+        if self.confusion is not None:
+            out["zeroshot"]["confusion"] = self.confusion
+            out["zeroshot"]["class_names"] = self.class_names
+        return out
+
+
+def parse_tasks(tasks: Union[str, Sequence[str]]) -> List[str]:
+    """Task names from a list and/or comma lists, deduplicated, in TASKS order; ValueError for others."""
+    names = {t.strip() for item in ([tasks] if isinstance(tasks, str) else tasks) for t in item.split(",")}
+    names.discard("")
+    unknown = sorted(names - set(TASKS))
+    if unknown or not names:
+        raise ValueError(f"unknown eval task(s) {unknown or '(none given)'}; use any of {', '.join(TASKS)}")
+    return [t for t in TASKS if t in names]
+
+
+@contextlib.contextmanager
+def eval_routing(model: torch.nn.Module, dropless: bool) -> Iterator[None]:
+    """Eval mode and dropless (or configured-capacity) MoE dispatch; the previous mode and each layer's
+    dispatch policy come back afterwards (training calls this mid-run)."""
+    layers = [m.moe for m in moe_mlps(model)]
+    saved = [(layer, layer.policy) for layer in layers]
+    was_training = model.training
+    model.eval()
+    for layer in layers:
+        layer.set_dropless(dropless)
+    try:
+        yield
+    finally:
+        for layer, policy in saved:
+            layer.policy = policy
+        model.train(was_training)
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequence[str] = TASKS,
+             batch_size: int = 64, classes: Union[None, str, Sequence[str]] = None, templates=None, rank: int = 0,
+             world_size: int = 1, dropless: bool = True, allow_pipe: bool = False, label_key: str = "label",
+             progress: bool = True, workers: int = 0) -> EvalResult:
+    """Evaluate ``model`` on every sample of ``spec`` exactly once over ``world_size`` ranks.
+
+    Args:
+        model: an MoECLIP or LIMoE (``engine.module`` when training under DeepSpeed), on its device.
+        tokenizer: callable ``texts -> LongTensor [B, C]`` fitting the model's vocabulary.
+        spec: shard spec of the eval set (brace pattern, tars, shard directories joined by "::").
+        tasks: any of "zeroshot", "retrieval", "loss" (comma lists allowed).
+        batch_size: samples per forward (batches never span shards).
+        classes, templates: zero-shot class names and prompt templates (see ``zeroshot.load_classes``).
+        rank, world_size: this process and the ranks sharing the eval (torch.distributed initialised
+            when world_size > 1); every rank must call ``evaluate`` and gets the same result.
+        dropless: dropless MoE dispatch (the default); False uses each layer's eval capacity and reports
+            ``routing/dropped_fraction``.
+        allow_pipe: allow ``pipe:`` shard URLs.
+        label_key: the metadata key holding a sample's class (int index or class name).
+        progress: a progress bar on rank 0.
+        workers: DataLoader worker processes decoding this rank's shards (0: in this process).
+    Returns:
+        EvalResult; ``groups`` holds "zeroshot" (metrics.zeroshot_metrics without "confusion"),
+        "retrieval" (metrics.retrieval_metrics), "loss" (batch-size-weighted means of the total loss and
+        each unweighted part: "total", "contrastive", MoE losses), "routing" (capacity mode only:
+        "dropped_fraction", the mean over MoE layers, and "dropped_fraction_per_layer") and "samples"
+        ("evaluated", "failed", "failures" by reason, "ranks").
+    Raises:
+        ValueError: unknown tasks, class names that do not match the labels, a bad class file.
+        DataError: no sample of the spec could be decoded.
+    """
+    tasks = parse_tasks(tasks)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        raise ValueError(f"world_size={world_size} needs torch.distributed initialised before evaluate()")
+    model = getattr(model, "module", model)  # a DeepSpeed engine evaluates its module
+    device = next(model.parameters()).device
+    class_set = load_classes(classes, templates) if "zeroshot" in tasks else None
+    evalset = EvalSet(spec, default_eval_transform(model.cfg.vision.image_size), tokenizer, batch_size, rank,
+                      world_size, allow_pipe)
+    with eval_routing(model, dropless), torch.no_grad():
+        classifier_DC = build_classifier(model, tokenizer, class_set, device).cpu() if class_set else None
+        if class_set:
+            collect_moe_outputs(model, torch.zeros(()))  # drop what the classifier's text passes left in the layers
+        record = _run_pass(model, evalset, tasks, device, label_key, progress and rank == 0, workers)
+    data = gather_records(record, world_size)
+    return _metrics(data, tasks, class_set, classifier_DC, label_key, dropless, world_size)
+
+
+def _forward(model, images: torch.Tensor, tokens: torch.Tensor, need_text: bool, loss_fn) -> BatchOutput:
+    """One batch: both towers through ``model(images, tokens)`` when text is needed (retrieval, loss; the
+    loss needs the logit scale), else the image tower alone."""
+    if need_text:
+        out = model(images, tokens)
+        return BatchOutput(out.image_features, out.text_features, out.moe, loss_fn(out) if loss_fn else None)
+    image_emb = model.encode_image(images)
+    return BatchOutput(image_emb, None, collect_moe_outputs(model, image_emb))
+
+
+def _lockstep(batches: Iterator[EvalBatch], model, device) -> Iterator[Optional[EvalBatch]]:
+    """The batches; under expert parallelism (an all-to-all in every MoE forward) each rank then yields None
+    (run a dummy forward) until every rank has run out, so all ranks call the model equally often."""
+    expert_parallel = torch.distributed.is_initialized() and any(m.moe.ep_size > 1 for m in moe_mlps(model))
+    flag = torch.ones(1, device=device)
+    for batch in batches:
+        if expert_parallel:
+            torch.distributed.all_reduce(flag.fill_(1.0), op=torch.distributed.ReduceOp.MAX)
+        yield batch
+    while expert_parallel:
+        torch.distributed.all_reduce(flag.fill_(0.0), op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return
+        yield None
+
+
+def _run_pass(model, evalset: EvalSet, tasks: List[str], device, label_key: str, progress: bool,
+              workers: int) -> PassRecord:
+    """Step 3 of the outline: this rank's per-sample embeddings and labels, per-batch losses and routing."""
+    from tqdm import tqdm
+
+    from ..models.loss import ContrastiveLoss
+
+    need_text = "retrieval" in tasks or "loss" in tasks
+    loss_fn = ContrastiveLoss(model.cfg.loss) if "loss" in tasks else None  # per batch: rank 0 of 1
+    dtype = next(model.parameters()).dtype
+    keep = {"image"} if "zeroshot" in tasks or "retrieval" in tasks else set()
+    keep |= ({"labels"} if "zeroshot" in tasks else set()) | ({"text"} if "retrieval" in tasks else set())
+    record = PassRecord(keep)
+    size = model.cfg.vision.image_size
+    bar = tqdm(total=sum(evalset.shards[i].samples for i in evalset.mine), unit="img", disable=not progress,
+               desc="eval", dynamic_ncols=True)
+
+    def nonempty() -> Iterator[EvalBatch]:
+        for batch in eval_batches(evalset, workers):
+            record.failures.update(batch.failures)
+            if len(batch.keys):
+                yield batch
+
+    for batch in _lockstep(nonempty(), model, device):
+        if batch is None:  # a dummy batch keeps the expert-parallel all-to-alls paired
+            _forward(model, torch.zeros(1, 3, size, size, device=device, dtype=dtype),
+                     evalset.tokenizer(["."]).to(device), need_text, loss_fn)
+            continue
+        images = batch.images.to(device=device, dtype=dtype, non_blocking=True)
+        record.add(batch, _forward(model, images, batch.tokens.to(device), need_text, loss_fn), label_key)
+        bar.update(len(batch.keys))
+    bar.close()
+    return record
+
+
+def _metrics(data: Gathered, tasks: List[str], class_set: Optional[ClassSet], classifier_DC: Optional[torch.Tensor],
+             label_key: str, dropless: bool, world_size: int) -> EvalResult:
+    """Step 5: the same metrics on every rank from the gathered, canonically ordered data."""
+    groups: Dict[str, Dict[str, object]] = {}
+    result = EvalResult(groups)
+    if "zeroshot" in tasks:
+        labels_N = resolve_labels(data.labels, data.where(), class_set, label_key)
+        zeroshot = zeroshot_metrics(data.image_emb @ classifier_DC, labels_N, class_set.names)
+        result.confusion, result.class_names = zeroshot.pop("confusion"), list(class_set.names)
+        groups["zeroshot"] = zeroshot
+    if "retrieval" in tasks:
+        image_emb_ID, text_emb_JD, text_image_J = data.unique_pairs()
+        groups["retrieval"] = retrieval_metrics(image_emb_ID, text_emb_JD, text_image_J)
+    if "loss" in tasks:
+        groups["loss"] = data.mean_losses()
+    if not dropless:
+        groups["routing"] = data.dropped_fractions()
+    groups["samples"] = {"evaluated": data.samples, "failed": sum(data.failures.values()),
+                         "failures": dict(data.failures), "ranks": world_size}
+    return result
+
+
+__all__ = ["TASKS", "EvalResult", "evaluate", "eval_routing", "parse_tasks"]
