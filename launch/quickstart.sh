@@ -15,4 +15,5 @@ if [ ! -f "$DATA/tok.model" ]; then
 fi
 exec deepspeed --num_gpus "$NUM_RANKS" --master_port "${MASTER_PORT:-29500}" --module moe_dist train \
   --config configs/runs/tiny-synth.yaml \
-  --set data.train="$DATA/train" --set data.val="$DATA/val" --set data.tokenizer="$DATA/tok.model" "$@"
+  --set data.train="$DATA/train" --set data.val="$DATA/val" --set data.tokenizer="$DATA/tok.model" \
+  --set eval.tasks=[loss,zeroshot,retrieval] --set eval.classes="$DATA/classes.json" "$@"

@@ -24,6 +24,10 @@ from .. import __version__  # noqa: E402
 COMMANDS = {
     "version": "version",
     "train": "train",
+    "eval": "eval",
+    "export": "export",
+    "reshard": "reshard",
+    "analyze-routing": "analyze_routing",
     "params": "params",
     "slurm": "slurm",
     "hostfile": "hostfile",

@@ -26,9 +26,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-import pickle
 import random
-import re
 import shutil
 import time
 import uuid
@@ -36,29 +34,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..checkpoint_files import MARKER, TAG_RE, complete_tags, is_complete, load_weights_only
 from ..files import atomic_path, atomic_write, fsync_dir, fsync_file, remove_stale_temporaries
 
-MARKER = "COMPLETE"
 LATEST = "latest"
 STAGING = ".saving"
 REPLACED = ".replaced"
-_TAG = re.compile(r"^step(\d{8})$")
+_TAG = TAG_RE
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def is_complete(tag_dir: str) -> bool:
-    return os.path.isfile(os.path.join(tag_dir, MARKER))
-
-
-def complete_tags(root: str) -> List[str]:
-    """Complete checkpoint tags under ``root``, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    tags = [t for t in os.listdir(root) if _TAG.match(t) and is_complete(os.path.join(root, t))]
-    return sorted(tags, key=lambda t: int(_TAG.match(t).group(1)))
 
 
 def rng_state() -> Dict[str, Any]:
@@ -223,24 +209,6 @@ def resume_candidates(root: str, resume: str) -> List[Tuple[str, str]]:
     return [found] if found else []
 
 
-# Types DeepSpeed's checkpoint files contain besides tensors and containers.
-def _allowed_globals() -> List[Any]:
-    import argparse
-    import collections
-
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [collections.OrderedDict, argparse.Namespace, LossScaler, fragment_address]
-    try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        allowed.append(ZeroStageEnum)
-    except ImportError:
-        pass
-    return allowed
-
-
 def verify_safe(tag_dir: str, rank: Optional[int] = None) -> None:
     """Refuse checkpoint files that are unreadable (truncated, corrupt) or hold arbitrary pickled
     objects: each must load with ``weights_only=True`` and the allow-list above, before DeepSpeed loads
@@ -248,16 +216,8 @@ def verify_safe(tag_dir: str, rank: Optional[int] = None) -> None:
     if rank is not None and not os.path.isfile(os.path.join(tag_dir, f"client_rank{rank}.pt")):
         raise ValueError(f"checkpoint {tag_dir} has no client_rank{rank}.pt: it was written by fewer ranks "
                          "than this run has; resume with the same world size")
-    with torch.serialization.safe_globals(_allowed_globals()):
-        for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
-            try:
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except pickle.UnpicklingError as err:
-                raise ValueError(f"refusing to load {path}: it holds objects outside the weights-only allow-list "
-                                 f"({str(err).splitlines()[0][:200]})") from None
-            except Exception as err:
-                raise ValueError(f"cannot read {path}: the file is truncated or corrupt "
-                                 f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
+        load_weights_only(path)
 
 
 def check_compatible(tag_dir: str, world_size: int, ep_size: int) -> None:

@@ -4,6 +4,7 @@ process group starts; the DeepSpeed config is generated from it (batch sizes are
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -121,12 +122,25 @@ class LoggingSection:
 
 @dataclass
 class EvalSection:
+    """Evaluation of ``data.val`` (a full pass, every sample once over all ranks, dropless routing) with
+    the code of ``moe-dist eval``; metrics go to TensorBoard and metrics.jsonl as val/<task>/<metric>."""
+
     every: int = 0  # optimizer steps; 0 = at the end only (if data.val is set)
-    batches: int = 10
+    tasks: List[str] = field(default_factory=lambda: ["loss"])  # loss, zeroshot, retrieval
+    classes: str = ""  # zero-shot class file {"classes": [...], "templates": [...]}; needed for zeroshot
+    label_key: str = "label"  # metadata key of a sample's class
 
     def __post_init__(self) -> None:
+        from ..evaluation.tasks import parse_tasks
+
         _at_least(self, "eval.", 0, "every")
-        _at_least(self, "eval.", 1, "batches")
+        try:
+            self.tasks = parse_tasks(self.tasks)
+        except ValueError as err:
+            raise ValueError(f"eval.tasks: {err}") from None
+        if "zeroshot" in self.tasks and not self.classes:
+            raise ValueError("eval.tasks has zeroshot but eval.classes is empty; give the class file "
+                             '({"classes": [...], "templates": [...]}, e.g. the classes.json of moe-dist-data synth)')
 
 
 @dataclass
@@ -215,6 +229,8 @@ class RunConfig:
             get_tokenizer(d.tokenizer or text.tokenizer, text.context_length)
         except ValueError as err:
             raise ValueError(f"data.tokenizer: {err}") from None
+        if self.eval.classes and not os.path.isfile(self.eval.classes):
+            raise ValueError(f"eval.classes: {self.eval.classes!r} does not exist")
         checkpoint.find_resume(self.checkpoint_dir, resume)
 
     def model_config(self):

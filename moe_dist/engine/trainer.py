@@ -8,7 +8,6 @@ checkpoint (or a stop requested before the first step), 1 a data error or repeat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -20,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..files import atomic_write
-from ..models.config import MODEL_CONFIG_FILE, TOKENIZER_FILE
+from ..models.pretrained import model_files
 from ..text.tokenizer import sentencepiece_path
 from . import checkpoint
 from .config import RunConfig
@@ -191,15 +190,12 @@ class Trainer:
         resolved = {**self.cfg.to_dict(), "_world_size": self.world}
         files: Dict[str, object] = {"run_config.json": json.dumps(resolved, indent=2),
                                     "deepspeed_config.json": json.dumps(self.ds_config, indent=2)}
-        model = dataclasses.asdict(self.model_cfg)
+        tokenizer: object = "openclip-bpe"
         path = sentencepiece_path(self.cfg.data.tokenizer or self.model_cfg.text.tokenizer)
         if path:
             with open(path, "rb") as f:
-                files[TOKENIZER_FILE] = f.read()
-            model["text"]["tokenizer"] = f"sentencepiece:{TOKENIZER_FILE}"  # relative to the checkpoint
-        else:
-            model["text"]["tokenizer"] = "openclip-bpe"
-        files[MODEL_CONFIG_FILE] = json.dumps(model, indent=2)
+                tokenizer = f.read()
+        files.update(model_files(self.model_cfg, tokenizer))
         return files
 
     def _write_run_files(self) -> None:
@@ -244,21 +240,19 @@ class Trainer:
         return StepOutput(result.total, result.parts, out)
 
     def evaluate(self) -> Dict[str, float]:
-        """Validation contrastive loss over ``eval.batches`` batches per rank (the eval issue adds
-        zero-shot and retrieval metrics here)."""
+        """``eval.tasks`` on the full ``data.val`` (every sample once over all ranks, dropless routing):
+        the code of ``moe-dist eval``; scalars as val/<task>/<metric>."""
         if not self.cfg.data.val:
             return {}
-        from ..data import ShardLoader
+        from ..evaluation import evaluate
 
-        samples = self.cfg.eval.batches * self.cfg.batch.micro_batch * self.world
-        loader = ShardLoader(self._loader_config("val", samples), self.tokenizer, self.rank, self.world)
-        self.engine.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for batch in loader:
-                total, count = total + float(self._forward(batch).parts["contrastive"]), count + 1
+        e = self.cfg.eval
+        result = evaluate(self.engine.module, self.tokenizer, self.cfg.data.val, e.tasks,
+                          batch_size=self.cfg.batch.micro_batch, classes=e.classes or None, rank=self.rank,
+                          world_size=self.world, allow_pipe=self.cfg.data.allow_pipe, label_key=e.label_key,
+                          progress=False)
         self.engine.train()
-        return {"val/contrastive": _all_reduce(total / max(count, 1), "SUM") / self.world}
+        return {f"val/{name}": float(value) for name, value in result.scalars().items()}
 
     def close(self) -> None:
         """Stop the data workers and the loggers, restore the signal handlers; safe to call twice.
@@ -314,7 +308,7 @@ class Trainer:
             # 2. metrics, evaluation, checkpoints, signals
             elapsed = time.perf_counter() - start
             self._log_step(step_out, elapsed, wait)
-            if cfg.eval.every and self.step % cfg.eval.every == 0:
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.steps:
                 self.log.log(self.step, self.evaluate(), {})
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:
                 self.save()

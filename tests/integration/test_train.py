@@ -35,7 +35,7 @@ def test_two_ranks_ep2_zero2_deepspeed_launcher(synth, tmp_path):
     assert "checkpoint" in res.stdout and "TensorBoard logs" in res.stdout
     acc = _tensorboard(out)
     tags = acc.Tags()["scalars"]
-    for tag in SCALARS + ["val/contrastive"]:
+    for tag in SCALARS + ["val/loss/contrastive"]:
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4]
     assert any(t.startswith("moe/dropped_fraction/vision.") for t in tags)
