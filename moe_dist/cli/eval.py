@@ -7,10 +7,11 @@ every rank computes the same metrics, rank 0 prints and writes them).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List
 
-from ..evaluation.tasks import TASKS
+TASK_NAMES = "zeroshot|retrieval|loss"  # the names evaluation.tasks.TASKS checks; no heavy import for --help
 
 
 def default_tasks(args: argparse.Namespace) -> List[str]:
@@ -55,6 +56,9 @@ def _run(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.task) if args.task else default_tasks(args)
     if args.confusion_png and "zeroshot" not in tasks:
         raise ValueError("--confusion-png needs the zeroshot task (--task zeroshot and --classes FILE)")
+    for out in (args.json, args.confusion_png):  # fail now, not after the whole pass
+        if out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     env = detect_env()
     if env.world_size > 1:
         init_distributed(env)
@@ -91,7 +95,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "exported .safetensors file")
     p.add_argument("--data", required=True, help="shard spec of the eval set (brace pattern, .tar, shard directory)")
     p.add_argument("--task", action="append", default=[], metavar="TASK",
-                   help=f"{'|'.join(TASKS)}; repeatable or a comma list (default: retrieval and loss, plus zeroshot "
+                   help=f"{TASK_NAMES}; repeatable or a comma list (default: retrieval and loss, plus zeroshot "
                         "when --classes is given and the samples carry labels)")
     p.add_argument("--classes", metavar="FILE",
                    help='zero-shot class names and templates: JSON {"classes": [...], "templates": [...]} '

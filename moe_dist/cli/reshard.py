@@ -39,9 +39,8 @@ from .export import add_checkpoint_args
 def reshard(checkpoint: str, out: str, ep_size: int, world_size: int = 0, model_config=None,
             tokenizer=None) -> str:
     """Write the weights-only checkpoint described above; returns its step directory."""
-    from ..checkpoint_files import MARKER, MODEL_FILE_RE, TAG_RE
-    from ..engine.checkpoint import LATEST, STAGING
-    from ..files import atomic_write, fsync_dir, fsync_file
+    from ..checkpoint_files import MODEL_FILE_RE, STAGING, TAG_RE, commit, read_marker
+    from ..files import atomic_write, fsync_file
     from ..models.pretrained import consolidated_state_dict, experts_per_layer, model_files
 
     state = consolidated_state_dict(checkpoint, model_config, tokenizer)  # 1.
@@ -75,14 +74,9 @@ def reshard(checkpoint: str, out: str, ep_size: int, world_size: int = 0, model_
             fsync_file(os.path.join(staging, name))
     for name, data in files.items():
         atomic_write(os.path.join(staging, name), data)
-    marker = _read_json(os.path.join(src, MARKER))
-    atomic_write(os.path.join(staging, MARKER), json.dumps({
-        "step": state.step, "world_size": world_size, "run_id": marker.get("run_id", ""), "time": time.time(),
-        "weights_only": True, "ep_size": ep_size, "resharded_from": src}))
-    os.replace(staging, target)
-    fsync_dir(out)
-    atomic_write(os.path.join(out, LATEST), tag)
-    return target
+    return commit(out, tag, {"step": state.step, "world_size": world_size, "time": time.time(),
+                             "run_id": read_marker(src).get("run_id", ""), "weights_only": True,
+                             "ep_size": ep_size, "resharded_from": src})
 
 
 def _layout_files(src: str, ep_size: int, world_size: int) -> Dict[str, str]:

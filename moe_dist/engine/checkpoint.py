@@ -9,13 +9,12 @@ Save outline (no directory is ever written while it is marked complete):
     2. every rank writes into the fresh staging directory CKPT/step00000100.saving (DeepSpeed's files,
        its client file), then fsyncs the files there: data reaches the disk before any marker;
     3. barrier: every rank has finished writing;
-    4. rank 0 writes the run files and COMPLETE into the staging directory, moves an existing
-       step00000100 aside (a step saved twice), renames the staging directory to step00000100 (the
-       commit), points ``latest`` at it, deletes what it moved aside and prunes this run's checkpoints
-       beyond ``keep``;
+    4. rank 0 writes the run files into the staging directory and commits it (``checkpoint_files.commit``:
+       COMPLETE inside, an existing step00000100 moved aside, one rename, ``latest``), then prunes this
+       run's checkpoints beyond ``keep``;
     5. barrier.
-A kill anywhere before the rename leaves only a ``.saving`` directory, which resume ignores and the next
-save or run start deletes; the complete checkpoints are untouched.
+A kill before the commit leaves only a ``.saving`` directory, which resume ignores and the next run
+start deletes; a kill inside the commit leaves complete copies that ``recover`` renames back.
 
 Resume (``resume_candidates``): ``auto`` tries the complete checkpoints newest first; one whose files do
 not load (truncated, corrupt, or holding objects outside the allow-list) is skipped with a warning.
@@ -34,12 +33,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..checkpoint_files import MARKER, TAG_RE, complete_tags, is_complete, load_weights_only
-from ..files import atomic_path, atomic_write, fsync_dir, fsync_file, remove_stale_temporaries
+from ..checkpoint_files import (LATEST, MARKER, STAGING, TAG_RE, commit, complete_tags, is_complete,  # noqa: F401
+                                load_weights_only, read_marker, recover)
+from ..files import atomic_path, atomic_write, fsync_dir, fsync_file
 
-LATEST = "latest"
-STAGING = ".saving"
-REPLACED = ".replaced"
 _TAG = TAG_RE
 
 
@@ -70,16 +67,6 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def read_marker(tag_dir: str) -> Dict[str, Any]:
-    """The COMPLETE marker's contents ({} when it is missing or unreadable)."""
-    try:
-        with open(os.path.join(tag_dir, MARKER)) as f:
-            info = json.load(f)
-        return info if isinstance(info, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def run_ids(root: str) -> Dict[str, List[str]]:
     """Run id -> its complete tags under ``root`` (checkpoints from before run ids count as run "")."""
     out: Dict[str, List[str]] = {}
@@ -88,20 +75,12 @@ def run_ids(root: str) -> Dict[str, List[str]]:
     return out
 
 
-def clean_leftovers(root: str) -> None:
-    """Delete what interrupted saves leave: staging and moved-aside directories, temporary files."""
-    if not os.path.isdir(root):
-        return
-    for name in os.listdir(root):
-        if name.endswith(STAGING) or REPLACED in name:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    remove_stale_temporaries(root)
-
-
 def _fsync_tree(directory: str) -> None:
     for path in glob.glob(os.path.join(glob.escape(directory), "*")):
-        if os.path.isfile(path):
+        try:
             fsync_file(path)
+        except (FileNotFoundError, IsADirectoryError):  # another rank's temporary file renamed meanwhile
+            pass
     fsync_dir(directory)
 
 
@@ -132,17 +111,7 @@ def save(engine, root: str, step: int, client: Dict[str, Any], keep: int, run_fi
     if rank == 0:
         for name, text in run_files.items():
             atomic_write(os.path.join(staging, name), text)
-        info = {"step": step, "world_size": dist.get_world_size(), "run_id": run_id, "time": time.time()}
-        atomic_write(os.path.join(staging, MARKER), json.dumps(info))
-        replaced = None
-        if os.path.exists(tag_dir):
-            replaced = f"{tag_dir}{REPLACED}.{os.getpid()}"
-            os.replace(tag_dir, replaced)
-        os.replace(staging, tag_dir)
-        fsync_dir(root)
-        atomic_write(os.path.join(root, LATEST), tag)
-        if replaced:
-            shutil.rmtree(replaced, ignore_errors=True)
+        commit(root, tag, {"step": step, "world_size": dist.get_world_size(), "run_id": run_id, "time": time.time()})
         _prune(root, keep, run_id)
     for stale in glob.glob(os.path.join(root, f"saving.rank{rank}")):
         os.remove(stale)

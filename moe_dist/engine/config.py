@@ -231,6 +231,15 @@ class RunConfig:
             raise ValueError(f"data.tokenizer: {err}") from None
         if self.eval.classes and not os.path.isfile(self.eval.classes):
             raise ValueError(f"eval.classes: {self.eval.classes!r} does not exist")
+        if "zeroshot" in self.eval.tasks and d.val:  # labels that do not fit the classes fail now, not at the end
+            from ..data.evalset import first_metadata
+            from ..evaluation.zeroshot import load_classes, resolve_labels
+
+            label = first_metadata(d.val, d.allow_pipe).get(self.eval.label_key)
+            try:
+                resolve_labels([label], [(0, 0)], load_classes(self.eval.classes), self.eval.label_key)
+            except ValueError as err:
+                raise ValueError(f"eval.classes / data.val: {err}") from None
         checkpoint.find_resume(self.checkpoint_dir, resume)
 
     def model_config(self):

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_STOP_TIMEOUT = 124  # the stop did not finish within stop_timeout_s (the code timeout(1) uses)
@@ -64,7 +64,7 @@ class GracefulStop:
                     if signum in STOP_SIGNALS:
                         self._received(signum)
 
-    def _received(self, signum: int) -> None:
+    def _received(self, signum: Optional[int]) -> None:
         self.signalled = True
         now = time.monotonic()
         if self._first_at is None:
@@ -73,7 +73,7 @@ class GracefulStop:
                 self._timer = threading.Timer(self.timeout_s, self._give_up)
                 self._timer.daemon = True
                 self._timer.start()
-        elif now - self._first_at >= SAME_REQUEST_S:  # asked again: the stop is not to wait any longer
+        elif signum is not None and now - self._first_at >= SAME_REQUEST_S:  # asked again: the stop is not to wait any longer
             sys.stderr.write(f"moe-dist: second stop signal ({signal.Signals(signum).name}); exiting now\n")
             sys.stderr.flush()
             os._exit(128 + signum)
@@ -86,7 +86,9 @@ class GracefulStop:
 
     @property
     def requested(self) -> bool:
-        return self.signalled or bool(self.stop_file and os.path.exists(self.stop_file))
+        if not self.signalled and self.stop_file and os.path.exists(self.stop_file):
+            self._received(None)  # the stop file (SLURM's preemption path) arms the watchdog too
+        return self.signalled
 
     def close(self) -> None:
         """Restore the handlers that were installed before and stop the watcher; safe to call twice."""

@@ -9,6 +9,7 @@ checkpoint (or a stop requested before the first step), 1 a data error or repeat
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import time
@@ -102,6 +103,8 @@ class Trainer:
         self.run_id = ""
         self._stream: Optional[Iterator] = None
         self._expert_load = ExpertLoadWindow()
+        self._saved_step, self._saved_path = -1, ""
+        self._children_before = {p.pid for p in multiprocessing.active_children()}
 
     def _loader_config(self, split: str, eval_samples: int = 0):
         return self.cfg.data.loader_config(split, self.cfg.batch.micro_batch, self.model_cfg.vision.image_size,
@@ -112,13 +115,22 @@ class Trainer:
         """Load the checkpoint ``how`` names (``auto``: the newest complete one that loads on every rank,
         falling back past broken ones), and take over its run id; or start a new run. ``weights_only``
         loads just the model weights (any world size or ep_size) and keeps the step counter."""
+        import deepspeed.comm as dist
+
         root = self.cfg.checkpoint_dir
         if self.rank == 0:
-            checkpoint.clean_leftovers(root)
+            for tag in checkpoint.recover(root):
+                self.log.print(f"recovered checkpoint {tag} from an interrupted save")
+        dist.barrier()  # every rank sees the same directory from here on
         candidates = checkpoint.resume_candidates(root, how)
         found = self._first_loadable(candidates, fallback=how == "auto", same_layout=not weights_only)
+        if found is not None:
+            self._abandon_newer(root, *found)
         ours = checkpoint.run_ids(root)
         if found is None:
+            if candidates:
+                raise ValueError(f"no checkpoint in {root} could be loaded (see the warnings above); fix or remove "
+                                 "them, or resume another checkpoint with --resume PATH")
             if ours:  # a fresh run must not share a checkpoint directory with another one
                 newest = max(tag for tags in ours.values() for tag in tags)
                 raise ValueError(f"checkpoint directory {root} already holds another run's checkpoints (newest "
@@ -145,6 +157,23 @@ class Trainer:
         checkpoint.set_rng_state(client["rng"])
         self.log.print(f"resumed from {tag_dir} at step {self.step}")
 
+    def _abandon_newer(self, root: str, src_root: str, tag: str) -> None:
+        """Resuming a checkpoint that is not its run's newest in this directory: the newer ones are of a
+        branch this run leaves; they are renamed ``step########.abandoned`` (kept, but never resumed or
+        pruned), so that pruning and a later ``--resume auto`` follow the resumed branch."""
+        import deepspeed.comm as dist
+
+        if os.path.abspath(src_root) != os.path.abspath(root):
+            return
+        run_id = checkpoint.read_marker(os.path.join(root, tag)).get("run_id", "")
+        newer = [t for t in checkpoint.run_ids(root).get(run_id, []) if t > tag]
+        if newer and self.rank == 0:
+            for t in newer:
+                os.replace(os.path.join(root, t), os.path.join(root, f"{t}.abandoned.{int(time.time())}"))
+            self.log.print(f"warning: resuming {tag}, so the newer checkpoints {newer} of this run will not be "
+                           "resumed or pruned: renamed to *.abandoned (delete them when you no longer need them)")
+        dist.barrier()
+
     def _first_loadable(self, candidates: List[Tuple[str, str]], fallback: bool,
                         same_layout: bool = True) -> Optional[Tuple[str, str]]:
         """The first candidate whose files every rank can read; with ``fallback`` a broken one is skipped
@@ -152,6 +181,9 @@ class Trainer:
         size and ep_size (a full resume re-reads ZeRO shards and per-rank client files)."""
         for root, tag in candidates:
             tag_dir = os.path.join(root, tag)
+            if same_layout and checkpoint.read_marker(tag_dir).get("weights_only"):
+                raise ValueError(f"checkpoint {tag_dir} holds model weights only (a moe-dist reshard output); "
+                                 "resume it with --resume PATH --weights-only")
             if same_layout:
                 checkpoint.check_compatible(tag_dir, self.world, self.cfg.ep_size)
             try:
@@ -178,10 +210,15 @@ class Trainer:
         return box[0]
 
     def save(self) -> str:
+        if self._saved_step == self.step:  # e.g. a checkpoint.every step that a stop request also asks for
+            return self._saved_path
         client = {"step": self.step, "skipped": self.skipped, "micro_step": self.micro_step,
                   "loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}
-        return checkpoint.save(self.engine, self.cfg.checkpoint_dir, self.step, client, self.cfg.checkpoint.keep,
-                               self._run_files(), self.run_id, self.cfg.debug.pause_in_save_s)
+        self._saved_path = checkpoint.save(self.engine, self.cfg.checkpoint_dir, self.step, client,
+                                           self.cfg.checkpoint.keep, self._run_files(), self.run_id,
+                                           self.cfg.debug.pause_in_save_s)
+        self._saved_step = self.step
+        return self._saved_path
 
     def _run_files(self) -> Dict[str, object]:
         """What the run was (name -> text or bytes): written to output_dir at start and into every
@@ -260,14 +297,13 @@ class Trainer:
         Workers ignore SIGTERM (stream.py leaves preemption to the trainer), so a worker still alive here
         would block interpreter exit in multiprocessing's join: closing the batch stream shuts the
         DataLoader down, and any worker left (its iterator kept alive by a traceback) is killed."""
-        import multiprocessing
-
         if self._stream is not None:
             self._stream.close()
             self._stream = None
         for child in multiprocessing.active_children():
-            child.kill()
-            child.join(timeout=10)
+            if child.pid not in self._children_before:  # this trainer's data workers, not the caller's processes
+                child.kill()
+                child.join(timeout=10)
         if self.log is not None:
             self.log.close()
         self.stop.close()
@@ -305,19 +341,20 @@ class Trainer:
                 self.engine.backward(step_out.loss)
                 self.engine.step()
             self.step += 1
-            # 2. metrics, evaluation, checkpoints, signals
+            # 2. metrics, signals, checkpoints, evaluation (a stop never waits for an evaluation, and an
+            # evaluation error never costs the checkpoint before it)
             elapsed = time.perf_counter() - start
             self._log_step(step_out, elapsed, wait)
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.steps:
-                self.log.log(self.step, self.evaluate(), {})
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:
-                self.save()
             if _all_reduce(float(self.stop.requested), "MAX") > 0:
                 path = self.save()
                 self.log.print(f"stopped by signal at step {self.step}; checkpoint {path}")
                 return EXIT_PREEMPTED
-        self.log.log(self.step, self.evaluate(), {})
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:
+                self.save()
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.steps:
+                self.log.log(self.step, self.evaluate(), {})
         path = self.save()
+        self.log.log(self.step, self.evaluate(), {})
         tensorboard = f"; TensorBoard logs {os.path.abspath(self.log.tb_dir)}" if self.log.writer is not None else ""
         self.log.print(f"done: {self.step} steps; checkpoint {path}{tensorboard}")
         return 0

@@ -36,7 +36,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ..checkpoint_files import EXPERT_STATES_RE, MARKER, MODEL_STATES, TAG_RE, find_checkpoint, load_weights_only
+from ..checkpoint_files import EXPERT_STATES_RE, MODEL_STATES, TAG_RE, find_checkpoint, load_weights_only, read_marker
 from ..config import from_dict
 from ..files import atomic_path
 from ..text.tokenizer import SentencePieceTokenizer, get_tokenizer, sentencepiece_path
@@ -232,10 +232,8 @@ def _read_checkpoint(step_dir: str, model_config: ConfigArg, tokenizer: Optional
     for name in sorted(os.listdir(step_dir)):
         if EXPERT_STATES_RE.match(name):
             weights.update(load_weights_only(os.path.join(step_dir, name)))
-    try:
-        with open(os.path.join(step_dir, MARKER)) as f:
-            step = int(json.load(f)["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+    step = read_marker(step_dir).get("step")
+    if not isinstance(step, int):
         match = TAG_RE.match(os.path.basename(step_dir))
         step = int(match.group(1)) if match else None
     return PretrainedState(config, weights, spec, step_dir, step)

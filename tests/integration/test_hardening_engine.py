@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from helpers.train import (RUN_CONFIG, ROOT, clean_env, kill_all, make_synth, overrides, run, start_srun_style,
-                           wait_for)
+from helpers.train import RUN_CONFIG, ROOT, clean_env, kill_all, make_synth, overrides, start_srun_style, wait_for
 from moe_dist.engine import checkpoint
 
 ONE_RANK = {"ep_size": 1, "data.workers": 0, "batch.micro_batch": 8}
@@ -59,25 +58,30 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(synth, tmp_p
     checkpoint.verify_safe(str(out / "checkpoints" / "step00000004"), rank=0)
 
 
-def test_kill_while_saving_over_an_existing_step_keeps_it_complete(synth, tmp_path):
+def test_resuming_an_older_checkpoint_then_a_kill_while_saving_loses_nothing(synth, tmp_path):
     out = tmp_path / "run"
     assert _train(synth, out, steps=4, **ONE_RANK, **{"checkpoint.every": 2}).returncode == 0
     ckpts = out / "checkpoints"
     before = sorted(os.listdir(ckpts / "step00000004"))
-    # resume the older checkpoint, so the run saves step 4 a second time; kill it inside that save
+    # resume the older checkpoint: step 4 belongs to a branch this run leaves; kill the run inside its next save
+    log = tmp_path / "resumed.log"
     args = overrides(synth, out, steps=6, **ONE_RANK, **{"checkpoint.every": 2, "debug.pause_in_save_s": 30})
-    proc = subprocess.Popen([sys.executable, "-m", "moe_dist", "train", "--config", RUN_CONFIG, "--resume",
-                             str(ckpts / "step00000002")] + args, cwd=ROOT, env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    saving = ckpts / "saving.rank0"
-    assert wait_for(lambda: saving.exists() and saving.read_text() == "step00000004", timeout=120)
-    kill_all([proc])
-    proc.wait()
-    assert (ckpts / "step00000004.saving").is_dir()
-    assert _tags(out) == ["step00000002", "step00000004"] and sorted(os.listdir(ckpts / "step00000004")) == before
-    checkpoint.verify_safe(str(ckpts / "step00000004"), rank=0)
-    res = _train(synth, out, steps=6, **ONE_RANK, **{"checkpoint.every": 2})
-    assert res.returncode == 0 and "step00000004 at step 4" in res.stdout, res.stderr[-3000:]
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "moe_dist", "train", "--config", RUN_CONFIG, "--resume",
+                                 str(ckpts / "step00000002")] + args, cwd=ROOT, env=clean_env(), stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        saving = ckpts / "saving.rank0"
+        assert wait_for(lambda: saving.exists() and saving.read_text() == "step00000004", timeout=120)
+        kill_all([proc])
+        proc.wait()
+    assert "renamed to *.abandoned" in log.read_text()
+    abandoned = [n for n in os.listdir(ckpts) if n.startswith("step00000004.abandoned")]
+    assert len(abandoned) == 1 and sorted(os.listdir(ckpts / abandoned[0])) == before  # kept, untouched
+    assert (ckpts / "step00000004.saving").is_dir() and _tags(out) == ["step00000002"]
+    checkpoint.verify_safe(str(ckpts / "step00000002"), rank=0)
+    res = _train(synth, out, steps=6, **ONE_RANK, **{"checkpoint.every": 2})  # auto: the resumed branch
+    assert res.returncode == 0 and "step00000002 at step 2" in res.stdout, res.stderr[-3000:]
+    assert _tags(out) == ["step00000004", "step00000006"]
     assert not [n for n in os.listdir(ckpts) if ".saving" in n or ".replaced" in n or ".tmp." in n]
 
 

@@ -52,3 +52,24 @@ def test_pickled_objects_are_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="refusing to load .*client_rank0.pt"):
         checkpoint.verify_safe(str(d))
     assert not marker.exists()
+
+
+def test_recover_puts_back_a_step_interrupted_inside_its_commit(tmp_path):
+    from moe_dist.checkpoint_files import recover
+
+    _tag(tmp_path, 2)
+    # killed between "move the old step 4 aside" and "rename the new one into place": two complete copies
+    new, old = tmp_path / "step00000004.saving", tmp_path / "step00000004.replaced.123"
+    for d, which in ((new, "new"), (old, "old")):
+        d.mkdir()
+        (d / "which").write_text(which)
+        (d / checkpoint.MARKER).write_text(json.dumps({"step": 4}))
+    # killed while saving step 6: an unfinished staging directory and a temporary file
+    (tmp_path / "step00000006.saving").mkdir()
+    (tmp_path / "latest.tmp.999").write_text("step00000006")
+    assert recover(str(tmp_path)) == ["step00000004"]
+    assert (tmp_path / "step00000004" / "which").read_text() == "new"  # the committed newer save wins
+    assert sorted(os.listdir(tmp_path)) == ["step00000002", "step00000004"]
+    # only a moved-aside copy left: it comes back
+    (tmp_path / "step00000004").rename(tmp_path / "step00000004.replaced.7")
+    assert recover(str(tmp_path)) == ["step00000004"] and checkpoint.complete_tags(str(tmp_path))[-1] == "step00000004"
