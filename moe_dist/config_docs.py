@@ -246,7 +246,7 @@ COMPOSITION = """\
    `--set ep_size=2` is an int and `--set eval.tasks=[loss,retrieval]` a list.
 4. **The model**: `model.name` picks a JSON (a registry name from `configs/models/`, a file in
    `$MOE_DIST_CONFIG_DIR/models`, or a path ending in `.json`). Any key under `model` other than
-   `name` and `overrides` is moved into `model.overrides`, so `--set model.moe.top_k=2` and
+   {model_section} is moved into `model.overrides`, so `--set model.moe.top_k=2` and
    `model: {overrides: {moe: {top_k: 2}}}` are the same. The overrides are merged into the JSON
    (nested mappings merge key by key; a list or scalar replaces) and the result is validated as a
    `ModelConfig`.
@@ -265,6 +265,15 @@ dropped). Model JSONs hold `ModelConfig` fields; `moe` holds `MoEConfig` fields,
 """
 
 
+def composition() -> str:
+    """COMPOSITION with the run config's own ``model`` fields (``ModelSection``) filled in."""
+    from .engine.config import ModelSection
+
+    names = [f"`{f.name}`" for f in dataclasses.fields(ModelSection)]
+    listed = " and ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " and " + names[-1]
+    return COMPOSITION.rstrip().replace("{model_section}", listed)
+
+
 def render() -> str:
     """The whole of docs/configuration.md."""
     from .engine.config import RunConfig
@@ -277,7 +286,7 @@ def render() -> str:
              "", "Every field of the run config, the model config and the MoE layer config: type, default "
              "(as JSON, which YAML reads) and meaning, read from the dataclasses in "
              "`moe_dist/engine/config.py`, `moe_dist/models/config.py` and `moe_dist/moe/config.py`.",
-             "", COMPOSITION.rstrip(), "", "## Run config (`RunConfig`)"]
+             "", composition(), "", "## Run config (`RunConfig`)"]
     lines += _sections(RunConfig, "", "###", skip=())
     lines += ["", "## Model config (`ModelConfig`, a model JSON; `model.*` in a run config)", "",
               "Shipped models (`configs/models/`): " + ", ".join(f"`{m}`" for m in shipped_models()) + "."]
