@@ -25,6 +25,7 @@ def _at_least(section: object, where: str, minimum: float, *names: str) -> None:
 class ModelSection:
     name: str = "moe-clip-tiny"  # registry name or path to a model JSON
     overrides: Dict[str, Any] = field(default_factory=dict)  # nested model-JSON fields, e.g. {moe: {top_k: 2}}
+    init: str = ""  # sparse upcycling on a fresh start: a dense open_clip checkpoint, moe-dist export or checkpoint dir
 
 
 @dataclass
@@ -240,7 +241,10 @@ class RunConfig:
                 resolve_labels([label], [(0, 0)], load_classes(self.eval.classes), self.eval.label_key)
             except ValueError as err:
                 raise ValueError(f"eval.classes / data.val: {err}") from None
-        checkpoint.find_resume(self.checkpoint_dir, resume)
+        if checkpoint.find_resume(self.checkpoint_dir, resume) is None and self.model.init:  # a resume ignores it
+            from ..models.upcycle import check_init
+
+            check_init(self.model.init, self.model_config())
 
     def model_config(self):
         from ..models import load_model_config
@@ -289,9 +293,10 @@ def _normalize_model(data: Dict[str, Any]) -> Dict[str, Any]:
     model = data.get("model")
     if not isinstance(model, dict):
         return data
-    extra = {k: v for k, v in model.items() if k not in ("name", "overrides")}
+    own = ("name", "overrides", "init")  # ModelSection's fields
+    extra = {k: v for k, v in model.items() if k not in own}
     if not extra:
         return data
-    kept = {k: v for k, v in model.items() if k in ("name", "overrides")}
+    kept = {k: v for k, v in model.items() if k in own}
     kept["overrides"] = merge(kept.get("overrides", {}), extra)
     return {**data, "model": kept}

@@ -62,7 +62,7 @@ def _all_reduce(value: float, op: str) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env, stop: Optional[GracefulStop] = None):
+    def __init__(self, cfg: RunConfig, env, stop: Optional[GracefulStop] = None, resume: str = "auto"):
         import deepspeed
         import deepspeed.comm as dist
 
@@ -81,6 +81,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical non-expert init on every rank
         self.model_cfg = cfg.model_config()
         model = build_model(self.model_cfg, ep_size=cfg.ep_size)
+        if cfg.model.init and not checkpoint.resume_candidates(cfg.checkpoint_dir, resume):
+            # sparse upcycling before ZeRO copies the weights; a resume loads its checkpoint instead
+            from ..models.upcycle import init_from_dense
+
+            init_from_dense(model, cfg.model.init)
         with torch.device("meta"):  # global counts (all experts), whatever this rank holds
             self.params = count_params(build_model(self.model_cfg), self.model_cfg)
         optimizer = build_optimizer(model, cfg)
@@ -405,7 +410,7 @@ def run(cfg: RunConfig, resume: str = "auto", weights_only: bool = False) -> int
             raise ValueError("--weights-only needs --resume PATH (a checkpoint directory or a run's checkpoint root)")
         cfg.check_inputs(resume)
         init_distributed(env)
-        trainer = Trainer(cfg, env, stop)
+        trainer = Trainer(cfg, env, stop, resume)
         try:
             return trainer.train(resume, weights_only)
         finally:

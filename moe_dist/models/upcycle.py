@@ -1,18 +1,32 @@
-"""Sparse upcycling: start an MoE model from a dense open_clip checkpoint.
+"""Sparse upcycling: start an MoE model (MoE-CLIP or LIMoE) from a dense model of the same architecture.
 
 Every expert of an MoE block starts as a copy of that block's dense MLP (``c_fc``, ``c_proj``), plus
-optional Gaussian noise; everything else loads as is; routers keep their fresh init. With k=1 and
-renormalised gates the upcycled model computes exactly the dense model's function.
+optional Gaussian noise; everything else loads as is; routers keep their fresh init. With k=1,
+renormalised gates and no dropped tokens the upcycled model computes exactly the dense model's function
+(the one selected gate weight is p / p = 1).
+
+Dense sources (``read_dense``; the run-config option ``model.init: PATH`` takes the same):
+    open_clip   a CLIP state dict file (torch ``.pt``/``.bin``, or a ``.safetensors`` without our metadata):
+                its top-level text tower is renamed into our ``text.`` layout; always kind "clip";
+    ours        a ``moe-dist export`` .safetensors file or a checkpoint directory (``load_pretrained``'s
+                forms) of a dense model: ``clip-tiny-dense``, or for LIMoE a LIMoE config with no MoE blocks.
+A source of another kind than the model, or one that has MoE layers itself, is refused in one line.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from dataclasses import dataclass
 from typing import Dict, Union
 
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .moe_blocks import MoEMLP
+
+KIND_NAMES = {"clip": "a two-tower CLIP", "limoe": "a one-tower LIMoE"}
 
 # open_clip's CLIP keeps the text tower at the top level; our layout (CustomTextCLIP) nests it in "text."
 _CLIP_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection",
@@ -20,6 +34,10 @@ _CLIP_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "
 
 
 def _to_custom_text_layout(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """open_clip CLIP keys -> ours; a state already in our layout (MoE-CLIP's ``text.``, or LIMoE's top-level
+    ``token_embedding`` beside ``patchify``, no ``visual.``) is returned as is."""
+    if "token_embedding.weight" not in state or not any(k.startswith("visual.") for k in state):
+        return state
     out = {}
     for key, value in state.items():
         out[f"text.{key}" if key.startswith(_CLIP_TEXT_KEYS) else key] = value
@@ -41,7 +59,11 @@ def load_dense_state(source: Union[str, nn.Module, Dict[str, torch.Tensor]]) -> 
 
 @torch.no_grad()
 def upcycle(model: nn.Module, source, noise_std: float = 0.0, generator: torch.Generator = None) -> Dict[str, list]:
-    """Copy dense weights into ``model`` (MoECLIP layout); returns which keys filled which experts.
+    """Copy dense weights into ``model`` (MoE-CLIP or LIMoE); returns which keys filled which experts.
+
+    Args:
+        source: a dense state dict, module, or open_clip checkpoint file (``load_dense_state``); for our
+            own exports and checkpoint directories use ``init_from_dense``.
 
     Raises:
         ValueError: a dense tensor is missing or has the wrong shape for the MoE model.
@@ -87,3 +109,123 @@ def upcycle(model: nn.Module, source, noise_std: float = 0.0, generator: torch.G
     model.load_state_dict(rest, strict=False)
     report["loaded"] = sorted(rest)
     return report
+
+
+# ---------------------------------------------------------------------------------------------- model.init
+@dataclass
+class DenseSource:
+    """A dense model read for upcycling.
+
+    Attributes:
+        kind: "clip" or "limoe".
+        state: name -> tensor in our module layout.
+        what: how messages name it ("an open_clip CLIP checkpoint", "model 'clip-tiny-dense'").
+        moe_layers: how many MoE layers it has itself (a dense source has none).
+    """
+
+    kind: str
+    state: Dict[str, torch.Tensor]
+    what: str
+    moe_layers: int = 0
+
+
+def _is_our_export(path: str) -> bool:
+    from safetensors import safe_open
+
+    from .pretrained import EXPORT_FORMAT
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == EXPORT_FORMAT
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"model.init: {path} is not a readable safetensors file ({type(err).__name__})") from None
+
+
+def _torch_load(path: str):
+    """Weights only; memory-mapped where the file format allows it (the zip format of torch >= 1.6)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_dense(path: str) -> DenseSource:
+    """The dense model at ``path`` (forms in the module docstring).
+
+    Raises:
+        ValueError (one line): the path does not exist or holds no model.
+    """
+    from .pretrained import consolidated_state_dict
+
+    if not os.path.exists(path):
+        raise ValueError(f"model.init: {path} does not exist; give a dense open_clip checkpoint file, a moe-dist "
+                         "export (.safetensors) or a checkpoint directory of a dense model")
+    if os.path.isdir(path) or (path.endswith(".safetensors") and _is_our_export(path)):
+        try:
+            pretrained = consolidated_state_dict(path)
+        except ValueError as err:
+            raise ValueError(f"model.init: {err}") from None
+        cfg = pretrained.config
+        layers = len(cfg.vision_moe_blocks()) + (len(cfg.text_moe_blocks()) if cfg.kind == "clip" else 0)
+        return DenseSource(cfg.kind, pretrained.state_dict, f"model {cfg.name!r} ({pretrained.source})", layers)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = _torch_load(path)
+    except Exception as err:  # noqa: BLE001 - torch and safetensors raise many types for a bad file
+        raise ValueError(f"model.init: {path} is not a state dict file torch or safetensors can read "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    keys = [str(k)[len("module."):] if str(k).startswith("module.") else str(k) for k in state] \
+        if isinstance(state, dict) else []
+    if not any(k.startswith("visual.") for k in keys):
+        raise ValueError(f"model.init: {path} is not an open_clip CLIP state dict (no visual.* weights); give an "
+                         "open_clip checkpoint, a moe-dist export or a checkpoint directory")
+    experts = {k.split(".experts.")[0] for k in state if ".experts." in k or "deepspeed_experts" in k}
+    return DenseSource("clip", load_dense_state(state), "an open_clip CLIP checkpoint", len(experts))
+
+
+def check_source(source: DenseSource, cfg: ModelConfig, path: str) -> None:
+    """Refuse (one line) a source of another kind than ``cfg``, or one with MoE layers of its own."""
+    if source.kind != cfg.kind:
+        raise ValueError(f"model.init: {path} holds {source.what}, {KIND_NAMES[source.kind]} model, but the run's "
+                         f"model {cfg.name!r} is {KIND_NAMES[cfg.kind]}; upcycle from a dense model of the same kind "
+                         "(for LIMoE: a LIMoE config with no MoE blocks)")
+    if source.moe_layers:
+        raise ValueError(f"model.init: {path} holds {source.what} with {source.moe_layers} MoE layers; sparse "
+                         "upcycling starts from a dense model (e.g. clip-tiny-dense); to continue an MoE run, "
+                         "resume it (--resume PATH, --weights-only for another layout)")
+
+
+def init_from_dense(model: nn.Module, path: str, noise_std: float = 0.0,
+                    generator: torch.Generator = None) -> Dict[str, list]:
+    """``model.init``: check the dense model at ``path`` against ``model.cfg``, then ``upcycle`` from it.
+
+    Returns:
+        upcycle's report. Raises ValueError (one line, starting "model.init:") for a source that does
+        not fit: another kind, MoE layers of its own, missing or differently shaped tensors.
+    """
+    source = read_dense(path)
+    check_source(source, model.cfg, path)
+    try:
+        return upcycle(model, source.state, noise_std, generator)
+    except ValueError as err:
+        raise ValueError(f"model.init: {path} does not fit model {model.cfg.name!r}: {err}") from None
+
+
+def check_init(path: str, cfg: ModelConfig) -> None:
+    """Everything ``init_from_dense`` would refuse, found before a process group starts: the source is
+    read and upcycled into a model on the meta device (no memory for the model itself)."""
+    from . import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... is a no-op": intended here
+        init_from_dense(model, path)
