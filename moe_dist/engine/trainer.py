@@ -85,7 +85,9 @@ class Trainer:
             # sparse upcycling before ZeRO copies the weights; a resume loads its checkpoint instead
             from ..models.upcycle import init_from_dense
 
-            init_from_dense(model, cfg.model.init)
+            report = init_from_dense(model, cfg.model.init)
+            if self.rank == 0:
+                print(f"model.init: {len(report['experts'])} MoE layers upcycled from {cfg.model.init}", flush=True)
         with torch.device("meta"):  # global counts (all experts), whatever this rank holds
             self.params = count_params(build_model(self.model_cfg), self.model_cfg)
         optimizer = build_optimizer(model, cfg)

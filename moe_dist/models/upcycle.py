@@ -169,7 +169,7 @@ def read_dense(path: str) -> DenseSource:
             raise ValueError(f"model.init: {err}") from None
         cfg = pretrained.config
         layers = len(cfg.vision_moe_blocks()) + (len(cfg.text_moe_blocks()) if cfg.kind == "clip" else 0)
-        return DenseSource(cfg.kind, pretrained.state_dict, f"model {cfg.name!r} ({pretrained.source})", layers)
+        return DenseSource(cfg.kind, pretrained.state_dict, f"model {cfg.name!r}", layers)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
