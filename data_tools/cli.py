@@ -3,6 +3,9 @@
     moe-dist-data shard INPUT --out DIR [--per-shard N] [--max-shard-bytes B] [--resize PX]
                         [--format keep|jpg|webp] [--workers W] [--val-fraction F]
                         [--max-caption-chars N] [--allow-outside-paths] [--overwrite] ...
+A SPEC is a brace pattern, a .tar, a shard directory, or the --out DIR of ``shard``/``synth`` (its train
+split; DIR/val names the val split), several joined by "::".
+
     moe-dist-data validate SPEC            exit 1 if any sample is broken or a shard differs from its manifest
     moe-dist-data stats SPEC [--json]
     moe-dist-data tokenizer SPEC --out tok.model [--vocab-size V]
@@ -19,6 +22,9 @@ import sys
 from typing import List, Optional
 
 from . import DEFAULT_MAX_CAPTION_CHARS
+
+SPEC_HELP = ("brace pattern, .tar, shard directory, or the --out DIR of shard/synth (its train split; DIR/val for "
+             "the val split); 'a::b' for several")
 
 
 def _shard(args) -> int:
@@ -43,6 +49,8 @@ def _report(manifest, out) -> None:
     for name, split in manifest["splits"].items():
         print(f"  {name}: {split['samples']} samples in {split['shards']} shards -> {os.path.join(out, name)}")
     print(f"manifest: {os.path.join(out, 'manifest.json')}")
+    if "train" in manifest["splits"]:
+        print(f"spec: {out} (its train split; name another split by its directory, e.g. {os.path.join(out, 'val')})")
 
 
 def _synth(args) -> int:
@@ -148,16 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_shard)
 
     p = sub.add_parser("validate", help="decode every sample; exit 1 if any is broken")
-    p.add_argument("spec", help="brace pattern, .tar, or shard directory ('a::b' for several)")
+    p.add_argument("spec", help=SPEC_HELP)
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("stats", help="counts, bytes, image-size and caption-length histograms, key sets")
-    p.add_argument("spec")
+    p.add_argument("spec", help=SPEC_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_stats)
 
     p = sub.add_parser("tokenizer", help="train a sentencepiece model on the captions of a shard spec")
-    p.add_argument("spec")
+    p.add_argument("spec", help=SPEC_HELP)
     p.add_argument("--out", required=True, help="output .model file")
     p.add_argument("--vocab-size", type=int, default=8000, help="at most this many pieces (default: 8000)")
     p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"])

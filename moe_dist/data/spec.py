@@ -1,9 +1,11 @@
 """Shard specs: which tar files a run reads, how many samples each holds, and with what weight.
 
 A spec is one or more sources joined by "::". A source is a brace pattern
-("data/train-{000000..000099}.tar"), a single tar, or a directory holding shards and the
-``manifest.json`` that ``moe-dist-data shard`` writes. Sample counts come from manifest.json, from an
-open_clip-style sizes.json, or (last resort) from counting tar members.
+("data/train-{000000..000099}.tar"), a single tar, a directory of shards (with the split's
+``manifest.json`` or an open_clip ``sizes.json``), or the output directory of ``moe-dist-data shard``
+(``DIR/manifest.json`` with ``DIR/train/``, ``DIR/val/``), which means its train split. Another split is
+named by its directory: ``DIR/val``; there is no other split syntax. Sample counts come from
+manifest.json, from an open_clip-style sizes.json, or (last resort) from counting tar members.
 
 What a shard may be is decided once, by ``check_url``, on every final URL: after the "::" split, after
 brace expansion and after reading the names a manifest.json or sizes.json lists. A local path is
@@ -114,14 +116,91 @@ def read_index(directory: str) -> Tuple[Dict[str, int], Optional[str]]:
     return {}, None
 
 
+@dataclass(frozen=True)
+class Split:
+    """One split of a ``moe-dist-data shard`` output directory."""
+
+    name: str
+    path: str  # the split's directory: the spec that names it
+    shards: int
+    samples: int
+
+
+def dataset_splits(directory: str) -> Optional[Dict[str, Split]]:
+    """The splits of ``directory`` when ``moe-dist-data shard`` (or ``synth``) wrote it, by name; None for
+    any other directory. Such a directory holds a top ``manifest.json`` with ``splits`` and no shards."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "splits" not in data or "shards" in data:
+        return None
+    splits = {}
+    for name, entry in sorted(data["splits"].items()):
+        sub = _index_name(str(entry.get("path", name)), path)  # a split is a directory beside the manifest
+        splits[name] = Split(name, os.path.join(directory, sub), int(entry.get("shards", 0)),
+                             int(entry.get("samples", 0)))
+    return splits
+
+
+def describe_splits(directory: str, splits: Dict[str, Split]) -> str:
+    """"DIR holds splits train (8 shards), val (1 shard)": for messages that point at a split."""
+    listed = ", ".join(f"{s.name} ({s.shards} shard{'s' if s.shards != 1 else ''})" for s in splits.values())
+    return f"{directory} holds split{'s' if len(splits) != 1 else ''} {listed}" if splits else \
+        f"{directory} holds no split"
+
+
+def _split_hint(source: str) -> Optional[str]:
+    """For a source like "DIR:val" that names nothing, where DIR is a shard output directory: the fix."""
+    head, sep, tail = source.rpartition(":")
+    if not sep or not head or not os.path.isdir(head):
+        return None
+    splits = dataset_splits(head)
+    if splits is None:
+        return None
+    target = splits[tail].path if tail in splits else os.path.join(head, tail)
+    return (f"shard spec {source!r} is not a path; a split is named by its directory: use {target} "
+            f"({describe_splits(head, splits)})")
+
+
+def _source_dir(source: str) -> str:
+    """The directory of shards a directory source stands for: itself, or the train split of a
+    ``moe-dist-data shard`` output directory."""
+    splits = dataset_splits(source)
+    if splits is None:
+        return source
+    if "train" in splits and os.path.isdir(splits["train"].path):
+        return splits["train"].path
+    others = ", ".join(f"{s.path} for the {s.name} split" for s in splits.values())
+    raise ValueError(f"shard spec {source!r} is a dataset directory without a train split, which it would mean; "
+                     f"{describe_splits(source, splits)}" + (f": use {others}" if others else ""))
+
+
+def _subdir_hint(source: str) -> str:
+    """For a directory without shards: the subdirectories that hold some, as specs to use instead."""
+    found = []
+    for name in sorted(os.listdir(source)):
+        sub = os.path.join(source, name)
+        if os.path.isdir(sub) and (os.path.isfile(os.path.join(sub, MANIFEST)) or glob.glob(
+                os.path.join(glob.escape(sub), "*.tar"))):
+            found.append(sub)
+    return f"; it has shard directories {', '.join(found)}: use one of them" if found else ""
+
+
 def expand_source(source: str, allow_pipe: bool = False) -> List[str]:
-    """The checked shard URLs of one source: a directory's indexed (or globbed) tars, or a brace pattern."""
+    """The checked shard URLs of one source: a directory's indexed (or globbed) tars (a shard output
+    directory's train split), or a brace pattern."""
     source = source.strip()
     if os.path.isdir(source):
+        source = _source_dir(source)
         names, _ = read_index(source)
         urls = [os.path.join(source, n) for n in sorted(names)] if names else sorted(
             glob.glob(os.path.join(glob.escape(source), "*.tar")))
     else:
+        hint = None if os.path.exists(source) else _split_hint(source)
+        if hint:
+            raise ValueError(hint)
         urls = list(braceexpand(source))
     return [check_url(url, allow_pipe) for url in urls]
 
@@ -150,8 +229,10 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
         local = [u for u in urls if not u.startswith("pipe:")]
         missing = [u for u in local if not os.path.isfile(u)]
         if not urls or (local and len(missing) == len(local)):
+            hint = _subdir_hint(source.strip()) if os.path.isdir(source.strip()) else ""
             raise ValueError(f"shard spec {source!r} matches no shard file; check the path or brace pattern "
-                             f"(e.g. data/train-{{000000..000009}}.tar or a directory with {MANIFEST})")
+                             f"(e.g. data/train-{{000000..000009}}.tar, a shard directory, or the --out "
+                             f"directory of moe-dist-data shard){hint}")
         if missing:
             raise ValueError(f"shard spec {source!r}: {len(missing)} of {len(urls)} shards are missing, "
                              f"first {missing[0]!r}")
