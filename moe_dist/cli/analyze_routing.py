@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze-routing", help="which experts each modality and class use: JSON summary + heatmaps",
-                       description=__doc__.splitlines()[0])
+                       description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--checkpoint", required=True, help="a run's checkpoint root, one step directory, or an export")
     p.add_argument("--data", required=True, help="shard spec to route (brace pattern, tars, shard directories)")
     p.add_argument("--out", required=True, help="directory for routing.json and the PNGs")
