@@ -23,6 +23,7 @@ from .. import __version__  # noqa: E402
 # subcommand name -> module under moe_dist.cli (imported when the parser is built)
 COMMANDS = {
     "version": "version",
+    "quickstart": "quickstart",
     "train": "train",
     "eval": "eval",
     "export": "export",
