@@ -216,12 +216,15 @@ def _data_steps(p: Plan, run: Runner) -> None:
     if p.synth_n:
         manifest = _read_json(os.path.join(p.train, "manifest.json"))
         made = (manifest.get("inputs"), manifest.get("options", {}).get("per_shard"))
-        if made == (p.synth_n, p.synth_per_shard):
+        if manifest and not str(manifest.get("source", "")).startswith("synth("):
+            raise StepFailed(f"{p.train} holds a dataset the quickstart did not make ({manifest.get('source')}); "
+                             f"pass it as --data {p.train}, or choose another --out")
+        if made == (p.synth_n, p.synth_per_shard) and "error" not in manifest:
             print(f"  reusing the synth data in {p.train}")
         else:
             args = ["synth", "--out", p.train, "--n", str(p.synth_n), "--per-shard", str(p.synth_per_shard),
                     "--val-fraction", str(SYNTH_VAL_FRACTION), "--seed", str(SYNTH_SEED)]
-            args += ["--overwrite"] if manifest else []  # an older quickstart layout (other --ranks)
+            args += ["--overwrite"] if manifest else []  # our own synth, for other --ranks or interrupted
             run(1, "synth", shlex.join([data_tool] + args), data_cli + args)
     for spec in (p.train, p.val):
         run(1, "validate", shlex.join([data_tool, "validate", spec]), data_cli + ["validate", spec, "-q"])
