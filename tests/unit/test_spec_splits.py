@@ -108,6 +108,14 @@ def test_train_config_and_loader_take_the_output_dir(dataset, tmp_path):
     assert seen == -(-manifest["splits"]["train"]["samples"] // 10) * 10  # one epoch, the last batch padded
 
 
+def test_eval_reads_the_output_dir_and_its_val_split(dataset):
+    from moe_dist.data.evalset import first_metadata
+
+    out, _ = dataset
+    for spec in (out, out / "val"):  # moe-dist eval / analyze-routing --data
+        assert first_metadata(str(spec))  # the first sample of the split, with its metadata
+
+
 def test_a_manifest_naming_a_split_outside_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"train": {"path": "../x", "shards": 1}}}))
     with pytest.raises(ValueError, match="not a file name in its directory"):
