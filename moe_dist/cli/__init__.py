@@ -10,9 +10,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 from typing import List, Optional
 
+
+
+def _name_the_cpu_accelerator() -> None:
+    """On a machine with none of the accelerators DeepSpeed probes for, say "cpu" up front: DeepSpeed
+    then skips its probe and the "Setting accelerator to CPU" warning every command would print first.
+    Any accelerator (or an explicit DS_ACCELERATOR) leaves DeepSpeed's own detection in charge."""
+    import importlib.util
+
+    import torch
+
+    if os.environ.get("DS_ACCELERATOR") or torch.cuda.is_available() or torch.backends.mps.is_available():
+        return
+    probes = ("intel_extension_for_pytorch", "torch_npu", "torch_sdaa", "habana_frameworks", "torch_mlu")
+    if not any(importlib.util.find_spec(name) for name in probes):
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+_name_the_cpu_accelerator()
 # DeepSpeed's logger binds to the stdout of its import time; bind it to stderr so that stdout carries
 # only command output (moe-dist params --json | jq ...).
 with contextlib.redirect_stdout(sys.stderr):
