@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 RUN_CONFIG = "tiny-synth.yaml"
 SYNTH_SAMPLES = 1900  # about this many train samples (the layout rounds it to whole shards)

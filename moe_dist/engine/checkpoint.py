@@ -33,8 +33,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..checkpoint_files import (LATEST, MARKER, STAGING, TAG_RE, commit, complete_tags, is_complete,  # noqa: F401
-                                load_weights_only, read_marker, recover)
+from ..checkpoint_files import (LATEST, MARKER, STAGING, TAG_RE, commit, complete_tags, is_complete,
+                                load_weights_only, read_marker)
 from ..files import atomic_path, atomic_write, fsync_dir, fsync_file
 
 _TAG = TAG_RE

@@ -19,6 +19,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..checkpoint_files import recover
 from ..files import atomic_write
 from ..models.pretrained import model_files
 from ..text.tokenizer import sentencepiece_path
@@ -126,7 +127,7 @@ class Trainer:
 
         root = self.cfg.checkpoint_dir
         if self.rank == 0:
-            for tag in checkpoint.recover(root):
+            for tag in recover(root):
                 self.log.print(f"recovered checkpoint {tag} from an interrupted save")
         dist.barrier()  # every rank sees the same directory from here on
         candidates = checkpoint.resume_candidates(root, how)
