@@ -169,21 +169,25 @@ def save_plots(summary: Dict[str, object], out_dir: str) -> List[str]:
         import numpy as np
 
         data = np.array(rows, dtype=float)
-        im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        colours = plt.get_cmap(cmap).with_extremes(bad="#e0e0e0")  # a layer this modality never reaches
+        im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=colours, vmin=vmin, vmax=vmax,
+                       interpolation="nearest")
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set_xticks(range(data.shape[1]))
         ax.set_xlabel(xlabel)
         ax.set_title(title, fontsize=10)
         if data.size <= 400:
+            top = vmax or np.nanmax(data) if np.isfinite(data).any() else 1
             for (i, j), v in np.ndenumerate(data):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if v > (vmax or data.max() or 1) * 0.6 else "black")
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if v > top * 0.6 else "black")
         return im
 
     fig, axes = plt.subplots(1, len(modalities), figsize=(5 * len(modalities), 0.5 * len(names) + 2), squeeze=False)
     for ax, modality in zip(axes[0], modalities):
-        rows = [layers[n][modality]["share"] if modality in layers[n] else [0.0] * len(layers[n]["image_fraction"])
-                for n in names]
+        rows = [layers[n][modality]["share"] if modality in layers[n]
+                else [float("nan")] * len(layers[n]["image_fraction"]) for n in names]
         fig.colorbar(heatmap(ax, rows, names, f"share of {modality} assignments", "viridis"), ax=ax)
     fig.suptitle(f"Expert load per layer ({summary['samples']} samples)")
     fig.tight_layout()
