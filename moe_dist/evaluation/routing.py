@@ -176,12 +176,12 @@ def save_plots(summary: Dict[str, object], out_dir: str) -> List[str]:
         ax.set_xticks(range(data.shape[1]))
         ax.set_xlabel(xlabel)
         ax.set_title(title, fontsize=10)
-        if data.size <= 400:
-            top = vmax or np.nanmax(data) if np.isfinite(data).any() else 1
+        if data.size <= 400:  # values in the cells, in black or white by the cell's brightness
             for (i, j), v in np.ndenumerate(data):
                 if np.isfinite(v):
+                    r, g, b, _ = colours(im.norm(v))
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if v > top * 0.6 else "black")
+                            color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
         return im
 
     fig, axes = plt.subplots(1, len(modalities), figsize=(5 * len(modalities), 0.5 * len(names) + 2), squeeze=False)
