@@ -16,3 +16,17 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true (install the component instead): {report.longrepr}"
+
+
+def pytest_sessionstart(session):
+    """One-time work before any timed wait: DeepSpeed JIT-compiles its CPU communication op on first use
+    (about a minute on 2 cores). Every test process shares the install's op directory (the one
+    ``moe-dist quickstart`` uses), and the op is built here, once, before the first test starts a clock."""
+    import subprocess
+
+    from moe_dist.cli.quickstart import extensions_dir
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
+    warm = "from moe_dist.distributed import detect_env, init_distributed; init_distributed(detect_env())"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    subprocess.run([sys.executable, "-c", warm], check=True, timeout=900, capture_output=True, env=env)
