@@ -37,7 +37,6 @@ from ..checkpoint_files import (LATEST, MARKER, STAGING, TAG_RE, commit, complet
                                 load_weights_only, read_marker)
 from ..files import atomic_path, atomic_write, fsync_dir, fsync_file
 
-_TAG = TAG_RE
 
 
 def tag_for(step: int) -> str:
@@ -126,9 +125,9 @@ def _prune(root: str, keep: int, run_id: str) -> None:
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
     if not tags:
         return
-    newest = int(_TAG.match(tags[-1]).group(1))
+    newest = int(TAG_RE.match(tags[-1]).group(1))
     for name in os.listdir(root):  # incomplete step directories older than the newest complete checkpoint
-        match = _TAG.match(name)
+        match = TAG_RE.match(name)
         if match and int(match.group(1)) < newest and not is_complete(os.path.join(root, name)):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
@@ -150,7 +149,7 @@ def find_resume(root: str, resume: str) -> Optional[Tuple[str, str]]:
             tag = open(os.path.join(root, LATEST)).read().strip()
         except OSError:
             raise ValueError(f"--resume latest: {os.path.join(root, LATEST)} does not exist") from None
-        if not _TAG.match(tag) or not is_complete(os.path.join(root, tag)):
+        if not TAG_RE.match(tag) or not is_complete(os.path.join(root, tag)):
             raise ValueError(f"--resume latest: {root}/latest names {tag!r}, which is not a complete checkpoint; "
                              "use --resume auto to take the newest complete one")
         return root, tag
@@ -158,7 +157,7 @@ def find_resume(root: str, resume: str) -> Optional[Tuple[str, str]]:
     if path.endswith(STAGING):
         raise ValueError(f"--resume {resume}: checkpoint is incomplete (an unfinished save); pick a complete one "
                          "or use --resume auto")
-    if os.path.isdir(path) and _TAG.match(os.path.basename(path)):
+    if os.path.isdir(path) and TAG_RE.match(os.path.basename(path)):
         if not is_complete(path):
             raise ValueError(f"--resume {resume}: checkpoint is incomplete (no {MARKER} marker: the save was "
                              "interrupted); pick a complete one or use --resume auto")
@@ -225,4 +224,4 @@ def load_weights(engine, root: str, tag: str) -> int:
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the weights of checkpoint {tag_dir}")
     step = read_marker(tag_dir).get("step")
-    return int(step) if step is not None else int(_TAG.match(tag).group(1))
+    return int(step) if step is not None else int(TAG_RE.match(tag).group(1))
