@@ -44,6 +44,8 @@ class MoEConfig:
     Modality:
         modality_experts: (n_image, n_text) experts reserved for image (modality 0) or text (modality 1)
             tokens: experts [0, n_image) are image-only, the next n_text are text-only, the rest shared.
+            A third entry n_cross reserves the next n_cross experts for cross-modal tokens (modality 2, a
+            multimodal decoder's), e.g. (4, 4, 4) of 16: 0-3 image, 4-7 text, 8-11 cross, 12-15 shared.
     Experts:
         activation, expert_bias, shared_expert (an always-on dense FFN of ``shared_ffn_hidden_size``
         added to the routed output), expert_backend ("auto" picks per device and dtype).
@@ -105,14 +107,15 @@ class MoEConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"MoEConfig.{name}={getattr(self, name)} must be >= 0")
         self.modality_experts = tuple(int(n) for n in self.modality_experts)
-        if len(self.modality_experts) != 2 or min(self.modality_experts) < 0:
-            raise ValueError(f"MoEConfig.modality_experts={self.modality_experts} must be a pair "
-                             "(n_image_only, n_text_only) of non-negative integers")
-        n_img, n_txt = self.modality_experts
-        if n_img + n_txt > self.num_experts:
+        if len(self.modality_experts) not in (2, 3) or min(self.modality_experts) < 0:
+            raise ValueError(f"MoEConfig.modality_experts={self.modality_experts} must be a pair (n_image_only, "
+                             "n_text_only) or a triple (n_image_only, n_text_only, n_cross_only) of non-negative "
+                             "integers")
+        if sum(self.modality_experts) > self.num_experts:
             raise ValueError(f"MoEConfig.modality_experts={self.modality_experts} reserves more than "
                              f"num_experts={self.num_experts} experts")
-        allowed = self.num_experts - max(n_img, n_txt)
+        shared = self.num_experts - sum(self.modality_experts)
+        allowed = shared + min(self.modality_experts)  # the experts open to the most restricted modality
         if self.experts_per_token > allowed:
             raise ValueError(f"MoEConfig: a token may pick {self.experts_per_token} experts but only {allowed} are "
                              f"open to one modality with modality_experts={self.modality_experts}; "
@@ -122,6 +125,12 @@ class MoEConfig:
     def experts_per_token(self) -> int:
         """K, the most experts one token can be sent to."""
         return self.top_k if self.router == "topk" else self.max_k
+
+    @property
+    def modalities(self) -> Tuple[int, ...]:
+        """Modality ids reported in stats and entropy losses: image and text, plus cross-modal (decoder)
+        tokens when ``modality_experts`` has three entries (models/coca.py always gives three)."""
+        return tuple(range(len(self.modality_experts)))
 
     @property
     def uses_modality(self) -> bool:

@@ -32,8 +32,8 @@ def _groups(routing: Routing) -> Iterator[Tuple[Optional[str], torch.Tensor]]:
     if routing.modality_T is None:
         yield None, routing.token_mask_T
         return
-    for mod_id, name in MODALITY_NAMES.items():
-        yield name, routing.token_mask_T & (routing.modality_T == mod_id)
+    for mod_id in routing.modalities:
+        yield MODALITY_NAMES[mod_id], routing.token_mask_T & (routing.modality_T == mod_id)
 
 
 def _masked_mean(v_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,8 @@ def router_losses(routing: Routing) -> Dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def routing_stats(routing: Routing, kept_TK: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Detached statistics, overall and per modality ("name/image", "name/text").
+    """Detached statistics, overall and per modality ("name/image", "name/text", and "name/cross" when the
+    layer's config has three modalities).
 
     tokens_per_expert: [E] assignments kept per expert; routed_per_expert: [E] before drops;
     dropped_fraction: dropped / selected assignments; router_entropy: mean H(p_t) over tokens.
@@ -91,7 +92,7 @@ def routing_stats(routing: Routing, kept_TK: torch.Tensor) -> Dict[str, torch.Te
         stats["num_tokens" + suffix] = group_T.sum()
     if routing.modality_T is not None:
         for key in ("routed_per_expert", "tokens_per_expert", "num_tokens"):
-            stats[key] = stats[f"{key}/image"] + stats[f"{key}/text"]
+            stats[key] = sum(stats[f"{key}/{MODALITY_NAMES[m]}"] for m in routing.modalities)
         routed = stats["routed_per_expert"].sum().clamp_min(1)
         stats["dropped_fraction"] = 1.0 - stats["tokens_per_expert"].sum() / routed
         stats["router_entropy"] = _masked_mean(ent_T, routing.token_mask_T)

@@ -10,7 +10,7 @@ whatever the parameter or input dtype. Variants differ only in ``select``; regis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Type
+from typing import TYPE_CHECKING, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,10 @@ from .registry import Registry
 if TYPE_CHECKING:
     from .config import MoEConfig
 
-# modality ids of routed tokens (models tag image tokens IMAGE and text tokens TEXT)
-IMAGE, TEXT = 0, 1
-MODALITY_NAMES = {IMAGE: "image", TEXT: "text"}
+# modality ids of routed tokens: models tag image tokens IMAGE, text tokens TEXT, and the tokens of a
+# multimodal decoder (text that cross-attends to image tokens, models/coca.py) CROSS
+IMAGE, TEXT, CROSS = 0, 1, 2
+MODALITY_NAMES = {IMAGE: "image", TEXT: "text", CROSS: "cross"}
 
 
 class RouterNoise:
@@ -68,6 +69,7 @@ class Routing:
         valid_TK: slot is used; always False for padding tokens.
         token_mask_T: token is real (not padding).
         modality_T: modality id per token, or None.
+        modalities: the modality ids whose stats and entropy losses are reported (``MoEConfig.modalities``).
     """
 
     logits_TE: torch.Tensor
@@ -77,21 +79,24 @@ class Routing:
     valid_TK: torch.Tensor
     token_mask_T: torch.Tensor
     modality_T: Optional[torch.Tensor]
+    modalities: Tuple[int, ...] = (IMAGE, TEXT)
 
 
 def allowed_experts_mask(cfg: MoEConfig, modality_T: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
-    """[T, E] bool of the experts each token may use under ``cfg.modality_experts``, or None if all."""
+    """[T, E] bool of the experts each token may use under ``cfg.modality_experts``, or None if all.
+
+    ``modality_experts`` = (n_image, n_text[, n_cross]) lays the experts out as consecutive groups:
+    image-only, text-only, cross-only, then shared. A token of modality m may use its own group and the
+    shared experts."""
     if not cfg.uses_modality:
         return None
     if modality_T is None:
         raise ValueError(f"MoEConfig.modality_experts={cfg.modality_experts} reserves experts per modality, "
-                         "so forward() needs modality= (0 image, 1 text) for every token")
-    n_img, n_txt = cfg.modality_experts
-    expert = torch.arange(cfg.num_experts, device=device)
-    image_only = expert < n_img
-    text_only = (expert >= n_img) & (expert < n_img + n_txt)
-    is_image = (modality_T == IMAGE)[:, None]
-    return torch.where(is_image, ~text_only[None, :], ~image_only[None, :])
+                         "so forward() needs modality= (0 image, 1 text, 2 cross) for every token")
+    bounds = torch.tensor(cfg.modality_experts, device=device).cumsum(0)  # group m ends at bounds[m]
+    group_E = torch.bucketize(torch.arange(cfg.num_experts, device=device), bounds, right=True)
+    shared_E = group_E == len(cfg.modality_experts)
+    return (group_E[None, :] == modality_T[:, None]) | shared_E[None, :]
 
 
 class Router(nn.Module):
@@ -143,7 +148,8 @@ class Router(nn.Module):
         weights_TK = weights_TK * valid_TK
         if self.cfg.renormalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(weights_TK.dtype).tiny)
-        return Routing(logits_TE, probs_TE, experts_TK, weights_TK, valid_TK, token_mask_T, modality_T)
+        return Routing(logits_TE, probs_TE, experts_TK, weights_TK, valid_TK, token_mask_T, modality_T,
+                       self.cfg.modalities)
 
     def select(self, probs_TE: torch.Tensor):
         """Return (experts_TK long, valid_TK bool), slots sorted by decreasing probability."""
