@@ -164,6 +164,8 @@ class RunConfig:
     grad_clip: float = 1.0
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
     stop_timeout_s: float = 600.0  # after a stop signal, exit anyway if no checkpoint is done by then (0: never)
+    activation_checkpointing: str = "none"  # none | blocks (recompute every block) | moe (the MoE layers only)
+    compile: bool = False  # torch.compile every transformer block (the MoE dispatch stays eager)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     batch: BatchSection = field(default_factory=BatchSection)
@@ -177,6 +179,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         _at_least(self, "", 1, "steps", "max_nonfinite_steps")
         _at_least(self, "", 0, "seed", "grad_clip", "stop_timeout_s")
+        from ..models.moe_blocks import CHECKPOINT_MODES
+
+        if self.activation_checkpointing not in CHECKPOINT_MODES:
+            raise ValueError(f"activation_checkpointing={self.activation_checkpointing!r} is unknown; use one of "
+                             f"{CHECKPOINT_MODES}")
 
     def validate(self, world_size: int) -> None:
         """Raise ValueError naming the field and the fix; needs only the world size."""

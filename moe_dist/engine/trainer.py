@@ -89,6 +89,9 @@ class Trainer:
             report = init_from_dense(model, cfg.model.init)
             if self.rank == 0:
                 print(f"model.init: {len(report['experts'])} MoE layers upcycled from {cfg.model.init}", flush=True)
+        from ..models.moe_blocks import configure_blocks
+
+        configure_blocks(model, cfg.activation_checkpointing, cfg.compile)
         with torch.device("meta"):  # global counts (all experts), whatever this rank holds
             self.params = count_params(build_model(self.model_cfg), self.model_cfg)
         optimizer = build_optimizer(model, cfg)

@@ -3,16 +3,33 @@
 open_clip's ResidualAttentionBlock calls ``self.mlp(x)`` with the tokens only, so ``MoEMLP`` takes the
 per-call routing context (modality, padding mask) from ``routing_context`` and keeps its
 ``MoEOutput`` until ``collect_moe_outputs`` pops it right after the tower's forward.
+
+Block options (``configure_blocks``), applied per transformer block without changing a parameter
+name or state-dict key:
+    activation checkpointing "blocks": every block's forward runs under torch's non-reentrant
+        checkpoint. The recomputation in backward runs after ``routing_context`` has ended, so the
+        context captured at forward time is replayed into the block's MoE MLPs (``context_fn``), and
+        the ``MoEOutput`` a recomputation produces is discarded (the forward's aux losses and stats are
+        the ones collected; autograd recomputes exactly what it saved, RNG included). Early stopping is
+        off, so every rank re-runs all of a block's all-to-alls in the same order.
+    activation checkpointing "moe": only the MoE layer call is checkpointed (its dispatched rows and
+        expert hidden activations are the largest per-token tensors of an MoE block).
+    compile: each block's forward is compiled with torch.compile (inductor; CUDA and CPU alike). The MoE
+        layer, whose dispatch has data-dependent shapes and communicates, stays eager behind
+        ``torch.compiler.disable`` (``MoEMLP.forward``), so attention, norms, residuals and dense MLPs
+        compile into fixed-shape graphs around it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..moe import MoEConfig, MoELayer, MoEOutput
 
@@ -26,9 +43,15 @@ class MoEMLP(nn.Module):
         self.modality: Optional[torch.Tensor] = None
         self.padding_mask: Optional[torch.Tensor] = None
         self.last: Optional[MoEOutput] = None
+        self.checkpoint = False  # activation checkpointing "moe" (configure_blocks)
 
+    @torch.compiler.disable  # the compile boundary: dispatch shapes are data-dependent (module docstring)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.last = self.moe(x, modality=self.modality, padding_mask=self.padding_mask)
+        if self.checkpoint and torch.is_grad_enabled():
+            self.last = checkpoint(self.moe, x, modality=self.modality, padding_mask=self.padding_mask,
+                                   use_reentrant=False, early_stop=False)
+        else:
+            self.last = self.moe(x, modality=self.modality, padding_mask=self.padding_mask)
         return self.last.output
 
 
@@ -88,3 +111,60 @@ def collect_moe_outputs(module: nn.Module, like: torch.Tensor) -> MoEAux:
             losses[name] = losses.get(name, 0) + value
         stats[m.layer_name] = out.stats
     return MoEAux(aux, losses, stats)
+
+
+CHECKPOINT_MODES = ("none", "blocks", "moe")
+
+
+def transformer_blocks(module: nn.Module) -> List[nn.Module]:
+    """Every open_clip transformer block under ``module`` (the ``resblocks`` of each Transformer)."""
+    return [block for m in module.modules() if isinstance(getattr(m, "resblocks", None), nn.ModuleList)
+            for block in m.resblocks]
+
+
+def configure_blocks(module: nn.Module, activation_checkpointing: str = "none", compile: bool = False) -> None:
+    """Activation checkpointing and/or torch.compile per transformer block (see the module docstring).
+
+    Args:
+        module: a model (or tower); call once, before ``deepspeed.initialize``.
+        activation_checkpointing: "none", "blocks" (every block) or "moe" (the MoE layers only).
+        compile: compile every block's forward (the MoE layer inside stays eager).
+    """
+    if activation_checkpointing not in CHECKPOINT_MODES:
+        raise ValueError(f"activation_checkpointing={activation_checkpointing!r}; use one of {CHECKPOINT_MODES}")
+    for m in moe_mlps(module):
+        m.checkpoint = activation_checkpointing == "moe"
+    if activation_checkpointing != "blocks" and not compile:
+        return
+    for block in transformer_blocks(module):
+        forward = block.forward
+        if compile:
+            forward = torch.compile(forward)
+        if activation_checkpointing == "blocks":
+            forward = functools.partial(_checkpointed_forward, forward, list(moe_mlps(block)))
+        block.forward = forward  # an instance attribute: parameter names and state-dict keys stay
+
+
+def _checkpointed_forward(forward, mlps: List[MoEMLP], *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, early_stop=False,
+                      context_fn=functools.partial(_replay_routing, mlps), **kwargs)
+
+
+def _replay_routing(mlps: List[MoEMLP]):
+    """checkpoint's (forward, recompute) contexts: the recompute sees the routing context of the forward."""
+    captured = [(m.modality, m.padding_mask) for m in mlps]
+
+    @contextlib.contextmanager
+    def recompute():
+        before = [(m.modality, m.padding_mask, m.last) for m in mlps]
+        for m, (modality, padding) in zip(mlps, captured):
+            m.modality, m.padding_mask = modality, padding
+        try:
+            yield
+        finally:  # the recomputed MoEOutput is not a result of any forward: drop it
+            for m, (modality, padding, last) in zip(mlps, before):
+                m.modality, m.padding_mask, m.last = modality, padding, last
+
+    return contextlib.nullcontext(), recompute()

@@ -1,0 +1,85 @@
+"""Activation checkpointing and torch.compile per block (``configure_blocks``): the same loss, aux losses,
+routing stats and gradients as the plain model, and checkpointing really saves less for backward."""
+
+import pytest
+import torch
+
+from moe_dist.models import create_model
+from moe_dist.models.loss import ContrastiveLoss
+from moe_dist.models.moe_blocks import configure_blocks, moe_mlps
+
+# gumbel noise and random drop priority draw from the RNG in the MoE layer: the recomputation in backward
+# must replay the same draws (checkpoint restores the RNG state) or routing, and so gradients, would differ
+NOISY = {"moe": {"router_noise": "gumbel", "router_noise_eps": 1.0, "drop_priority": "random"}}
+
+
+def _batch(cfg, n=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen)
+    C = cfg.text.context_length
+    lengths = torch.randint(3, C, (n,), generator=gen)
+    text = torch.randint(4, cfg.text.vocab_size, (n, C), generator=gen)
+    positions = torch.arange(C)[None, :]
+    text = torch.where(positions == lengths[:, None], cfg.text.eos_id, text)
+    return images, torch.where(positions > lengths[:, None], cfg.text.pad_id, text)
+
+
+def _step(name, checkpointing="none", compile=False, saved=None):
+    """One forward/backward from fixed weights and RNG: (loss parts, layer stats, grads by name)."""
+    torch.manual_seed(0)
+    model = create_model(name, overrides=NOISY).train()
+    configure_blocks(model, checkpointing, compile)
+    images, text = _batch(model.cfg)
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(*_counter(saved)):
+        out = model(images, text)
+        result = ContrastiveLoss(model.cfg.loss)(out)
+    result.total.backward()
+    assert all(m.last is None for m in moe_mlps(model)), "a recomputation left an MoEOutput behind"
+    parts = {k: v.detach() for k, v in result.parts.items()}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return parts, out.moe.layer_stats, grads
+
+
+def _counter(saved):
+    def pack(t):
+        if saved is not None:
+            saved.append(t.numel() * t.element_size())
+        return t
+    return pack, lambda t: t
+
+
+@pytest.mark.parametrize("name", ["moe-clip-tiny", "limoe-tiny"])
+@pytest.mark.parametrize("mode", ["blocks", "moe"])
+def test_checkpointing_keeps_losses_stats_and_gradients(name, mode):
+    saved_plain, saved_ckpt = [], []
+    parts, stats, grads = _step(name, saved=saved_plain)
+    parts_c, stats_c, grads_c = _step(name, mode, saved=saved_ckpt)
+    assert parts.keys() == parts_c.keys() and stats.keys() == stats_c.keys()
+    for k in parts:
+        torch.testing.assert_close(parts_c[k], parts[k], rtol=1e-5, atol=1e-6, msg=f"loss part {k}")
+    for layer in stats:
+        for k in stats[layer]:
+            torch.testing.assert_close(stats_c[layer][k], stats[layer][k], msg=f"{layer} stat {k}")
+    assert grads.keys() == grads_c.keys()
+    assert any("experts" in n for n in grads) and any("router" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-4, atol=1e-6, msg=f"grad of {n}")
+    # what the forward keeps for backward (outside checkpointed regions only the region inputs)
+    assert sum(saved_ckpt) < (0.5 if mode == "blocks" else 0.9) * sum(saved_plain)
+
+
+def test_noise_matters_so_the_replay_is_tested():
+    """Without RNG replay the two forwards would route differently: a different seed changes the loss."""
+    a, _, _ = _step("moe-clip-tiny")
+    torch.manual_seed(0)
+    model = create_model("moe-clip-tiny", overrides=NOISY).train()
+    images, text = _batch(model.cfg)
+    torch.manual_seed(2)
+    b = ContrastiveLoss(model.cfg.loss)(model(images, text)).parts
+    assert any(not torch.allclose(a[k], b[k].detach()) for k in ("load_balance", "z_loss"))
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="activation_checkpointing='layers'.*none"):
+        configure_blocks(create_model("moe-clip-tiny"), "layers")
