@@ -124,14 +124,32 @@ def build_capacity_policy(cfg: MoEConfig) -> CapacityPolicy:
 
 
 # ----------------------------------------------------------------------------- communication
+@dataclass
+class Traffic:
+    """Bytes this rank's all-to-alls sent to the other ranks of its EP group. Counted only while a
+    dispatcher holds one (``layer.dispatcher.traffic = Traffic()``); None, the default, costs nothing."""
+
+    rows: int = 0    # token rows: dispatch, combine and both of their backward exchanges
+    counts: int = 0  # the per-expert count exchange
+
+    def add(self, name: str, x: torch.Tensor, send_splits: List[int], group) -> None:
+        import deepspeed.comm as ds_comm
+
+        row_bytes = x.element_size() * math.prod(x.shape[1:])
+        remote = sum(send_splits) - send_splits[ds_comm.get_rank(group=group)]
+        setattr(self, name, getattr(self, name) + remote * row_bytes)
+
+
 class _AllToAllV(torch.autograd.Function):
     """Variable-split all-to-all through deepspeed.comm; its gradient is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x_ND, send_splits: List[int], recv_splits: List[int], group):
+    def forward(ctx, x_ND, send_splits: List[int], recv_splits: List[int], group, traffic=None):
         import deepspeed.comm as ds_comm
 
-        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        ctx.splits, ctx.group, ctx.traffic = (send_splits, recv_splits), group, traffic
+        if traffic is not None:
+            traffic.add("rows", x_ND, send_splits, group)
         out = x_ND.new_empty((sum(recv_splits),) + tuple(x_ND.shape[1:]))
         ds_comm.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
                                   input_split_sizes=send_splits, group=group)
@@ -140,7 +158,8 @@ class _AllToAllV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         send_splits, recv_splits = ctx.splits
-        return _AllToAllV.apply(grad_out.contiguous(), recv_splits, send_splits, ctx.group), None, None, None
+        return (_AllToAllV.apply(grad_out.contiguous(), recv_splits, send_splits, ctx.group, ctx.traffic),
+                None, None, None, None)
 
 
 def _exchange_counts(counts_RL: torch.Tensor, group) -> torch.Tensor:
@@ -184,6 +203,7 @@ class TokenDispatcher:
     def __init__(self, num_experts: int, ep_size: int = 1, group=None):
         self.num_experts, self.ep_size, self.group = num_experts, ep_size, group
         self.num_local = num_experts // ep_size
+        self.traffic: Optional[Traffic] = None
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, kept_TK: torch.Tensor) -> Dispatched:
         """Gather the rows for this rank's experts (x_TD [T, D], kept_TK [T, K] bool)."""
@@ -198,8 +218,10 @@ class TokenDispatcher:
         R, L = self.ep_size, self.num_local
         counts_RL = counts_E.view(R, L)
         recv_RL = _exchange_counts(counts_RL, self.group)
+        if self.traffic is not None:
+            self.traffic.add("counts", counts_RL, [1] * R, self.group)
         send_splits, recv_splits = counts_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
-        x_ND = _AllToAllV.apply(x_AD, send_splits, recv_splits, self.group)
+        x_ND = _AllToAllV.apply(x_AD, send_splits, recv_splits, self.group, self.traffic)
         # Received rows come grouped by (source rank, local expert); regroup by local expert.
         segment_N = torch.repeat_interleave(torch.arange(R * L, device=x_ND.device), recv_RL.flatten(),
                                             output_size=x_ND.shape[0])
@@ -211,7 +233,7 @@ class TokenDispatcher:
         """Send expert outputs home and sum them per token, weighted by the gates: [T, D]."""
         if self.ep_size > 1:
             y_back = torch.empty_like(y_ND).index_copy(0, plan.local_perm, y_ND)
-            y_ND = _AllToAllV.apply(y_back, plan.recv_splits, plan.send_splits, self.group)
+            y_ND = _AllToAllV.apply(y_back, plan.recv_splits, plan.send_splits, self.group, self.traffic)
         weighted_AD = y_ND * plan.weight_A.to(y_ND.dtype)[:, None]
         out_TD = y_ND.new_zeros((num_tokens,) + tuple(y_ND.shape[1:]))
         return out_TD.index_add(0, plan.token_A, weighted_AD)
