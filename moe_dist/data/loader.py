@@ -12,7 +12,12 @@ Loader outline:
        raises ``DataError`` naming the reasons;
     5. in exact mode a rank that runs out before the common step count (unbalanced shards, corrupt
        samples, short shards within the threshold) repeats its most recent samples and counts them
-       as ``padded``.
+       as ``padded``;
+    6. exact mode records which samples were delivered by id (shard, ordinal): ``state_dict`` holds
+       this rank's part of the epoch's global position. Resuming at the same world size and workers
+       continues the batch sequence exactly; ``merge_states`` of every rank's state resumes at any
+       world size and worker count (elastic): the epoch's plan is remade from what is left, so every
+       sample of the epoch is delivered exactly once over both runs.
 """
 
 from __future__ import annotations
@@ -23,14 +28,15 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Deque, Dict, Iterator, List, Optional
+from typing import Deque, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
 from .decode import DEFAULT_MAX_PIXELS
+from .remote import RemoteOptions
 from .spec import resolve_spec
-from .stream import Chunk, WorkerDataset, WorkerJob, epoch_plan
+from .stream import Chunk, Consumed, WorkerDataset, WorkerJob, epoch_plan
 
 log = logging.getLogger(__name__)
 WORKER_NICENESS = 10
@@ -75,6 +81,8 @@ class LoaderConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = True  # decode JPEGs at reduced size when the target is smaller
     allow_pipe: bool = False
+    remote: RemoteOptions = RemoteOptions()  # retries, timeout, backoff of http(s):// and s3:// shards
+    skip_unreadable_shards: bool = False  # a remote shard unreadable after its retries is counted, not fatal
 
     def __post_init__(self):
         if self.mode not in ("exact", "resampled"):
@@ -106,7 +114,7 @@ class ShardLoader:
 
     def __init__(self, cfg: LoaderConfig, tokenizer, rank: int = 0, world_size: int = 1, transform=None):
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
-        self.shards = resolve_spec(cfg.spec, cfg.weights, cfg.allow_pipe)
+        self.shards = resolve_spec(cfg.spec, cfg.weights, cfg.allow_pipe, remote_counts=cfg.mode == "exact")
         self.num_workers = max(1, cfg.workers)
         if cfg.mode == "exact" and len(self.shards) < world_size * self.num_workers:
             raise DataError(f"{len(self.shards)} shards cannot feed {world_size} ranks x {self.num_workers} workers "
@@ -128,8 +136,7 @@ class ShardLoader:
         if self.cfg.mode == "resampled":
             total = self.cfg.epoch_samples or sum(s.samples for s in self.shards)
             return max(1, total // (self.world_size * B))
-        plan = epoch_plan(self.shards, self.world_size, self.num_workers, self.cfg.seed, self.epoch)
-        fullest = max(sum(s.samples for w in rank for s in w) for rank in plan)
+        fullest = max(sum(s.samples for w in rank for s in w) for rank in self._plan())
         return -(-fullest // B)
 
     def __len__(self) -> int:
@@ -145,25 +152,46 @@ class ShardLoader:
             failures.update(f)
         good = self._base_good + sum(self._worker_good.values())
         return {"good": good, "failed": sum(failures.values()), "failures": dict(failures),
-                "padded": self._padded, "wait_s": self._wait_s}
+                "padded": self._padded, "wait_s": self._wait_s,
+                "retries": self._base_retries + sum(self._worker_retries.values())}
 
     def state_dict(self) -> Dict[str, object]:
+        """This rank's position: its batch sequence (for a resume at the same world size and workers) and
+        the ids of the samples it delivered (``consumed``; ``merge_states`` joins all ranks' for an elastic
+        resume). ``base`` is what an elastic resume had consumed when this epoch's plan was made."""
         stats = self.stats()
         return {"epoch": self.epoch, "mode": self.cfg.mode, "seed": self.cfg.seed, "step": self._step,
                 "next_positions": list(self._next_positions), "turn": self._turn, "done": sorted(self._done),
                 "good": stats["good"], "failures": stats["failures"], "padded": self._padded,
-                "recent": [t.clone() for t in self._recent_tensors()], "resumes": self._resumes,
-                "world_size": self.world_size, "workers": self.num_workers}
+                "retries": stats["retries"], "recent": [t.clone() for t in self._recent_tensors()],
+                "resumes": self._resumes, "world_size": self.world_size, "workers": self.num_workers,
+                "rank": self.rank, "consumed": self._consumed.to_state(), "base": self._base.to_state()}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        if state["mode"] != self.cfg.mode or state["world_size"] != self.world_size \
-                or state["workers"] != self.num_workers:
-            raise ValueError(f"loader state was saved with mode={state['mode']}, world_size={state['world_size']}, "
-                             f"workers={state['workers']}; this loader has mode={self.cfg.mode}, "
-                             f"world_size={self.world_size}, workers={self.num_workers}. Keep them equal to "
-                             "resume the data stream exactly, or start the epoch afresh")
+        """Resume from ``state_dict()`` of this rank at the same world size and workers (the batches
+        continue exactly), or from ``merge_states`` of all ranks' states, or a 1-rank run's state, at
+        any world size and workers (exact mode: the rest of the epoch, each sample once)."""
+        if state["mode"] != self.cfg.mode:
+            raise ValueError(f"loader state was saved with data.mode={state['mode']}; this loader has "
+                             f"data.mode={self.cfg.mode}. Keep the mode to resume the data stream, or start afresh")
+        same = state["world_size"] == self.world_size and state["workers"] == self.num_workers
+        ranks = state.get("ranks")
+        if same and ranks is not None:
+            state = ranks[self.rank]
+        elif not same and (self.cfg.mode != "exact" or (ranks is None and state["world_size"] != 1)):
+            raise ValueError(f"loader state was saved with world_size={state['world_size']}, workers="
+                             f"{state['workers']}; this loader has world_size={self.world_size}, workers="
+                             f"{self.num_workers}. " + ("A resampled stream resumes only at the same layout; "
+                                                       "start the epoch afresh" if self.cfg.mode != "exact" else
+                                                       "One rank's state holds only its part of the epoch: load "
+                                                       "moe_dist.data.merge_states([every rank's state])"))
+        if not same:
+            return self._load_elastic(state)
         self.epoch = int(state["epoch"])
         self._reset_epoch_state()
+        self._base = Consumed.from_state(state.get("base", {"done": [], "partial": []}))
+        self._consumed = Consumed.from_state(state.get("consumed", {"done": [], "partial": []}))
+        self._base_retries = int(state.get("retries", 0))
         self._step, self._turn = int(state["step"]), int(state["turn"])
         self._next_positions = list(state["next_positions"])
         self._done = set(state["done"])
@@ -172,6 +200,20 @@ class ShardLoader:
         images, tokens = state["recent"] or (None, None)
         if images is not None:
             self._recent.extend(zip(images, tokens))
+
+    def _load_elastic(self, state: Dict[str, object]) -> None:
+        """Continue the epoch of a run at another layout: plan what is left over this layout."""
+        self.epoch = int(state["epoch"])
+        self._reset_epoch_state()
+        self._base = Consumed.from_state(state["consumed"])
+        self._consumed = Consumed.from_state(state["consumed"])
+        self._resumes = int(state["resumes"]) + 1
+        images, tokens = state["recent"] or (None, None)
+        if images is not None:  # something to repeat should this rank's share of the rest run short
+            self._recent.extend(zip(images, tokens))
+        log.info("rank %d: elastic resume of epoch %d from %d ranks x %d workers: %d shards done, %d in progress",
+                 self.rank, self.epoch, state["world_size"], state["workers"], len(self._base.done),
+                 len(self._base.partial))
 
     def __iter__(self) -> Iterator[Batch]:
         steps = self.steps_per_epoch
@@ -184,7 +226,12 @@ class ShardLoader:
         self.set_epoch(self.epoch + 1)
 
     # ---------------------------------------------------------------- internals
+    def _plan(self):
+        return epoch_plan(self.shards, self.world_size, self.num_workers, self.cfg.seed, self.epoch, self._base)
+
     def _reset_epoch_state(self) -> None:
+        self._base, self._consumed = Consumed(), Consumed()
+        self._base_retries, self._worker_retries = 0, {}
         self._step, self._turn, self._done = 0, 0, set()
         self._next_positions = [0] * self.num_workers
         self._queues: Dict[int, Deque] = {w: collections.deque() for w in range(self.num_workers)}
@@ -211,7 +258,8 @@ class ShardLoader:
                          start_positions=list(self._next_positions) if cfg.mode == "exact" else [0] * self.num_workers,
                          transform=self.transform, tokenize=tokenize, max_pixels=cfg.max_image_pixels,
                          draft_size=cfg.image_size if cfg.draft else None, chunk_size=min(64, cfg.batch_size),
-                         allow_pipe=cfg.allow_pipe)
+                         allow_pipe=cfg.allow_pipe, work=self._plan()[self.rank] if cfg.mode == "exact" else None,
+                         remote=cfg.remote, skip_unreadable=cfg.skip_unreadable_shards)
 
     def _chunks(self) -> Iterator[Chunk]:
         # own generator: creating the iterator must not consume the training process's global RNG
@@ -235,17 +283,28 @@ class ShardLoader:
                 self._receive(chunk)
             if queue:
                 self._turn += 1
-                position, *row = queue.popleft()
+                position, sample_id, *row = queue.popleft()
                 self._next_positions[w] = position + 1
+                if sample_id is not None:
+                    self._consumed.mark(*sample_id)
                 self._recent.append(tuple(row))
                 return row
         return self._pad()
 
     def _receive(self, chunk: Chunk) -> None:
+        if chunk.error:
+            raise DataError(chunk.error)
         if chunk.positions:
-            self._queues[chunk.worker].extend(zip(chunk.positions, chunk.images.unbind(0), chunk.tokens.unbind(0)))
+            ids = chunk.ids or [None] * len(chunk.positions)
+            self._queues[chunk.worker].extend(zip(chunk.positions, ids, chunk.images.unbind(0),
+                                                  chunk.tokens.unbind(0)))
+        for sample_id in chunk.failed_ids or ():  # a failed sample fails again: consumed when seen
+            self._consumed.mark(*sample_id)
+        for shard, read in (chunk.ended or {}).items():
+            self._consumed.end(shard, read)
         self._worker_good[chunk.worker] = chunk.good
         self._worker_failures[chunk.worker] = chunk.failures
+        self._worker_retries[chunk.worker] = chunk.retries
         if chunk.done:
             self._done.add(chunk.worker)
         self._check_failures(final=len(self._done) == self.num_workers)
@@ -277,3 +336,25 @@ class ShardLoader:
         row = self._recent[0]
         self._recent.rotate(-1)
         return list(row)
+
+
+def merge_states(states: Sequence[Dict[str, object]]) -> Dict[str, object]:
+    """The global position of an exact-mode epoch from every rank's ``ShardLoader.state_dict()``: a state
+    that ``load_state_dict`` resumes at any world size and workers (and, at the saving layout, exactly).
+
+    Raises:
+        ValueError: states of different runs, epochs or layouts, or not one per rank.
+    """
+    first = states[0]
+    keys = ("mode", "seed", "epoch", "world_size", "workers")
+    if any(tuple(s[k] for k in keys) != tuple(first[k] for k in keys) for s in states) or \
+            sorted(s.get("rank", 0) for s in states) != list(range(first["world_size"])):
+        raise ValueError("merge_states needs one loader state per rank of one run at one epoch; got "
+                         + ", ".join(f"rank {s.get('rank')} of {s['world_size']} at epoch {s['epoch']}" for s in states))
+    consumed = Consumed()
+    for state in states:
+        consumed.merge(Consumed.from_state(state["consumed"]))
+    merged = {k: first[k] for k in keys}
+    merged.update(consumed=consumed.to_state(), ranks={s.get("rank", 0): s for s in states},
+                  recent=first["recent"], resumes=max(int(s["resumes"]) for s in states))
+    return merged

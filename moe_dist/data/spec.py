@@ -5,14 +5,17 @@ A spec is one or more sources joined by "::". A source is a brace pattern
 ``manifest.json`` or an open_clip ``sizes.json``), or the output directory of ``moe-dist-data shard``
 (``DIR/manifest.json`` with ``DIR/train/``, ``DIR/val/``), which means its train split. Another split is
 named by its directory: ``DIR/val``; there is no other split syntax. Sample counts come from
-manifest.json, from an open_clip-style sizes.json, or (last resort) from counting tar members.
+manifest.json, from an open_clip-style sizes.json, or (last resort, local tars only) from counting tar
+members. The same holds for http(s):// and s3:// sources (remote.py), except that a remote directory
+cannot be listed: it needs its manifest.json or sizes.json.
 
 What a shard may be is decided once, by ``check_url``, on every final URL: after the "::" split, after
 brace expansion and after reading the names a manifest.json or sizes.json lists. A local path is
-allowed; a ``pipe:`` URL (which runs a shell command) only with ``allow_pipe``; any other scheme
-(http:, https:, file:, s3:, gs:, ...) never. An index lists plain file names in its own directory.
-Everything that opens a shard goes through ``open_shard``, so nothing unchecked reaches webdataset's
-``gopen`` (which would run pipes, call curl, or apply ``GOPEN_REWRITE``).
+allowed; http://, https:// and s3:// URLs are read by remote.py's own clients; a ``pipe:`` URL (which
+runs a shell command) only with ``allow_pipe``; any other scheme (file:, gs:, ftp:, ...) never. An index
+lists plain file names in its own directory. Everything that opens a shard goes through ``open_shard``,
+so nothing unchecked reaches webdataset's ``gopen`` (which would run pipes, call curl, or apply
+``GOPEN_REWRITE``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from dataclasses import dataclass
 from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 from braceexpand import braceexpand
+
+from . import remote
+from .remote import RemoteError, RemoteOptions, is_remote
 
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
@@ -55,10 +61,10 @@ def check_url(url: str, allow_pipe: bool = False) -> str:
         url: a final shard URL (after "::" splitting, brace expansion and index files).
         allow_pipe: allow ``pipe:`` URLs (``data.allow_pipe``, ``moe-dist-data --allow-pipe``).
     Raises:
-        ValueError: a pipe: URL without ``allow_pipe``, or any other URL scheme.
+        ValueError: a pipe: URL without ``allow_pipe``, or a scheme other than http, https and s3.
     """
     match = _SCHEME.match(url)
-    if match is None:
+    if match is None or is_remote(url):
         return url
     scheme = match.group(1)
     if scheme == "pipe":
@@ -66,14 +72,19 @@ def check_url(url: str, allow_pipe: bool = False) -> str:
             return url
         raise ValueError(f"shard URL {_shown(url)} is a pipe: URL, which runs a shell command; set "
                          "data.allow_pipe=true (moe-dist-data: --allow-pipe) only if you trust the spec")
-    raise ValueError(f"shard URL {_shown(url)} uses the {scheme}: scheme, but shards are read from local paths "
-                     "only; copy or mount them locally, or fetch them with a pipe: URL (e.g. 'pipe:curl -sL URL') "
-                     "and data.allow_pipe=true; a local file whose name has a ':' can be given as ./NAME")
+    raise ValueError(f"shard URL {_shown(url)} uses the {scheme}: scheme, but shards are read from local paths, "
+                     "http://, https:// and s3:// URLs only; copy or mount them locally, or fetch them with a pipe: "
+                     "URL (e.g. 'pipe:curl -sL URL') and data.allow_pipe=true; a local file whose name has a ':' "
+                     "can be given as ./NAME")
 
 
-def open_shard(url: str, allow_pipe: bool = False) -> BinaryIO:
-    """A binary stream of the shard at ``url``: local files with ``open``, allowed pipes through webdataset."""
+def open_shard(url: str, allow_pipe: bool = False, options: RemoteOptions = RemoteOptions(),
+               on_retry=None) -> BinaryIO:
+    """A binary stream of the shard at ``url``: local files with ``open``, http(s):// and s3:// through
+    remote.py (retried at the byte, ``on_retry`` called per retry), allowed pipes through webdataset."""
     check_url(url, allow_pipe)
+    if is_remote(url):
+        return remote.open_remote(url, options, on_retry)
     if url.startswith("pipe:"):
         from webdataset.gopen import gopen
 
@@ -101,15 +112,32 @@ def _index_name(name: str, index: str) -> str:
     return name
 
 
+def _join(directory: str, name: str) -> str:
+    return remote.join(directory, name) if is_remote(directory) else os.path.join(directory, name)
+
+
+def _load_json(path: str) -> Optional[object]:
+    """The JSON at a local path or remote URL; None when there is no such file or object."""
+    if is_remote(path):
+        try:
+            return remote.read_json(path)
+        except RemoteError as err:
+            raise ValueError(f"cannot read {err}") from None
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_index(directory: str) -> Tuple[Dict[str, int], Optional[str]]:
     """Sample counts by file name from ``directory``'s manifest.json (ours) or sizes.json (open_clip,
-    img2dataset), and the index file's name; ({}, None) when there is neither."""
+    img2dataset), and the index file's name; ({}, None) when there is neither. ``directory`` may be an
+    http(s):// or s3:// URL."""
     for index in (MANIFEST, SIZES):
-        path = os.path.join(directory, index)
-        if not os.path.isfile(path):
+        path = _join(directory, index)
+        data = _load_json(path)
+        if data is None:
             continue
-        with open(path) as f:
-            data = json.load(f)
         entries = [(s["name"], s["samples"]) for s in data.get("shards", [])] if index == MANIFEST \
             else list(data.items())
         return {_index_name(str(name), path): int(samples) for name, samples in entries}, index
@@ -129,17 +157,14 @@ class Split:
 def dataset_splits(directory: str) -> Optional[Dict[str, Split]]:
     """The splits of ``directory`` when ``moe-dist-data shard`` (or ``synth``) wrote it, by name; None for
     any other directory. Such a directory holds a top ``manifest.json`` with ``splits`` and no shards."""
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        data = json.load(f)
+    path = _join(directory, MANIFEST)
+    data = _load_json(path)
     if not isinstance(data, dict) or "splits" not in data or "shards" in data:
         return None
     splits = {}
     for name, entry in sorted(data["splits"].items()):
         sub = _index_name(str(entry.get("path", name)), path)  # a split is a directory beside the manifest
-        splits[name] = Split(name, os.path.join(directory, sub), int(entry.get("shards", 0)),
+        splits[name] = Split(name, _join(directory, sub), int(entry.get("shards", 0)),
                              int(entry.get("samples", 0)))
     return splits
 
@@ -170,7 +195,7 @@ def _source_dir(source: str) -> str:
     splits = dataset_splits(source)
     if splits is None:
         return source
-    if "train" in splits and os.path.isdir(splits["train"].path):
+    if "train" in splits and (is_remote(source) or os.path.isdir(splits["train"].path)):
         return splits["train"].path
     others = ", ".join(f"{s.path} for the {s.name} split" for s in splits.values())
     raise ValueError(f"shard spec {source!r} is a dataset directory without a train split, which it would mean; "
@@ -188,10 +213,26 @@ def _subdir_hint(source: str) -> str:
     return f"; it has shard directories {', '.join(found)}: use one of them" if found else ""
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def _remote_directory(source: str, allow_pipe: bool) -> List[str]:
+    """The shard URLs a remote directory's index lists (its train split for a dataset directory)."""
+    directory = _source_dir(source.rstrip("/"))
+    names, _ = read_index(directory)
+    if not names:
+        raise ValueError(f"shard spec {source!r} is a remote directory without a manifest.json or sizes.json "
+                         "(remote directories cannot be listed); upload the index beside the shards, or give a "
+                         "brace pattern such as https://host/train-{000000..000099}.tar")
+    return [check_url(remote.join(directory, n), allow_pipe) for n in sorted(names)]
+
+
 def expand_source(source: str, allow_pipe: bool = False) -> List[str]:
     """The checked shard URLs of one source: a directory's indexed (or globbed) tars (a shard output
     directory's train split), or a brace pattern."""
     source = source.strip()
+    if is_remote(source) and "{" not in source and not source.endswith(TAR_SUFFIXES):
+        return _remote_directory(source, allow_pipe)
     if os.path.isdir(source):
         source = _source_dir(source)
         names, _ = read_index(source)
@@ -206,14 +247,15 @@ def expand_source(source: str, allow_pipe: bool = False) -> List[str]:
 
 
 def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pipe: bool = False,
-                 need_counts: bool = True) -> List[Shard]:
+                 need_counts: bool = True, remote_counts: bool = True) -> List[Shard]:
     """Expand a spec into shards with sample counts; every URL is checked before anything is opened.
 
     Args:
         spec: sources joined by "::" (brace patterns, .tar files, shard directories).
         weights: per-source sampling weights, one per source (resampled mode).
         allow_pipe: allow ``pipe:`` URLs.
-        need_counts: count the members of tars no index describes (else their count is 0).
+        need_counts: count the members of local tars no index describes (else their count is 0).
+        remote_counts: refuse a remote tar no index describes (exact mode needs every count); else it counts 0.
     Raises:
         ValueError: a URL that ``check_url`` refuses, a spec that matches no file, a missing file, an
             index naming something other than a file beside it, or weights that do not match the sources.
@@ -226,7 +268,7 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
     expanded = [expand_source(source, allow_pipe) for source in sources]  # check all before any is read
     shards: List[Shard] = []
     for index, (source, urls) in enumerate(zip(sources, expanded)):
-        local = [u for u in urls if not u.startswith("pipe:")]
+        local = [u for u in urls if not u.startswith("pipe:") and not is_remote(u)]
         missing = [u for u in local if not os.path.isfile(u)]
         if not urls or (local and len(missing) == len(local)):
             hint = _subdir_hint(source.strip()) if os.path.isdir(source.strip()) else ""
@@ -237,11 +279,16 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
             raise ValueError(f"shard spec {source!r}: {len(missing)} of {len(urls)} shards are missing, "
                              f"first {missing[0]!r}")
         counts: Dict[str, Tuple[int, str]] = {}
-        for directory in {os.path.dirname(u) for u in local}:
+        directories = {os.path.dirname(u) for u in local} | {remote.parent(u) for u in urls if is_remote(u)}
+        for directory in sorted(directories):
             names, index_file = read_index(directory)
-            counts.update({os.path.join(directory, k): (v, index_file) for k, v in names.items()})
+            counts.update({_join(directory, k): (v, index_file) for k, v in names.items()})
         for url in urls:
             count, index_file = counts.get(url, (None, None))
+            if count is None and need_counts and remote_counts and is_remote(url):
+                raise ValueError(f"shard {remote.shown_url(url)} has no sample count: its directory holds no "
+                                 "manifest.json or sizes.json listing it (a remote tar is not downloaded to count "
+                                 "it); upload the index that moe-dist-data shard writes, or use data.mode=resampled")
             if count is None:
                 count = _count_tar_samples(url) if (need_counts and url in local) else 0
             shards.append(Shard(url, count, index, index_file))

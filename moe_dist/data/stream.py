@@ -1,16 +1,21 @@
 """What one DataLoader worker does: read its shards with webdataset, shuffle, decode, transform.
 
 Worker outline (exact mode):
-    1. every rank computes the same epoch plan: the shard list shuffled with (seed, epoch), then
-       balanced over ranks and over each rank's workers by sample count (longest-first);
+    1. every rank computes the same epoch plan: the epoch's order of the shard list, a function of
+       (seed, epoch, shards) alone, less what an elastic resume says was consumed, balanced over
+       ranks and over each rank's workers by samples left (longest-first); the main process hands
+       each worker its list of ``Work`` (shard, ordinals to skip);
     2. the worker streams its shards through webdataset's tar reader (reading only the members it
-       decodes) and a sample shuffle buffer seeded with (seed, epoch, rank, worker); a broken tar is
-       counted and skipped, and so is each sample a shard's manifest lists but the shard lacks;
+       decodes; remote shards through remote.py, which retries at the byte) and a sample shuffle
+       buffer seeded with (seed, epoch, rank, worker); every sample is named by its id (shard, ordinal
+       in the shard); a broken tar is counted and skipped, and so is each sample a shard's manifest
+       lists but the shard lacks; a remote shard that cannot be read ends the stream with an error
+       chunk (or, with ``skip_unreadable``, is counted and skipped);
     3. each raw sample gets a position in that shuffled stream; on resume the worker skips the
        positions already consumed without decoding them;
     4. survivors are decoded (decode.py), transformed (torch RNG seeded per sample position) and
-       tokenized, and sent in chunks tagged with (worker, position) plus the worker's cumulative
-       counters. A final chunk says "done".
+       tokenized, and sent in chunks tagged with (worker, position, id) plus the ids of failed samples,
+       the shards whose reading ended, and the worker's cumulative counters. A final chunk says "done".
 Resampled mode draws shards with replacement (weighted by source) from an RNG seeded with
 (seed, epoch, rank, worker, resume generation), forever.
 """
@@ -30,6 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from .decode import USED_KEYS, SampleError, decode_sample
+from .remote import RemoteError, RemoteOptions, shown_url
 from .spec import Shard, check_url, open_shard
 
 
@@ -42,10 +48,20 @@ def _seed(*parts) -> int:
 SHUFFLE_STREAM = 1
 
 
-def balance(items: Sequence[Shard], bins: int) -> List[List[Shard]]:
-    """Longest-first greedy split of shards into ``bins`` groups of near-equal sample counts
-    (stable: equal-sized shards keep their given, shuffled order)."""
-    groups: List[List[Shard]] = [[] for _ in range(bins)]
+@dataclass(frozen=True)
+class Work:
+    """One shard of an exact-mode epoch plan: its index in the spec's shard list, the samples left to
+    read (what balancing weighs) and the ordinals already delivered (skipped unread after a resume)."""
+
+    shard: int
+    samples: int
+    skip: frozenset = frozenset()
+
+
+def balance(items: Sequence, bins: int) -> List[List]:
+    """Longest-first greedy split of items with ``.samples`` into ``bins`` groups of near-equal sample
+    counts (stable: equal-sized items keep their given, shuffled order)."""
+    groups: List[List] = [[] for _ in range(bins)]
     loads = [0] * bins
     for shard in sorted(items, key=lambda s: -s.samples):
         i = loads.index(min(loads))
@@ -54,12 +70,77 @@ def balance(items: Sequence[Shard], bins: int) -> List[List[Shard]]:
     return groups
 
 
-def epoch_plan(shards: Sequence[Shard], world_size: int, workers: int, seed: int,
-               epoch: int) -> List[List[List[Shard]]]:
-    """plan[rank][worker] -> that worker's shards for this epoch (exact mode)."""
-    order = list(shards)
+def epoch_order(shards: Sequence[Shard], seed: int, epoch: int) -> List[int]:
+    """The epoch's shard order (indices into ``shards``): a function of (seed, epoch, shard list) alone."""
+    order = list(range(len(shards)))
     random.Random(_seed(seed, epoch)).shuffle(order)
-    return [balance(rank_shards, workers) for rank_shards in balance(order, world_size)]
+    return order
+
+
+def epoch_plan(shards: Sequence[Shard], world_size: int, workers: int, seed: int, epoch: int,
+               consumed: Optional["Consumed"] = None) -> List[List[List[Work]]]:
+    """plan[rank][worker] -> that worker's ``Work`` for this epoch (exact mode), less what ``consumed``
+    (an elastic resume's record of the samples delivered before it) holds."""
+    consumed = consumed or Consumed()
+    work = [Work(i, shards[i].samples - len(consumed.partial.get(i, ())), frozenset(consumed.partial.get(i, ())))
+            for i in epoch_order(shards, seed, epoch) if i not in consumed.done]
+    return [balance(rank_work, workers) for rank_work in balance(work, world_size)]
+
+
+@dataclass
+class Consumed:
+    """Which samples of an epoch were delivered (or failed): whole shards, and the ordinals of shards in
+    progress. Ids are (shard index in the spec's list, ordinal in the shard), the same at any world size."""
+
+    done: set = None
+    partial: Dict[int, set] = None
+    ended: Dict[int, int] = None  # shard -> samples its reading found (reported by the worker)
+
+    def __post_init__(self):
+        self.done = set(self.done or ())
+        self.partial = {int(k): set(v) for k, v in (self.partial or {}).items()}
+        self.ended = dict(self.ended or {})
+
+    def mark(self, shard: int, ordinal: int) -> None:
+        self.partial.setdefault(shard, set()).add(ordinal)
+        self._settle(shard)
+
+    def end(self, shard: int, read: int) -> None:
+        self.ended[shard] = read
+        self._settle(shard)
+
+    def _settle(self, shard: int) -> None:
+        if shard in self.ended and len(self.partial.get(shard, ())) >= self.ended[shard]:
+            self.done.add(shard)
+            self.partial.pop(shard, None)
+            self.ended.pop(shard)
+
+    def merge(self, other: "Consumed") -> None:
+        self.done |= other.done
+        for shard, ordinals in other.partial.items():
+            self.partial.setdefault(shard, set()).update(ordinals)
+        for shard in self.done:
+            self.partial.pop(shard, None)
+
+    def to_state(self) -> Dict[str, object]:
+        """Plain lists (a checkpoint's client file is loaded with ``weights_only``): partial shards as
+        [shard, [[first, last], ...]] runs of ordinals."""
+        return {"done": sorted(self.done), "partial": [[s, _runs(o)] for s, o in sorted(self.partial.items())]}
+
+    @classmethod
+    def from_state(cls, state: Dict[str, object]) -> "Consumed":
+        return cls(set(state["done"]), {s: {i for a, b in runs for i in range(a, b + 1)} for s, runs in
+                                        state["partial"]})
+
+
+def _runs(ordinals) -> List[List[int]]:
+    runs: List[List[int]] = []
+    for i in sorted(ordinals):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return runs
 
 
 @dataclass
@@ -74,6 +155,11 @@ class Chunk:
     good: int
     failures: Dict[str, int]
     done: bool = False
+    ids: List[tuple] = None  # (shard, ordinal) of each sample (exact mode)
+    failed_ids: List[tuple] = None  # (shard, ordinal) of samples that failed to decode since the last chunk
+    ended: Dict[int, int] = None  # shard -> samples read, for shards whose reading ended since the last chunk
+    retries: int = 0  # remote reopenings so far
+    error: str = ""  # the stream cannot go on (a remote shard that cannot be read): the loader raises this
 
 
 @dataclass
@@ -97,18 +183,39 @@ class WorkerJob:
     draft_size: Optional[int]
     chunk_size: int = 64
     allow_pipe: bool = False
+    work: Optional[List[List[Work]]] = None  # exact mode: each worker's shards
+    remote: RemoteOptions = RemoteOptions()
+    skip_unreadable: bool = False
 
 
 class SampleCounter:
-    """Samples that decoded, and failures by reason."""
+    """Samples that decoded, failures by reason, and remote retries; how remote shards are read.
 
-    def __init__(self):
-        self.good, self.failures = 0, Counter()
+    Args:
+        remote: retries, timeout and backoff of remote reads.
+        skip_unreadable: a remote shard that cannot be read after its retries (or is missing or
+            forbidden) is counted ("unreadable_shard", per sample its index promised) and skipped;
+            otherwise its ``RemoteError`` ends the stream.
+    """
 
-    def end_shard(self, shard: Shard, read: int, broken: bool) -> None:
+    def __init__(self, remote: RemoteOptions = RemoteOptions(), skip_unreadable: bool = False):
+        self.good, self.failures, self.retries = 0, Counter(), 0
+        self.remote, self.skip_unreadable = remote, skip_unreadable
+
+    def count_retry(self, url: str, attempt: int, err: RemoteError) -> None:
+        self.retries += 1
+
+    def end_shard(self, shard: Shard, read: int, errors: Sequence[Exception]) -> None:
         """Count a shard whose reading stopped with an error once as "broken_tar", and each sample its
-        index promised but it did not hold as "short_shard" (a truncated copy must not pass as padding)."""
-        if broken:
+        index promised but it did not hold as "short_shard" (a truncated copy must not pass as padding).
+        A remote read error is raised, or counted as "unreadable_shard" with ``skip_unreadable``."""
+        unreadable = next((e for e in errors if isinstance(e, RemoteError)), None)
+        if unreadable is not None:
+            if not self.skip_unreadable:
+                raise unreadable
+            self.failures["unreadable_shard"] += max(1, shard.shortfall(read))
+            return
+        if errors:
             self.failures["broken_tar"] += 1
         if shard.shortfall(read):
             self.failures["short_shard"] += shard.shortfall(read)
@@ -117,15 +224,17 @@ class SampleCounter:
 _WDS_META = re.compile(r"__[^/]*__($|/)")  # names webdataset's tar reader skips
 
 
-def tar_members(shard: Shard, keep: AbstractSet[str], errors: List[Exception],
-                allow_pipe: bool = False) -> Iterator[dict]:
+def tar_members(shard: Shard, keep: AbstractSet[str], errors: List[Exception], allow_pipe: bool = False,
+                counter: Optional[SampleCounter] = None) -> Iterator[dict]:
     """webdataset's file stage for one shard ({"fname", "data", "__url__"} per member, then the {}
     end-of-shard marker), except that a member whose extension is not in ``keep`` is passed over
     without being read (``data`` None): a 300 MB .npy costs no memory. An error stops the shard and
     goes to ``errors``; the members read before it are kept."""
     check_url(shard.url, allow_pipe)  # a refused URL is the spec's error, never a broken shard
+    counter = counter or SampleCounter()
     try:
-        with open_shard(shard.url, allow_pipe) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with open_shard(shard.url, allow_pipe, counter.remote, counter.count_retry) as stream, \
+                tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 if info.isreg() and not _WDS_META.match(info.name):
                     _, suffix = tariterators.base_plus_ext(info.name)
@@ -134,8 +243,15 @@ def tar_members(shard: Shard, keep: AbstractSet[str], errors: List[Exception],
                            "__url__": shard.url}
                 tar.members = []  # a streamed tar otherwise keeps every header it has seen
     except Exception as err:  # tarfile, gzip, zlib and pipes fail in many types; all mean the same
-        errors.append(err)
+        errors.append(_remote_cause(err) or err)
     yield {}
+
+
+def _remote_cause(err: BaseException) -> Optional[RemoteError]:
+    """The RemoteError behind ``err`` (tarfile may wrap the stream's error in its own)."""
+    while err is not None and not isinstance(err, RemoteError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def raw_samples(shards: Iterator[Shard], counter: SampleCounter, allow_pipe: bool = False,
@@ -150,18 +266,27 @@ def raw_samples(shards: Iterator[Shard], counter: SampleCounter, allow_pipe: boo
             return True  # go on with what can still be read
 
         read = 0
-        members = tar_members(shard, keep, errors, allow_pipe)
+        members = tar_members(shard, keep, errors, allow_pipe, counter)
         for sample in tariterators.group_by_keys(members, handler=handler):
             read += 1
             yield sample
-        counter.end_shard(shard, read, broken=bool(errors))
+        counter.end_shard(shard, read, errors)
 
 
-def _worker_shards(job: WorkerJob, worker: int) -> Iterator[Shard]:
-    if job.mode == "exact":
-        plan = epoch_plan(job.shards, job.world_size, job.num_workers, job.seed, job.epoch)
-        yield from plan[job.rank][worker]
-        return
+def _exact_samples(job: WorkerJob, worker: int, counter: SampleCounter, ended: Dict[int, int]) -> Iterator[dict]:
+    """The worker's raw samples in plan order, each named by ``__id__`` (shard, ordinal); ordinals an
+    elastic resume already delivered are passed over unread; ``ended`` gets each shard's read count."""
+    for work in job.work[worker]:
+        read = 0
+        for sample in raw_samples(iter([job.shards[work.shard]]), counter, job.allow_pipe):
+            if read not in work.skip:
+                sample["__id__"] = (work.shard, read)
+                yield sample
+            read += 1
+        ended[work.shard] = read
+
+
+def _resampled_shards(job: WorkerJob, worker: int) -> Iterator[Shard]:
     rng = random.Random(_seed(job.plan_seed, job.epoch, job.rank, worker))
     # Each shard of source s is drawn with probability proportional to w_s / (samples in s), so the
     # expected share of *samples* from s is w_s (shard count when sample counts are unknown).
@@ -176,42 +301,60 @@ def _worker_shards(job: WorkerJob, worker: int) -> Iterator[Shard]:
         yield rng.choices(job.shards, weights=shard_weights)[0]
 
 
+def unreadable_message(err: RemoteError, skip_hint: bool = True) -> str:
+    """One line for a remote shard that cannot be read: the URL, the error, the way on."""
+    way = "check the URL and the credentials (AWS_* variables, ~/.aws) or the server's permissions" \
+        if err.permanent else "check the server; data.remote_retries and data.remote_timeout_s bound the retries"
+    return (f"cannot read shard {shown_url(err.url)}: {err.detail}; {way}"
+            + ("; or set data.skip_unreadable_shards=true to skip and count such shards" if skip_hint else ""))
+
+
 def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
-    counter = SampleCounter()
-    raw = raw_samples(_worker_shards(job, worker), counter, job.allow_pipe)
+    counter = SampleCounter(job.remote, job.skip_unreadable)
+    ended: Dict[int, int] = {}
+    raw = _exact_samples(job, worker, counter, ended) if job.mode == "exact" else \
+        raw_samples(_resampled_shards(job, worker), counter, job.allow_pipe)
     rng = random.Random(_seed(job.seed, job.epoch, job.rank, worker, SHUFFLE_STREAM))
     if job.shuffle_buffer > 1:
         raw = wds.filters.shuffle(bufsize=job.shuffle_buffer, initial=min(100, job.shuffle_buffer), rng=rng)(raw)
-    positions, images, tokens = [], [], []
+    positions, ids, failed_ids, images, tokens = [], [], [], [], []
 
-    def flush(done: bool = False) -> Chunk:
+    def flush(done: bool = False, error: str = "") -> Chunk:
         stack = (lambda xs: torch.stack(xs)) if positions else (lambda xs: None)
         chunk = Chunk(worker, list(positions), stack(images), stack(tokens), counter.good, dict(counter.failures),
-                      done)
-        for buffer in (positions, images, tokens):
+                      done, list(ids), list(failed_ids), dict(ended), counter.retries, error)
+        for buffer in (positions, ids, failed_ids, images, tokens, ended):
             buffer.clear()
         return chunk
 
     start = job.start_positions[worker]
-    for position, sample in enumerate(raw):
-        if position < start:
-            continue
-        try:
-            image, caption = decode_sample(sample, job.max_pixels, job.draft_size)
-        except SampleError as err:
-            counter.failures[err.reason] += 1
-            continue
-        token_ids = job.tokenize(caption)
-        counter.good += 1
-        positions.append(position)
-        # augmentation randomness is a function of the sample's place in the stream, so a resumed
-        # worker reproduces the same crops (CPU generator only: torch.manual_seed also queues a seed
-        # for every accelerator, 60 us a call, which cost this loader 40% of its throughput)
-        torch.default_generator.manual_seed(_seed(job.seed, job.epoch, job.rank, worker, position))
-        images.append(job.transform(image))
-        tokens.append(token_ids)
-        if len(positions) >= job.chunk_size:
-            yield flush()
+    try:
+        for position, sample in enumerate(raw):
+            if position < start:
+                continue
+            try:
+                image, caption = decode_sample(sample, job.max_pixels, job.draft_size)
+            except SampleError as err:
+                counter.failures[err.reason] += 1
+                if "__id__" in sample:
+                    failed_ids.append(sample["__id__"])
+                continue
+            token_ids = job.tokenize(caption)
+            counter.good += 1
+            positions.append(position)
+            if "__id__" in sample:
+                ids.append(sample["__id__"])
+            # augmentation randomness is a function of the sample's place in the stream, so a resumed
+            # worker reproduces the same crops (CPU generator only: torch.manual_seed also queues a seed
+            # for every accelerator, 60 us a call, which cost this loader 40% of its throughput)
+            torch.default_generator.manual_seed(_seed(job.seed, job.epoch, job.rank, worker, position))
+            images.append(job.transform(image))
+            tokens.append(token_ids)
+            if len(positions) >= job.chunk_size:
+                yield flush()
+    except RemoteError as err:
+        yield flush(done=True, error=unreadable_message(err))
+        return
     yield flush(done=True)
 
 

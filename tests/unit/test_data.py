@@ -244,8 +244,9 @@ def test_pipe_specs_need_explicit_permission(tokenizer):
 
 @pytest.mark.parametrize("url, allow_pipe, refused", [
     ("data/a.tar", False, None), ("./http:x.tar", False, None), ("pipe:cat a.tar", True, None),
-    ("pipe:cat a.tar", False, "pipe: URL"), ("http://h/a.tar", True, "http: scheme"),
-    ("file:a.tar", True, "file: scheme"), ("s3://b/a.tar", False, "s3: scheme"), ("gs://b/a.tar", False, "gs:")])
+    ("pipe:cat a.tar", False, "pipe: URL"), ("http://h/a.tar", False, None), ("https://h/a.tar", False, None),
+    ("s3://b/a.tar", False, None), ("http:a.tar", False, "http: scheme"), ("file:a.tar", True, "file: scheme"),
+    ("gs://b/a.tar", False, "gs:"), ("ftp://h/a.tar", True, "ftp:")])
 def test_one_rule_decides_what_a_shard_url_may_be(url, allow_pipe, refused):
     from moe_dist.data.spec import check_url
 

@@ -1,0 +1,287 @@
+"""Shards over HTTP(S) and S3: a read-only byte stream that survives faults, and the few object
+operations the spec, the loader and ``moe-dist-data shard --out s3://`` need.
+
+Clients (chosen for control over mid-stream faults, not convenience):
+    http://, https://  Python's ``urllib`` (no dependency; proxies and CA bundles from the standard
+                       environment variables). webdataset's own URL handling runs ``curl`` in a pipe,
+                       which cannot resume a dropped stream at a byte.
+    s3://              ``boto3``: credentials, region and a custom endpoint (S3-compatible stores) come
+                       from boto3's standard chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+                       AWS_PROFILE, AWS_ENDPOINT_URL(_S3), ~/.aws/config). Its own retries are switched
+                       off so that every retry is ours: counted, logged and resumed at the byte.
+
+Reading outline (``RemoteStream``):
+    1. open the object from byte ``offset`` (an HTTP Range request / S3 GetObject Range);
+    2. read; on a transient fault (connection reset or refused, timeout, a stream shorter than its
+       Content-Length, HTTP 5xx/408/429, S3 throttling) wait ``backoff_s * 2**attempt`` and reopen at the
+       byte reached, so the reader above (the tar stream) never sees the fault. A server that ignores
+       Range answers the whole object: the bytes already read are skipped;
+    3. after ``retries`` failed reopenings in a row, or at once on 401/403/404/410 (missing object,
+       forbidden, no such bucket) or a host name that does not resolve, raise ``RemoteError`` naming the
+       URL and the error.
+Secrets never appear in messages: URLs are shown without userinfo or query string.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import logging
+import os
+import random
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+log = logging.getLogger(__name__)
+SCHEMES = ("http", "https", "s3")
+PERMANENT_HTTP = (401, 403, 404, 410)
+PERMANENT_S3 = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                "AllAccessDisabled", "404", "403", "401"}
+READ_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """How remote shards are read (``data.remote_*`` in the run config)."""
+
+    retries: int = 5  # reopenings after a transient fault, in a row, before the shard fails
+    timeout_s: float = 60.0  # per connect / read
+    backoff_s: float = 1.0  # first wait; doubled per retry (with jitter), at most 60 s
+
+    def __post_init__(self):
+        if self.retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
+            raise ValueError(f"remote options retries={self.retries}, timeout_s={self.timeout_s}, "
+                             f"backoff_s={self.backoff_s}: need retries >= 0, timeout_s > 0, backoff_s >= 0")
+
+
+class RemoteError(OSError):
+    """A remote object that cannot be read; ``permanent`` for missing/forbidden (never retried)."""
+
+    def __init__(self, url: str, detail: str, permanent: bool):
+        super().__init__(f"{shown_url(url)}: {detail}")
+        self.url, self.detail, self.permanent = url, detail, permanent
+
+
+def is_remote(url: str) -> bool:
+    return url.split(":", 1)[0].lower() in SCHEMES and "://" in url
+
+
+def shown_url(url: str) -> str:
+    """``url`` without userinfo, query or fragment (where presigned URLs and tokens live)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def join(base: str, name: str) -> str:
+    """``name`` inside the remote directory ``base``."""
+    return base.rstrip("/") + "/" + name
+
+
+def parent(url: str) -> str:
+    return url.rsplit("/", 1)[0]
+
+
+# ---------------------------------------------------------------- the two clients
+_S3_CLIENTS: Dict[Tuple[int, float], object] = {}
+
+
+def s3_client(timeout_s: float = 60.0):
+    """A boto3 S3 client for this process (boto3 clients must not cross a fork), retries switched off."""
+    key = (os.getpid(), timeout_s)
+    if key not in _S3_CLIENTS:
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise ValueError("s3:// shards need boto3: pip install boto3 (credentials and endpoint come from its "
+                             "standard environment variables and ~/.aws files)") from None
+        config = Config(retries={"total_max_attempts": 1}, connect_timeout=timeout_s, read_timeout=timeout_s)
+        _S3_CLIENTS[key] = boto3.session.Session().client("s3", config=config)
+    return _S3_CLIENTS[key]
+
+
+def split_s3(url: str) -> Tuple[str, str]:
+    parts = urllib.parse.urlsplit(url)
+    if not parts.netloc:
+        raise ValueError(f"{url!r} names no bucket; write s3://BUCKET/KEY")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def _s3_fault(url: str, err: Exception) -> RemoteError:
+    """Classify a botocore error: missing/forbidden are permanent, the rest (5xx, throttling,
+    connection and read errors) transient."""
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        permanent = code in PERMANENT_S3 or status in PERMANENT_HTTP
+        return RemoteError(url, f"S3 {code or status}" + (" (not found)" if status == 404 or "NoSuch" in code else
+                                                           " (forbidden)" if status == 403 else ""), permanent)
+    return RemoteError(url, f"{type(err).__name__}: {err}", permanent=False)
+
+
+def _open_http(url: str, offset: int, timeout_s: float):
+    """(response, total size or None, bytes to skip)."""
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        err.close()
+        reason = "not found" if err.code == 404 else "forbidden" if err.code in (401, 403) else err.reason
+        raise RemoteError(url, f"HTTP {err.code} ({reason})", permanent=err.code in PERMANENT_HTTP) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, socket.gaierror):  # a host name that does not resolve: a wrong URL, not a fault
+            raise RemoteError(url, f"unknown host ({reason})", permanent=True) from None
+        raise RemoteError(url, f"{type(err).__name__}: {reason}", permanent=False) from None
+    length = response.headers.get("Content-Length")
+    skip = offset if (offset and response.status == 200) else 0  # the server ignored Range
+    total = (int(length) + (offset - skip)) if length is not None else None
+    return response, total, skip
+
+
+def _open_s3(url: str, offset: int, timeout_s: float):
+    bucket, key = split_s3(url)
+    kwargs = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        response = s3_client(timeout_s).get_object(Bucket=bucket, Key=key, **kwargs)
+    except Exception as err:  # botocore raises ClientError and many connection types; _s3_fault sorts them
+        raise _s3_fault(url, err) from None
+    return response["Body"], offset + int(response["ContentLength"]), 0
+
+
+class RemoteStream(io.RawIOBase):
+    """A forward-only binary stream of one remote object that reopens at the byte after a transient
+    fault (see the module outline).
+
+    Args:
+        url: http(s):// or s3:// URL.
+        options: retries, timeout, backoff.
+        on_retry: called with (url, attempt, error) before each reopening, e.g. to count retries.
+    """
+
+    def __init__(self, url: str, options: RemoteOptions = RemoteOptions(),
+                 on_retry: Optional[Callable[[str, int, RemoteError], None]] = None):
+        super().__init__()
+        self.url, self.options, self.on_retry = url, options, on_retry
+        self.offset, self.total, self.retries = 0, None, 0
+        self._open = _open_s3 if url.startswith("s3:") else _open_http
+        self._body = None
+        self._reopen()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        attempt = 0
+        while True:
+            try:
+                if self._body is None:
+                    self._reopen_once()
+                n = self._read_some(view)
+                if n or self.total is None or self.offset >= self.total:
+                    self.offset += n
+                    return n
+                raise RemoteError(self.url, f"connection closed at byte {self.offset} of {self.total}", False)
+            except RemoteError as err:
+                attempt = self._retry_or_raise(err, attempt)
+            except (OSError, http.client.HTTPException, ValueError) as err:  # resets, timeouts, short reads
+                attempt = self._retry_or_raise(RemoteError(self.url, f"{type(err).__name__}: {err} at byte "
+                                                                     f"{self.offset}", False), attempt)
+            except Exception as err:  # botocore/urllib3 streaming errors (not OSError subclasses)
+                attempt = self._retry_or_raise(_s3_fault(self.url, err), attempt)
+
+    def _read_some(self, view: memoryview) -> int:
+        if hasattr(self._body, "readinto"):
+            return self._body.readinto(view)
+        data = self._body.read(len(view))  # botocore's StreamingBody
+        view[:len(data)] = data
+        return len(data)
+
+    def _retry_or_raise(self, err: RemoteError, attempt: int) -> int:
+        self._close_body()
+        if err.permanent or attempt >= self.options.retries:
+            if not err.permanent:
+                raise RemoteError(self.url, f"{err.detail}; gave up after {attempt} retries", False) from None
+            raise err
+        attempt += 1
+        self.retries += 1
+        log.warning("retry %d/%d of %s at byte %d after %s", attempt, self.options.retries, shown_url(self.url),
+                    self.offset, err.detail)
+        if self.on_retry is not None:
+            self.on_retry(self.url, attempt, err)
+        time.sleep(min(60.0, self.options.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+        return attempt
+
+    def _reopen_once(self) -> None:
+        body, total, skip = self._open(self.url, self.offset, self.options.timeout_s)
+        self._body = body
+        self.total = total if total is not None else self.total
+        while skip:  # a server without Range support: pass over the bytes already delivered
+            data = body.read(min(skip, READ_SIZE))
+            if not data:
+                raise RemoteError(self.url, f"connection closed while skipping to byte {self.offset}", False)
+            skip -= len(data)
+
+    def _reopen(self) -> None:
+        """Open at ``offset`` with the same retry rule as reads (the first open included)."""
+        attempt = 0
+        while True:
+            try:
+                return self._reopen_once()
+            except RemoteError as err:
+                attempt = self._retry_or_raise(err, attempt)
+            except (OSError, http.client.HTTPException) as err:
+                attempt = self._retry_or_raise(RemoteError(self.url, f"{type(err).__name__}: {err}", False),
+                                               attempt)
+
+    def _close_body(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            try:
+                body.close()
+            except Exception:  # closing a broken connection may fail again; it is dropped either way
+                pass
+
+    def close(self) -> None:
+        self._close_body()
+        super().close()
+
+
+def open_remote(url: str, options: RemoteOptions = RemoteOptions(),
+                on_retry: Optional[Callable[[str, int, RemoteError], None]] = None) -> io.BufferedReader:
+    """A buffered binary stream of ``url`` (see ``RemoteStream``)."""
+    return io.BufferedReader(RemoteStream(url, options, on_retry), buffer_size=READ_SIZE)
+
+
+def read_json(url: str, options: RemoteOptions = RemoteOptions()) -> Optional[object]:
+    """The JSON object at ``url``, or None when it does not exist (404 / NoSuchKey)."""
+    try:
+        with open_remote(url, options) as stream:
+            data = stream.read()
+    except RemoteError as err:
+        if err.permanent and ("not found" in err.detail or "NoSuch" in err.detail):
+            return None
+        raise
+    try:
+        return json.loads(data)
+    except ValueError as err:
+        raise ValueError(f"{shown_url(url)} is not valid JSON ({err})") from None
+
+
+def upload(path: str, url: str) -> None:
+    """Upload the local file ``path`` to the s3:// ``url`` (boto3's managed, multipart upload)."""
+    bucket, key = split_s3(url)
+    try:
+        s3_client().upload_file(path, bucket, key)
+    except Exception as err:
+        raise _s3_fault(url, err) from None

@@ -1,0 +1,112 @@
+"""Real servers on loopback for the remote-data tests: an HTTP file server with Range support and
+injected faults, and moto's standalone S3 server.
+
+    with serve_http(root) as server:            # server.url -> "http://127.0.0.1:PORT"
+        server.faults["/train/train-000001.tar"] = [Drop(5000), Status(503)]
+        ...                                       # each request of that path takes the next fault
+    with serve_s3() as env:                       # env: AWS_* variables pointing boto3 at the server
+"""
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List
+
+
+@dataclass
+class Drop:
+    """Send the headers of the whole answer, then ``at`` bytes of the body, then close the connection."""
+
+    at: int
+
+
+@dataclass
+class Status:
+    """Answer with this HTTP status (503, 403, 404, ...) and no body."""
+
+    code: int
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        server = self.server
+        with server.lock:
+            server.requests.append(self.path)
+            queue = server.faults.get(self.path)
+            fault = queue.pop(0) if queue else None
+        if isinstance(fault, Status) or self.path in server.forbidden:
+            self.send_error(fault.code if fault else 403)
+            return
+        path = self.translate_path(self.path)
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return
+        with open(path, "rb") as f:
+            data = f.read()
+        start = 0
+        header = self.headers.get("Range")
+        if header and server.ranges:
+            start = int(header.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if isinstance(fault, Drop):
+            self.wfile.write(body[:fault.at])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)  # the client sees the stream end before Content-Length
+            return
+        self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def serve_http(root, ranges: bool = True):
+    """A threaded HTTP server of ``root`` on 127.0.0.1 (``ranges``: honour Range requests)."""
+
+    class Handler(_Handler):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, directory=str(root), **kw)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.lock = threading.Lock()
+    server.faults: Dict[str, List[object]] = {}
+    server.forbidden = set()
+    server.requests: List[str] = []
+    server.ranges = ranges
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def serve_s3():
+    """moto's S3 server on 127.0.0.1; yields the environment that points boto3 at it."""
+    from moto.server import ThreadedMotoServer
+
+    from moe_dist.distributed import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        yield env
+    finally:
+        server.stop()
