@@ -349,8 +349,8 @@ def merge_states(states: Sequence[Dict[str, object]]) -> Dict[str, object]:
     keys = ("mode", "seed", "epoch", "world_size", "workers")
     if any(tuple(s[k] for k in keys) != tuple(first[k] for k in keys) for s in states) or \
             sorted(s.get("rank", 0) for s in states) != list(range(first["world_size"])):
-        raise ValueError("merge_states needs one loader state per rank of one run at one epoch; got "
-                         + ", ".join(f"rank {s.get('rank')} of {s['world_size']} at epoch {s['epoch']}" for s in states))
+        got = ", ".join(f"rank {s.get('rank')} of {s['world_size']} at epoch {s['epoch']}" for s in states)
+        raise ValueError(f"merge_states needs one loader state per rank of one run at one epoch; got {got}")
     consumed = Consumed()
     for state in states:
         consumed.merge(Consumed.from_state(state["consumed"]))

@@ -40,17 +40,25 @@ class DataSection:
     epoch_samples: int = 0
     max_failure_fraction: float = 0.1
     allow_pipe: bool = False
+    remote_retries: int = 5  # http(s):// and s3:// shards: reopenings in a row after a fault (reset, timeout, 5xx)
+    remote_timeout_s: float = 60.0  # per connect / read
+    remote_backoff_s: float = 1.0  # first wait before a retry, doubled per retry (at most 60 s)
+    skip_unreadable_shards: bool = False  # a remote shard unreadable after its retries is skipped and counted
 
     def __post_init__(self) -> None:
-        _at_least(self, "data.", 0, "workers", "shuffle_buffer", "epoch_samples")
+        _at_least(self, "data.", 0, "workers", "shuffle_buffer", "epoch_samples", "remote_retries", "remote_backoff_s")
+        if self.remote_timeout_s <= 0:
+            raise ValueError(f"data.remote_timeout_s={self.remote_timeout_s} must be > 0")
 
     def loader_config(self, split: str, batch_size: int, image_size: int, seed: int, eval_samples: int = 0):
         """The ``LoaderConfig`` of ``split``: "train" streams ``train`` with augmentation; "val" reads
         ``eval_samples`` samples (over all ranks) of ``val`` without augmentation, in one process."""
-        from ..data import LoaderConfig
+        from ..data import LoaderConfig, RemoteOptions
 
+        remote = RemoteOptions(self.remote_retries, self.remote_timeout_s, self.remote_backoff_s)
         common = dict(batch_size=batch_size, image_size=image_size, seed=seed, allow_pipe=self.allow_pipe,
-                      max_failure_fraction=self.max_failure_fraction)
+                      max_failure_fraction=self.max_failure_fraction, remote=remote,
+                      skip_unreadable_shards=self.skip_unreadable_shards)
         if split == "train":
             return LoaderConfig(spec=self.train, mode=self.mode, weights=list(self.weights) or None,
                                 workers=self.workers, shuffle_buffer=self.shuffle_buffer,
