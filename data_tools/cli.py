@@ -54,15 +54,15 @@ def _report(manifest, out) -> None:
 
 
 def _synth(args) -> int:
+    from .publish import write_json
     from .shard import ShardOptions, shard_items
     from .synth import CLASSES, TEMPLATES, synth_items
-    from moe_dist.files import atomic_json
 
     opts = ShardOptions(per_shard=args.per_shard, workers=args.workers, val_fraction=args.val_fraction,
                         seed=args.seed)
     manifest = shard_items(synth_items(args.n, args.seed, args.size), args.out, opts, source=f"synth(seed={args.seed})",
                            total=args.n, progress=not args.quiet, overwrite=args.overwrite)
-    atomic_json(os.path.join(args.out, "classes.json"), {"classes": CLASSES, "templates": TEMPLATES})
+    write_json(args.out, "classes.json", {"classes": CLASSES, "templates": TEMPLATES})
     _report(manifest, args.out)
     return 0
 
@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shard", help="turn a CSV/TSV/JSONL, COCO captions, image folder, img2dataset output "
                                      "or existing shards into shards + manifest.json")
     p.add_argument("input", help="CSV/TSV/JSONL file, COCO .json, folder of images with .txt captions, or shard spec")
-    p.add_argument("--out", required=True, help="output directory (train/, val/, manifest.json)")
+    p.add_argument("--out", required=True, help="output directory (train/, val/, manifest.json), or "
+                   "s3://BUCKET/PREFIX: shards uploaded as they complete, manifests last; a re-run skips the "
+                   "shards already uploaded")
     p.add_argument("--kind", choices=["table", "coco", "folder", "shards"], help="input kind (default: detected)")
     p.add_argument("--image-column", default="image", help="table column with image paths (default: image)")
     p.add_argument("--caption-column", default="caption", help="table column with captions (default: caption)")

@@ -238,7 +238,7 @@ def build_recipe(name: str, out: str, from_path: Optional[str], opts, size: int 
     Returns:
         (manifest, RecipeData) of the written dataset.
     """
-    from moe_dist.files import atomic_json
+    from .publish import write_json
 
     from .shard import shard_items
 
@@ -253,5 +253,5 @@ def build_recipe(name: str, out: str, from_path: Optional[str], opts, size: int 
     data = recipe.build(files, size)
     manifest = shard_items(data.items, out, opts, source=f"recipe {name}: {data.source}", total=data.total,
                            progress=progress, overwrite=overwrite)
-    atomic_json(os.path.join(out, "classes.json"), {"classes": data.classes, "templates": data.templates})
+    write_json(out, "classes.json", {"classes": data.classes, "templates": data.templates})
     return manifest, data

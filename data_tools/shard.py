@@ -8,7 +8,9 @@ Outline:
     3. results come back in input order, so keys (9-digit input index) and shard contents are
        deterministic for any --workers; failures go to the manifest with their reason;
     4. the writer splits train/val by key hash and rotates shards by count and bytes; each shard takes
-       its final name only when complete, and a failed write leaves manifests of the complete ones.
+       its final name only when complete, and a failed write leaves manifests of the complete ones;
+    5. an ``s3://`` --out is written through a local staging directory and uploaded shard by shard,
+       manifests last (publish.py); a re-run skips the shards already uploaded whole.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 from tqdm import tqdm
 
 from moe_dist.data.decode import DEFAULT_MAX_PIXELS, SampleError, decode_caption, decode_image
+from moe_dist.data.remote import is_remote
 from moe_dist.data.spec import resolve_spec
 
 from . import DEFAULT_MAX_CAPTION_CHARS
+from . import publish
 from .sources import Item, detect, inside, read_items
 from .writer import SPLITS, DatasetWriter, clear_out
 
@@ -121,13 +125,43 @@ def shard_items(items: Iterator[Item], out: str, opts: ShardOptions, source: str
                 total: Optional[int] = None, progress: bool = True, overwrite: bool = False) -> Dict[str, object]:
     """Write ``items`` as shards under ``out``; returns the top-level manifest.
 
+    Args:
+        out: a local directory, or an s3:// prefix (publish.py: uploaded shard by shard, manifests last;
+            a re-run skips the shards already uploaded whole).
     Raises:
-        ValueError: ``out`` holds a dataset and ``overwrite`` is False.
+        ValueError: ``out`` holds a dataset and ``overwrite`` is False (for s3://: another dataset).
         OSError: writing failed (a full disk); ``out`` then lists exactly the complete shards.
     """
-    clear_out(out, overwrite)
-    writer = DatasetWriter(out, opts.per_shard, opts.max_shard_bytes, opts.val_fraction, opts.seed)
     options = dict(vars(opts))
+    if is_remote(out):
+        return _shard_to_s3(items, out, opts, source, total, progress, overwrite)
+    clear_out(out, overwrite)
+    return _write(items, DatasetWriter(out, opts.per_shard, opts.max_shard_bytes, opts.val_fraction, opts.seed),
+                  out, opts, source, options, total, progress)
+
+
+def _shard_to_s3(items: Iterator[Item], out: str, opts: ShardOptions, source: str, total: Optional[int],
+                 progress: bool, overwrite: bool) -> Dict[str, object]:
+    if not out.startswith("s3://"):
+        raise ValueError(f"--out {out}: shards are written to a local directory or an s3:// prefix")
+    options = dict(vars(opts))
+    publish.check_prefix(out, source, options, overwrite)
+    staging = publish.staging_dir()
+    try:
+        publisher = publish.S3Publisher(out, staging)
+        writer = DatasetWriter(staging, opts.per_shard, opts.max_shard_bytes, opts.val_fraction, opts.seed,
+                               publish=publisher)
+        manifest = _write(items, writer, out, opts, source, options, total, progress)
+        if publisher.skipped:
+            print(f"{publisher.skipped} complete shards were already in {out} and were not uploaded again; "
+                  f"{publisher.uploaded} uploaded")
+        return manifest
+    finally:
+        publish.remove_staging(staging)
+
+
+def _write(items: Iterator[Item], writer: DatasetWriter, out: str, opts: ShardOptions, source: str,
+           options: Dict[str, object], total: Optional[int], progress: bool) -> Dict[str, object]:
     jobs = ((item, opts) for item in items)
     pool = mp.get_context("fork").Pool(opts.workers) if opts.workers > 1 else None
     try:
@@ -146,9 +180,11 @@ def shard_items(items: Iterator[Item], out: str, opts: ShardOptions, source: str
             pool.terminate()
         kept = writer.abort(source, options, err)
         if isinstance(err, OSError):
+            again = "run the same command again (complete shards are not uploaded again)" if is_remote(out) \
+                else "run again with --overwrite"
             raise OSError(f"writing shards into {out} failed ({err}); the {kept['written']} samples of the "
                           f"complete shards are kept and listed in {os.path.join(out, 'manifest.json')}; fix "
-                          "the cause (disk space, ulimit -f) and run again with --overwrite") from err
+                          f"the cause (disk space, ulimit -f, the store's credentials) and {again}") from err
         raise
     finally:
         if pool:
@@ -178,7 +214,7 @@ def shard(input_path: str, out: str, opts: ShardOptions, kind: Optional[str] = N
     """
     kind = kind or detect(input_path)
     items = read_items(input_path, kind, image_column, caption_column, images_dir, allow_outside, allow_pipe)
-    if overwrite:
+    if overwrite and not is_remote(out):
         _refuse_deleting_inputs(input_path, kind, out, allow_pipe)
     return shard_items(items, out, opts, source=os.path.abspath(input_path) if os.path.exists(input_path)
                        else input_path, progress=progress, overwrite=overwrite)

@@ -10,7 +10,9 @@ Every manifest lists exactly the shards that exist under their final names: a sh
 temporary file and renamed when complete, its split's manifest is rewritten after each one, and
 after a failed write (a full disk, ``ulimit -f``) the incomplete shard is removed and the top
 manifest records the error and the samples lost with it. An ``OUT`` that holds a dataset is refused
-unless it is cleared first (``--overwrite``).
+unless it is cleared first (``--overwrite``). With a ``publish`` callback (publish.py, ``--out s3://``)
+every file is handed over once complete: each shard (with its manifest entry, which then also holds
+its sha256) before the manifest that lists it, the top manifest last.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import glob
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import webdataset as wds
 
@@ -69,6 +71,7 @@ class ShardSet:
     per_shard: int
     max_bytes: int
     shards: List[Dict[str, object]] = field(default_factory=list)  # complete shards
+    publish: Optional[Callable[..., None]] = None  # publish(path, entry=None), see the module docstring
     _open: Optional[OpenShard] = None
 
     def write(self, sample: Dict[str, object]) -> None:
@@ -90,9 +93,15 @@ class ShardSet:
             return
         entry = self._open.close()
         self._open = None
-        entry["bytes"] = os.path.getsize(os.path.join(self.directory, entry["name"]))
+        path = os.path.join(self.directory, entry["name"])
+        entry["bytes"] = os.path.getsize(path)
+        if self.publish is not None:
+            entry["sha256"] = _sha256(path)
+            self.publish(path, entry)
         self.shards.append(entry)
         atomic_json(os.path.join(self.directory, MANIFEST), self.manifest())
+        if self.publish is not None:
+            self.publish(os.path.join(self.directory, MANIFEST))
 
     def discard(self, err: BaseException) -> int:
         """Drop the open shard after a failed write; returns how many samples it held."""
@@ -106,6 +115,14 @@ class ShardSet:
     def manifest(self) -> Dict[str, object]:
         return {"format": FORMAT, "shards": self.shards, "samples": sum(s["samples"] for s in self.shards),
                 "bytes": sum(s["bytes"] for s in self.shards), "split": self.prefix}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def split_of(key: str, val_fraction: float, seed: int) -> str:
@@ -147,9 +164,10 @@ class DatasetWriter:
     error, ``abort``) writes the top manifest, which lists exactly the complete shards."""
 
     def __init__(self, out: str, per_shard: int = 10000, max_bytes: int = 1 << 30, val_fraction: float = 0.0,
-                 seed: int = 0):
-        self.out, self.val_fraction, self.seed = out, val_fraction, seed
-        self.sets = {name: ShardSet(os.path.join(out, name), name, per_shard, max_bytes) for name in SPLITS}
+                 seed: int = 0, publish: Optional[Callable[..., None]] = None):
+        self.out, self.val_fraction, self.seed, self.publish = out, val_fraction, seed, publish
+        self.sets = {name: ShardSet(os.path.join(out, name), name, per_shard, max_bytes, publish=publish)
+                     for name in SPLITS}
         self.failed: List[Dict[str, str]] = []
         self.inputs = 0
 
@@ -186,4 +204,6 @@ class DatasetWriter:
         assert written + len(self.failed) + unwritten == self.inputs, "every input is written, failed or unwritten"
         os.makedirs(self.out, exist_ok=True)
         atomic_json(os.path.join(self.out, MANIFEST), manifest)
+        if self.publish is not None:
+            self.publish(os.path.join(self.out, MANIFEST))
         return manifest
