@@ -49,6 +49,7 @@ COMMANDS = {
     "reshard": "reshard",
     "analyze-routing": "analyze_routing",
     "params": "params",
+    "plan": "plan",
     "slurm": "slurm",
     "hostfile": "hostfile",
 }

@@ -1,0 +1,130 @@
+"""``moe-dist plan``: memory, communication and step time of a run on a cluster, before it is launched.
+
+For the run config's model, precision, grad_accum and activation checkpointing on NODES x GPUS: the
+parameters (total, expert, non-expert, active per token and modality); per-GPU bytes of parameters,
+gradients and optimizer states as DeepSpeed's ZeRO partitions them (exact), transient buffers and
+activations (an estimate, with and without checkpointing); MoE all-to-all bytes per layer (intra /
+inter node), gradient reduction and contrastive all-gather bytes; FLOPs per sample; a predicted step
+time and samples/s; and the ranked table of (ep_size, ZeRO stage, micro batch) layouts that fit. The
+layout printed in full is the run config's unless --ep-size / --zero-stage / --micro-batch say otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Dict
+
+GIB = 2 ** 30
+
+
+def _human(n: float, unit: str = "") -> str:
+    for prefix in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {prefix}{unit}".rstrip()
+        n /= 1000
+    return f"{n:.3g} E{unit}"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _print(report: Dict[str, object], top: int) -> None:
+    lay, c = report["layout"], report["cluster"]
+    print(f"model {report['model']} ({report['kind']}) on {c['nodes']} x {c['gpus_per_node']} GPUs: ep_size "
+          f"{lay['ep_size']}, ZeRO {lay['zero_stage']}, micro batch {lay['micro_batch']} x grad_accum "
+          f"{lay['grad_accum']} (global {lay['global_batch']}), {lay['precision']}, checkpointing "
+          f"{lay['activation_checkpointing']}")
+    print("parameters")
+    for key, value in report["params"].items():
+        print(f"  {key:22s} {value:>16,d}  ({_human(value)})")
+    mem = report["per_gpu_bytes"]
+    print("per-GPU bytes")
+    for key in ("parameters", "gradients", "optimizer", "buffers", "activations", "total"):
+        print(f"  {key:22s} {_gib(mem[key]):>12s}")
+    acts = ", ".join(f"{k} {_gib(v)}" for k, v in mem["activations_by_checkpointing"].items())
+    print(f"  activations by checkpointing: {acts}")
+    print(f"  {'fits' if report['fits'] else 'DOES NOT FIT'} in {_gib(mem['usable'])} usable")
+    a2a = report["all_to_all_bytes"]
+    print(f"communication per step, sent per GPU")
+    print(f"  MoE all-to-all         {_human(a2a['total'], 'B'):>12s}  (intra-node {_human(a2a['intra_node'], 'B')}, "
+          f"inter-node {_human(a2a['inter_node'], 'B')})")
+    for layer in a2a["per_layer"]:
+        print(f"    {layer['layer']:20s} {_human(layer['bytes'], 'B'):>12s}")
+    g = report["gradient_bytes"]
+    for key in ("all_reduce", "reduce_scatter", "param_all_gather"):
+        if g[key]:
+            print(f"  gradient {key:13s} {_human(g[key], 'B'):>12s}")
+    print(f"  contrastive all-gather {_human(report['contrastive_bytes']['all_gather'], 'B'):>12s}")
+    f, t = report["flops"], report["step_time"]
+    print(f"FLOPs per sample: forward {_human(f['forward_per_sample'])}, training {_human(f['train_per_sample'])}")
+    print(f"step time {t['total_s'] * 1e3:.1f} ms = compute {t['compute_s'] * 1e3:.1f} ms + communication "
+          f"{t['communication_s'] * 1e3:.1f} ms (all-to-all {t['all_to_all_s'] * 1e3:.1f}, gradients "
+          f"{t['gradients_s'] * 1e3:.1f}, contrastive {t['contrastive_s'] * 1e3:.1f}); "
+          f"{t['samples_per_s']:,.0f} samples/s")
+    rows = report["layouts"]
+    print(f"layouts that fit ({len(rows)}; fastest first, top {min(top, len(rows))}):")
+    print(f"  {'ep':>4s} {'zero':>4s} {'micro':>5s} {'global':>7s} {'GiB/GPU':>8s} {'a2a/step':>10s} "
+          f"{'step ms':>8s} {'samples/s':>10s}")
+    for r in rows[:top]:
+        print(f"  {r['ep_size']:>4d} {r['zero_stage']:>4d} {r['micro_batch']:>5d} {r['global_batch']:>7d} "
+              f"{r['total_bytes'] / GIB:>8.1f} {_human(r['all_to_all_bytes'], 'B'):>10s} {r['step_s'] * 1e3:>8.1f} "
+              f"{r['samples_per_s']:>10,.0f}")
+    bad = report["infeasible_layouts"]
+    if bad:
+        print(f"layouts that do not fit ({len(bad)}), e.g.:")
+        for r in sorted(bad, key=lambda r: r["total_bytes"])[:top]:
+            print(f"  ep {r['ep_size']} zero {r['zero_stage']} micro {r['micro_batch']}: {r['reason']}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..engine.config import load_run_config
+    from ..planner import Cluster, Hardware, Layout, model_facts, plan
+
+    cfg = load_run_config(args.config, args.set)
+    if cfg.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision={cfg.precision!r} is unknown; use fp32, bf16 or fp16")
+    hw = Hardware(args.gpu_memory_gb, args.gpu_tflops, args.intra_node_gbps, args.inter_node_gbps)
+    layout = Layout(cfg.ep_size if args.ep_size is None else args.ep_size,
+                    cfg.zero_stage if args.zero_stage is None else args.zero_stage,
+                    cfg.batch.micro_batch if args.micro_batch is None else args.micro_batch)
+    report = plan(model_facts(cfg), cfg, Cluster(args.nodes, args.gpus_per_node), hw, layout,
+                  fixed_micro_batch=args.micro_batch is not None)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report, args.top)
+    return 0
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    from ..planner.step_time import Hardware
+
+    d = Hardware()
+    p = sub.add_parser("plan", help="per-GPU memory, communication and step time of a run on a cluster; "
+                                    "ranked layouts that fit", description=__doc__.split("\n\n")[0] + "\n\n"
+                       + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config YAML (model, precision, batch, checkpointing)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config field, e.g. --set precision=bf16 (repeatable)")
+    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
+    p.add_argument("--gpu-memory-gb", type=float, default=d.gpu_memory_gb,
+                   help=f"memory per GPU in GiB (default {d.gpu_memory_gb:g}); the plan fills at most "
+                        f"{d.headroom:.0%} of it")
+    p.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: the run config's)")
+    p.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage 0/1/2 (default: the run config's)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="micro batch per GPU (default: the run config's; given, the table keeps it fixed)")
+    p.add_argument("--gpu-tflops", type=float, default=d.gpu_tflops,
+                   help=f"sustained TFLOP/s per GPU (default {d.gpu_tflops:g}: H100 bf16 at ~40%% of peak)")
+    p.add_argument("--intra-node-gbps", type=float, default=d.intra_node_gbps,
+                   help=f"Gbit/s per GPU inside a node (default {d.intra_node_gbps:g}: NVLink 4)")
+    p.add_argument("--inter-node-gbps", type=float, default=d.inter_node_gbps,
+                   help=f"Gbit/s per GPU between nodes (default {d.inter_node_gbps:g}: one 400G NIC per GPU)")
+    p.add_argument("--top", type=int, default=10, help="rows of the layout table to print (default 10)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (params, per_gpu_bytes, all_to_all_bytes, gradient_bytes, "
+                        "contrastive_bytes, flops, step_time, layouts, infeasible_layouts)")
+    p.set_defaults(func=_run)

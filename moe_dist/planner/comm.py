@@ -1,0 +1,147 @@
+"""Bytes one GPU sends per training step, and which of them cross nodes.
+
+All figures are bytes *sent by one rank to other ranks* (what its links carry), per optimizer step.
+
+MoE all-to-all (moe/dispatch.py): per MoE layer and micro batch, the kept rows bound for experts on the
+other R - 1 ranks of the expert-parallel group cross the wire four times (dispatch and combine, and the
+backward of each), D values each; a recomputed forward (activation checkpointing) sends them twice
+more. The per-expert counts (R - 1) L int64 go once per forward.
+    dropless, from token counts:   rows = the kept assignments of experts on other ranks;
+    dropless, planned:             rows = T K (R - 1) / R (balanced routing);
+    capacity:                      rows = C L (R - 1), C = max(min_capacity, ceil(factor T K / E)): every
+                                   remote expert full (the most a step can send, and what it sends when
+                                   capacity binds).
+Gradients: ZeRO 0 all-reduces them (ring: 2 (d - 1) / d of the group's bytes); ZeRO 1/2 reduce-scatter
+them and all-gather the updated parameters ((d - 1) / d each), non-expert groups over all W ranks,
+expert groups over the W / R expert-data-parallel ranks.
+Contrastive loss (open_clip ClipLoss, gather_with_grad): every rank all-gathers the image and text
+embeddings of the others, and the backward reduce-scatters their gradients.
+
+Placement: expert-parallel groups are consecutive ranks, so a group of R <= G GPUs per node (G % R == 0)
+stays inside a node; a collective whose group spans nodes is counted as inter-node.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+from .memory import DTYPE_BYTES
+from .params import ModelFacts
+
+EXCHANGES_PER_STEP = 4  # dispatch, combine and their backward
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """World size W = nodes x gpus_per_node; ranks are numbered node by node."""
+
+    nodes: int
+    gpus_per_node: int
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def inter_fraction(self, ep_size: int) -> float:
+        """Share of an EP group's peers that sit on another node (the worst group's worst rank)."""
+        if ep_size == 1:
+            return 0.0
+        worst = 0
+        for first in range(0, self.world, ep_size):
+            for rank in range(first, first + ep_size):
+                node = rank // self.gpus_per_node
+                worst = max(worst, sum(1 for p in range(first, first + ep_size) if p // self.gpus_per_node != node))
+        return worst / (ep_size - 1)
+
+    def spans_nodes(self, group_size: int, stride: int = 1) -> bool:
+        """Does a group of ``group_size`` ranks, ``stride`` apart, leave one node?"""
+        return len({r // self.gpus_per_node for r in range(0, group_size * stride, stride)}) > 1
+
+
+def capacity(facts: ModelFacts, tokens: int) -> int:
+    """Per-expert, per-rank capacity for ``tokens`` tokens (moe/dispatch.py CapacityPolicy)."""
+    raw = math.ceil(facts.capacity_factor * tokens * facts.top_k / facts.num_experts)
+    return max(facts.min_capacity, raw)
+
+
+def all_to_all_bytes(hidden: int, dtype_bytes: int, ep_size: int, num_experts: int, rows: float,
+                     recompute: bool = False) -> Dict[str, float]:
+    """Bytes one rank sends in one MoE layer's all-to-alls for one micro batch.
+
+    Args:
+        hidden: D; dtype_bytes: bytes per activation value.
+        ep_size: R; num_experts: E (L = E / R local experts).
+        rows: kept assignments this rank sends to experts on other ranks, per exchange.
+        recompute: the forward runs twice (activation checkpointing of the MoE layer or its block).
+    Returns:
+        {"rows": ..., "counts": ..., "total": ...}
+    """
+    if ep_size == 1:
+        return {"rows": 0, "counts": 0, "total": 0}
+    forwards = 2 if recompute else 1
+    rows_bytes = (EXCHANGES_PER_STEP + 2 * (forwards - 1)) * rows * hidden * dtype_bytes
+    counts_bytes = forwards * (ep_size - 1) * (num_experts // ep_size) * 8
+    return {"rows": rows_bytes, "counts": counts_bytes, "total": rows_bytes + counts_bytes}
+
+
+def remote_rows(kept_per_expert: Sequence[int], ep_size: int, ep_rank: int) -> int:
+    """Kept assignments of experts that live on other EP ranks (experts [r L, (r + 1) L) on rank r)."""
+    L = len(kept_per_expert) // ep_size
+    return sum(int(c) for e, c in enumerate(kept_per_expert) if e // L != ep_rank)
+
+
+def planned_rows(facts: ModelFacts, tokens: int, ep_size: int, dropless: Optional[bool] = None) -> float:
+    """Rows one rank sends per exchange for ``tokens`` tokens: balanced dropless routing, or every
+    remote expert at capacity."""
+    dropless = facts.dropless if dropless is None else dropless
+    if dropless:
+        return tokens * facts.top_k * (ep_size - 1) / ep_size
+    return min(capacity(facts, tokens), tokens * facts.top_k) * (facts.num_experts // ep_size) * (ep_size - 1)
+
+
+def moe_all_to_all(facts: ModelFacts, cluster: Cluster, ep_size: int, micro_batch: int, grad_accum: int,
+                   precision: str, checkpointing: str = "none") -> Dict[str, object]:
+    """Planned all-to-all bytes per step: per layer, total, and the intra / inter-node split."""
+    b = DTYPE_BYTES[precision]
+    per_layer: List[Dict[str, object]] = []
+    for layer in facts.moe_layers:
+        tokens = micro_batch * layer.tokens_per_sample
+        sent = all_to_all_bytes(layer.hidden, b, ep_size, facts.num_experts,
+                                planned_rows(facts, tokens, ep_size), checkpointing != "none")
+        per_layer.append({"layer": layer.name, "bytes": int(sent["total"] * grad_accum)})
+    total = sum(x["bytes"] for x in per_layer)
+    inter = cluster.inter_fraction(ep_size)
+    return {"per_layer": per_layer, "total": total, "intra_node": int(total * (1 - inter)),
+            "inter_node": int(total * inter)}
+
+
+def gradient_bytes(groups, cluster: Cluster, ep_size: int, zero_stage: int, precision: str) -> Dict[str, int]:
+    """Gradient all-reduce (ZeRO 0) or reduce-scatter + parameter all-gather (ZeRO 1/2) bytes per step."""
+    b, W = DTYPE_BYTES[precision], cluster.world
+    out = {"all_reduce": 0, "reduce_scatter": 0, "param_all_gather": 0, "intra_node": 0, "inter_node": 0}
+    for g in groups:
+        d, stride = (W // ep_size, ep_size) if g.expert else (W, 1)
+        if d == 1:
+            continue
+        share = (d - 1) / d * g.numel * b
+        if zero_stage == 0:
+            parts = {"all_reduce": 2 * share}
+        else:
+            parts = {"reduce_scatter": share, "param_all_gather": share}
+        where = "inter_node" if cluster.spans_nodes(d, stride) else "intra_node"
+        for key, value in parts.items():
+            out[key] += int(value)
+            out[where] += int(value)
+    return out
+
+
+def contrastive_bytes(facts: ModelFacts, cluster: Cluster, micro_batch: int, grad_accum: int,
+                      precision: str) -> Dict[str, int]:
+    """The embedding all-gather (forward) and its gradient's reduce-scatter (backward) per step."""
+    W = cluster.world
+    sent = 2 * 2 * (W - 1) * micro_batch * facts.embed_dim * DTYPE_BYTES[precision] * grad_accum
+    where = "inter_node" if cluster.nodes > 1 else "intra_node"
+    return {"all_gather": sent, "intra_node": sent if where == "intra_node" else 0,
+            "inter_node": sent if where == "inter_node" else 0}

@@ -1,0 +1,144 @@
+"""Bytes one GPU holds: model states as DeepSpeed lays them out, and an activation estimate.
+
+Model states (exact; tests/distributed/test_plan_states.py holds them against the tensors after
+``deepspeed.initialize`` on 2 ranks). Per optimizer group g of n_g elements on this rank, with d_g the
+size of the group it is partitioned over (the data-parallel group of all W ranks; for expert groups the
+expert-data-parallel group of W / ep_size ranks, which strides by ep_size, so rank r is member r // ep_size):
+
+    ZeRO 0, fp32:       params 4 n, grads 4 n, AdamW moments 8 n + a 4-byte step per tensor
+    ZeRO 0, bf16/fp16:  DeepSpeed's FP16_Optimizer: params 2 n, grads 2 n, fp32 master 4 n, moments 8 n,
+                        a step per group
+    ZeRO 1/2:           the group is flattened and padded to a multiple of 2 d_g (params are views of that
+                        buffer); partition P = padded / d_g; fp32 master copy 4 P (even in fp32), moments
+                        8 P, one step per group; gradients are copied, whole, for every tensor that
+                        overlaps this rank's partition (DeepSpeed's contiguous ``grads_in_partition``)
+    transient buffers:  ZeRO 1/2's reduce bucket (the run's reduce_bucket_size, in the model dtype) and the
+                        fp32 gradient partition built for the optimizer step; ZeRO 0's flattened
+                        all-reduce bucket (and FP16_Optimizer's fp32 gradient copy).
+
+Activations are an estimate, per micro batch, of what autograd saves (measured per block on CPU with
+``torch.autograd.graph.saved_tensors_hooks``): a transformer block saves about 16 N D values for N
+tokens of width D (attention through SDPA keeps no S x S scores); an MoE MLP replaces the dense MLP's
+9 N D by N (D + K (D + 1.5 H) + 4.5 E + 7) for K slots, hidden H and E experts. Checkpointing "blocks"
+keeps each block's input and recomputes one block at a time; "moe" does that for the MoE MLPs only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable
+
+from .params import REDUCE_BUCKET_ELEMENTS, ModelFacts, ParamGroup
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes of model states on one rank (what ``deepspeed.initialize`` and the first step allocate)."""
+
+    parameters: int
+    gradients: int
+    optimizer: int      # fp32 master copy + Adam moments + step counters
+    buffers: int        # transient: reduce / all-reduce buckets, the fp32 gradient partition of the step
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.buffers
+
+    def as_dict(self) -> Dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def _partition(group: ParamGroup, dp: int):
+    """(padded numel, partition size) of a ZeRO-1/2 flat group over ``dp`` ranks."""
+    align = 2 * dp  # DeepSpeed's nccl_start_alignment_factor x the group size
+    padded = math.ceil(group.numel / align) * align
+    return padded, padded // dp
+
+
+def _grads_in_partition(group: ParamGroup, size: int, member: int) -> int:
+    """Elements of the tensors that overlap partition ``member`` (each counted whole), plus the zero
+    padding DeepSpeed appends to the partition that holds the group's end."""
+    lo, hi, start, total = member * size, (member + 1) * size, 0, 0
+    for n in group.numels:
+        if n and start < hi and start + n > lo:
+            total += n
+        start += n
+    return total + max(0, hi - max(lo, start))
+
+
+def state_bytes(groups: Iterable[ParamGroup], world: int, ep_size: int, zero_stage: int, precision: str,
+                rank: int = 0, bucket_elements: int = REDUCE_BUCKET_ELEMENTS) -> StateBytes:
+    """Model-state bytes of ``rank`` for one layout (see the module docstring for the rules).
+
+    Args:
+        groups: this rank's optimizer groups (``ModelFacts.groups(ep_size)``).
+        world: data-parallel world size W; ep_size: R (divides W).
+        zero_stage: 0, 1 or 2; precision: "fp32", "bf16" or "fp16".
+        rank: which rank (partitions, and so the gradient copy, differ slightly by rank).
+        bucket_elements: ZeRO 1/2's reduce_bucket_size (the run's DeepSpeed config).
+    """
+    groups = list(groups)
+    b = DTYPE_BYTES[precision]
+    if zero_stage == 0:
+        n = sum(g.numel for g in groups)
+        largest = min(REDUCE_BUCKET_ELEMENTS, max(sum(g.numel for g in groups if g.expert == e) for e in (0, 1)))
+        if precision == "fp32":
+            steps = 4 * sum(len(g.numels) for g in groups)
+            return StateBytes(4 * n, 4 * n, 8 * n + steps, 4 * largest)
+        return StateBytes(b * n, b * n, 12 * n + 4 * len(groups), 4 * n + b * largest)
+    params = grads = optimizer = step_grads = 0
+    for g in groups:
+        dp = world // ep_size if g.expert else world
+        member = rank // ep_size if g.expert else rank
+        padded, size = _partition(g, dp)
+        params += b * padded
+        grads += b * _grads_in_partition(g, size, member)
+        optimizer += 12 * size + 4
+        step_grads += 4 * size
+    return StateBytes(params, grads, optimizer, b * bucket_elements + step_grads)
+
+
+# ----------------------------------------------------------------------------- activations
+def _tower_values(tokens: int, width: int, layers: int, moe_blocks, hidden: int, facts: ModelFacts,
+                  checkpointing: str) -> Dict[str, float]:
+    """Saved values (elements) of one tower for ``tokens`` tokens: the held total and the largest
+    recompute (what one checkpointed block or MoE MLP brings back during backward)."""
+    N, D, K, E = tokens, width, facts.top_k, facts.num_experts
+    dense_mlp = 9 * N * D
+    moe_mlp = N * (D + K * (D + 1.5 * hidden) + 4.5 * E + 7)
+    held, recompute = 0.0, 0.0
+    for i in range(layers):
+        mlp = moe_mlp if i in moe_blocks else dense_mlp
+        block = 7 * N * D + 4 * N + mlp
+        if checkpointing == "blocks":
+            held, recompute = held + N * D, max(recompute, block)
+        elif checkpointing == "moe" and i in moe_blocks:
+            held, recompute = held + block - mlp + N * D, max(recompute, mlp)
+        else:
+            held += block
+    return {"held": held + 3 * N * D, "recompute": recompute}  # + stem / final norm and projection
+
+
+def activation_bytes(facts: ModelFacts, micro_batch: int, world: int, precision: str,
+                     checkpointing: str = "none") -> int:
+    """Estimated activation bytes of one micro batch on one rank (forward saved tensors + one recompute)."""
+    cfg, B = facts.config, micro_batch
+    v, t = cfg.vision, cfg.text
+    image_tokens = (v.image_size // v.patch_size) ** 2 + 1
+    ratio_v, ratio_t = int(v.width * v.mlp_ratio), int(t.width * t.mlp_ratio)
+    if cfg.kind == "limoe":  # one transformer over both sequences, padded to one length
+        length = max(image_tokens, t.context_length)
+        towers = [_tower_values(2 * B * length, v.width, v.layers, set(cfg.vision_moe_blocks()), ratio_v, facts,
+                                checkpointing)]
+    else:
+        towers = [_tower_values(B * image_tokens, v.width, v.layers, set(cfg.vision_moe_blocks()), ratio_v, facts,
+                                checkpointing),
+                  _tower_values(B * t.context_length, t.width, t.layers, set(cfg.text_moe_blocks()), ratio_t, facts,
+                                checkpointing)]
+    values = sum(x["held"] for x in towers) + max(x["recompute"] for x in towers)
+    images = B * 3 * v.image_size ** 2
+    loss = 2 * B * world * B + 2 * world * B * cfg.embed_dim  # logits and gathered features, fp32
+    return int(DTYPE_BYTES[precision] * (values + images) + 4 * loss)

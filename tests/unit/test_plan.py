@@ -1,0 +1,117 @@
+"""Planner formulas on hand-worked numbers, the activation estimate against autograd's saved tensors,
+and ``moe-dist plan`` output and errors (single process; the DeepSpeed comparison is in
+tests/distributed/test_plan_states.py)."""
+
+import json
+
+import pytest
+import torch
+
+from moe_dist.cli import main
+from moe_dist.engine.config import load_run_config
+from moe_dist.planner import Cluster, Hardware, Layout, ParamGroup, activation_bytes, model_facts, state_bytes
+from moe_dist.planner import comm
+
+TINY = "configs/runs/tiny-synth.yaml"
+
+
+def test_state_bytes_hand_worked():
+    # one non-expert group of tensors [5, 3] (8 elements) and one expert group [6] at ep_size 2, W = 4
+    groups = [ParamGroup("decay", False, (5, 3)), ParamGroup("experts", True, (6,))]
+    # ZeRO 0, fp32: params 4 x 14, grads 4 x 14, moments 8 x 14 + a 4-byte step per tensor (3)
+    assert state_bytes(groups, 4, 2, 0, "fp32").__dict__ == {"parameters": 56, "gradients": 56, "optimizer": 124,
+                                                             "buffers": 4 * 8}
+    # ZeRO 2, fp32, rank 1. Non-expert: 8 padded to a multiple of 2 x 4 = 8, partition 2 = elements [2, 4),
+    # inside the first tensor (5). Expert: d = W / R = 2, 6 -> 8 (multiple of 4), partition 4; rank 1 is
+    # member 0 -> [0, 4), inside the only tensor (6).
+    s = state_bytes(groups, 4, 2, 2, "fp32", rank=1, bucket_elements=10)
+    assert s.parameters == 4 * (8 + 8)
+    assert s.gradients == 4 * (5 + 6)            # the overlapping tensors, whole
+    assert s.optimizer == 12 * (2 + 4) + 4 * 2   # master + 2 moments per partition element, a step per group
+    assert s.buffers == 4 * 10 + 4 * (2 + 4)     # reduce bucket + the fp32 gradient partition of the step
+    # rank 3: non-expert partition [6, 8) holds tensor 2 (3 elements); expert member 1 -> [4, 8): the
+    # tensor (6) plus 2 elements of padding
+    assert state_bytes(groups, 4, 2, 2, "fp32", rank=3).gradients == 4 * (3 + 6 + 2)
+    # bf16, ZeRO 1: 2-byte params and gradients, fp32 master and moments
+    s = state_bytes(groups, 4, 2, 1, "bf16", rank=1, bucket_elements=10)
+    assert (s.parameters, s.gradients, s.optimizer) == (2 * 16, 2 * 11, 12 * 6 + 8)
+
+
+def test_all_to_all_and_gradient_formulas():
+    # 10 rows of D = 8 fp32 to the other rank: 4 exchanges x 10 x 8 x 4 B + counts (R-1) L x 8 B (L = 2)
+    assert comm.all_to_all_bytes(8, 4, 2, 4, 10) == {"rows": 1280, "counts": 16, "total": 1296}
+    assert comm.all_to_all_bytes(8, 4, 2, 4, 10, recompute=True)["total"] == 6 * 320 + 32
+    # experts 0,1 on EP rank 0, experts 2,3 on rank 1: rank 0 sends 3 + 4 rows
+    assert comm.remote_rows([5, 1, 3, 4], 2, 0) == 7
+    facts = model_facts(load_run_config(TINY, []))  # E=4, K=1, capacity factor 1.5, min capacity 4
+    assert comm.capacity(facts, 68) == 26  # ceil(1.5 x 68 / 4)
+    assert comm.planned_rows(facts, 68, 2) == 26 * 2 * 1  # C x L x (R - 1)
+    assert comm.planned_rows(facts, 68, 2, dropless=True) == 34
+    # EP groups of 4 on nodes of 2 GPUs: 2 of a rank's 3 peers are on the other node
+    assert comm.Cluster(2, 2).inter_fraction(4) == pytest.approx(2 / 3)
+    assert comm.Cluster(2, 8).inter_fraction(8) == 0
+    # ZeRO 0 over 4 ranks on 2 nodes: ring all-reduce 2 x 3/4 x 8 x 4 B, inter-node
+    g = comm.gradient_bytes([ParamGroup("decay", False, (8,))], comm.Cluster(2, 2), 1, 0, "fp32")
+    assert g["all_reduce"] == 48 == g["inter_node"]
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for backward, parameters excluded."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["moe-clip-tiny", "limoe-tiny"])
+def test_activation_estimate_within_15_percent_of_saved_tensors(name):
+    from moe_dist.models import build_model
+    from moe_dist.models.loss import ContrastiveLoss
+
+    cfg = load_run_config(None, [f"model.name={name}"])
+    facts, mc, B = model_facts(cfg), cfg.model_config(), 16
+    torch.manual_seed(0)
+    model = build_model(mc)
+    images = torch.randn(B, 3, mc.vision.image_size, mc.vision.image_size)
+    text = torch.randint(4, mc.text.vocab_size, (B, mc.text.context_length))
+    text[:, -1] = mc.text.eos_id
+    measured = _saved_bytes(lambda: ContrastiveLoss(mc.loss)(model(images, text)).total)
+    estimated = activation_bytes(facts, B, 1, "fp32", "none")
+    assert abs(estimated - measured) <= 0.15 * measured, (estimated, measured)
+
+
+def _plan(capsys, *args):
+    code = main(["plan", "--config", TINY, *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_json_keys_and_table(capsys):
+    code, out, _ = _plan(capsys, "--nodes", "2", "--gpus-per-node", "2", "--json")
+    assert code == 0
+    report = json.loads(out)
+    for key in ("params", "per_gpu_bytes", "all_to_all_bytes", "gradient_bytes", "contrastive_bytes", "flops",
+                "step_time", "layouts"):
+        assert key in report
+    assert {"parameters", "gradients", "optimizer", "activations", "total"} <= set(report["per_gpu_bytes"])
+    assert report["params"]["total"] == 887_553 and report["params"]["non_expert"] == 887_553 - 529_408
+    assert [x["layer"] for x in report["all_to_all_bytes"]["per_layer"]] == ["vision.1", "vision.3", "text.1", "text.3"]
+    rates = [row["samples_per_s"] for row in report["layouts"]]
+    assert rates == sorted(rates, reverse=True) and {row["ep_size"] for row in report["layouts"]} == {1, 2, 4}
+    code, out, _ = _plan(capsys, "--nodes", "1", "--gpus-per-node", "2")
+    assert code == 0 and "layouts that fit" in out and "MoE all-to-all" in out
+
+
+def test_plan_bad_input(capsys):
+    code, _, err = _plan(capsys, "--nodes", "1", "--gpus-per-node", "2", "--ep-size", "3")
+    assert code == 2 and "ep_size=3 must divide" in err and "use one of [1, 2]" in err
+    # the L/14 MoE (4.4 B parameters) on one 16 GB GPU: no layout fits; the message says what would
+    code, _, err = _plan(capsys, "--nodes", "1", "--gpus-per-node", "1", "--gpu-memory-gb", "16",
+                         "--set", "model.name=moe-clip-l14", "--set", "ep_size=1", "--set", "precision=bf16")
+    assert code == 2 and "no layout of moe-clip-l14 fits" in err and "GPUs of at least" in err and " nodes of " in err
