@@ -256,7 +256,8 @@ COMPOSITION = """\
    `eval.classes` and the resume path resolve.
 
 The DeepSpeed config is generated from the run config (`RunConfig.deepspeed_config`): batch sizes,
-`gradient_clipping`, `zero_optimization.stage`, `bf16`/`fp16` (fp16 with `initial_scale_power` 12).
+`gradient_clipping`, `zero_optimization.stage`, ZeRO's `reduce_bucket_size`/`allgather_bucket_size` (the
+model's parameter count, at most DeepSpeed's 5e8), `bf16`/`fp16` (fp16 with `initial_scale_power` 12).
 Both are saved with the run and in every checkpoint (`run_config.json`).
 
 `moe-dist params --model NAME --set moe.top_k=2` takes model fields directly (a leading `model.` is

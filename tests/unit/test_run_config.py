@@ -45,7 +45,10 @@ def test_generated_deepspeed_config_states_batch_once():
     cfg.validate(2)
     ds = cfg.deepspeed_config(2)
     assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
-    assert ds["gradient_accumulation_steps"] == 3 and ds["zero_optimization"] == {"stage": 1}
+    assert ds["gradient_accumulation_steps"] == 3
+    # ZeRO buckets hold at most the whole model: moe-clip-tiny's 887,553 parameters (its JSON's _params)
+    # rounded up to a multiple of 1024: 867 x 1024 = 887,808
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 887_808, "allgather_bucket_size": 887_808}
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert cfg.model_config().moe_config(64).num_experts == 4
 
