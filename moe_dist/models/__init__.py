@@ -4,6 +4,7 @@
     moe_blocks.py  MoE MLPs inside open_clip blocks; collecting aux losses and stats
     clip.py        two-tower MoE-CLIP
     limoe.py       single-tower LIMoE
+    coca.py        CoCa-MoE: two towers + a multimodal text decoder (captioning, VQA) and its loss
     loss.py        CLIP / SigLIP contrastive loss (open_clip, gathered across ranks) + MoE aux loss
     upcycle.py     sparse upcycling from a dense open_clip checkpoint
     params.py      parameter and FLOP accounting
@@ -15,15 +16,25 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from .clip import ModelOutput, MoECLIP
+from .coca import CoCa, CocaLoss
 from .config import ModelConfig, list_models, load_model_config
 from .limoe import LIMoE
 from .pretrained import consolidated_state_dict, load_pretrained
 
-MODEL_KINDS = {"clip": MoECLIP, "limoe": LIMoE}
+MODEL_KINDS = {"clip": MoECLIP, "limoe": LIMoE, "coca": CoCa}
 
 
 def build_model(cfg: ModelConfig, ep_size: int = 1):
     return MODEL_KINDS[cfg.kind](cfg, ep_size=ep_size)
+
+
+def build_loss(cfg: ModelConfig, rank: int = 0, world_size: int = 1):
+    """The training loss of ``cfg.kind``: contrastive (+ captioning for coca) + MoE aux losses."""
+    from .loss import ContrastiveLoss
+
+    if cfg.kind == "coca":
+        return CocaLoss(cfg, rank, world_size)
+    return ContrastiveLoss(cfg.loss, rank, world_size)
 
 
 def create_model(name_or_path: str, ep_size: int = 1, overrides: Optional[Dict[str, Any]] = None, **kwargs):
@@ -40,5 +51,5 @@ def create_model(name_or_path: str, ep_size: int = 1, overrides: Optional[Dict[s
     return build_model(load_model_config(name_or_path, merged), ep_size=ep_size)
 
 
-__all__ = ["ModelConfig", "ModelOutput", "MoECLIP", "LIMoE", "create_model", "build_model", "list_models",
+__all__ = ["ModelConfig", "ModelOutput", "MoECLIP", "LIMoE", "CoCa", "create_model", "build_model", "build_loss", "list_models",
            "load_model_config", "load_pretrained", "consolidated_state_dict"]

@@ -1,6 +1,7 @@
 """Model configs: typed dataclasses loaded from JSON files in configs/models/, validated up front.
 
-A model JSON holds ``kind`` ("clip" two-tower or "limoe" single-tower), ``embed_dim``, ``vision``,
+A model JSON holds ``kind`` ("clip" two-tower, "limoe" single-tower, or "coca": two towers plus a
+multimodal text decoder, ``decoder``), ``embed_dim``, ``vision``,
 ``text``, ``moe`` (MoEConfig fields except the hidden sizes) and, per tower, where the MoE layers go.
 Keys starting with "_" are comments (each shipped config states its parameter counts there).
 """
@@ -20,7 +21,7 @@ from ..moe.config import MoEConfig
 from ..text.tokenizer import sentencepiece_path
 from .loss import CONTRASTIVE_LOSSES
 
-KINDS = ("clip", "limoe")
+KINDS = ("clip", "limoe", "coca")
 # What every checkpoint directory (and export) carries besides the weights, so that it loads on its own:
 MODEL_CONFIG_FILE = "model_config.json"  # the resolved ModelConfig as JSON; text.tokenizer relative to it
 TOKENIZER_FILE = "tokenizer.model"  # a copy of the run's sentencepiece model (absent for openclip-bpe)
@@ -75,12 +76,27 @@ class TextConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """CoCa's multimodal text decoder (kind=coca): open_clip's MultimodalTransformer at the text width,
+    each layer a causal self-attention block then a cross-attention block over the image tokens."""
+
+    layers: int = 0  # decoder layers (kind=coca needs >= 1)
+    heads: int = 0  # attention heads (0: text.heads)
+    mlp_ratio: float = 4.0  # MLP hidden = text.width x mlp_ratio
+    moe: MoEPlacement = field(default_factory=MoEPlacement)  # MoE MLPs in the self-attention blocks
+    cross_moe: MoEPlacement = field(default_factory=MoEPlacement)  # MoE MLPs in the cross-attention blocks
+    caption_loss_weight: float = 2.0  # weight of the next-token captioning loss (open_clip's CoCa default)
+    contrastive_loss_weight: float = 1.0  # weight of the contrastive loss
+
+
+@dataclass
 class ModelConfig:
     name: str = "custom"
     kind: str = "clip"
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     moe: Dict[str, Any] = field(default_factory=lambda: {"num_experts": 8, "top_k": 1})
     loss: str = "clip"
     init_logit_scale: float = 2.659260036932778  # ln(1/0.07), open_clip's default
@@ -108,7 +124,30 @@ class ModelConfig:
                              f"model.text.width={t.width}")
         self.vision_moe_blocks()
         self.text_moe_blocks()
+        self._check_decoder()
         self.moe_config(v.width)  # validates the MoE fields
+
+    def _check_decoder(self) -> None:
+        d = self.decoder
+        if self.kind != "coca":
+            if d.layers:
+                raise ValueError(f"model.decoder.layers={d.layers} needs model.kind='coca' (got {self.kind!r})")
+            return
+        if d.layers < 1:
+            raise ValueError("model.kind='coca' needs a multimodal decoder: set model.decoder.layers >= 1")
+        heads = d.heads or self.text.heads
+        if self.text.width % heads:
+            raise ValueError(f"model.decoder.heads={heads} must divide model.text.width={self.text.width}")
+        if min(d.caption_loss_weight, d.contrastive_loss_weight) < 0:
+            raise ValueError("model.decoder.caption_loss_weight and contrastive_loss_weight must be >= 0 (got "
+                             f"{d.caption_loss_weight}, {d.contrastive_loss_weight})")
+        self.decoder_moe_blocks()
+
+    def decoder_moe_blocks(self) -> Dict[str, List[int]]:
+        """{"decoder": self-attention block indices, "decoder_cross": cross-attention block indices}."""
+        d = self.decoder
+        return {"decoder": d.moe.indices(d.layers, "model.decoder.moe"),
+                "decoder_cross": d.cross_moe.indices(d.layers, "model.decoder.cross_moe")}
 
     def vision_moe_blocks(self) -> List[int]:
         return self.vision.moe.indices(self.vision.layers, "model.vision.moe")
@@ -121,7 +160,11 @@ class ModelConfig:
         unknown = sorted(set(self.moe) - known)
         if unknown:
             raise ValueError(f"model.moe has unknown fields {unknown}; valid fields: {sorted(known)}")
-        return MoEConfig(hidden_size=width, ffn_hidden_size=int(width * mlp_ratio), **self.moe)
+        fields = dict(self.moe)
+        if self.kind == "coca":  # three modalities: image, text and the decoder's cross-modal tokens
+            reserved = list(fields.get("modality_experts", (0, 0)))
+            fields["modality_experts"] = tuple(reserved + [0] * (3 - len(reserved)))
+        return MoEConfig(hidden_size=width, ffn_hidden_size=int(width * mlp_ratio), **fields)
 
 
 def model_config_dirs() -> List[Path]:

@@ -20,6 +20,7 @@ EXCLUSIVE = {
     "clip": {"image": ("visual.",), "text": ("text.",)},
     "limoe": {"image": ("patchify.", "class_embedding", "image_positions", "image_head."),
               "text": ("token_embedding.", "text_positions", "text_head.")},
+    "coca": {"image": ("visual.", "image_to_decoder."), "text": ("text.",)},  # the decoder serves both
 }
 
 
