@@ -1,0 +1,145 @@
+"""Captioning and VQA metrics, computed here (no Java): BLEU-4, CIDEr-D, VQA answer normalisation and accuracy.
+
+BLEU-4 and CIDEr-D follow the coco-caption reference implementation (pycocoevalcap's ``bleu_scorer.py`` and
+``cider_scorer.py``) number for number; the tests hold them to its outputs on stated sentence pairs.
+Sentences are tokenised by ``tokenize`` (lowercase, punctuation dropped, split on whitespace), which
+stands in for coco-caption's Java PTB tokenizer.
+
+BLEU-4 (corpus level, as coco-caption): clipped n-gram matches and hypothesis n-grams are summed over the
+corpus for n = 1..4; the score is the geometric mean of the four precisions times the brevity penalty
+exp(1 - r/c) when c < r, with c the total hypothesis length and r the total of each hypothesis's closest
+reference length (ties to the shorter). coco-caption adds 1e-15 to matches and 1e-9 to counts.
+
+CIDEr-D: per n = 1..4 each sentence is a TF-IDF vector of its n-grams (raw counts x (log N - log df),
+df = how many images' references contain the n-gram, N images). For one hypothesis and one reference,
+sim_n = sum over the hypothesis n-grams of min(h, r) * r / (|h| |r|), times exp(-(l_h - l_r)^2 / (2 * 6^2))
+where l is the sentence's bigram count (coco-caption counts n-grams of n = 2 as "length"); the image's
+score is 10 x the mean over n and over its references; CIDEr-D is the mean over images.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+_PUNCT = re.compile(r"[^\w\s]")
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+
+
+def tokenize(sentence: str) -> List[str]:
+    """Lowercase words with punctuation removed ("A cat, sitting." -> ["a", "cat", "sitting"])."""
+    return _PUNCT.sub(" ", sentence.lower()).split()
+
+
+def _ngrams(words: Sequence[str], n_max: int = 4) -> Counter:
+    return Counter(tuple(words[i:i + n]) for n in range(1, n_max + 1) for i in range(len(words) - n + 1))
+
+
+def bleu(hypotheses: Mapping[str, str], references: Mapping[str, Sequence[str]], n_max: int = 4) -> Dict[str, float]:
+    """Corpus BLEU-1..n_max of ``hypotheses`` (key -> sentence) against ``references`` (key -> sentences).
+
+    Returns {"bleu1": ..., "bleu4": ...} in [0, 1]; raises ValueError for a key without references."""
+    tiny, small = 1e-15, 1e-9
+    correct, guess = [0] * n_max, [0] * n_max
+    hyp_len = ref_len = 0
+    for key, hyp in hypotheses.items():
+        refs = [tokenize(r) for r in _refs(references, key)]
+        words = tokenize(hyp)
+        counts = _ngrams(words, n_max)
+        max_ref: Counter = Counter()
+        for ref in refs:
+            max_ref |= _ngrams(ref, n_max)  # per n-gram, the most any one reference holds
+        for gram, count in counts.items():
+            correct[len(gram) - 1] += min(count, max_ref[gram])
+        for n in range(n_max):
+            guess[n] += max(len(words) - n, 0)
+        hyp_len += len(words)
+        ref_len += min((len(r) for r in refs), key=lambda length: (abs(length - len(words)), length))
+    ratio = (hyp_len + tiny) / (ref_len + small)
+    penalty = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
+    out, product = {}, 1.0
+    for n in range(n_max):
+        product *= (correct[n] + tiny) / (guess[n] + small)
+        out[f"bleu{n + 1}"] = product ** (1 / (n + 1)) * penalty
+    return out
+
+
+def cider_d(hypotheses: Mapping[str, str], references: Mapping[str, Sequence[str]], sigma: float = 6.0) -> float:
+    """CIDEr-D of ``hypotheses`` against ``references`` (document frequencies from these references)."""
+    keys = list(hypotheses)
+    refs = {k: [_ngrams(tokenize(r)) for r in _refs(references, k)] for k in keys}
+    df: Counter = Counter()
+    for k in keys:
+        df.update({gram for ref in refs[k] for gram in ref})
+    log_n = math.log(float(len(keys)))
+
+    def vector(counts: Counter) -> Tuple[List[Dict[tuple, float]], List[float], int]:
+        vec: List[Dict[tuple, float]] = [{} for _ in range(4)]
+        norm = [0.0] * 4
+        length = 0
+        for gram, tf in counts.items():
+            n = len(gram) - 1
+            vec[n][gram] = tf * (log_n - math.log(max(1.0, df[gram])))
+            norm[n] += vec[n][gram] ** 2
+            if n == 1:
+                length += tf
+        return vec, [math.sqrt(x) for x in norm], length
+
+    scores = []
+    for k in keys:
+        h_vec, h_norm, h_len = vector(_ngrams(tokenize(hypotheses[k])))
+        total = 0.0
+        for ref in refs[k]:
+            r_vec, r_norm, r_len = vector(ref)
+            gauss = math.exp(-((h_len - r_len) ** 2) / (2 * sigma ** 2))
+            for n in range(4):
+                value = sum(min(v, r_vec[n].get(g, 0.0)) * r_vec[n].get(g, 0.0) for g, v in h_vec[n].items())
+                if h_norm[n] and r_norm[n]:
+                    value /= h_norm[n] * r_norm[n]
+                total += value * gauss / 4
+        scores.append(10.0 * total / len(refs[k]))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def _refs(references: Mapping[str, Sequence[str]], key: str) -> Sequence[str]:
+    refs = references.get(key)
+    if not refs:
+        raise ValueError(f"caption {key!r} has no reference caption; give every hypothesis at least one reference")
+    return [refs] if isinstance(refs, str) else refs
+
+
+def caption_metrics(hypotheses: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> Dict[str, float]:
+    """{"bleu4", "cider_d", "exact_match", "images"}; exact_match: the hypothesis equals a reference
+    after ``tokenize``."""
+    exact = sum(tokenize(h) in [tokenize(r) for r in _refs(references, k)] for k, h in hypotheses.items())
+    return {"bleu4": bleu(hypotheses, references)["bleu4"], "cider_d": cider_d(hypotheses, references),
+            "exact_match": exact / max(1, len(hypotheses)), "images": len(hypotheses)}
+
+
+def normalize_answer(answer: str) -> str:
+    """VQA-style: lowercase, punctuation and articles removed, number words as digits ("Two." -> "2")."""
+    words = [NUMBER_WORDS.get(w, w) for w in tokenize(answer) if w not in ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(predictions: Sequence[str], answers: Sequence[str], question_types: Sequence[str]
+                 ) -> Dict[str, object]:
+    """Exact-match accuracy after ``normalize_answer``, overall and per question type, and the majority
+    baseline (each type answered with its most frequent answer in ``answers``)."""
+    if not len(predictions) == len(answers) == len(question_types):
+        raise ValueError(f"{len(predictions)} predictions, {len(answers)} answers, {len(question_types)} types")
+    hits: Dict[str, List[bool]] = defaultdict(list)
+    gold: Dict[str, Counter] = defaultdict(Counter)
+    for pred, answer, qtype in zip(predictions, answers, question_types):
+        hits[qtype].append(normalize_answer(pred) == normalize_answer(answer))
+        gold[qtype][normalize_answer(answer)] += 1
+    n = max(1, len(predictions))
+    return {"accuracy": sum(sum(h) for h in hits.values()) / n,
+            "majority_baseline": sum(c.most_common(1)[0][1] for c in gold.values()) / n,
+            "questions": len(predictions),
+            "per_type": {t: {"accuracy": sum(h) / len(h), "questions": len(h),
+                             "majority_baseline": gold[t].most_common(1)[0][1] / len(h)} for t, h in sorted(hits.items())}}

@@ -1,0 +1,103 @@
+"""Text generation with a CoCa model: captions (empty prompt) and answers (a "question: ... answer:" prompt).
+
+Shape legend: B images, P image tokens, W decoder width, T prompt + generated tokens, V vocabulary.
+
+Prompts are BOS + the prompt's pieces (no EOS); decoding continues after them. Prompts of different token
+lengths run as separate groups (positions are absolute, so rows of one call share a length), each with
+the image tokens computed once. MoE routing is dropless in eval mode, so a token's logits never depend on
+the other rows of a call: batched decoding equals one-by-one decoding.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..models.moe_blocks import collect_moe_outputs
+from .decoding import GenerationConfig, Step, decode
+
+VQA_PROMPT = "question: {question} answer:"
+
+
+def vqa_prompt(question: str) -> str:
+    """The prompt VQA training text starts with and VQA decoding continues: "question: Q answer:"."""
+    return VQA_PROMPT.format(question=question.strip())
+
+
+def vqa_text(question: str, answer: str) -> str:
+    """The training text of a question/answer pair: the prompt followed by the answer."""
+    return f"{vqa_prompt(question)} {answer.strip()}"
+
+
+def check_generative(model, where: str) -> None:
+    """ValueError unless ``model`` can generate text (a CoCa model)."""
+    model = getattr(model, "module", model)
+    if not hasattr(model, "decode"):
+        raise ValueError(f"{where} holds a {getattr(model.cfg, 'kind', type(model).__name__)!r} model, not a "
+                         "captioning model: captions and VQA need model.kind='coca' (e.g. configs/models/coca-tiny.json)")
+
+
+def prompt_ids(tokenizer, prompt: str) -> List[int]:
+    """BOS + the prompt's pieces (an empty prompt is BOS alone)."""
+    return [tokenizer.bos_id] + (tokenizer.pieces([prompt])[0] if prompt.strip() else [])
+
+
+def model_step(model, memory_BPW: torch.Tensor) -> Step:
+    """The next-token log-probabilities of ``model`` for rows of ``memory_BPW`` (the rows' images)."""
+
+    def step(tokens_NT: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
+        logits_NTV = model.decode(memory_BPW[rows_N.to(memory_BPW.device)], tokens_NT)
+        return logits_NTV[:, -1].float().log_softmax(-1)
+
+    return step
+
+
+@torch.no_grad()
+def generate(model, tokenizer, images: torch.Tensor, prompts: Optional[Sequence[str]] = None,
+             cfg: Optional[GenerationConfig] = None) -> List[str]:
+    """Decoded continuations, one per image.
+
+    Args:
+        model: a CoCa model (or its DeepSpeed engine), on its device; it runs in eval mode with dropless
+            routing (restored afterwards), so a token's logits never depend on the other tokens.
+        tokenizer: the model's tokenizer (``pieces``, ``decode``, ``bos_id``, ``eos_id``).
+        images: [B, 3, S, S] on the model's device and dtype.
+        prompts: one prompt per image ("" or None: captioning).
+        cfg: GenerationConfig (greedy, at most 30 tokens by default); ``max_new`` is capped so that prompt
+            and continuation fit the model's context length.
+    Returns:
+        B strings: the generated text after each prompt, EOS removed.
+    """
+    from ..evaluation.tasks import eval_routing
+
+    model = getattr(model, "module", model)
+    check_generative(model, "this model")
+    with eval_routing(model, dropless=True):
+        return _generate(model, tokenizer, images, prompts, cfg or GenerationConfig())
+
+
+def _generate(model, tokenizer, images, prompts, cfg: GenerationConfig) -> List[str]:
+    prompts = list(prompts) if prompts is not None else [""] * images.shape[0]
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images; give one prompt per image")
+    context = model.cfg.text.context_length
+    device = images.device
+    _, memory_BPW = model.encode_image_tokens(images)
+    groups: Dict[int, List[int]] = defaultdict(list)
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    for b, prompt in enumerate(ids):
+        if len(prompt) >= context:
+            raise ValueError(f"prompt {prompts[b]!r} has {len(prompt)} tokens with BOS; the model's context is "
+                             f"{context}, so it leaves no room to generate: shorten it")
+        groups[len(prompt)].append(b)
+    out: List[str] = [""] * len(prompts)
+    for length, members in sorted(groups.items()):
+        group_cfg = GenerationConfig(**{**cfg.__dict__, "max_new": min(cfg.max_new, context - length)})
+        prompt_BT = torch.tensor([ids[b] for b in members], dtype=torch.long, device=device)
+        generated = decode(model_step(model, memory_BPW[members]), prompt_BT, tokenizer.eos_id, group_cfg)
+        for b, tokens in zip(members, generated):
+            out[b] = tokenizer.decode(torch.tensor([tokens], dtype=torch.long))[0].strip()
+    collect_moe_outputs(model, memory_BPW)  # drop what the decoding passes left in the MoE layers
+    return out
