@@ -2,13 +2,14 @@
 
 All figures are bytes *sent by one rank to other ranks* (what its links carry), per optimizer step.
 
-MoE all-to-all (moe/dispatch.py): per MoE layer and micro batch, the kept rows bound for experts on the
-other R - 1 ranks of the expert-parallel group cross the wire four times (dispatch and combine, and the
-backward of each), D values each; a recomputed forward (activation checkpointing) sends them twice
-more. The per-expert counts (R - 1) L int64 go once per forward.
+MoE all-to-all (moe/dispatch.py): per MoE layer and micro batch, a rank sends S rows of D values (its kept
+assignments of experts on the other R - 1 ranks of its expert-parallel group) in the dispatch and again in
+the combine's backward, and the Q rows it received for its own experts back in the combine and in the
+dispatch's backward: 2 (S + Q) rows, 3 (S + Q) when a checkpointed forward runs again. The per-expert
+counts (R - 1) L int64 go once per forward.
     dropless, from token counts:   rows = the kept assignments of experts on other ranks;
-    dropless, planned:             rows = T K (R - 1) / R (balanced routing);
-    capacity:                      rows = C L (R - 1), C = max(min_capacity, ceil(factor T K / E)): every
+    dropless, planned:             S = Q = T K (R - 1) / R (balanced routing);
+    capacity:                      S = Q = C L (R - 1), C = max(min_capacity, ceil(factor T K / E)): every
                                    remote expert full (the most a step can send, and what it sends when
                                    capacity binds).
 Gradients: ZeRO 0 all-reduces them (ring: 2 (d - 1) / d of the group's bytes); ZeRO 1/2 reduce-scatter
@@ -29,9 +30,6 @@ from typing import Dict, List, Optional, Sequence
 
 from .memory import DTYPE_BYTES
 from .params import ModelFacts
-
-EXCHANGES_PER_STEP = 4  # dispatch, combine and their backward
-
 
 @dataclass(frozen=True)
 class Cluster:
@@ -67,13 +65,14 @@ def capacity(facts: ModelFacts, tokens: int) -> int:
 
 
 def all_to_all_bytes(hidden: int, dtype_bytes: int, ep_size: int, num_experts: int, rows: float,
-                     recompute: bool = False) -> Dict[str, float]:
+                     received: Optional[float] = None, recompute: bool = False) -> Dict[str, float]:
     """Bytes one rank sends in one MoE layer's all-to-alls for one micro batch.
 
     Args:
         hidden: D; dtype_bytes: bytes per activation value.
         ep_size: R; num_experts: E (L = E / R local experts).
-        rows: kept assignments this rank sends to experts on other ranks, per exchange.
+        rows: S, kept assignments this rank sends to experts on other ranks.
+        received: Q, rows other ranks send to this rank's experts (default: S, balanced).
         recompute: the forward runs twice (activation checkpointing of the MoE layer or its block).
     Returns:
         {"rows": ..., "counts": ..., "total": ...}
@@ -81,15 +80,23 @@ def all_to_all_bytes(hidden: int, dtype_bytes: int, ep_size: int, num_experts: i
     if ep_size == 1:
         return {"rows": 0, "counts": 0, "total": 0}
     forwards = 2 if recompute else 1
-    rows_bytes = (EXCHANGES_PER_STEP + 2 * (forwards - 1)) * rows * hidden * dtype_bytes
+    received = rows if received is None else received
+    rows_bytes = (forwards + 1) * (rows + received) * hidden * dtype_bytes
     counts_bytes = forwards * (ep_size - 1) * (num_experts // ep_size) * 8
     return {"rows": rows_bytes, "counts": counts_bytes, "total": rows_bytes + counts_bytes}
 
 
 def remote_rows(kept_per_expert: Sequence[int], ep_size: int, ep_rank: int) -> int:
-    """Kept assignments of experts that live on other EP ranks (experts [r L, (r + 1) L) on rank r)."""
+    """S: kept assignments of experts that live on other EP ranks (experts [r L, (r + 1) L) on rank r)."""
     L = len(kept_per_expert) // ep_size
     return sum(int(c) for e, c in enumerate(kept_per_expert) if e // L != ep_rank)
+
+
+def received_rows(kept_by_rank: Sequence[Sequence[int]], ep_rank: int) -> int:
+    """Q: the other EP ranks' kept assignments of this rank's experts (``kept_by_rank[q]`` per EP rank q)."""
+    L = len(kept_by_rank[0]) // len(kept_by_rank)
+    return sum(int(c) for q, kept in enumerate(kept_by_rank) if q != ep_rank
+               for c in kept[ep_rank * L:(ep_rank + 1) * L])
 
 
 def planned_rows(facts: ModelFacts, tokens: int, ep_size: int, dropless: Optional[bool] = None) -> float:
@@ -109,7 +116,7 @@ def moe_all_to_all(facts: ModelFacts, cluster: Cluster, ep_size: int, micro_batc
     for layer in facts.moe_layers:
         tokens = micro_batch * layer.tokens_per_sample
         sent = all_to_all_bytes(layer.hidden, b, ep_size, facts.num_experts,
-                                planned_rows(facts, tokens, ep_size), checkpointing != "none")
+                                planned_rows(facts, tokens, ep_size), recompute=checkpointing != "none")
         per_layer.append({"layer": layer.name, "bytes": int(sent["total"] * grad_accum)})
     total = sum(x["bytes"] for x in per_layer)
     inter = cluster.inter_fraction(ep_size)

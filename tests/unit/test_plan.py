@@ -38,11 +38,14 @@ def test_state_bytes_hand_worked():
 
 
 def test_all_to_all_and_gradient_formulas():
-    # 10 rows of D = 8 fp32 to the other rank: 4 exchanges x 10 x 8 x 4 B + counts (R-1) L x 8 B (L = 2)
+    # sends 10 rows of D = 8 fp32 (dispatch, combine backward) and returns 6 received ones (combine, dispatch
+    # backward): 2 x (10 + 6) x 8 x 4 B, + counts (R-1) L x 8 B (L = 2) once per forward
+    assert comm.all_to_all_bytes(8, 4, 2, 4, 10, 6) == {"rows": 1024, "counts": 16, "total": 1040}
     assert comm.all_to_all_bytes(8, 4, 2, 4, 10) == {"rows": 1280, "counts": 16, "total": 1296}
-    assert comm.all_to_all_bytes(8, 4, 2, 4, 10, recompute=True)["total"] == 6 * 320 + 32
-    # experts 0,1 on EP rank 0, experts 2,3 on rank 1: rank 0 sends 3 + 4 rows
+    assert comm.all_to_all_bytes(8, 4, 2, 4, 10, recompute=True)["total"] == 3 * 20 * 32 + 32
+    # experts 0,1 on EP rank 0, experts 2,3 on rank 1: rank 0 sends 3 + 4 rows, receives rank 1's 2 + 0
     assert comm.remote_rows([5, 1, 3, 4], 2, 0) == 7
+    assert comm.received_rows([[5, 1, 3, 4], [2, 0, 6, 6]], 0) == 2
     facts = model_facts(load_run_config(TINY, []))  # E=4, K=1, capacity factor 1.5, min capacity 4
     assert comm.capacity(facts, 68) == 26  # ceil(1.5 x 68 / 4)
     assert comm.planned_rows(facts, 68, 2) == 26 * 2 * 1  # C x L x (R - 1)
