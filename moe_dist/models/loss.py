@@ -50,10 +50,12 @@ class ContrastiveLoss(nn.Module):
         self.contrastive = CONTRASTIVE_LOSSES[kind](rank, world_size)
 
     def forward(self, out: ModelOutput) -> LossOutput:
+        # fp32 under bf16/fp16: logits up to exp(logit_scale) = 100 and a softmax over the global batch
+        image, text, scale = out.image_features.float(), out.text_features.float(), out.logit_scale.float()
         if self.kind == "clip":
-            contrastive = self.contrastive(out.image_features, out.text_features, out.logit_scale)
+            contrastive = self.contrastive(image, text, scale)
         else:
             if out.logit_bias is None:
                 raise ValueError("model.loss='siglip' needs a logit bias: set model.init_logit_bias (e.g. -10)")
-            contrastive = self.contrastive(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+            contrastive = self.contrastive(image, text, scale, out.logit_bias.float())
         return LossOutput(contrastive + out.moe.aux_loss, {"contrastive": contrastive, **out.moe.losses})
