@@ -83,3 +83,25 @@ def test_noise_matters_so_the_replay_is_tested():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="activation_checkpointing='layers'.*none"):
         configure_blocks(create_model("moe-clip-tiny"), "layers")
+
+
+def test_compiled_blocks_equal_eager():
+    """compile=True (inductor, here its CPU C++ backend): the MoE layer stays eager behind the compile
+    boundary, the blocks around it compile; loss, aux losses and gradients equal eager within fp32
+    tolerance. A 1-block LIMoE (an MoE block, both modalities in one pass) keeps compile short."""
+    small = {"vision": {"layers": 1, "moe": {"every": 1}}}
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = create_model("limoe-tiny", overrides=small).train()
+        configure_blocks(model, compile=compile)
+        images, text = _batch(model.cfg)
+        result = ContrastiveLoss(model.cfg.loss)(model(images, text))
+        result.total.backward()
+        results.append((result.parts, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (parts, grads), (parts_c, grads_c) = results
+    for k in parts:
+        torch.testing.assert_close(parts_c[k].detach(), parts[k].detach(), rtol=1e-5, atol=1e-6, msg=k)
+    assert grads.keys() == grads_c.keys() and any("experts" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-4, atol=1e-5, msg=n)
