@@ -51,6 +51,8 @@ METRICS = {  # column -> metrics.jsonl key
     "val loss": "val/loss/contrastive",
 }
 
+EXTRA = ["train loss", "best i->t R@1"]  # end-of-run train contrastive loss; the best eval of the run
+
 
 def data_overrides(data: str) -> List[str]:
     return [f"data.train={data}", f"data.val={data}/val", f"data.tokenizer={data}/tok.model",
@@ -127,7 +129,7 @@ def collect(out: str, steps: int) -> dict:
     for name in RUNS:
         seeds = sorted(int(d[4:]) for d in os.listdir(os.path.join(out, name))
                        if d.startswith("seed")) if os.path.isdir(os.path.join(out, name)) else []
-        final: Dict[str, List[float]] = {c: [] for c in METRICS}
+        final: Dict[str, List[float]] = {c: [] for c in list(METRICS) + EXTRA}
         curves: Dict[str, Dict[int, List[float]]] = {"loss/contrastive": {}, METRICS["i->t R@1"]: {},
                                                      METRICS["zero-shot top-1"]: {}}
         done = []
@@ -140,6 +142,10 @@ def collect(out: str, steps: int) -> dict:
             done.append(seed)
             for column, key in METRICS.items():
                 final[column].append(last[-1][key])
+            train = [r["loss/contrastive"] for r in rows if "loss/contrastive" in r and "val/loss/total" not in r]
+            final["train loss"].append(statistics.fmean(train[-3:]))  # the last 30 steps (logged every 10)
+            evals = [r for r in rows if METRICS["i->t R@1"] in r]
+            final["best i->t R@1"].append(max(r[METRICS["i->t R@1"]] for r in evals))
             for r in rows:
                 for key in curves:
                     if key in r:
@@ -186,8 +192,9 @@ def plot(results: dict, where: str, names: List[str]) -> List[str]:
 
 
 def table(results: dict, names: List[str]) -> str:
-    head = "| run | seeds | " + " | ".join(METRICS) + " |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 2)]
+    columns = list(METRICS) + EXTRA
+    head = "| run | seeds | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
     for name in names:
         if name not in results:
             continue
