@@ -60,10 +60,28 @@ def _synth(args) -> int:
 
     opts = ShardOptions(per_shard=args.per_shard, workers=args.workers, val_fraction=args.val_fraction,
                         seed=args.seed)
+    if args.vqa:
+        return _synth_vqa(args, opts)
     manifest = shard_items(synth_items(args.n, args.seed, args.size), args.out, opts, source=f"synth(seed={args.seed})",
                            total=args.n, progress=not args.quiet, overwrite=args.overwrite)
     write_json(args.out, "classes.json", {"classes": CLASSES, "templates": TEMPLATES})
     _report(manifest, args.out)
+    return 0
+
+
+def _synth_vqa(args, opts) -> int:
+    """DIR: the questions about scenes whose main object is not held out (train, and val by --val-fraction);
+    DIR/heldout: those about held-out colour-shape combinations (a dataset of its own, so a spec)."""
+    from .shard import ShardOptions, shard_items
+    from .synth import vqa_items
+
+    for heldout, out, options in ((False, args.out, opts),
+                                  (True, os.path.join(args.out, "heldout"),
+                                   ShardOptions(per_shard=args.per_shard, workers=args.workers, seed=args.seed))):
+        manifest = shard_items(vqa_items(args.n, args.seed, args.size, heldout=heldout), out, options,
+                               source=f"synth-vqa(seed={args.seed}, heldout={heldout})", progress=not args.quiet,
+                               overwrite=args.overwrite)
+        _report(manifest, out)
     return 0
 
 
@@ -183,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-shard", type=int, default=250, help="samples per shard (default: 250)")
     p.add_argument("--val-fraction", type=float, default=0.0)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--vqa", action="store_true",
+                   help="one VQA sample per question about each scene (text 'question: Q answer: A', json question/"
+                        "answer/question_type); scenes whose main object is a held-out colour-shape combination go "
+                        "to DIR/heldout (a spec of its own), the rest to DIR (train, and val by --val-fraction)")
     p.set_defaults(func=_synth)
 
     from .recipes import RECIPES

@@ -52,6 +52,8 @@ COMMANDS = {
     "plan": "plan",
     "slurm": "slurm",
     "hostfile": "hostfile",
+    "caption": "caption",
+    "vqa": "vqa",
 }
 
 

@@ -143,3 +143,77 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[str], question_ty
             "questions": len(predictions),
             "per_type": {t: {"accuracy": sum(h) / len(h), "questions": len(h),
                              "majority_baseline": gold[t].most_common(1)[0][1] / len(h)} for t, h in sorted(hits.items())}}
+
+
+# ---------------------------------------------------------------------------------------------- eval passes
+def check_vqa_data(spec: str, allow_pipe: bool = False) -> None:
+    """ValueError unless the spec's first sample carries a question and an answer in its json."""
+    from ..data.evalset import first_metadata
+
+    meta = first_metadata(spec, allow_pipe)
+    missing = [k for k in ("question", "answer") if not str(meta.get(k, "")).strip()]
+    if missing:
+        raise ValueError(f"{spec} is not VQA data: its samples' json lacks {' and '.join(missing)}; make VQA shards "
+                         "with 'moe-dist-data synth --vqa' or 'moe-dist-data shard' of a file with image, question and "
+                         "answer columns")
+
+
+def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: int = 32, rank: int = 0,
+                  world_size: int = 1, allow_pipe: bool = False, progress: bool = False, workers: int = 0):
+    """Generate over every sample of ``spec`` once (this rank's shards); gathered from all ranks in canonical
+    order. ``task`` "caption" decodes from an empty prompt, "vqa" from each sample's "question: Q answer:".
+
+    Under ``world_size > 1`` every rank holds a whole model (``load_pretrained``, ep_size=1): no rank waits on
+    another until the final gather. Returns a list of dicts (key, image_id, caption, metadata, generated)."""
+    import torch
+    from tqdm import tqdm
+
+    from ..data.evalset import EvalSet, default_eval_transform, eval_batches
+    from ..generation import GenerationConfig, generate, vqa_prompt
+
+    cfg = cfg or GenerationConfig()
+    model = getattr(model, "module", model)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    evalset = EvalSet(spec, default_eval_transform(model.cfg.vision.image_size), tokenizer, batch_size, rank,
+                      world_size, allow_pipe)
+    rows = []
+    bar = tqdm(total=sum(evalset.shards[i].samples for i in evalset.mine), unit="img", disable=not progress,
+               desc=task, dynamic_ncols=True)
+    for batch in eval_batches(evalset, workers):
+        if not len(batch.keys):
+            continue
+        prompts = None
+        if task == "vqa":
+            for meta, key in zip(batch.metadata, batch.keys.tolist()):
+                if not str(meta.get("answer", "")).strip() or not str(meta.get("question", "")).strip():
+                    raise ValueError(f"sample {key} of {spec} has no question or answer in its json; every VQA "
+                                     "sample needs both")
+            prompts = [vqa_prompt(str(m["question"])) for m in batch.metadata]
+        texts = generate(model, tokenizer, batch.images.to(device=device, dtype=dtype), prompts, cfg)
+        for i, text in enumerate(texts):
+            rows.append({"key": tuple(batch.keys[i].tolist()), "image_id": batch.image_ids[i],
+                         "caption": batch.captions[i], "metadata": batch.metadata[i], "generated": text})
+        bar.update(len(batch.keys))
+    bar.close()
+    if world_size > 1:
+        everything = [None] * world_size
+        torch.distributed.all_gather_object(everything, rows)
+        rows = [r for part in everything for r in part]
+    return sorted(rows, key=lambda r: r["key"])
+
+
+def caption_scores(rows) -> Dict[str, float]:
+    """BLEU-4, CIDEr-D and exact match of the generated captions, one hypothesis per image (its first sample's)
+    against every caption stored for that image (COCO shards hold one sample per caption)."""
+    hypotheses: Dict[str, str] = {}
+    references: Dict[str, List[str]] = defaultdict(list)
+    for r in rows:
+        hypotheses.setdefault(r["image_id"], r["generated"])
+        references[r["image_id"]].append(r["caption"])
+    return caption_metrics(hypotheses, references)
+
+
+def vqa_scores(rows) -> Dict[str, object]:
+    """``vqa_accuracy`` of the generated answers (question type from the json's "question_type", else "all")."""
+    return vqa_accuracy([r["generated"] for r in rows], [str(r["metadata"]["answer"]) for r in rows],
+                        [str(r["metadata"].get("question_type", "all")) for r in rows])
