@@ -4,12 +4,16 @@ injected faults, and moto's standalone S3 server.
     with serve_http(root) as server:            # server.url -> "http://127.0.0.1:PORT"
         server.faults["/train/train-000001.tar"] = [Drop(5000), Status(503)]
         ...                                       # each request of that path takes the next fault
-    with serve_s3() as env:                       # env: AWS_* variables pointing boto3 at the server
+    s3 = S3Server(); env = s3.env(); ...; s3.stop() # env: AWS_* variables pointing boto3 at the server
 """
 
 import contextlib
 import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List
@@ -94,19 +98,31 @@ def serve_http(root, ranges: bool = True):
         server.server_close()
 
 
-@contextlib.contextmanager
-def serve_s3():
-    """moto's S3 server on 127.0.0.1; yields the environment that points boto3 at it."""
-    from moto.server import ThreadedMotoServer
+class S3Server:
+    """moto's standalone S3 server in its own process on 127.0.0.1. It starts at construction (moto's
+    imports take seconds, so a module fixture starts it early) and ``env()`` waits until it answers."""
 
-    from moe_dist.distributed import free_port
+    def __init__(self):
+        from moe_dist.distributed import free_port
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    try:
-        yield env
-    finally:
-        server.stop()
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def env(self, timeout: float = 120.0) -> Dict[str, str]:
+        """The environment that points boto3 at the server (credentials are moto's dummies)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start (exit {self.proc.poll()})") from None
+                time.sleep(0.2)
+        return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
