@@ -6,15 +6,22 @@ Both read the same synth shards (JPEG, --source-size px), apply open_clip's trai
 --image-size and the same sentencepiece tokenizer, and batch 64 samples; rounds interleave the
 variants. open_clip_train runs its eval-path pipeline (no shuffle buffer, so it is if anything
 cheaper): its training path crashes on webdataset >= 1.0's end-of-shard marker. Our lever is PIL's
-JPEG draft mode (decode at a reduced scale when the target is smaller). Results go to
-bench/results/data_loader.json with ``speedup_vs_open_clip`` (min over worker counts).
+JPEG draft mode (decode at a reduced scale when the target is smaller). The ``http_w*`` rows read the
+same shards through moe_dist's HTTP client from a loopback server (Python's http.server in its own
+process), in exact mode like ``ours_w*``: the remote path must cost no more than 10%
+(``http_vs_local_w*`` >= 0.9). Results go to bench/results/data_loader.json with
+``speedup_vs_open_clip`` (min over worker counts).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import types
@@ -41,6 +48,26 @@ def run_ours(spec, tokenizer, transform, workers, image_size, batch=64, draft=Tr
     start = time.perf_counter()
     rows = sum(b.images.shape[0] for b in loader) - loader.last_epoch_stats["padded"]
     return rows / (time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def http_server(root: str):
+    """Python's http.server for ``root`` in its own process on 127.0.0.1; yields its base URL."""
+    from moe_dist.distributed import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                             root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def run_open_clip(spec, tokenizer, transform, workers, batch=64) -> float:
@@ -72,13 +99,15 @@ def main(argv=None):
     from data_tools.scan import captions
     from moe_dist.text import SentencePieceTokenizer, train_sentencepiece
 
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as root, http_server(root) as url:
         spec = make_data(root, args.n, args.source_size)
+        remote_spec = f"{url}/{os.path.relpath(spec, root)}"
         tokenizer = SentencePieceTokenizer(train_sentencepiece(captions(spec, progress=False), vocab_size=200), 32)
         transform = image_transform(args.image_size, is_train=True)
         variants = {}
         for w in args.workers:
             variants[f"ours_w{w}"] = lambda w=w: run_ours(spec, tokenizer, transform, w, args.image_size)
+            variants[f"http_w{w}"] = lambda w=w: run_ours(remote_spec, tokenizer, transform, w, args.image_size)
             variants[f"ours_nodraft_w{w}"] = lambda w=w: run_ours(spec, tokenizer, transform, w, args.image_size,
                                                                   draft=False)
             variants[f"open_clip_w{w}"] = lambda w=w: run_open_clip(spec, tokenizer, transform, w)
@@ -88,8 +117,10 @@ def main(argv=None):
                 rates[name].append(fn())
     med = {name: statistics.median(r) for name, r in rates.items()}
     speedups = {w: med[f"ours_w{w}"] / med[f"open_clip_w{w}"] for w in args.workers}
+    remote = {w: med[f"http_w{w}"] / med[f"ours_w{w}"] for w in args.workers}
     results = {"speedup_vs_open_clip": min(speedups.values()),
                **{f"speedup_w{w}": s for w, s in speedups.items()},
+               "http_vs_local": min(remote.values()), **{f"http_vs_local_w{w}": r for w, r in remote.items()},
                "samples_per_s": med,
                "setup": {"n": args.n, "source_size": args.source_size, "image_size": args.image_size,
                          "rounds": args.rounds, "batch": 64, "cpus": os.cpu_count()}}
@@ -98,6 +129,8 @@ def main(argv=None):
         print(f"{name:22s} {med[name]:10.0f}")
     for w, s in speedups.items():
         print(f"speedup vs open_clip_train, {w} worker(s): {s:.2f}x  (target >= 1.5)")
+    for w, r in remote.items():
+        print(f"loopback HTTP vs local disk, {w} worker(s): {r:.2f}x  (target >= 0.9)")
     save(args.out, results)
     return results
 
