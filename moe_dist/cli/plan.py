@@ -1,12 +1,14 @@
 """``moe-dist plan``: memory, communication and step time of a run on a cluster, before it is launched.
 
-For the run config's model, precision, grad_accum and activation checkpointing on NODES x GPUS: the
+For the run config's model, precision, batch and activation checkpointing on NODES x GPUS: the
 parameters (total, expert, non-expert, active per token and modality); per-GPU bytes of parameters,
 gradients and optimizer states as DeepSpeed's ZeRO partitions them (exact), transient buffers and
 activations (an estimate, with and without checkpointing); MoE all-to-all bytes per layer (intra /
 inter node), gradient reduction and contrastive all-gather bytes; FLOPs per sample; a predicted step
-time and samples/s; and the ranked table of (ep_size, ZeRO stage, micro batch) layouts that fit. The
-layout printed in full is the run config's unless --ep-size / --zero-stage / --micro-batch say otherwise.
+time and samples/s; and the ranked table of (ep_size, ZeRO stage, micro batch) layouts that fit, all at
+one global batch (batch.global_batch, else micro_batch x grad_accum x the GPUs; a smaller micro batch
+accumulates more steps). The layout printed in full is the run config's unless --ep-size /
+--zero-stage / --micro-batch say otherwise.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    return f"{n / GIB:.3f} GiB" if n < GIB else f"{n / GIB:.2f} GiB"
 
 
 def _print(report: Dict[str, object], top: int) -> None:
@@ -41,10 +43,12 @@ def _print(report: Dict[str, object], top: int) -> None:
         print(f"  {key:22s} {value:>16,d}  ({_human(value)})")
     mem = report["per_gpu_bytes"]
     print("per-GPU bytes")
-    for key in ("parameters", "gradients", "optimizer", "buffers", "activations", "total"):
+    for key in ("parameters", "gradients", "optimizer", "backward_buffers", "step_buffers", "activations"):
         print(f"  {key:22s} {_gib(mem[key]):>12s}")
-    acts = ", ".join(f"{k} {_gib(v)}" for k, v in mem["activations_by_checkpointing"].items())
-    print(f"  activations by checkpointing: {acts}")
+    print(f"  {'peak of a step':22s} {_gib(mem['total']):>12s}  (parameters + optimizer + the larger of "
+          "activations + backward buffers and gradients + step buffers)")
+    for mode, acts in mem["activations_by_checkpointing"].items():
+        print(f"  checkpointing {mode:8s} activations {_gib(acts)}, peak {_gib(mem['peak_by_checkpointing'][mode])}")
     print(f"  {'fits' if report['fits'] else 'DOES NOT FIT'} in {_gib(mem['usable'])} usable")
     a2a = report["all_to_all_bytes"]
     print(f"communication per step, sent per GPU")
@@ -81,16 +85,19 @@ def _print(report: Dict[str, object], top: int) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..engine.config import load_run_config
     from ..planner import Cluster, Hardware, Layout, model_facts, plan
+    from ..planner.layouts import grad_accum_for
 
     cfg = load_run_config(args.config, args.set)
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision={cfg.precision!r} is unknown; use fp32, bf16 or fp16")
     hw = Hardware(args.gpu_memory_gb, args.gpu_tflops, args.intra_node_gbps, args.inter_node_gbps)
+    cluster = Cluster(args.nodes, args.gpus_per_node)
+    micro = cfg.batch.micro_batch if args.micro_batch is None else args.micro_batch
+    global_batch = cfg.batch.global_batch or micro * cfg.batch.grad_accum * cluster.world
     layout = Layout(cfg.ep_size if args.ep_size is None else args.ep_size,
                     cfg.zero_stage if args.zero_stage is None else args.zero_stage,
-                    cfg.batch.micro_batch if args.micro_batch is None else args.micro_batch)
-    report = plan(model_facts(cfg), cfg, Cluster(args.nodes, args.gpus_per_node), hw, layout,
-                  fixed_micro_batch=args.micro_batch is not None)
+                    micro, grad_accum_for(global_batch, micro, cluster.world))
+    report = plan(model_facts(cfg), cfg, cluster, hw, layout, fixed_micro_batch=args.micro_batch is not None)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -12,9 +12,10 @@ counts (R - 1) L int64 go once per forward.
     capacity:                      S = Q = C L (R - 1), C = max(min_capacity, ceil(factor T K / E)): every
                                    remote expert full (the most a step can send, and what it sends when
                                    capacity binds).
-Gradients: ZeRO 0 all-reduces them (ring: 2 (d - 1) / d of the group's bytes); ZeRO 1/2 reduce-scatter
-them and all-gather the updated parameters ((d - 1) / d each), non-expert groups over all W ranks,
-expert groups over the W / R expert-data-parallel ranks.
+Gradients: ZeRO 0 all-reduces them once per step (ring: 2 (d - 1) / d of the group's bytes); ZeRO 1/2
+reduce-scatter them after every micro batch's backward (DeepSpeed's gradient hooks) and all-gather the
+updated parameters once per step ((d - 1) / d each); non-expert groups over all W ranks, expert groups
+over the W / R expert-data-parallel ranks.
 Contrastive loss (open_clip ClipLoss, gather_with_grad): every rank all-gathers the image and text
 embeddings of the others, and the backward reduce-scatters their gradients.
 
@@ -124,7 +125,8 @@ def moe_all_to_all(facts: ModelFacts, cluster: Cluster, ep_size: int, micro_batc
             "inter_node": int(total * inter)}
 
 
-def gradient_bytes(groups, cluster: Cluster, ep_size: int, zero_stage: int, precision: str) -> Dict[str, int]:
+def gradient_bytes(groups, cluster: Cluster, ep_size: int, zero_stage: int, precision: str,
+                   grad_accum: int = 1) -> Dict[str, int]:
     """Gradient all-reduce (ZeRO 0) or reduce-scatter + parameter all-gather (ZeRO 1/2) bytes per step."""
     b, W = DTYPE_BYTES[precision], cluster.world
     out = {"all_reduce": 0, "reduce_scatter": 0, "param_all_gather": 0, "intra_node": 0, "inter_node": 0}
@@ -136,7 +138,7 @@ def gradient_bytes(groups, cluster: Cluster, ep_size: int, zero_stage: int, prec
         if zero_stage == 0:
             parts = {"all_reduce": 2 * share}
         else:
-            parts = {"reduce_scatter": share, "param_all_gather": share}
+            parts = {"reduce_scatter": share * grad_accum, "param_all_gather": share}
         where = "inter_node" if cluster.spans_nodes(d, stride) else "intra_node"
         for key, value in parts.items():
             out[key] += int(value)

@@ -40,15 +40,27 @@ class StateBytes:
 
     parameters: int
     gradients: int
-    optimizer: int      # fp32 master copy + Adam moments + step counters
-    buffers: int        # transient: reduce / all-reduce buckets, the fp32 gradient partition of the step
+    optimizer: int          # fp32 master copy + Adam moments + step counters
+    backward_buffers: int   # live with the activations: ZeRO 1/2's reduce bucket
+    step_buffers: int       # live with the full gradients: the step's fp32 gradient partition (ZeRO 1/2),
+    #                         the flattened all-reduce bucket (ZeRO 0) and FP16_Optimizer's fp32 gradients
+
+    @property
+    def buffers(self) -> int:
+        return self.backward_buffers + self.step_buffers
 
     @property
     def total(self) -> int:
         return self.parameters + self.gradients + self.optimizer + self.buffers
 
+    def peak(self, activations: int) -> int:
+        """Peak bytes of a step: the activations are all held when the backward starts (with the reduce
+        bucket), the gradients are all held when it ends (with the step's buffers)."""
+        return (self.parameters + self.optimizer
+                + max(activations + self.backward_buffers, self.gradients + self.step_buffers))
+
     def as_dict(self) -> Dict[str, int]:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "buffers": self.buffers}
 
 
 def _partition(group: ParamGroup, dp: int):
@@ -87,8 +99,8 @@ def state_bytes(groups: Iterable[ParamGroup], world: int, ep_size: int, zero_sta
         largest = min(REDUCE_BUCKET_ELEMENTS, max(sum(g.numel for g in groups if g.expert == e) for e in (0, 1)))
         if precision == "fp32":
             steps = 4 * sum(len(g.numels) for g in groups)
-            return StateBytes(4 * n, 4 * n, 8 * n + steps, 4 * largest)
-        return StateBytes(b * n, b * n, 12 * n + 4 * len(groups), 4 * n + b * largest)
+            return StateBytes(4 * n, 4 * n, 8 * n + steps, 0, 4 * largest)
+        return StateBytes(b * n, b * n, 12 * n + 4 * len(groups), 0, 4 * n + b * largest)
     params = grads = optimizer = step_grads = 0
     for g in groups:
         dp = world // ep_size if g.expert else world
@@ -98,7 +110,7 @@ def state_bytes(groups: Iterable[ParamGroup], world: int, ep_size: int, zero_sta
         grads += b * _grads_in_partition(g, size, member)
         optimizer += 12 * size + 4
         step_grads += 4 * size
-    return StateBytes(params, grads, optimizer, b * bucket_elements + step_grads)
+    return StateBytes(params, grads, optimizer, b * bucket_elements, step_grads)
 
 
 # ----------------------------------------------------------------------------- activations

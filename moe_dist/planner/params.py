@@ -65,7 +65,7 @@ class ModelFacts:
     min_capacity: int
     moe_layers: Tuple[MoELayerShape, ...]
     bucket_elements: int        # ZeRO's reduce_bucket_size in the run's DeepSpeed config
-    groups_ep1: Tuple[Tuple[str, bool, float, Tuple[int, ...]], ...]  # (name, expert, weight_decay, numels) at ep_size 1
+    groups_ep1: Tuple[Tuple[str, bool, float, Tuple[int, ...]], ...]  # (name, expert, decay, numels), ep_size 1
     config: object              # the ModelConfig
 
     def groups(self, ep_size: int) -> List[ParamGroup]:
