@@ -69,7 +69,8 @@ class RemoteError(OSError):
 
 
 def is_remote(url: str) -> bool:
-    return url.split(":", 1)[0].lower() in SCHEMES and "://" in url
+    """An http://, https:// or s3:// URL (``http:name`` without the slashes is not one)."""
+    return url.lower().startswith(tuple(f"{scheme}://" for scheme in SCHEMES))
 
 
 def shown_url(url: str) -> str:
@@ -78,6 +79,11 @@ def shown_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = host + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def path_of(url: str) -> str:
+    """The path of ``url`` (no query string: a presigned shard URL still ends in .tar here)."""
+    return urllib.parse.urlsplit(url).path
 
 
 def join(base: str, name: str) -> str:

@@ -231,7 +231,7 @@ def expand_source(source: str, allow_pipe: bool = False) -> List[str]:
     """The checked shard URLs of one source: a directory's indexed (or globbed) tars (a shard output
     directory's train split), or a brace pattern."""
     source = source.strip()
-    if is_remote(source) and "{" not in source and not source.endswith(TAR_SUFFIXES):
+    if is_remote(source) and "{" not in source and not remote.path_of(source).endswith(TAR_SUFFIXES):
         return _remote_directory(source, allow_pipe)
     if os.path.isdir(source):
         source = _source_dir(source)

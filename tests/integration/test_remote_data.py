@@ -233,3 +233,15 @@ def test_s3_shards_written_by_the_cli_feed_the_loader(data, tokenizer, s3_server
     with pytest.raises(DataError, match=r"s3://datasets/mine/train/train-000009.tar: S3 NoSuchKey \(not found\)"):
         list(_loader("s3://datasets/mine/train/train-000009.tar", tokenizer, mode="resampled", epoch_samples=20,
                      workers=0))
+
+
+def test_messages_never_show_the_query_or_userinfo_of_a_url(http, tokenizer):
+    """Presigned URLs carry their token in the query string: it never reaches a message or a log line."""
+    from moe_dist.data.remote import shown_url
+
+    assert shown_url("https://user:pw@host:8080/a/b.tar?X-Amz-Signature=s3cr3t#f") == "https://host:8080/a/b.tar"
+    http.forbidden.add("/out/train/train-000003.tar?X-Amz-Signature=s3cr3t")
+    with pytest.raises(DataError) as err:
+        list(_loader(f"{http.url}/out/train/train-000003.tar?X-Amz-Signature=s3cr3t", tokenizer, mode="resampled",
+                     epoch_samples=10, workers=0))
+    assert "HTTP 403 (forbidden)" in str(err.value) and "s3cr3t" not in str(err.value)
