@@ -55,9 +55,10 @@ class StateBytes:
 
     def peak(self, activations: int) -> int:
         """Peak bytes of a step: the activations are all held when the backward starts (with the reduce
-        bucket), the gradients are all held when it ends (with the step's buffers)."""
-        return (self.parameters + self.optimizer
-                + max(activations + self.backward_buffers, self.gradients + self.step_buffers))
+        bucket); the gradients are all held when it ends (the bucket is freed after the gradient
+        partition is filled, then the step's buffers come)."""
+        return self.parameters + self.optimizer + max(
+            max(activations, self.gradients) + self.backward_buffers, self.gradients + self.step_buffers)
 
     def as_dict(self) -> Dict[str, int]:
         return {**asdict(self), "buffers": self.buffers}

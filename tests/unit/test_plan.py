@@ -20,7 +20,7 @@ def test_state_bytes_hand_worked():
     groups = [ParamGroup("decay", False, (5, 3)), ParamGroup("experts", True, (6,))]
     # ZeRO 0, fp32: params 4 x 14, grads 4 x 14, moments 8 x 14 + a 4-byte step per tensor (3)
     assert state_bytes(groups, 4, 2, 0, "fp32").__dict__ == {"parameters": 56, "gradients": 56, "optimizer": 124,
-                                                             "buffers": 4 * 8}
+                                                             "backward_buffers": 0, "step_buffers": 4 * 8}
     # ZeRO 2, fp32, rank 1. Non-expert: 8 padded to a multiple of 2 x 4 = 8, partition 2 = elements [2, 4),
     # inside the first tensor (5). Expert: d = W / R = 2, 6 -> 8 (multiple of 4), partition 4; rank 1 is
     # member 0 -> [0, 4), inside the only tensor (6).
@@ -28,7 +28,10 @@ def test_state_bytes_hand_worked():
     assert s.parameters == 4 * (8 + 8)
     assert s.gradients == 4 * (5 + 6)            # the overlapping tensors, whole
     assert s.optimizer == 12 * (2 + 4) + 4 * 2   # master + 2 moments per partition element, a step per group
-    assert s.buffers == 4 * 10 + 4 * (2 + 4)     # reduce bucket + the fp32 gradient partition of the step
+    assert (s.backward_buffers, s.step_buffers) == (4 * 10, 4 * (2 + 4))  # reduce bucket; fp32 grad partition
+    # the peak: activations and the bucket when backward starts, or all gradients with the bucket (backward's
+    # end) or with the step's partition
+    assert s.peak(1000) == 64 + 80 + 1000 + 40 and s.peak(0) == 64 + 80 + 44 + 40
     # rank 3: non-expert partition [6, 8) holds tensor 2 (3 elements); expert member 1 -> [4, 8): the
     # tensor (6) plus 2 elements of padding
     assert state_bytes(groups, 4, 2, 2, "fp32", rank=3).gradients == 4 * (3 + 6 + 2)
