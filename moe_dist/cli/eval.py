@@ -11,7 +11,7 @@ import os
 import sys
 from typing import List
 
-TASK_NAMES = "zeroshot|retrieval|loss"  # the names evaluation.tasks.TASKS checks; no heavy import for --help
+TASK_NAMES = "zeroshot|retrieval|loss|caption|vqa"  # the names evaluation.tasks.TASKS checks; no heavy import for --help
 
 
 def default_tasks(args: argparse.Namespace) -> List[str]:

@@ -163,8 +163,8 @@ def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: 
     """Generate over every sample of ``spec`` once (this rank's shards); gathered from all ranks in canonical
     order. ``task`` "caption" decodes from an empty prompt, "vqa" from each sample's "question: Q answer:".
 
-    Under ``world_size > 1`` every rank holds a whole model (``load_pretrained``, ep_size=1): no rank waits on
-    another until the final gather. Returns a list of dicts (key, image_id, caption, metadata, generated)."""
+    Under ``world_size > 1`` with whole models on every rank (``load_pretrained``, ep_size=1) no rank waits
+    on another until the final gather; an expert-parallel model needs ``cfg.lockstep``. Returns a list of dicts (key, image_id, caption, metadata, generated)."""
     import torch
     from tqdm import tqdm
 
@@ -179,8 +179,15 @@ def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: 
     rows = []
     bar = tqdm(total=sum(evalset.shards[i].samples for i in evalset.mine), unit="img", disable=not progress,
                desc=task, dynamic_ncols=True)
-    for batch in eval_batches(evalset, workers):
-        if not len(batch.keys):
+    batches = (b for b in eval_batches(evalset, workers) if len(b.keys))
+    if cfg.lockstep:  # expert parallelism: every rank calls the model equally often (None: a dummy batch)
+        from .tasks import _lockstep
+
+        batches = _lockstep(batches, model, device)
+    for batch in batches:
+        if batch is None:
+            size = model.cfg.vision.image_size
+            generate(model, tokenizer, torch.zeros(1, 3, size, size, device=device, dtype=dtype), None, cfg)
             continue
         prompts = None
         if task == "vqa":

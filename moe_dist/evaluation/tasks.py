@@ -30,7 +30,9 @@ from .collect import BatchOutput, Gathered, PassRecord, gather_records
 from .metrics import retrieval_metrics, zeroshot_metrics
 from .zeroshot import ClassSet, build_classifier, load_classes, resolve_labels
 
-TASKS = ("zeroshot", "retrieval", "loss")
+TASKS = ("zeroshot", "retrieval", "loss", "caption", "vqa")
+CONTRASTIVE_TASKS = TASKS[:3]
+GENERATIVE_TASKS = ("caption", "vqa")  # CoCa models: captioning.py generates over the set
 
 
 @dataclass
@@ -84,7 +86,7 @@ def eval_routing(model: torch.nn.Module, dropless: bool) -> Iterator[None]:
         model.train(was_training)
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequence[str] = TASKS,
+def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequence[str] = CONTRASTIVE_TASKS,
              batch_size: int = 64, classes: Union[None, str, Sequence[str]] = None, templates=None, rank: int = 0,
              world_size: int = 1, dropless: bool = True, allow_pipe: bool = False, label_key: str = "label",
              progress: bool = True, workers: int = 0) -> EvalResult:
@@ -94,7 +96,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequ
         model: an MoECLIP or LIMoE (``engine.module`` when training under DeepSpeed), on its device.
         tokenizer: callable ``texts -> LongTensor [B, C]`` fitting the model's vocabulary.
         spec: shard spec of the eval set (brace pattern, tars, shard directories joined by "::").
-        tasks: any of "zeroshot", "retrieval", "loss" (comma lists allowed).
+        tasks: any of "zeroshot", "retrieval", "loss", and for CoCa models "caption" (BLEU-4, CIDEr-D, exact
+            match of greedy captions) and "vqa" (answer accuracy, per question type) (comma lists allowed).
         batch_size: samples per forward (batches never span shards).
         classes, templates: zero-shot class names and prompt templates (see ``zeroshot.load_classes``).
         rank, world_size: this process and the ranks sharing the eval (torch.distributed initialised
@@ -119,6 +122,39 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequ
     if world_size > 1 and not torch.distributed.is_initialized():
         raise ValueError(f"world_size={world_size} needs torch.distributed initialised before evaluate()")
     model = getattr(model, "module", model)  # a DeepSpeed engine evaluates its module
+    generated = {t: _generative(model, tokenizer, spec, t, batch_size, rank, world_size, allow_pipe)
+                 for t in tasks if t in GENERATIVE_TASKS}
+    tasks = [t for t in tasks if t not in GENERATIVE_TASKS]
+    if not tasks:
+        groups = dict(generated)
+        groups["samples"] = {"evaluated": max(int(g.get("images", g.get("questions", 0))) for g in generated.values()),
+                             "failed": 0, "failures": {}, "ranks": world_size}
+        return EvalResult(groups)
+    result = _evaluate(model, tokenizer, spec, tasks, batch_size, classes, templates, rank, world_size, dropless,
+                       allow_pipe, label_key, progress, workers)
+    result.groups.update(generated)
+    return result
+
+
+def _generative(model, tokenizer, spec, task, batch_size, rank, world_size, allow_pipe) -> Dict[str, object]:
+    """Greedy generation over the set and its scores; under expert parallelism every rank decodes in lockstep."""
+    from ..generation import GenerationConfig, check_generative
+    from .captioning import caption_scores, check_vqa_data, generate_over, vqa_scores
+
+    check_generative(model, f"eval task {task!r}: the model")
+    if task == "vqa":
+        check_vqa_data(spec, allow_pipe)
+    lockstep = any(m.moe.ep_size > 1 for m in moe_mlps(model))
+    cfg = GenerationConfig(max_new=8 if task == "vqa" else 30, lockstep=lockstep)
+    rows = generate_over(model, tokenizer, spec, task, cfg, batch_size, rank, world_size, allow_pipe)
+    scores = caption_scores(rows) if task == "caption" else vqa_scores(rows)
+    return {k: v for k, v in scores.items() if k != "per_type"} | {
+        f"{t}_accuracy": s["accuracy"] for t, s in scores.get("per_type", {}).items()}
+
+
+def _evaluate(model, tokenizer, spec, tasks, batch_size, classes, templates, rank, world_size, dropless,
+              allow_pipe, label_key, progress, workers) -> EvalResult:
+    """The embedding tasks: zeroshot, retrieval, loss (outline steps 1-5)."""
     device = next(model.parameters()).device
     class_set = load_classes(classes, templates) if "zeroshot" in tasks else None
     evalset = EvalSet(spec, default_eval_transform(model.cfg.vision.image_size), tokenizer, batch_size, rank,
@@ -163,10 +199,10 @@ def _run_pass(model, evalset: EvalSet, tasks: List[str], device, label_key: str,
     """Step 3 of the outline: this rank's per-sample embeddings and labels, per-batch losses and routing."""
     from tqdm import tqdm
 
-    from ..models.loss import ContrastiveLoss
+    from ..models import build_loss
 
     need_text = "retrieval" in tasks or "loss" in tasks
-    loss_fn = ContrastiveLoss(model.cfg.loss) if "loss" in tasks else None  # per batch: rank 0 of 1
+    loss_fn = build_loss(model.cfg) if "loss" in tasks else None  # per batch: rank 0 of 1 (coca: + caption)
     dtype = next(model.parameters()).dtype
     keep = {"image"} if "zeroshot" in tasks or "retrieval" in tasks else set()
     keep |= ({"labels"} if "zeroshot" in tasks else set()) | ({"text"} if "retrieval" in tasks else set())

@@ -78,6 +78,16 @@ def generate(model, tokenizer, images: torch.Tensor, prompts: Optional[Sequence[
         return _generate(model, tokenizer, images, prompts, cfg or GenerationConfig())
 
 
+def _lockstep_lengths(groups: Dict[int, List[int]]) -> List[int]:
+    """Under expert parallelism every rank decodes the same prompt-length groups in the same order: the
+    lengths other ranks have and this one lacks (it decodes a placeholder for each, first)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return []
+    everyone: List[Optional[List[int]]] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, sorted(groups))
+    return sorted({n for lengths in everyone for n in lengths} - set(groups))
+
+
 def _generate(model, tokenizer, images, prompts, cfg: GenerationConfig) -> List[str]:
     prompts = list(prompts) if prompts is not None else [""] * images.shape[0]
     if len(prompts) != images.shape[0]:
@@ -93,6 +103,10 @@ def _generate(model, tokenizer, images, prompts, cfg: GenerationConfig) -> List[
                              f"{context}, so it leaves no room to generate: shorten it")
         groups[len(prompt)].append(b)
     out: List[str] = [""] * len(prompts)
+    for length in _lockstep_lengths(groups) if cfg.lockstep else []:  # lengths only other ranks decode
+        dummy_cfg = GenerationConfig(**{**cfg.__dict__, "max_new": min(cfg.max_new, context - length)})
+        prompt_1T = torch.full((1, length), tokenizer.bos_id, dtype=torch.long, device=device)
+        decode(model_step(model, memory_BPW[:1]), prompt_1T, tokenizer.eos_id, dummy_cfg)
     for length, members in sorted(groups.items()):
         group_cfg = GenerationConfig(**{**cfg.__dict__, "max_new": min(cfg.max_new, context - length)})
         prompt_BT = torch.tensor([ids[b] for b in members], dtype=torch.long, device=device)
