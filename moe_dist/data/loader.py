@@ -165,7 +165,8 @@ class ShardLoader:
                 "good": stats["good"], "failures": stats["failures"], "padded": self._padded,
                 "retries": stats["retries"], "recent": [t.clone() for t in self._recent_tensors()],
                 "resumes": self._resumes, "world_size": self.world_size, "workers": self.num_workers,
-                "rank": self.rank, "consumed": self._consumed.to_state(), "base": self._base.to_state()}
+                "rank": self.rank, "consumed": self._consumed.to_state(), "base": self._base.to_state(),
+                "shards": len(self.shards)}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         """Resume from ``state_dict()`` of this rank at the same world size and workers (the batches
@@ -186,6 +187,13 @@ class ShardLoader:
                                                        "One rank's state holds only its part of the epoch: load "
                                                        "moe_dist.data.merge_states([every rank's state])"))
         if not same:
+            if "consumed" not in state:
+                raise ValueError("this loader state predates elastic resume (it records no delivered samples); "
+                                 f"resume it at world_size={state['world_size']}, workers={state['workers']}")
+            if state.get("shards", len(self.shards)) != len(self.shards):
+                raise ValueError(f"loader state was saved over {state['shards']} shards; this spec has "
+                                 f"{len(self.shards)}. Samples are named by their shard's place in the spec: "
+                                 "resume with the same data.train")
             return self._load_elastic(state)
         self.epoch = int(state["epoch"])
         self._reset_epoch_state()
@@ -354,7 +362,7 @@ def merge_states(states: Sequence[Dict[str, object]]) -> Dict[str, object]:
     consumed = Consumed()
     for state in states:
         consumed.merge(Consumed.from_state(state["consumed"]))
-    merged = {k: first[k] for k in keys}
+    merged = {k: first[k] for k in keys + ("shards",) if k in first}
     merged.update(consumed=consumed.to_state(), ranks={s.get("rank", 0): s for s in states},
                   recent=first["recent"], resumes=max(int(s["resumes"]) for s in states))
     return merged
