@@ -10,7 +10,8 @@
 #
 # Environment (defaults): GPUS_PER_NODE (GPUs visible to nvidia-smi, else 1; ignored with HOSTFILE),
 # HOSTFILE (DeepSpeed hostfile, "host slots=N" per line), NO_SSH=0, NODE_RANK, MASTER_ADDR (first host
-# of HOSTFILE, or 127.0.0.1), MASTER_PORT=29500, FORWARD_ENV (extra variable names to forward).
+# of HOSTFILE, or 127.0.0.1), MASTER_PORT=29500, FORWARD_ENV (extra variable names to forward),
+# MOE_DIST_ALLOCATOR=auto (CPU ranks: tcmalloc when installed; tcmalloc | system).
 # With a hostfile and ssh (NO_SSH unset), the DeepSpeed runner exports to remote ranks only the
 # variables listed in .deepspeed_env in the current directory, so this writes the ones a job needs
 # (OMP_NUM_THREADS, NCCL_*, PYTHONPATH, MOE_DIST_*, ...) there, mode 0600. Credentials (HF_TOKEN, any
@@ -27,6 +28,11 @@ command -v deepspeed >/dev/null || die "the deepspeed launcher is not installed 
 MASTER_PORT=${MASTER_PORT:-29500}
 NO_SSH=${NO_SSH:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# CPU ranks: tcmalloc when installed (moe_dist/distributed/allocator.py says why; MOE_DIST_ALLOCATOR=system
+# keeps glibc). GPU nodes keep the system allocator.
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  eval "$(python3 -m moe_dist.distributed.allocator)"
+fi
 
 launcher_args=()
 if [ -n "${HOSTFILE:-}" ]; then
@@ -60,7 +66,7 @@ forwarded() {  # is variable $1 one that remote ranks need?
   case "$1" in
     *TOKEN*|*SECRET*|*PASSWORD*|*PASSWD*|*CREDENTIAL*) return 1 ;;
     # HF_HOME/HF_HUB_CACHE/HF_HUB_OFFLINE: where the cache is and whether to go online; no credentials
-    OMP_NUM_THREADS|PYTHONPATH|PATH|LD_LIBRARY_PATH|NCCL_*|MOE_DIST_*|TORCH_*|CUDA_*|FI_*|UCX_*|GLOO_*) ;;
+    OMP_NUM_THREADS|PYTHONPATH|PATH|LD_LIBRARY_PATH|LD_PRELOAD|NCCL_*|MOE_DIST_*|TORCH_*|CUDA_*|FI_*|UCX_*|GLOO_*) ;;
     HF_HOME|HF_HUB_CACHE|HF_HUB_OFFLINE) ;;
     *) return 1 ;;
   esac

@@ -198,10 +198,13 @@ class Runner:
 def child_env(ext_dir: str) -> Dict[str, str]:
     from deepspeed.accelerator import get_accelerator
 
+    from ..distributed.allocator import allocator_env
+
     env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_EXTENSIONS_DIR=ext_dir)
     env.setdefault("OMP_NUM_THREADS", "1")  # ranks x threads within the cores; what launch/deepspeed.sh does
     if get_accelerator().device_name() == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")  # detected already; the children need not detect it again
+        env.update(allocator_env(env))  # tcmalloc when installed: no page faults on fresh expert gradients
     return env
 
 
