@@ -1,6 +1,7 @@
 """Peak memory per rank of real training steps: model states plus activations, on CPU and on accelerators.
 
-    python -m bench.memory [--steps 2] [--models tiny,small] [--micro-batch 8]
+    python -m bench.memory [--steps 2] [--models tiny,small] [--micro-batch 8] [--checkpointing none,blocks]
+                           [--zero 0,1,2] [--world-size 2] [--set KEY=VALUE ...]
     from bench.memory import measure; measure("configs/runs/tiny-synth.yaml", ["zero_stage=1"], world_size=2)
 
 What is measured (``measure``): ``world_size`` real ranks (spawned processes, the accelerator's
@@ -260,6 +261,8 @@ def main(argv=None) -> None:
     p.add_argument("--micro-batch", type=int, default=8, help="samples per rank per step")
     p.add_argument("--checkpointing", default="none,blocks", help="comma list of activation_checkpointing modes")
     p.add_argument("--zero", default="0,1,2", help="comma list of ZeRO stages")
+    p.add_argument("--world-size", type=int, default=2, help="ranks (one GPU: 1, with --set ep_size=1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more run-config overrides")
     p.add_argument("--out", default=RESULTS, help="results JSON")
     args = p.parse_args(argv)
     from bench._results import save
@@ -271,8 +274,8 @@ def main(argv=None) -> None:
     for model, ckpt, zero in itertools.product(args.models.split(","), args.checkpointing.split(","),
                                                args.zero.split(",")):
         sets = [f"model.name={models[model]}", f"zero_stage={zero}", f"activation_checkpointing={ckpt}",
-                f"batch.micro_batch={args.micro_batch}"]
-        result = measure(TINY, sets, world_size=2, steps=args.steps)
+                f"batch.micro_batch={args.micro_batch}", *args.set]
+        result = measure(TINY, sets, world_size=args.world_size, steps=args.steps)
         result.update(model=model, activation_checkpointing=ckpt, zero_stage=int(zero))
         rows.append(result)
         for r in result["per_rank"]:
@@ -280,7 +283,7 @@ def main(argv=None) -> None:
                   f"{_mib(r['step_bytes'])} {_mib(r['param_bytes'])} {_mib(r['init_peak_bytes'])} "
                   f"{_mib(r['max_rss_bytes'])}", flush=True)
     save(args.out, {"device": rows[0]["device"] if rows else "", "method": rows[0]["method"] if rows else "",
-                    "micro_batch": args.micro_batch, "steps": args.steps, "world_size": 2, "runs": rows})
+                    "micro_batch": args.micro_batch, "steps": args.steps, "world_size": args.world_size, "runs": rows})
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
 """MoE layer speed and memory against a dense FFN and DeepSpeed's stock MoE (one process, CPU, fp32).
 
     python -m bench.moe_layer [--tokens 4096] [--hidden 256] [--ffn 1024] [--k 2] [--reps 12]
+                              [--device cuda] [--dtype bf16]
 
 Every variant runs one forward+backward per round; rounds interleave the variants so machine noise
 hits them alike; the table reports medians, and each ratio is the median of the per-round ratios.
     R1 = T(ours, dropless, E=8) / (k * T(dense FFN))          target <= 1.05
     R2 = T(ours, dropless, E=8) / T(deepspeed MoE, cf 1.25)   target <= 0.80
     R4 = T(ours, E=64) / T(ours, E=8)                         target <= 1.10
+    R4_floor = T(GEMMs alone, E=64) / T(GEMMs alone, E=8): the per-expert forward and backward matmuls
+        into preallocated outputs (no routing, no autograd, no allocation), the same rows per expert;
+        R4_vs_floor = R4 / R4_floor (per round), target <= 1.05
+    time_vs_experts: T(ours, dropless, E) for E = 8 ... 128 at fixed tokens and k (fixed active FLOPs),
+        relative to E=8, with the least-squares slope per doubling of E
 Memory is the bytes autograd saves for backward (unique storages), the layer's training-time
 activation footprint, relative to k dense FFNs. Results go to bench/results/moe_layer.json.
 """
@@ -24,8 +30,30 @@ from torch import nn
 from bench._results import save
 from moe_dist.distributed import detect_env, init_distributed
 from moe_dist.moe import MoEConfig, MoELayer
+from moe_dist.moe.experts import grouped_mm_supported
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "moe_layer.json")
+EXPERT_COUNTS = (8, 16, 32, 64, 128)
+
+
+def _ours_name(num_experts: int) -> str:
+    return "ours_dropless_E8_loop" if num_experts == 8 else f"ours_dropless_E{num_experts}"
+
+
+def _spread(values) -> list:
+    """[min, max] over rounds."""
+    return [min(values), max(values)]
+
+
+def _slope_per_doubling(counts, times) -> float:
+    """Least-squares slope of T(E) / T(8) (per-round medians) against log2(E): the time added per doubling."""
+    import math
+
+    xs = [math.log2(e) for e in counts]
+    base = statistics.median(times["ours_dropless_E8_loop"])
+    ys = [statistics.median(times[_ours_name(e)]) / base for e in counts]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def deepspeed_moe(args, num_experts: int) -> nn.Module:
@@ -41,6 +69,32 @@ def deepspeed_moe(args, num_experts: int) -> nn.Module:
 def ours(args, num_experts: int, **kw) -> nn.Module:
     return MoELayer(MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=num_experts,
                               top_k=args.k, **kw))
+
+
+class RawGemms:
+    """The expert GEMMs of one forward+backward alone: h = x_e w1_e, y = h w2_e, then dW2, dH, dW1, dX,
+    each ``torch.matmul(..., out=)`` into preallocated buffers, rows split evenly over E experts."""
+
+    def __init__(self, rows: int, hidden: int, ffn: int, num_experts: int, **like):
+        n = rows // num_experts
+        E, D, H = num_experts, hidden, ffn
+        self.x, self.dy = torch.randn(E, n, D, **like), torch.randn(E, n, D, **like)
+        self.w1, self.w2 = torch.randn(E, D, H, **like), torch.randn(E, H, D, **like)
+        self.h, self.dh = torch.empty(E, n, H, **like), torch.empty(E, n, H, **like)
+        self.y, self.dx = torch.empty(E, n, D, **like), torch.empty(E, n, D, **like)
+        self.dw1, self.dw2 = torch.empty(E, D, H, **like), torch.empty(E, H, D, **like)
+
+    def __call__(self) -> None:
+        for e in range(self.x.shape[0]):
+            torch.matmul(self.x[e], self.w1[e], out=self.h[e])
+            torch.matmul(self.h[e], self.w2[e], out=self.y[e])
+            torch.matmul(self.h[e].T, self.dy[e], out=self.dw2[e])
+            torch.matmul(self.dy[e], self.w2[e].T, out=self.dh[e])
+            torch.matmul(self.x[e].T, self.dh[e], out=self.dw1[e])
+            torch.matmul(self.dh[e], self.w1[e].T, out=self.dx[e])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
 
 
 def _loss(module, x):
@@ -77,8 +131,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--ffn", type=int, default=1024)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20, help="timed rounds (after 2 warm-up rounds)")
+    parser.add_argument("--device", default="", help="default: the accelerator DeepSpeed detects")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    device = torch.device(args.device or accelerator.device_name())
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     init_distributed(detect_env())  # DeepSpeed's MoE needs a process group even for one rank
     torch.manual_seed(0)
 
@@ -90,13 +151,25 @@ def main(argv=None) -> dict:
         "ours_dropless_E64": ours(args, 64, dropless=True),
         "deepspeed_cf1.25_E8": deepspeed_moe(args, 8),
         "deepspeed_cf1.25_E64": deepspeed_moe(args, 64),
+        **{f"ours_dropless_E{e}": ours(args, e, dropless=True) for e in EXPERT_COUNTS if e not in (8, 64)},
     }
-    x = torch.randn(args.tokens, args.hidden, requires_grad=True)
-    times = {name: [] for name in variants}
+    variants = {name: module.to(device, dtype) for name, module in variants.items()}
+    gemms = {f"gemms_E{e}": RawGemms(args.tokens * args.k, args.hidden, args.ffn, e, device=device, dtype=dtype)
+             for e in (8, 64)}
+    x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    if not grouped_mm_supported(x, (args.hidden, args.ffn, args.hidden)):  # e.g. fp32 on CUDA: bf16-only kernel
+        print(f"grouped_mm does not run {dtype} on {device}: left out")
+        del variants["ours_dropless_E8_grouped_mm"]
+    times = {name: [] for name in [*variants, *gemms]}
     for rnd in range(args.reps + 2):
-        for name, module in variants.items():
+        for name, module in [*variants.items(), *gemms.items()]:
+            accelerator.synchronize()
             start = time.perf_counter()
-            _loss(module, x).backward()
+            if name in gemms:
+                module()
+            else:
+                _loss(module, x).backward()
+            accelerator.synchronize()
             elapsed = time.perf_counter() - start
             module.zero_grad(set_to_none=True)
             x.grad = None
@@ -104,8 +177,10 @@ def main(argv=None) -> dict:
                 times[name].append(elapsed)
     med = {name: statistics.median(t) for name, t in times.items()}
     mem = {name: saved_bytes(module, x) for name, module in variants.items()}
+    variants.update(gemms)
+    mem.update({name: 0 for name in gemms})
     dense = med["dense_ffn"]
-    best = min(("ours_dropless_E8_loop", "ours_dropless_E8_grouped_mm"), key=med.get)
+    best = min((n for n in ("ours_dropless_E8_loop", "ours_dropless_E8_grouped_mm") if n in med), key=med.get)
 
     def ratio(a: str, b: str, scale: float = 1.0) -> float:
         """Median over rounds of the per-round ratio: both sides share each round's machine state."""
@@ -116,24 +191,34 @@ def main(argv=None) -> dict:
         "R2": ratio(best, "deepspeed_cf1.25_E8"),
         "R4": ratio("ours_dropless_E64", best),
         "R1_deepspeed": ratio("deepspeed_cf1.25_E8", "dense_ffn", args.k),
+        "R4_floor": ratio("gemms_E64", "gemms_E8"),
+        "R4_vs_floor": statistics.median((a / b) / (c / d) for a, b, c, d in zip(
+            times["ours_dropless_E64"], times[best], times["gemms_E64"], times["gemms_E8"])),
+        "R4_spread": _spread([a / b for a, b in zip(times["ours_dropless_E64"], times[best])]),
+        "time_vs_experts": {str(e): ratio(_ours_name(e), "ours_dropless_E8_loop") for e in EXPERT_COUNTS},
         "R4_deepspeed": ratio("deepspeed_cf1.25_E64", "deepspeed_cf1.25_E8"),
         "R1_loop": ratio("ours_dropless_E8_loop", "dense_ffn", args.k),
-        "R1_grouped_mm": ratio("ours_dropless_E8_grouped_mm", "dense_ffn", args.k),
+        "R1_grouped_mm": ratio("ours_dropless_E8_grouped_mm", "dense_ffn", args.k) if "ours_dropless_E8_grouped_mm"
+        in times else None,
         "memory_vs_k_dense": mem["ours_dropless_E8_loop"] / (args.k * mem["dense_ffn"]),
         "memory_vs_k_dense_deepspeed": mem["deepspeed_cf1.25_E8"] / (args.k * mem["dense_ffn"]),
+        "time_vs_experts_slope_per_doubling": _slope_per_doubling(EXPERT_COUNTS, times),
         "median_ms": {name: 1e3 * t for name, t in med.items()},
         "saved_mb": {name: m / 2 ** 20 for name, m in mem.items()},
         "setup": {"tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn, "k": args.k, "reps": args.reps,
-                  "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
-                  "device": "cpu", "faster_backend": "grouped_mm" if "grouped" in best else "loop"},
+                  "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype),
+                  "device": str(device), "faster_backend": "grouped_mm" if "grouped" in best else "loop"},
     }
     print(f"{'variant':32s} {'median ms':>10s} {'x k*dense':>10s} {'saved MB':>9s}")
     for name in variants:
         print(f"{name:32s} {1e3 * med[name]:10.1f} {med[name] / (args.k * dense):10.3f} {mem[name] / 2 ** 20:9.1f}")
     print()
-    for key, target in (("R1", "<= 1.05"), ("R2", "<= 0.80"), ("R4", "<= 1.10"), ("R1_deepspeed", ""),
+    for key, target in (("R1", "<= 1.05"), ("R2", "<= 0.80"), ("R4", "<= 1.10"), ("R4_floor", ""),
+                        ("R4_vs_floor", "<= 1.05"), ("time_vs_experts_slope_per_doubling", ""), ("R1_deepspeed", ""),
                         ("R4_deepspeed", ""), ("memory_vs_k_dense", ""), ("memory_vs_k_dense_deepspeed", "")):
         print(f"{key:28s} {results[key]:6.3f}  {target}")
+    print("time vs E (dropless, fixed tokens and k):",
+          "  ".join(f"E={e} {r:.3f}" for e, r in results["time_vs_experts"].items()))
     save(args.out, results)
     return results
 
