@@ -13,7 +13,8 @@ hits them alike; the table reports medians, and each ratio is the median of the 
         R4_vs_floor = R4 / R4_floor (per round), target <= 1.05
     time_vs_experts: T(ours, dropless, E) for E = 8 ... 128 at fixed tokens and k (fixed active FLOPs),
         relative to E=8, with the least-squares slope per doubling of E
-Memory is the bytes autograd saves for backward (unique storages), the layer's training-time
+The bench runs under the allocator CPU training uses (tcmalloc when installed; re-executes itself with
+it; ``MOE_DIST_ALLOCATOR=system`` measures glibc). Memory is the bytes autograd saves for backward (unique storages), the layer's training-time
 activation footprint, relative to k dense FFNs. Results go to bench/results/moe_layer.json.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -29,6 +31,7 @@ from torch import nn
 
 from bench._results import save
 from moe_dist.distributed import detect_env, init_distributed
+from moe_dist.distributed.allocator import allocator_env
 from moe_dist.moe import MoEConfig, MoELayer
 from moe_dist.moe.experts import grouped_mm_supported
 
@@ -135,6 +138,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
+    changes = allocator_env(os.environ)  # the allocator CPU ranks train with (MOE_DIST_ALLOCATOR=system: glibc)
+    if changes:
+        os.execve(sys.executable, [sys.executable, "-m", "bench.moe_layer", *(sys.argv[1:] if argv is None else argv)],
+                  {**os.environ, **changes})
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
@@ -207,7 +214,7 @@ def main(argv=None) -> dict:
         "saved_mb": {name: m / 2 ** 20 for name, m in mem.items()},
         "setup": {"tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn, "k": args.k, "reps": args.reps,
                   "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype),
-                  "device": str(device), "faster_backend": "grouped_mm" if "grouped" in best else "loop"},
+                  "device": str(device), "allocator": os.environ.get("LD_PRELOAD") or "glibc", "faster_backend": "grouped_mm" if "grouped" in best else "loop"},
     }
     print(f"{'variant':32s} {'median ms':>10s} {'x k*dense':>10s} {'saved MB':>9s}")
     for name in variants:
