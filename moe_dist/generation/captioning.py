@@ -44,12 +44,21 @@ def prompt_ids(tokenizer, prompt: str) -> List[int]:
     return [tokenizer.bos_id] + (tokenizer.pieces([prompt])[0] if prompt.strip() else [])
 
 
-def model_step(model, memory_BPW: torch.Tensor) -> Step:
-    """The next-token log-probabilities of ``model`` for rows of ``memory_BPW`` (the rows' images)."""
+def model_step(model, memory_BPW: torch.Tensor, tokenizer=None) -> Step:
+    """The next-token log-probabilities of ``model`` for rows of ``memory_BPW`` (the rows' images). With a
+    tokenizer, ids it cannot decode (past its vocabulary; the model's may be larger), padding and BOS are
+    never generated."""
+    banned_V = None
+    if tokenizer is not None:
+        V = model.cfg.text.vocab_size
+        banned_V = torch.arange(V, device=memory_BPW.device) >= getattr(tokenizer, "vocab_size", V)
+        banned_V[[tokenizer.pad_id, tokenizer.bos_id]] = True
 
     def step(tokens_NT: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
-        logits_NTV = model.decode(memory_BPW[rows_N.to(memory_BPW.device)], tokens_NT)
-        return logits_NTV[:, -1].float().log_softmax(-1)
+        logits_NV = model.decode(memory_BPW[rows_N.to(memory_BPW.device)], tokens_NT)[:, -1].float()
+        if banned_V is not None:
+            logits_NV = logits_NV.masked_fill(banned_V, float("-inf"))
+        return logits_NV.log_softmax(-1)
 
     return step
 
@@ -106,11 +115,11 @@ def _generate(model, tokenizer, images, prompts, cfg: GenerationConfig) -> List[
     for length in _lockstep_lengths(groups) if cfg.lockstep else []:  # lengths only other ranks decode
         dummy_cfg = GenerationConfig(**{**cfg.__dict__, "max_new": min(cfg.max_new, context - length)})
         prompt_1T = torch.full((1, length), tokenizer.bos_id, dtype=torch.long, device=device)
-        decode(model_step(model, memory_BPW[:1]), prompt_1T, tokenizer.eos_id, dummy_cfg)
+        decode(model_step(model, memory_BPW[:1], tokenizer), prompt_1T, tokenizer.eos_id, dummy_cfg)
     for length, members in sorted(groups.items()):
         group_cfg = GenerationConfig(**{**cfg.__dict__, "max_new": min(cfg.max_new, context - length)})
         prompt_BT = torch.tensor([ids[b] for b in members], dtype=torch.long, device=device)
-        generated = decode(model_step(model, memory_BPW[members]), prompt_BT, tokenizer.eos_id, group_cfg)
+        generated = decode(model_step(model, memory_BPW[members], tokenizer), prompt_BT, tokenizer.eos_id, group_cfg)
         for b, tokens in zip(members, generated):
             out[b] = tokenizer.decode(torch.tensor([tokens], dtype=torch.long))[0].strip()
     collect_moe_outputs(model, memory_BPW)  # drop what the decoding passes left in the MoE layers

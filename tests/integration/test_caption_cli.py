@@ -1,0 +1,99 @@
+"""`moe-dist caption` and `moe-dist vqa` end to end on exports of untrained models (the mechanics, not the
+quality: tests/integration/test_caption_overfit.py trains): images of different sizes, an empty prompt, a
+maximum length of 1, beam and top-p, JSONL out, and one clear line for each bad input."""
+
+import base64
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from moe_dist.cli import main
+
+WORDS = "a large small red green blue yellow circle square triangle circles squares two three left right of " \
+        "question: what colour is the how many are there? shape object answer: yes no one is"
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from moe_dist.models import create_model
+    from moe_dist.models.pretrained import EXPORT_FORMAT, portable_config
+    from moe_dist.text.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("exports")
+    tok = train_sentencepiece([WORDS] * 20 + WORDS.split(), vocab_size=64, model_type="word")
+    out = {}
+    for name, kind in (("coca-tiny", "coca"), ("moe-clip-tiny", "clip")):
+        torch.manual_seed(0)
+        model = create_model(name, overrides={"text": {"tokenizer": "openclip-bpe", "vocab_size": 64}})
+        meta = {"format": EXPORT_FORMAT, "model_config": json.dumps(portable_config(model.cfg, tok)), "dtype": "fp32",
+                "step": "", "source": "test", "tokenizer": "sentencepiece",
+                "tokenizer_model": base64.b64encode(tok).decode()}
+        weights = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(root / f"{kind}.safetensors"), metadata=meta)
+        save_file(weights, str(root / f"{kind}-notok.safetensors"), metadata={**meta, "tokenizer": ""})
+        out[kind] = root / f"{kind}.safetensors"
+        out[f"{kind}-notok"] = root / f"{kind}-notok.safetensors"
+    return out
+
+
+@pytest.fixture
+def cli(capsys):
+    def call(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return call
+
+
+def test_caption_folder_of_mixed_sizes_and_decoding_options(exports, tmp_path, cli):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, (w, h) in enumerate([(32, 32), (100, 60), (17, 45)]):
+        Image.new("RGB", (w, h), (40 * i, 200, 90)).save(images / f"im{i}.png")
+    out = tmp_path / "caps.jsonl"
+    code, stdout, err = cli("caption", "--checkpoint", exports["coca"], "--images", images, "--out", out,
+                            "--max-length", "4")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["key"] for r in rows] == ["im0.png", "im1.png", "im2.png"]
+    for args in (["--max-length", "1"], ["--strategy", "beam", "--beam-width", "2", "--max-length", "3"],
+                 ["--strategy", "top_p", "--top-p", "0.5", "--max-length", "3"]):
+        code, stdout, err = cli("caption", "--checkpoint", exports["coca"], "--images", images, *args)
+        assert code == 0, err
+        rows = [json.loads(line) for line in stdout.splitlines()]
+        assert len(rows) == 3
+        if args[1] == "1":
+            assert all(len(r["caption"].split()) <= 1 for r in rows)
+
+
+def test_vqa_runs_on_vqa_shards_and_bad_inputs_give_one_line(exports, tmp_path, cli):
+    from data_tools.cli import main as data_cli
+
+    assert data_cli(["synth", "--vqa", "--out", str(tmp_path / "vqa"), "--n", "6", "--per-shard", "50", "-q"]) == 0
+    assert data_cli(["synth", "--out", str(tmp_path / "plain"), "--n", "4", "-q"]) == 0
+    code, stdout, err = cli("vqa", "--checkpoint", exports["coca"], "--data", tmp_path / "vqa",
+                            "--max-length", "2", "--json", tmp_path / "vqa.json")
+    assert code == 0, err
+    scores = json.loads((tmp_path / "vqa.json").read_text())
+    assert scores["questions"] > 0 and "majority_baseline" in scores
+    images = tmp_path / "one"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "x.jpg")
+    cases = [
+        (["vqa", "--checkpoint", exports["coca"], "--data", tmp_path / "plain"], "is not VQA data"),
+        (["caption", "--checkpoint", exports["clip"], "--images", images], "not a captioning model"),
+        (["vqa", "--checkpoint", exports["clip"], "--data", tmp_path / "vqa"], "not a captioning model"),
+        (["caption", "--checkpoint", exports["coca-notok"], "--images", images], "tokenizer"),
+        (["caption", "--checkpoint", exports["coca"], "--images", tmp_path / "vqa" / "nothing"], "shard spec"),
+        (["caption", "--checkpoint", exports["coca"], "--images", images, "--strategy", "beam", "--beam-width", "0"],
+         "beam width 0"),
+    ]
+    for args, expected in cases:
+        code, stdout, err = cli(*args)
+        lines = [line for line in err.splitlines() if "WARNING" not in line]
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (args, err)
