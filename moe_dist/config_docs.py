@@ -63,7 +63,8 @@ NOTES: Dict[str, str] = {
     "DebugSection.nan_loss_rank": "the rank nan_loss_steps applies to",
     "DebugSection.raise_rank": "the rank raise_at_step applies to",
     "ModelConfig.name": "registry name; defaults to the JSON file's stem",
-    "ModelConfig.kind": "two-tower MoE-CLIP or single-tower LIMoE (one shared transformer)",
+    "ModelConfig.kind": "two-tower MoE-CLIP, single-tower LIMoE (one shared transformer), or CoCa (two towers + a "
+                        "multimodal text decoder: captioning, VQA; docs/captioning.md)",
     "ModelConfig.embed_dim": "width of the joint image-text embedding",
     "ModelConfig.moe": "MoEConfig fields except hidden_size / ffn_hidden_size (see the MoE layer table); "
                        "given in a JSON it replaces this default as a whole",
@@ -102,7 +103,8 @@ NOTES: Dict[str, str] = {
     "MoEConfig.z_loss_coef": "ST-MoE router z-loss weight",
     "MoEConfig.entropy_local_coef": "LIMoE local (per-token) entropy loss weight, per modality",
     "MoEConfig.entropy_global_coef": "LIMoE global (mean-gate) entropy loss weight, per modality",
-    "MoEConfig.modality_experts": "(n_image_only, n_text_only) reserved experts",
+    "MoEConfig.modality_experts": "(n_image_only, n_text_only[, n_cross_only]) reserved experts, in that order "
+                                  "before the shared ones; cross: a CoCa decoder's tokens",
     "MoEConfig.activation": "expert activation",
     "MoEConfig.expert_bias": "experts have biases b1, b2",
     "MoEConfig.shared_expert": "add an always-on dense FFN to the routed output",
