@@ -131,7 +131,7 @@ def configure_blocks(module: nn.Module, activation_checkpointing: str = "none", 
         compile: compile every block's forward (the MoE layer inside stays eager).
     """
     if activation_checkpointing not in CHECKPOINT_MODES:
-        raise ValueError(f"activation_checkpointing={activation_checkpointing!r}; use one of {CHECKPOINT_MODES}")
+        raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is unknown; use one of {CHECKPOINT_MODES}")
     for m in moe_mlps(module):
         m.checkpoint = activation_checkpointing == "moe"
     if activation_checkpointing != "blocks" and not compile:

@@ -49,8 +49,7 @@ def _counter(saved):
     return pack, lambda t: t
 
 
-@pytest.mark.parametrize("name", ["moe-clip-tiny", "limoe-tiny"])
-@pytest.mark.parametrize("mode", ["blocks", "moe"])
+@pytest.mark.parametrize("name, mode", [("moe-clip-tiny", "blocks"), ("limoe-tiny", "blocks"), ("moe-clip-tiny", "moe")])
 def test_checkpointing_keeps_losses_stats_and_gradients(name, mode):
     saved_plain, saved_ckpt = [], []
     parts, stats, grads = _step(name, saved=saved_plain)
@@ -71,13 +70,15 @@ def test_checkpointing_keeps_losses_stats_and_gradients(name, mode):
 
 def test_noise_matters_so_the_replay_is_tested():
     """Without RNG replay the two forwards would route differently: a different seed changes the loss."""
-    a, _, _ = _step("moe-clip-tiny")
     torch.manual_seed(0)
     model = create_model("moe-clip-tiny", overrides=NOISY).train()
     images, text = _batch(model.cfg)
-    torch.manual_seed(2)
-    b = ContrastiveLoss(model.cfg.loss)(model(images, text)).parts
-    assert any(not torch.allclose(a[k], b[k].detach()) for k in ("load_balance", "z_loss"))
+    parts = []
+    with torch.no_grad():
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            parts.append(ContrastiveLoss(model.cfg.loss)(model(images, text)).parts)
+    assert any(not torch.allclose(parts[0][k], parts[1][k]) for k in ("load_balance", "z_loss"))
 
 
 def test_unknown_mode_is_refused():
