@@ -278,12 +278,12 @@ def main(argv=None) -> None:
         result = measure(TINY, sets, world_size=args.world_size, steps=args.steps)
         result.update(model=model, activation_checkpointing=ckpt, zero_stage=int(zero))
         rows.append(result)
+        save(args.out, {"device": rows[0]["device"], "method": rows[0]["method"], "micro_batch": args.micro_batch,
+                        "steps": args.steps, "world_size": args.world_size, "runs": rows})  # after every run
         for r in result["per_rank"]:
             print(f"{model:8} {ckpt:6} {zero:4} {r['rank']:4} {_mib(r['peak_bytes'])} {_mib(r['states_bytes'])} "
                   f"{_mib(r['step_bytes'])} {_mib(r['param_bytes'])} {_mib(r['init_peak_bytes'])} "
                   f"{_mib(r['max_rss_bytes'])}", flush=True)
-    save(args.out, {"device": rows[0]["device"] if rows else "", "method": rows[0]["method"] if rows else "",
-                    "micro_batch": args.micro_batch, "steps": args.steps, "world_size": args.world_size, "runs": rows})
 
 
 if __name__ == "__main__":
