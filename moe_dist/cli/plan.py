@@ -51,7 +51,7 @@ def _print(report: Dict[str, object], top: int) -> None:
         print(f"  checkpointing {mode:8s} activations {_gib(acts)}, peak {_gib(mem['peak_by_checkpointing'][mode])}")
     print(f"  {'fits' if report['fits'] else 'DOES NOT FIT'} in {_gib(mem['usable'])} usable")
     a2a = report["all_to_all_bytes"]
-    print(f"communication per step, sent per GPU")
+    print("communication per step, sent per GPU")
     print(f"  MoE all-to-all         {_human(a2a['total'], 'B'):>12s}  (intra-node {_human(a2a['intra_node'], 'B')}, "
           f"inter-node {_human(a2a['inter_node'], 'B')})")
     for layer in a2a["per_layer"]:
@@ -63,9 +63,9 @@ def _print(report: Dict[str, object], top: int) -> None:
     print(f"  contrastive all-gather {_human(report['contrastive_bytes']['all_gather'], 'B'):>12s}")
     f, t = report["flops"], report["step_time"]
     print(f"FLOPs per sample: forward {_human(f['forward_per_sample'])}, training {_human(f['train_per_sample'])}")
-    print(f"step time {t['total_s'] * 1e3:.1f} ms = compute {t['compute_s'] * 1e3:.1f} ms + communication "
-          f"{t['communication_s'] * 1e3:.1f} ms (all-to-all {t['all_to_all_s'] * 1e3:.1f}, gradients "
-          f"{t['gradients_s'] * 1e3:.1f}, contrastive {t['contrastive_s'] * 1e3:.1f}); "
+    ms = {k: f"{v * 1e3:.3g}" for k, v in t.items() if k.endswith("_s")}
+    print(f"step time {ms['total_s']} ms = compute {ms['compute_s']} ms + communication {ms['communication_s']} ms "
+          f"(all-to-all {ms['all_to_all_s']}, gradients {ms['gradients_s']}, contrastive {ms['contrastive_s']}); "
           f"{t['samples_per_s']:,.0f} samples/s")
     rows = report["layouts"]
     print(f"layouts that fit ({len(rows)}; fastest first, top {min(top, len(rows))}):")
@@ -73,13 +73,16 @@ def _print(report: Dict[str, object], top: int) -> None:
           f"{'step ms':>8s} {'samples/s':>10s}")
     for r in rows[:top]:
         print(f"  {r['ep_size']:>4d} {r['zero_stage']:>4d} {r['micro_batch']:>5d} {r['global_batch']:>7d} "
-              f"{r['total_bytes'] / GIB:>8.1f} {_human(r['all_to_all_bytes'], 'B'):>10s} {r['step_s'] * 1e3:>8.1f} "
+              f"{r['total_bytes'] / GIB:>8.2f} {_human(r['all_to_all_bytes'], 'B'):>10s} {r['step_s'] * 1e3:>8.3g} "
               f"{r['samples_per_s']:>10,.0f}")
     bad = report["infeasible_layouts"]
     if bad:
-        print(f"layouts that do not fit ({len(bad)}), e.g.:")
-        for r in sorted(bad, key=lambda r: r["total_bytes"])[:top]:
-            print(f"  ep {r['ep_size']} zero {r['zero_stage']} micro {r['micro_batch']}: {r['reason']}")
+        print(f"layouts that do not fit ({len(bad)}); per ep_size and ZeRO stage, the smallest micro batch:")
+        smallest: Dict[tuple, dict] = {}
+        for r in sorted(bad, key=lambda r: r["micro_batch"]):
+            smallest.setdefault((r["ep_size"], r["zero_stage"]), r)
+        for (ep, zero), r in sorted(smallest.items()):
+            print(f"  ep {ep} zero {zero} micro {r['micro_batch']} and up: {r['reason']}")
 
 
 def _run(args: argparse.Namespace) -> int:
