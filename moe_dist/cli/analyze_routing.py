@@ -60,12 +60,14 @@ def analyze(checkpoint: str, data: str, out_dir: str, capacity_factor: float = 1
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..moe import MODALITY_NAMES
+
     summary, paths = analyze(args.checkpoint, args.data, args.out, args.capacity_factor, args.classes,
                              args.label_key, args.batch, args.max_samples, args.allow_pipe)
     print(f"routing of {summary['samples']} samples, capacity factor {summary['capacity_factor']:g}")
     print(f"  {'layer':12s} {'modality':8s} {'tokens':>9s} {'entropy':>8s} {'dropped':>8s}  never / rarely chosen")
     for layer, report in summary["layers"].items():
-        for modality in ("image", "text"):
+        for modality in MODALITY_NAMES.values():  # image, text, cross (a CoCa decoder's tokens)
             if modality in report:
                 r = report[modality]
                 print(f"  {layer:12s} {modality:8s} {r['tokens']:9d} {r['router_entropy']:8.3f} "

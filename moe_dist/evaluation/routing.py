@@ -1,8 +1,8 @@
 """Routing analysis: which experts each modality and each class choose, how sure the router is, what a
 capacity would drop, and which experts are (almost) never used.
 
-Shape legend: T tokens of one layer call, K slots per token, E experts, C classes, M modalities (image,
-text).
+Shape legend: T tokens of one layer call, K slots per token, E experts, C classes, M modalities (image, text,
+cross: a CoCa decoder's tokens).
 
 Outline:
     1. ``RoutingProbe`` puts a forward pre-hook on every MoE layer (to learn the token rows' length L of
