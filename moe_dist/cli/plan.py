@@ -122,7 +122,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
     p.add_argument("--gpu-memory-gb", type=float, default=d.gpu_memory_gb,
                    help=f"memory per GPU in GiB (default {d.gpu_memory_gb:g}); the plan fills at most "
-                        f"{d.headroom:.0%} of it")
+                        f"{d.headroom * 100:.0f}%% of it")
     p.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: the run config's)")
     p.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage 0/1/2 (default: the run config's)")
     p.add_argument("--micro-batch", type=int, default=None,

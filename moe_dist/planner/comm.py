@@ -39,6 +39,10 @@ class Cluster:
     nodes: int
     gpus_per_node: int
 
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError(f"--nodes ({self.nodes}) and --gpus-per-node ({self.gpus_per_node}) must be >= 1")
+
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node

@@ -45,8 +45,6 @@ def grad_accum_for(global_batch: int, micro_batch: int, world: int) -> int:
 def check_layout(facts: ModelFacts, cluster: comm.Cluster, layout: Layout) -> None:
     """ValueError naming what is wrong with ``layout`` on ``cluster`` and the values that would work."""
     W, E = cluster.world, facts.num_experts
-    if cluster.nodes < 1 or cluster.gpus_per_node < 1:
-        raise ValueError(f"--nodes ({cluster.nodes}) and --gpus-per-node ({cluster.gpus_per_node}) must be >= 1")
     if layout.ep_size < 1 or W % layout.ep_size or E % layout.ep_size:
         valid = [d for d in range(1, math.gcd(W, E) + 1) if W % d == 0 and E % d == 0]
         raise ValueError(f"ep_size={layout.ep_size} must divide both the world size {W} "

@@ -114,6 +114,16 @@ def test_plan_json_keys_and_table(capsys):
     assert code == 0 and "layouts that fit" in out and "MoE all-to-all" in out
 
 
+def test_plan_help_names_every_flag(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    for flag in ("--config", "--nodes", "--gpus-per-node", "--gpu-memory-gb", "--ep-size", "--zero-stage",
+                 "--micro-batch", "--gpu-tflops", "--intra-node-gbps", "--inter-node-gbps", "--set", "--top", "--json"):
+        assert flag in out
+
+
 def test_plan_bad_input(capsys):
     code, _, err = _plan(capsys, "--nodes", "1", "--gpus-per-node", "2", "--ep-size", "3")
     assert code == 2 and "ep_size=3 must divide" in err and "use one of [1, 2]" in err
