@@ -135,7 +135,7 @@ class EvalSection:
     the code of ``moe-dist eval``; metrics go to TensorBoard and metrics.jsonl as val/<task>/<metric>."""
 
     every: int = 0  # optimizer steps; 0 = at the end only (if data.val is set)
-    tasks: List[str] = field(default_factory=lambda: ["loss"])  # loss, zeroshot, retrieval
+    tasks: List[str] = field(default_factory=lambda: ["loss"])  # loss, zeroshot, retrieval; caption, vqa (kind=coca)
     classes: str = ""  # zero-shot class file {"classes": [...], "templates": [...]}; needed for zeroshot
     label_key: str = "label"  # metadata key of a sample's class
 
