@@ -142,7 +142,8 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[str], question_ty
             "majority_baseline": sum(c.most_common(1)[0][1] for c in gold.values()) / n,
             "questions": len(predictions),
             "per_type": {t: {"accuracy": sum(h) / len(h), "questions": len(h),
-                             "majority_baseline": gold[t].most_common(1)[0][1] / len(h)} for t, h in sorted(hits.items())}}
+                             "majority_baseline": gold[t].most_common(1)[0][1] / len(h)}
+                         for t, h in sorted(hits.items())}}
 
 
 # ---------------------------------------------------------------------------------------------- eval passes
@@ -164,7 +165,8 @@ def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: 
     order. ``task`` "caption" decodes from an empty prompt, "vqa" from each sample's "question: Q answer:".
 
     Under ``world_size > 1`` with whole models on every rank (``load_pretrained``, ep_size=1) no rank waits
-    on another until the final gather; an expert-parallel model needs ``cfg.lockstep``. Returns a list of dicts (key, image_id, caption, metadata, generated)."""
+    on another until the final gather; an expert-parallel model needs ``cfg.lockstep``. Returns a list of
+    dicts (key, image_id, caption, metadata, generated)."""
     import torch
     from tqdm import tqdm
 

@@ -36,7 +36,8 @@ def check_generative(model, where: str) -> None:
     model = getattr(model, "module", model)
     if not hasattr(model, "decode"):
         raise ValueError(f"{where} holds a {getattr(model.cfg, 'kind', type(model).__name__)!r} model, not a "
-                         "captioning model: captions and VQA need model.kind='coca' (e.g. configs/models/coca-tiny.json)")
+                         "captioning model: captions and VQA need model.kind='coca' "
+                         "(e.g. configs/models/coca-tiny.json)")
 
 
 def prompt_ids(tokenizer, prompt: str) -> List[int]:

@@ -48,7 +48,8 @@ GTS = {
 RES = {"1": "the cat is on the mat", "2": "a dog runs across the park", "3": "two red circles left of a green square",
        "4": "a man rides a horse"}
 REF_BLEU = [0.8159668017145075, 0.6945970688391574, 0.5606173804465348, 0.4357782589881983]
-REF_CIDER_D = 3.933545683521579  # per image 3.5233798835856405, 2.8365921065840514, 7.095238095238096, 2.2789726486785273
+# per image: 3.5233798835856405, 2.8365921065840514, 7.095238095238096, 2.2789726486785273
+REF_CIDER_D = 3.933545683521579
 
 
 def test_matches_coco_caption_reference_numbers():
