@@ -78,16 +78,17 @@ class ModelFacts:
             if expert:
                 merged.setdefault(decay, []).extend(n // ep_size for n in numels)
         for decay, numels in merged.items():
-            stand_ins = [_tagged_meta(n) for n in numels]
+            stand_ins = [_tagged_meta(n, f"ep_size_{ep_size}") for n in numels]
             for g in split_params_into_different_moe_groups_for_optimizer({"name": "origin", "params": stand_ins}):
                 if g.get("moe") and g["params"]:
                     out.append(ParamGroup(g["name"], True, tuple(p.numel() for p in g["params"])))
         return out
 
 
-def _tagged_meta(numel: int) -> nn.Parameter:
+def _tagged_meta(numel: int, group_name: str) -> nn.Parameter:
+    """A meta stand-in for a rank's slice of an expert tensor, tagged as experts.py tags experts."""
     p = nn.Parameter(torch.empty(numel, device="meta"))
-    p.allreduce, p.group_name = False, "experts"
+    p.allreduce, p.group_name = False, group_name
     return p
 
 
