@@ -337,9 +337,13 @@ class ShardLoader:
             self._check_failures(final=True)
             raise DataError(f"rank {self.rank} ran out of samples with nothing to repeat")
         if self._padded == 0:
-            log.warning("rank %d: out of samples before step %d of %d; repeating recent samples to keep ranks "
-                        "in step (unbalanced shards or skipped samples)", self.rank, self._step + 1,
-                        self.steps_per_epoch)
+            steps = self.steps_per_epoch
+            if self._step == steps - 1 and not self.stats()["failed"]:  # the epoch ends mid-batch: expected
+                log.info("rank %d: the epoch ends inside step %d; its last batch repeats recent samples",
+                         self.rank, steps)
+            else:
+                log.warning("rank %d: out of samples before step %d of %d; repeating recent samples to keep "
+                            "ranks in step (unbalanced shards or skipped samples)", self.rank, self._step + 1, steps)
         self._padded += 1
         row = self._recent[0]
         self._recent.rotate(-1)

@@ -139,6 +139,23 @@ def broken_shards(tmp_path):
     return d, marker
 
 
+def test_a_partial_last_batch_is_not_a_warning(csv_shards, tokenizer, broken_shards, caplog):
+    """200 samples in batches of 30: the 7th batch holds 20 and repeats 10 (expected, logged at info); samples
+    that fail and leave a rank short are what the warning is for."""
+    root, _ = csv_shards
+    loader = _loader(root / "out" / "train", tokenizer, batch_size=30)
+    with caplog.at_level("INFO", logger="moe_dist.data.loader"):
+        captions = [c for batch in loader for c in tokenizer.decode(batch.tokens)]
+    assert len(captions) == 210 and len(set(captions)) == 200 and loader.last_epoch_stats["padded"] == 10
+    assert [r.levelname for r in caplog.records if "repeat" in r.getMessage()] == ["INFO"]
+    caplog.clear()
+    d, _ = broken_shards  # 26 samples, 7 of them fail: 19 good in batches of 5 -> 4 padded, ended early
+    loader = _loader(f"{d}/a-{{000..002}}.tar", tokenizer, workers=1, max_failure_fraction=1.0, batch_size=5)
+    with caplog.at_level("INFO", logger="moe_dist.data.loader"):
+        list(loader)
+    assert [r.levelname for r in caplog.records if "repeat" in r.getMessage()] == ["WARNING"]
+
+
 def test_loader_skips_and_counts_broken_samples(broken_shards, tokenizer):
     d, marker = broken_shards
     loader = _loader(f"{d}/a-{{000..002}}.tar", tokenizer, workers=1, max_failure_fraction=1.0, batch_size=5)
