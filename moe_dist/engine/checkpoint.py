@@ -26,6 +26,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import time
 import uuid
@@ -225,3 +226,11 @@ def load_weights(engine, root: str, tag: str) -> int:
         raise RuntimeError(f"DeepSpeed could not load the weights of checkpoint {tag_dir}")
     step = read_marker(tag_dir).get("step")
     return int(step) if step is not None else int(TAG_RE.match(tag).group(1))
+
+
+def loader_states(tag_dir: str) -> List[Dict[str, Any]]:
+    """Every rank's data-loader state of a checkpoint (empty for a weights-only one), for
+    ``moe_dist.data.merge_states``: the global position of its epoch, which a run of another world size
+    continues."""
+    names = sorted(n for n in os.listdir(tag_dir) if re.fullmatch(r"client_rank\d+\.pt", n))
+    return [torch.load(os.path.join(tag_dir, n), map_location="cpu", weights_only=True)["loader"] for n in names]

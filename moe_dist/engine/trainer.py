@@ -158,14 +158,32 @@ class Trainer:
             self.step = checkpoint.load_weights(self.engine, src_root, tag)
             self.scheduler.last_epoch = self.step - 1
             self.scheduler.step()  # the LR schedule continues at the step counter
+            stream = self._continue_stream(tag_dir)
             self.log.print(f"warning: weights-only resume from {tag_dir} at step {self.step}: the model weights "
-                           "are loaded; the optimizer state (Adam moments) and the data stream start afresh")
+                           f"are loaded; the optimizer state (Adam moments) starts afresh; {stream}")
             return
         client = checkpoint.load(self.engine, src_root, tag, self.rank)
         self.step, self.skipped, self.micro_step = client["step"], client["skipped"], client["micro_step"]
         self.loader.load_state_dict(client["loader"])
         checkpoint.set_rng_state(client["rng"])
         self.log.print(f"resumed from {tag_dir} at step {self.step}")
+
+    def _continue_stream(self, tag_dir: str) -> str:
+        """After a weights-only resume: continue the checkpoint's exact-mode epoch at this run's layout
+        (every rank's loader state merged, so no sample of the epoch is repeated or skipped over both
+        parts); where that cannot be (resampled mode, a reshard output, another spec) the stream starts
+        afresh. Returns what happened, for the log."""
+        from ..data import merge_states
+
+        states = checkpoint.loader_states(tag_dir)
+        if not states or self.cfg.data.mode != "exact":
+            return "the data stream starts afresh"
+        try:
+            self.loader.load_state_dict(merge_states(states))
+        except (ValueError, KeyError) as err:
+            return f"the data stream starts afresh ({err})"
+        return (f"the data stream continues epoch {states[0]['epoch']} where the {len(states)} rank(s) of "
+                "the checkpoint left it")
 
     def _abandon_newer(self, root: str, src_root: str, tag: str) -> None:
         """Resuming a checkpoint that is not its run's newest in this directory: the newer ones are of a

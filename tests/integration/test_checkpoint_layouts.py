@@ -1,4 +1,5 @@
-"""A checkpoint written by 2 ranks with ep_size=2 trains on as 1 process with --weights-only, and the
+"""A checkpoint written by 2 ranks with ep_size=2 trains on as 1 process with --weights-only (its data
+epoch continued from the two ranks' global position), and the
 expert load TensorBoard shows is summed over all ranks and micro-batches of the logging window."""
 
 import os
@@ -46,6 +47,19 @@ def test_weights_only_resume_on_another_world_size_trains_on(synth, two_rank_run
     res = run(cmd + sets + ["--weights-only"])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "weights-only resume from" in res.stdout and "at step 4" in res.stdout
+    assert "the data stream continues epoch 0 where the 2 rank(s) of the checkpoint left it" in res.stdout
     steps = [m["step"] for m in metrics(out) if "loss/total" in m]
     assert steps == [5, 6]
     assert os.path.isdir(out / "checkpoints" / "step00000006")
+    # the one-rank run went on from the two ranks' global position: what they delivered stays delivered
+    from moe_dist.data import merge_states
+    from moe_dist.data.stream import Consumed
+    from moe_dist.engine.checkpoint import loader_states
+
+    before = Consumed.from_state(merge_states(loader_states(str(step_dir)))["consumed"])
+    (after,) = loader_states(str(out / "checkpoints" / "step00000006"))
+    after = Consumed.from_state(after["consumed"])
+    ids = lambda c: {(s, -1) for s in c.done} | {(s, i) for s, o in c.partial.items() for i in o}  # noqa: E731
+    grown = {s for s, _ in ids(before)} <= {s for s, _ in ids(after)} and len(ids(after)) > 0
+    assert grown and all(s in after.done or o <= after.partial.get(s, set())
+                         for s, o in before.partial.items()), (before, after)
