@@ -8,6 +8,7 @@ and YAML files with a key given twice are refused, so a typo never silently beco
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any, Dict, Iterable, Optional
 
@@ -45,6 +46,7 @@ def load_yaml(path: str) -> Any:
         raise ValueError(f"config file {path!r} is not valid YAML ({str(err).splitlines()[0]})") from None
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -71,6 +73,8 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if hint is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; it is the number a user meant
     if hint in _TYPE_NAMES:
         if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
             raise ValueError(f"{where}={value!r} must be {_TYPE_NAMES[hint]}")

@@ -53,6 +53,16 @@ def test_generated_deepspeed_config_states_batch_once():
     assert cfg.model_config().moe_config(64).num_experts == 4
 
 
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """YAML 1.1 reads 3e-4 as a string; a float field takes it as the number (and still refuses words)."""
+    assert _cfg("optimizer.lr=3e-4").optimizer.lr == 3e-4
+    assert _cfg("optimizer.weight_decay=+2E-1").optimizer.weight_decay == 0.2
+    with pytest.raises(ValueError, match="optimizer.lr='fast' must be a number"):
+        _cfg("optimizer.lr=fast")
+    with pytest.raises(ValueError, match="steps='3e2' must be an integer"):
+        _cfg("steps=3e2")
+
+
 def test_model_overrides_from_set():
     cfg = _cfg("model.moe.top_k=2", "model.name=limoe-tiny")
     assert cfg.model.name == "limoe-tiny" and cfg.model_config().moe["top_k"] == 2
