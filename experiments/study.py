@@ -37,8 +37,8 @@ RUNS: Dict[str, tuple] = {
     "moe-dropless": (MOE8 + ["model.moe.dropless=true"], "moe without a capacity (no token dropped)"),
     "moe-no-aux": (MOE8 + ["model.moe.load_balance_coef=0", "model.moe.z_loss_coef=0"], "moe without aux losses"),
     "moe-aux0.1": (MOE8 + ["model.moe.load_balance_coef=0.1"], "moe with load-balance coefficient 0.1"),
-    "moe-lr3e-4": (MOE8 + ["optimizer.lr=3e-4"], "moe at learning rate 3e-4"),
-    "dense-lr3e-4": (["model.name=clip-tiny-dense", "optimizer.lr=3e-4"], "dense at learning rate 3e-4"),
+    "moe-lr3e-4": (MOE8 + ["optimizer.lr=3.0e-4"], "moe at learning rate 3e-4"),
+    "dense-lr3e-4": (["model.name=clip-tiny-dense", "optimizer.lr=3.0e-4"], "dense at learning rate 3e-4"),
 }
 STUDY = ["dense", "moe", "moe-upcycled", "limoe-dense", "limoe"]
 METRICS = {  # column -> metrics.jsonl key
