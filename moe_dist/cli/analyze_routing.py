@@ -20,7 +20,7 @@ def analyze(checkpoint: str, data: str, out_dir: str, capacity_factor: float = 1
 
     from ..data.evalset import EvalSet, default_eval_transform, eval_batches
     from ..evaluation.routing import RoutingProbe, save_plots
-    from ..evaluation.tasks import eval_routing
+    from ..models.moe_blocks import eval_routing
     from ..evaluation.zeroshot import load_classes, resolve_labels
     from ..files import atomic_json
     from ..models import load_pretrained

@@ -18,14 +18,13 @@ The result groups metrics by task with open_clip's key names inside (``result.gr
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
 from ..data.evalset import EvalBatch, EvalSet, default_eval_transform, eval_batches
-from ..models.moe_blocks import collect_moe_outputs, moe_mlps
+from ..models.moe_blocks import collect_moe_outputs, eval_routing, moe_mlps
 from .collect import BatchOutput, Gathered, PassRecord, gather_records
 from .metrics import retrieval_metrics, zeroshot_metrics
 from .zeroshot import ClassSet, build_classifier, load_classes, resolve_labels
@@ -66,24 +65,6 @@ def parse_tasks(tasks: Union[str, Sequence[str]]) -> List[str]:
     if unknown or not names:
         raise ValueError(f"unknown eval task(s) {unknown or '(none given)'}; use any of {', '.join(TASKS)}")
     return [t for t in TASKS if t in names]
-
-
-@contextlib.contextmanager
-def eval_routing(model: torch.nn.Module, dropless: bool) -> Iterator[None]:
-    """Eval mode and dropless (or configured-capacity) MoE dispatch; the previous mode and each layer's
-    dispatch policy come back afterwards (training calls this mid-run)."""
-    layers = [m.moe for m in moe_mlps(model)]
-    saved = [(layer, layer.policy) for layer in layers]
-    was_training = model.training
-    model.eval()
-    for layer in layers:
-        layer.set_dropless(dropless)
-    try:
-        yield
-    finally:
-        for layer, policy in saved:
-            layer.policy = policy
-        model.train(was_training)
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequence[str] = CONTRASTIVE_TASKS,

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..models.moe_blocks import collect_moe_outputs
+from ..models.moe_blocks import collect_moe_outputs, eval_routing
 from .decoding import GenerationConfig, Step, decode
 
 VQA_PROMPT = "question: {question} answer:"
@@ -80,8 +80,6 @@ def generate(model, tokenizer, images: torch.Tensor, prompts: Optional[Sequence[
     Returns:
         B strings: the generated text after each prompt, EOS removed.
     """
-    from ..evaluation.tasks import eval_routing
-
     model = getattr(model, "module", model)
     check_generative(model, "this model")
     with eval_routing(model, dropless=True):

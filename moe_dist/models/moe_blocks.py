@@ -68,6 +68,24 @@ def moe_mlps(module: nn.Module) -> Iterator[MoEMLP]:
     return (m for m in module.modules() if isinstance(m, MoEMLP))
 
 
+@contextlib.contextmanager
+def eval_routing(model: torch.nn.Module, dropless: bool) -> Iterator[None]:
+    """Eval mode and dropless (or configured-capacity) MoE dispatch; the previous mode and each layer's
+    dispatch policy come back afterwards (training calls this mid-run)."""
+    layers = [m.moe for m in moe_mlps(model)]
+    saved = [(layer, layer.policy) for layer in layers]
+    was_training = model.training
+    model.eval()
+    for layer in layers:
+        layer.set_dropless(dropless)
+    try:
+        yield
+    finally:
+        for layer, policy in saved:
+            layer.policy = policy
+        model.train(was_training)
+
+
 def set_dropless(module: nn.Module, dropless: bool = True) -> None:
     """Dropless (or the configured capacity) dispatch in every MoE layer under ``module``."""
     for m in moe_mlps(module):
