@@ -60,6 +60,19 @@ def _init_worker(worker_id: int) -> None:
         pass
 
 
+def _shutdown_workers(chunks: Iterator) -> None:
+    """End a DataLoader iterator's worker processes. Left to garbage collection, they outlive an error
+    whose traceback holds the iterator, and since they ignore SIGTERM (``_init_worker``), the interpreter's
+    exit, which terminates and then joins its children, would wait for them forever."""
+    shutdown = getattr(chunks, "_shutdown_workers", None)  # torch's orderly shutdown (workers' queues told to end)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(chunks, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
 class DataError(RuntimeError):
     """The data cannot feed training (too many broken samples, no shards for the workers, ...)."""
 
@@ -226,10 +239,13 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         steps = self.steps_per_epoch
         chunks = self._chunks() if self._step < steps else iter(())
-        while self._step < steps:
-            rows = [self._next_sample(chunks) for _ in range(self.cfg.batch_size)]
-            self._step += 1
-            yield Batch(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+        try:
+            while self._step < steps:
+                rows = [self._next_sample(chunks) for _ in range(self.cfg.batch_size)]
+                self._step += 1
+                yield Batch(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+        finally:  # an error, or the caller stopping mid-epoch: the workers go now, not at garbage collection
+            _shutdown_workers(chunks)
         self.last_epoch_stats = self.stats()
         self.set_epoch(self.epoch + 1)
 

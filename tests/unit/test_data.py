@@ -1,6 +1,7 @@
 """Shard tools and the streaming pipeline: round trip, compatibility, bad input, resume, tokenizer."""
 
 import json
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -175,6 +176,24 @@ def test_loader_stops_when_too_many_samples_fail(broken_shards, tokenizer):
                      min_samples_before_failure_check=10)
     with pytest.raises(DataError, match=r"failed on rank 0 \(.*undecodable_image: 2.*max_failure_fraction=0.1"):
         list(loader)
+
+
+def test_workers_end_with_an_error_or_an_early_stop(csv_shards, broken_shards, tokenizer):
+    """Workers ignore SIGTERM (SLURM signals every process of a job), so the loader ends them itself: when a
+    caller stops mid-epoch, and when an error's kept traceback still holds the iterator. Left alive, they
+    held the interpreter's exit forever (it joins its children after a SIGTERM they ignore)."""
+    before = set(multiprocessing.active_children())
+    root, _ = csv_shards
+    batches = iter(_loader(root / "out" / "train", tokenizer, workers=2))
+    next(batches)
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    batches.close()
+    assert set(multiprocessing.active_children()) - before == set()
+    d, _ = broken_shards
+    with pytest.raises(DataError) as kept:
+        list(_loader(f"{d}/a-{{000..001}}.tar", tokenizer, workers=2, max_failure_fraction=0.1,
+                     min_samples_before_failure_check=5, batch_size=2))
+    assert kept.traceback and set(multiprocessing.active_children()) - before == set()
 
 
 def test_loader_names_the_cause_when_every_sample_fails(tmp_path, tokenizer):
