@@ -30,3 +30,19 @@ def pytest_sessionstart(session):
     warm = "from moe_dist.distributed import detect_env, init_distributed; init_distributed(detect_env())"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     subprocess.run([sys.executable, "-c", warm], check=True, timeout=900, capture_output=True, env=env)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A child process a test left alive holds the interpreter's exit (multiprocessing joins its children,
+    and data workers ignore SIGTERM): kill them and fail the run by name, instead of hanging CI."""
+    import multiprocessing
+
+    left = multiprocessing.active_children()
+    for child in left:
+        child.kill()
+        child.join(timeout=10)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"child processes left alive by the tests (killed): {[c.name for c in left]}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
