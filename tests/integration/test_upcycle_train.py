@@ -14,12 +14,18 @@ def synth(tmp_path_factory):
     return make_synth(tmp_path_factory.mktemp("synth"), n=240)
 
 
-def test_fresh_start_upcycles_and_resume_ignores_init(synth, tmp_path):
-    dense = run(torchrun_cmd(overrides(synth, tmp_path / "dense", **{"model.name": "clip-tiny-dense", "ep_size": 1,
-                                                                      "steps": 3})))
-    assert dense.returncode == 0, dense.stderr[-3000:]
+@pytest.fixture(scope="module")
+def dense(synth, tmp_path_factory):
+    """A dense CLIP trained 3 steps on 2 ranks: its checkpoint directory."""
+    out = tmp_path_factory.mktemp("dense")
+    res = run(torchrun_cmd(overrides(synth, out, **{"model.name": "clip-tiny-dense", "ep_size": 1, "steps": 3})))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / "checkpoints"
+
+
+def test_fresh_start_upcycles_and_resume_ignores_init(synth, dense, tmp_path):
     export = tmp_path / "dense.safetensors"
-    res = run(["moe-dist", "export", "--checkpoint", str(tmp_path / "dense" / "checkpoints"), "--out", str(export)])
+    res = run(["moe-dist", "export", "--checkpoint", str(dense), "--out", str(export)])
     assert res.returncode == 0, res.stderr
 
     args = overrides(synth, tmp_path / "moe", **{"model.init": export, "steps": 2})
@@ -34,12 +40,9 @@ def test_fresh_start_upcycles_and_resume_ignores_init(synth, tmp_path):
     assert "resumed from" in out and "upcycled" not in out
 
 
-def test_wrong_kind_stops_before_the_process_group(synth, tmp_path):
-    dense = run(torchrun_cmd(overrides(synth, tmp_path / "dense", **{"model.name": "clip-tiny-dense", "ep_size": 1,
-                                                                      "steps": 1})))
-    assert dense.returncode == 0, dense.stderr[-3000:]
+def test_wrong_kind_stops_before_the_process_group(synth, dense, tmp_path):
     res = run(torchrun_cmd(overrides(synth, tmp_path / "limoe", **{"model.name": "limoe-tiny", "steps": 1,
-                                                                   "model.init": tmp_path / "dense" / "checkpoints"})))
+                                                                   "model.init": dense})))
     assert res.returncode != 0
     assert "error: model.init:" in res.stderr and "one-tower LIMoE" in res.stderr
     assert not os.path.exists(tmp_path / "limoe" / "checkpoints")
