@@ -28,7 +28,8 @@ def _run(args: argparse.Namespace) -> int:
                          progress=sys.stderr.isatty())
     scores = vqa_scores(rows)
     print(f"vqa of {args.checkpoint} on {args.data}: {scores['questions']} questions, {args.strategy} decoding")
-    print(f"  {'all':12s} accuracy {scores['accuracy']:.4f}  majority baseline {scores['majority_baseline']:.4f}")
+    print(f"  {'all':12s} accuracy {scores['accuracy']:.4f}  majority baseline {scores['majority_baseline']:.4f}  "
+          f"(one answer for all: {scores['single_answer_baseline']:.4f})")
     for qtype, s in scores["per_type"].items():
         print(f"  {qtype:12s} accuracy {s['accuracy']:.4f}  majority baseline {s['majority_baseline']:.4f}  "
               f"({s['questions']} questions)")

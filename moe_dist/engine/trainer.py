@@ -105,7 +105,7 @@ class Trainer:
         t = self.model_cfg.text
         self.tokenizer = get_tokenizer(cfg.data.tokenizer or t.tokenizer, t.context_length)
         self.loader = ShardLoader(self._loader_config("train"), self.tokenizer, self.rank, self.world)
-        self.loss_fn = build_loss(self.model_cfg, self.rank, self.world)  # coca: + captioning loss
+        self.loss_fn = build_loss(self.model_cfg, self.rank, self.world, self.tokenizer)  # coca: + captioning
         if cfg.debug.nan_loss_steps or cfg.debug.raise_at_step >= 0:
             self.loss_fn = DebugFaults(self.loss_fn, self)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]

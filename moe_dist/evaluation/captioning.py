@@ -128,8 +128,9 @@ def normalize_answer(answer: str) -> str:
 
 def vqa_accuracy(predictions: Sequence[str], answers: Sequence[str], question_types: Sequence[str]
                  ) -> Dict[str, object]:
-    """Exact-match accuracy after ``normalize_answer``, overall and per question type, and the majority
-    baseline (each type answered with its most frequent answer in ``answers``)."""
+    """Exact-match accuracy after ``normalize_answer``, overall and per question type, and two baselines:
+    ``majority_baseline`` answers each type with its most frequent answer in ``answers`` (the question-type
+    prior), ``single_answer_baseline`` answers every question with the most frequent answer overall."""
     if not len(predictions) == len(answers) == len(question_types):
         raise ValueError(f"{len(predictions)} predictions, {len(answers)} answers, {len(question_types)} types")
     hits: Dict[str, List[bool]] = defaultdict(list)
@@ -140,6 +141,7 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[str], question_ty
     n = max(1, len(predictions))
     return {"accuracy": sum(sum(h) for h in hits.values()) / n,
             "majority_baseline": sum(c.most_common(1)[0][1] for c in gold.values()) / n,
+            "single_answer_baseline": max(sum(gold.values(), Counter()).values(), default=0) / n,
             "questions": len(predictions),
             "per_type": {t: {"accuracy": sum(h) / len(h), "questions": len(h),
                              "majority_baseline": gold[t].most_common(1)[0][1] / len(h)}

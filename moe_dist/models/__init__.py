@@ -28,12 +28,13 @@ def build_model(cfg: ModelConfig, ep_size: int = 1):
     return MODEL_KINDS[cfg.kind](cfg, ep_size=ep_size)
 
 
-def build_loss(cfg: ModelConfig, rank: int = 0, world_size: int = 1):
-    """The training loss of ``cfg.kind``: contrastive (+ captioning for coca) + MoE aux losses."""
+def build_loss(cfg: ModelConfig, rank: int = 0, world_size: int = 1, tokenizer=None):
+    """The training loss of ``cfg.kind``: contrastive (+ captioning for coca) + MoE aux losses. A coca
+    model with ``decoder.loss_after`` needs the ``tokenizer`` that encodes its text."""
     from .loss import ContrastiveLoss
 
     if cfg.kind == "coca":
-        return CocaLoss(cfg, rank, world_size)
+        return CocaLoss(cfg, rank, world_size, tokenizer)
     return ContrastiveLoss(cfg.loss, rank, world_size)
 
 

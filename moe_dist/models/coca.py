@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -143,18 +143,41 @@ class CocaLoss(nn.Module):
     """loss = contrastive_loss_weight x contrastive + caption_loss_weight x caption + MoE aux loss.
 
     ``caption`` is the mean next-token cross-entropy (fp32) over the label positions that are not padding
-    (the EOS is predicted, nothing after it). Parts are logged unweighted."""
+    (the EOS is predicted, nothing after it) and, with ``decoder.loss_after``, that follow the marker's last
+    occurrence in their sample (VQA: the answer, not the question). Parts are logged unweighted."""
 
-    def __init__(self, cfg: ModelConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: ModelConfig, rank: int = 0, world_size: int = 1, tokenizer=None):
         super().__init__()
         self.contrastive = ContrastiveLoss(cfg.loss, rank, world_size)
         self.pad_id = cfg.text.pad_id
         self.caption_weight = cfg.decoder.caption_loss_weight
         self.contrastive_weight = cfg.decoder.contrastive_loss_weight
+        self.marker: List[int] = []
+        if cfg.decoder.loss_after:
+            if tokenizer is None:
+                raise ValueError("model.decoder.loss_after needs the run's tokenizer to find its tokens")
+            self.marker = list(tokenizer.pieces([cfg.decoder.loss_after])[0])
+            if not self.marker:
+                raise ValueError(f"model.decoder.loss_after={cfg.decoder.loss_after!r} encodes to no token")
 
     def forward(self, out: CocaOutput) -> LossOutput:
         parts = dict(self.contrastive(out).parts)
-        caption = F.cross_entropy(out.logits.float().flatten(0, 1), out.labels.flatten(), ignore_index=self.pad_id)
+        labels = answer_labels(out.labels, self.marker, self.pad_id) if self.marker else out.labels
+        caption = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=self.pad_id)
         parts["caption"] = caption
         total = self.contrastive_weight * parts["contrastive"] + self.caption_weight * caption + out.moe.aux_loss
         return LossOutput(total, parts)
+
+
+def answer_labels(labels_BL: torch.Tensor, marker: List[int], pad_id: int) -> torch.Tensor:
+    """``labels_BL`` with every position up to the end of ``marker``'s last occurrence in its row set to
+    ``pad_id`` (not scored); rows without the marker are returned whole."""
+    m, L = len(marker), labels_BL.shape[1]
+    if L < m:
+        return labels_BL
+    windows_BSM = labels_BL.unfold(1, m, 1)
+    found_BS = (windows_BSM == torch.tensor(marker, device=labels_BL.device)).all(-1)
+    start_S = torch.arange(found_BS.shape[1], device=labels_BL.device)
+    last_B = torch.where(found_BS, start_S, torch.full_like(start_S, -m)).amax(1)  # -m: no marker, keep all
+    keep_BL = torch.arange(L, device=labels_BL.device)[None, :] >= (last_B + m)[:, None]
+    return labels_BL.masked_fill(~keep_BL, pad_id)

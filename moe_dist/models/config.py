@@ -87,6 +87,7 @@ class DecoderConfig:
     cross_moe: MoEPlacement = field(default_factory=MoEPlacement)  # MoE MLPs in the cross-attention blocks
     caption_loss_weight: float = 2.0  # weight of the next-token captioning loss (open_clip's CoCa default)
     contrastive_loss_weight: float = 1.0  # weight of the contrastive loss
+    loss_after: str = ""  # caption loss only after this text's last occurrence ("answer:" for VQA); "": every token
 
 
 @dataclass

@@ -75,3 +75,4 @@ def test_vqa_normalisation_and_accuracy():
     assert out["accuracy"] == 0.75
     assert out["per_type"]["yes/no"] == {"accuracy": 0.5, "questions": 2, "majority_baseline": 1.0}
     assert out["majority_baseline"] == 1.0  # every type's most frequent answer covers all of its questions
+    assert out["single_answer_baseline"] == 0.5  # "no" answers 2 of the 4

@@ -80,6 +80,31 @@ def test_decode_equals_the_training_forward_and_the_loss_parts():
     assert {"contrastive", "caption", "load_balance"} <= set(parts)
 
 
+def test_loss_after_scores_only_what_follows_the_marker():
+    """decoder.loss_after: label positions up to the end of the marker's last occurrence are not scored
+    (hand-worked rows: the marker twice, at the start, absent); the loss is the cross-entropy of the rest."""
+    from moe_dist.models.coca import answer_labels
+
+    labels = torch.tensor([[7, 8, 9, 5, 7, 8, 6, 3, 0],     # marker (7, 8) at 0 and 4: score 6 and EOS
+                           [7, 8, 3, 0, 0, 0, 0, 0, 0],     # marker first: score the EOS
+                           [5, 6, 7, 9, 8, 3, 0, 0, 0]])    # no marker: every label
+    assert answer_labels(labels, [7, 8], 0).tolist() == [[0, 0, 0, 0, 0, 0, 6, 3, 0], [0, 0, 3, 0, 0, 0, 0, 0, 0],
+                                                         [5, 6, 7, 9, 8, 3, 0, 0, 0]]
+    model = _model()
+    images, text = _batch()
+    text[0, 2:4] = torch.tensor([40, 41])  # row 0 holds the marker: labels 1, 2 are 40, 41; scored from 3 on
+    with torch.no_grad():
+        out = model(images, text)
+    model.cfg.decoder.loss_after = "40 41"
+    parts = build_loss(model.cfg, tokenizer=_Tok())(out).parts
+    labels = text[:, 1:].clone()
+    labels[0, :3] = 0
+    logp = out.logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    assert parts["caption"] == pytest.approx(float(-logp[labels != 0].mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="needs the run's tokenizer"):
+        build_loss(model.cfg)
+
+
 class _Tok:
     """A tokenizer over the ids themselves: prompt words are ids, decode joins them."""
     bos_id, eos_id, pad_id = 2, 3, 0
