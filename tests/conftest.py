@@ -36,13 +36,19 @@ def pytest_sessionfinish(session, exitstatus):
     """A child process a test left alive holds the interpreter's exit (multiprocessing joins its children,
     and data workers ignore SIGTERM): kill them and fail the run by name, instead of hanging CI."""
     import multiprocessing
+    import signal
 
     left = multiprocessing.active_children()
+    if not left:
+        return
+    # torch's DataLoader SIGCHLD handler raises when a worker it still tracks dies from a signal
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in left:
         child.kill()
+    for child in left:
         child.join(timeout=10)
-    if left:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"child processes left alive by the tests (killed): {[c.name for c in left]}", red=True)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"child processes left alive by the tests (killed): {[c.name for c in left]}", red=True)
+    if session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

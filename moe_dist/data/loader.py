@@ -64,13 +64,16 @@ def _shutdown_workers(chunks: Iterator) -> None:
     """End a DataLoader iterator's worker processes. Left to garbage collection, they outlive an error
     whose traceback holds the iterator, and since they ignore SIGTERM (``_init_worker``), the interpreter's
     exit, which terminates and then joins its children, would wait for them forever."""
-    shutdown = getattr(chunks, "_shutdown_workers", None)  # torch's orderly shutdown (workers' queues told to end)
-    if shutdown is not None:
-        shutdown()
-    for worker in getattr(chunks, "_workers", []):
-        if worker.is_alive():
-            worker.kill()
-            worker.join()
+    try:
+        shutdown = getattr(chunks, "_shutdown_workers", None)  # torch's orderly shutdown: queues told to end
+        if shutdown is not None:
+            shutdown()
+        for worker in getattr(chunks, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    except Exception as err:  # never hide the error that ended the epoch
+        log.warning("stopping the data workers failed: %s", err)
 
 
 class DataError(RuntimeError):

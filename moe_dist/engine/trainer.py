@@ -328,10 +328,14 @@ class Trainer:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-        for child in multiprocessing.active_children():
-            if child.pid not in self._children_before:  # this trainer's data workers, not the caller's processes
-                child.kill()
+        left = [c for c in multiprocessing.active_children() if c.pid not in self._children_before]
+        for child in left:  # this trainer's data workers, not the caller's processes
+            child.kill()
+        for child in left:
+            try:
                 child.join(timeout=10)
+            except RuntimeError:  # torch's SIGCHLD handler, for a worker its DataLoader still tracked
+                pass
         if self.log is not None:
             self.log.close()
         self.stop.close()

@@ -26,6 +26,7 @@ Where this departs from open_clip's ``CoCa`` (coca_model.py), and why:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import List, Tuple
@@ -40,6 +41,8 @@ from .clip import ContrastiveModel, ModelOutput
 from .config import ModelConfig
 from .loss import ContrastiveLoss, LossOutput
 from .moe_blocks import collect_moe_outputs, place_moe, routing_context
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,6 +156,7 @@ class CocaLoss(nn.Module):
         self.caption_weight = cfg.decoder.caption_loss_weight
         self.contrastive_weight = cfg.decoder.contrastive_loss_weight
         self.marker: List[int] = []
+        self.loss_after, self._warned = cfg.decoder.loss_after, False
         if cfg.decoder.loss_after:
             if tokenizer is None:
                 raise ValueError("model.decoder.loss_after needs the run's tokenizer to find its tokens")
@@ -162,7 +166,13 @@ class CocaLoss(nn.Module):
 
     def forward(self, out: CocaOutput) -> LossOutput:
         parts = dict(self.contrastive(out).parts)
-        labels = answer_labels(out.labels, self.marker, self.pad_id) if self.marker else out.labels
+        labels = out.labels
+        if self.marker:
+            labels = answer_labels(out.labels, self.marker, self.pad_id)
+            if not self._warned and not bool((labels != out.labels).any()):
+                self._warned = True  # once: a marker the tokenizer splits differently would score every token
+                log.warning("model.decoder.loss_after=%r occurs in no sample of this batch (token ids %s): "
+                            "every token of those samples is scored", self.loss_after, self.marker)
         caption = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=self.pad_id)
         parts["caption"] = caption
         total = self.contrastive_weight * parts["contrastive"] + self.caption_weight * caption + out.moe.aux_loss
