@@ -6,13 +6,14 @@
 Every variant runs one forward+backward per round; rounds interleave the variants so machine noise
 hits them alike; the table reports medians, and each ratio is the median of the per-round ratios.
     R1 = T(ours, dropless, E=8) / (k * T(dense FFN))          target <= 1.05
-    R2 = T(ours, dropless, E=8) / T(deepspeed MoE, cf 1.25)   target <= 0.80
+    R2 = T(ours, dropless, E=8) / T(deepspeed MoE, cf 1.25)   target <= 0.75
     R4 = T(ours, E=64) / T(ours, E=8)                         target <= 1.10
     R4_floor = T(GEMMs alone, E=64) / T(GEMMs alone, E=8): the per-expert forward and backward matmuls
         into preallocated outputs (no routing, no autograd, no allocation), the same rows per expert;
         R4_vs_floor = R4 / R4_floor (per round), target <= 1.05
     time_vs_experts: T(ours, dropless, E) for E = 8 ... 128 at fixed tokens and k (fixed active FLOPs),
         relative to E=8, with the least-squares slope per doubling of E
+Each ratio's ``<key>_spread`` is its [min, max] over the rounds.
 The bench runs under the allocator CPU training uses (tcmalloc when installed; re-executes itself with
 it; ``MOE_DIST_ALLOCATOR=system`` measures glibc). Memory is the bytes autograd saves for backward (unique storages), the layer's training-time
 activation footprint, relative to k dense FFNs. Results go to bench/results/moe_layer.json.
@@ -189,9 +190,14 @@ def main(argv=None) -> dict:
     dense = med["dense_ffn"]
     best = min((n for n in ("ours_dropless_E8_loop", "ours_dropless_E8_grouped_mm") if n in med), key=med.get)
 
+    def per_round(a: str, b: str, scale: float = 1.0) -> list:
+        """T(a) / (scale x T(b)) in each round: both sides share the round's machine state."""
+        return [x / (scale * y) for x, y in zip(times[a], times[b])]
+
     def ratio(a: str, b: str, scale: float = 1.0) -> float:
-        """Median over rounds of the per-round ratio: both sides share each round's machine state."""
-        return statistics.median(x / (scale * y) for x, y in zip(times[a], times[b]))
+        return statistics.median(per_round(a, b, scale))
+
+    vs_floor = [r / f for r, f in zip(per_round("ours_dropless_E64", best), per_round("gemms_E64", "gemms_E8"))]
 
     results = {
         "R1": ratio(best, "dense_ffn", args.k),
@@ -199,9 +205,12 @@ def main(argv=None) -> dict:
         "R4": ratio("ours_dropless_E64", best),
         "R1_deepspeed": ratio("deepspeed_cf1.25_E8", "dense_ffn", args.k),
         "R4_floor": ratio("gemms_E64", "gemms_E8"),
-        "R4_vs_floor": statistics.median((a / b) / (c / d) for a, b, c, d in zip(
-            times["ours_dropless_E64"], times[best], times["gemms_E64"], times["gemms_E8"])),
-        "R4_spread": _spread([a / b for a, b in zip(times["ours_dropless_E64"], times[best])]),
+        "R4_vs_floor": statistics.median(vs_floor),
+        "R1_spread": _spread(per_round(best, "dense_ffn", args.k)),
+        "R2_spread": _spread(per_round(best, "deepspeed_cf1.25_E8")),
+        "R4_spread": _spread(per_round("ours_dropless_E64", best)),
+        "R4_floor_spread": _spread(per_round("gemms_E64", "gemms_E8")),
+        "R4_vs_floor_spread": _spread(vs_floor),
         "time_vs_experts": {str(e): ratio(_ours_name(e), "ours_dropless_E8_loop") for e in EXPERT_COUNTS},
         "R4_deepspeed": ratio("deepspeed_cf1.25_E64", "deepspeed_cf1.25_E8"),
         "R1_loop": ratio("ours_dropless_E8_loop", "dense_ffn", args.k),
@@ -220,10 +229,12 @@ def main(argv=None) -> dict:
     for name in variants:
         print(f"{name:32s} {1e3 * med[name]:10.1f} {med[name] / (args.k * dense):10.3f} {mem[name] / 2 ** 20:9.1f}")
     print()
-    for key, target in (("R1", "<= 1.05"), ("R2", "<= 0.80"), ("R4", "<= 1.10"), ("R4_floor", ""),
+    for key, target in (("R1", "<= 1.05"), ("R2", "<= 0.75"), ("R4", "<= 1.10"), ("R4_floor", ""),
                         ("R4_vs_floor", "<= 1.05"), ("time_vs_experts_slope_per_doubling", ""), ("R1_deepspeed", ""),
                         ("R4_deepspeed", ""), ("memory_vs_k_dense", ""), ("memory_vs_k_dense_deepspeed", "")):
-        print(f"{key:28s} {results[key]:6.3f}  {target}")
+        spread = results.get(f"{key}_spread")
+        rounds = f"rounds {spread[0]:.3f}-{spread[1]:.3f}" if spread else ""
+        print(f"{key:34s} {results[key]:6.3f}  {target:8s} {rounds}")
     print("time vs E (dropless, fixed tokens and k):",
           "  ".join(f"E={e} {r:.3f}" for e, r in results["time_vs_experts"].items()))
     save(args.out, results)
