@@ -13,7 +13,8 @@ hits them alike; the table reports medians, and each ratio is the median of the 
         R4_vs_floor = R4 / R4_floor (per round), target <= 1.05
     time_vs_experts: T(ours, dropless, E) for E = 8 ... 128 at fixed tokens and k (fixed active FLOPs),
         relative to E=8, with the least-squares slope per doubling of E
-Each ratio's ``<key>_spread`` is its [min, max] over the rounds.
+Each ratio's ``<key>_spread`` is its [min, max] over the rounds. ``page_faults_per_step``: the median
+minor page faults of each variant's round (memory the allocator handed back fresh from the kernel).
 The bench runs under the allocator CPU training uses (tcmalloc when installed; re-executes itself with
 it; ``MOE_DIST_ALLOCATOR=system`` measures glibc). Memory is the bytes autograd saves for backward (unique storages), the layer's training-time
 activation footprint, relative to k dense FFNs. Results go to bench/results/moe_layer.json.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -169,9 +171,11 @@ def main(argv=None) -> dict:
         print(f"grouped_mm does not run {dtype} on {device}: left out")
         del variants["ours_dropless_E8_grouped_mm"]
     times = {name: [] for name in [*variants, *gemms]}
+    faults = {name: [] for name in times}  # minor page faults (fresh memory touched) per round
     for rnd in range(args.reps + 2):
         for name, module in [*variants.items(), *gemms.items()]:
             accelerator.synchronize()
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             if name in gemms:
                 module()
@@ -183,6 +187,7 @@ def main(argv=None) -> dict:
             x.grad = None
             if rnd >= 2:
                 times[name].append(elapsed)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     med = {name: statistics.median(t) for name, t in times.items()}
     mem = {name: saved_bytes(module, x) for name, module in variants.items()}
     variants.update(gemms)
@@ -220,14 +225,16 @@ def main(argv=None) -> dict:
         "memory_vs_k_dense_deepspeed": mem["deepspeed_cf1.25_E8"] / (args.k * mem["dense_ffn"]),
         "time_vs_experts_slope_per_doubling": _slope_per_doubling(EXPERT_COUNTS, times),
         "median_ms": {name: 1e3 * t for name, t in med.items()},
+        "page_faults_per_step": {name: statistics.median(f) for name, f in faults.items()},
         "saved_mb": {name: m / 2 ** 20 for name, m in mem.items()},
         "setup": {"tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn, "k": args.k, "reps": args.reps,
                   "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype),
                   "device": str(device), "allocator": os.environ.get("LD_PRELOAD") or "glibc", "faster_backend": "grouped_mm" if "grouped" in best else "loop"},
     }
-    print(f"{'variant':32s} {'median ms':>10s} {'x k*dense':>10s} {'saved MB':>9s}")
+    print(f"{'variant':32s} {'median ms':>10s} {'x k*dense':>10s} {'saved MB':>9s} {'faults/step':>12s}")
     for name in variants:
-        print(f"{name:32s} {1e3 * med[name]:10.1f} {med[name] / (args.k * dense):10.3f} {mem[name] / 2 ** 20:9.1f}")
+        print(f"{name:32s} {1e3 * med[name]:10.1f} {med[name] / (args.k * dense):10.3f} {mem[name] / 2 ** 20:9.1f} "
+              f"{results['page_faults_per_step'][name]:12.0f}")
     print()
     for key, target in (("R1", "<= 1.05"), ("R2", "<= 0.75"), ("R4", "<= 1.10"), ("R4_floor", ""),
                         ("R4_vs_floor", "<= 1.05"), ("time_vs_experts_slope_per_doubling", ""), ("R1_deepspeed", ""),
