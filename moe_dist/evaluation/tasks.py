@@ -183,7 +183,8 @@ def _run_pass(model, evalset: EvalSet, tasks: List[str], device, label_key: str,
     from ..models import build_loss
 
     need_text = "retrieval" in tasks or "loss" in tasks
-    loss_fn = build_loss(model.cfg, tokenizer=evalset.tokenizer) if "loss" in tasks else None  # per batch: rank 0 of 1 (coca: + caption)
+    # per batch: rank 0 of 1 (coca: + caption)
+    loss_fn = build_loss(model.cfg, tokenizer=evalset.tokenizer) if "loss" in tasks else None
     dtype = next(model.parameters()).dtype
     keep = {"image"} if "zeroshot" in tasks or "retrieval" in tasks else set()
     keep |= ({"labels"} if "zeroshot" in tasks else set()) | ({"text"} if "retrieval" in tasks else set())
