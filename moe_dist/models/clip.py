@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import TextTransformer, VisionTransformer
+from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
 from ..moe import IMAGE, TEXT
@@ -43,6 +43,35 @@ def text_eos_position(text: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     if cfg.text.pool_type == "eos":
         return (text == cfg.text.eos_id).int().argmax(dim=-1)
     return torch.full(text.shape[:1], text.shape[1] - 1, device=text.device)
+
+
+def trim_after_eos(text: torch.Tensor, tower: TextTransformer, cfg: ModelConfig) -> torch.Tensor:
+    """``text`` without the columns after the batch's last EOS, where that is exact: a causal tower
+    (no CLS token, no padding mask) that pools at EOS ("argmax" or "eos"). No position up to a sequence's
+    EOS attends to a later one, and the later ones are padding that is never routed, so the pooled
+    features and every MoE statistic are unchanged; the text tower's time falls with the caption length
+    (real captions fill 10-20 of 77 positions). Costs one host sync per call for the length."""
+    if (cfg.text.pool_type not in ("argmax", "eos") or tower.attn_mask is None or tower.cls_emb is not None
+            or tower.use_pad_mask):
+        return text
+    keep = int(text_eos_position(text, cfg).max()) + 1
+    return text if keep >= text.shape[1] else text[:, :keep]
+
+
+def run_text_tower(tower: TextTransformer, text: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``TextTransformer.forward`` for a batch shorter than its context (open_clip would
+    apply its full-context causal mask): the same modules, the mask and positions cut to the length."""
+    L = text.shape[1]
+    if L == tower.num_pos:
+        return tower(text)
+    x = tower.token_embedding(text) + tower.positional_embedding[:L]
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:L, :L])
+    pooled = text_global_pool(tower.ln_final(x), text, pool_type=tower.pool_type, eos_token_id=tower.eos_id)
+    if tower.text_projection is None:
+        return pooled
+    if isinstance(tower.text_projection, nn.Linear):
+        return tower.text_projection(pooled)
+    return pooled @ tower.text_projection
 
 
 class ContrastiveModel(nn.Module):
@@ -89,7 +118,8 @@ class MoECLIP(ContrastiveModel):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        text = trim_after_eos(text, self.text, self.cfg)
         modality = torch.full((), TEXT, device=text.device)
         with routing_context(self.text, modality=modality, padding_mask=text_padding_mask(text, self.cfg)):
-            features = self.text(text)
+            features = run_text_tower(self.text, text)
         return F.normalize(features, dim=-1) if normalize else features

@@ -65,6 +65,39 @@ def test_padding_text_tokens_are_not_routed():
     assert torch.allclose(model.encode_text(text), model.encode_text(text2), atol=1e-6)
 
 
+def test_text_trimmed_after_last_eos_is_exact(monkeypatch):
+    """The text tower runs only up to the batch's last EOS; features, MoE statistics, aux losses and
+    every gradient equal the full-context run (fp64)."""
+    import moe_dist.models.clip as clip
+
+    torch.manual_seed(0)
+    model = create_model("moe-clip-tiny", moe={"capacity_factor": 1.0}).double()
+    images, text, padding = _batch(model.cfg, n=6)
+    text[:, 20:] = model.cfg.text.pad_id  # every caption ends before position 20
+    text = torch.where((torch.arange(32) == 19) & ~padding[:, 19:20], model.cfg.text.eos_id, text)
+    assert clip.trim_after_eos(text, model.text, model.cfg).shape[1] == 20
+
+    def run():
+        model.zero_grad()
+        out = model(images.double(), text)
+        loss = ContrastiveLoss(model.cfg.loss)(out).total
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, loss, grads
+
+    out, loss, grads = run()
+    monkeypatch.setattr(clip, "trim_after_eos", lambda text, tower, cfg: text)
+    ref_out, ref_loss, ref_grads = run()
+    assert torch.allclose(out.text_features, ref_out.text_features, atol=1e-12)
+    assert torch.allclose(loss, ref_loss, atol=1e-12)
+    for layer, stats in ref_out.moe.layer_stats.items():
+        for key, value in stats.items():
+            assert torch.equal(out.moe.layer_stats[layer][key], value), (layer, key)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-12), name
+
+
 def test_limoe_modality_experts_and_shared_routing():
     torch.manual_seed(0)
     model = create_model("limoe-tiny", moe={"modality_experts": [1, 1], "top_k": 1})
