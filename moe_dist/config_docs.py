@@ -110,6 +110,9 @@ NOTES: Dict[str, str] = {
     "MoEConfig.shared_expert": "add an always-on dense FFN to the routed output",
     "MoEConfig.shared_ffn_hidden_size": "hidden width of the shared expert",
     "MoEConfig.expert_backend": "grouped expert compute; auto picks per device and dtype",
+    "MoEConfig.recompute_activation": "loop backend: keep only the pre-activation and recompute act(h) in "
+                                      "backward (0.84x k dense FFNs' activation memory); false keeps act(h) "
+                                      "too (1.29x) and runs about 6% faster (bench/moe_layer.py)",
 }
 
 

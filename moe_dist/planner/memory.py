@@ -121,7 +121,8 @@ def _tower_values(tokens: int, width: int, layers: int, moe_blocks, hidden: int,
     recompute (what one checkpointed block or MoE MLP brings back during backward)."""
     N, D, K, E = tokens, width, facts.top_k, facts.num_experts
     dense_mlp = 9 * N * D
-    moe_mlp = N * (D + K * (D + 1.5 * hidden) + 4.5 * E + 7)
+    kept_hidden = 1.5 if facts.config.moe.get("recompute_activation", True) else 2.5  # + act(h) when saved
+    moe_mlp = N * (D + K * (D + kept_hidden * hidden) + 4.5 * E + 7)
     held, recompute = 0.0, 0.0
     for i in range(layers):
         mlp = moe_mlp if i in moe_blocks else dense_mlp

@@ -93,6 +93,36 @@ def test_backends_agree_fp32(backend):
         assert rel_err(g.double(), w) < 1e-5
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+def test_saved_activation_matches_recompute_and_keeps_one_more_hidden(activation):
+    """recompute_activation=False gives the same output and gradients (fp64) and saves exactly the
+    activation rows [A, H] more for backward."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, top_k=2, dropless=True,
+                    expert_backend="loop", activation=activation)
+    layers = [MoELayer(cfg).double(), MoELayer(cfg.replace(recompute_activation=False)).double()]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    results = []
+    for layer in layers:
+        saved = {}
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = layer(x)
+        grads = torch.autograd.grad(out.output.square().sum(), [x, *layer.parameters()])
+        results.append((out.output, grads, sum(saved.values())))
+    (y0, g0, bytes0), (y1, g1, bytes1) = results
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert bytes1 - bytes0 == T * 2 * H * 8  # A = T * k rows of act(h), fp64
+
+
 def test_bf16_autocast_keeps_router_fp32_and_output_dtype():
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, top_k=2))

@@ -75,12 +75,14 @@ def _saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("name", ["moe-clip-tiny", "limoe-tiny"])
-def test_activation_estimate_within_15_percent_of_saved_tensors(name):
+@pytest.mark.parametrize("name,sets", [("moe-clip-tiny", []), ("limoe-tiny", []),
+                                       ("moe-clip-tiny", ["model.moe.recompute_activation=false"])],
+                         ids=["moe-clip-tiny", "limoe-tiny", "moe-clip-tiny-saved-activation"])
+def test_activation_estimate_within_15_percent_of_saved_tensors(name, sets):
     from moe_dist.models import build_model
     from moe_dist.models.loss import ContrastiveLoss
 
-    cfg = load_run_config(None, [f"model.name={name}"])
+    cfg = load_run_config(None, [f"model.name={name}", *sets])
     facts, mc, B = model_facts(cfg), cfg.model_config(), 16
     torch.manual_seed(0)
     model = build_model(mc)
