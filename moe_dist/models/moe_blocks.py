@@ -17,7 +17,8 @@ name or state-dict key:
     compile: each block's forward is compiled with torch.compile (inductor; CUDA and CPU alike). The MoE
         layer, whose dispatch has data-dependent shapes and communicates, stays eager behind
         ``torch.compiler.disable`` (``MoEMLP.forward``), so attention, norms, residuals and dense MLPs
-        compile into fixed-shape graphs around it.
+        compile into graphs around it. MoE-CLIP's text blocks see the batch's caption length (the tower
+        stops at the last EOS): the second length they meet recompiles them once with a dynamic length.
 """
 
 from __future__ import annotations

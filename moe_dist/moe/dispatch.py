@@ -236,5 +236,5 @@ class TokenDispatcher:
             y_ND = _AllToAllV.apply(y_back, plan.recv_splits, plan.send_splits, self.group, self.traffic)
         weighted_AD = y_ND * plan.weight_A.to(y_ND.dtype)[:, None]
         out_TD = y_ND.new_zeros((num_tokens,) + tuple(y_ND.shape[1:]))
-        return out_TD.index_add(0, plan.token_A, weighted_AD)
+        return out_TD.index_add_(0, plan.token_A, weighted_AD)  # in place: no copy of the zeros
 
