@@ -19,7 +19,8 @@ expert-data-parallel group of W / ep_size ranks, which strides by ep_size, so ra
 Activations are an estimate, per micro batch, of what autograd saves (measured per block on CPU with
 ``torch.autograd.graph.saved_tensors_hooks``): a transformer block saves about 16 N D values for N
 tokens of width D (attention through SDPA keeps no S x S scores); an MoE MLP replaces the dense MLP's
-9 N D by N (D + K (D + 1.5 H) + 4.5 E + 7) for K slots, hidden H and E experts. Checkpointing "blocks"
+9 N D by N (D + K (D + 1.5 H) + 4.5 E + 7) for K slots, hidden H and E experts (2.5 H when
+``recompute_activation`` is off and act(h) is kept too). Checkpointing "blocks"
 keeps each block's input and recomputes one block at a time; "moe" does that for the MoE MLPs only.
 """
 
