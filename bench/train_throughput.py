@@ -7,7 +7,8 @@ open_clip's BPE tokenizer; embed 128; batch 64; fp32; 1 data worker; same synth 
 open_clip_train reads them as a CSV of image files (its webdataset *training* path crashes on
 webdataset >= 1.0's end-of-shard marker); moe-dist reads shards of the same images.
 Throughput is the median of per-step samples/s after 5 warm-up steps, from each framework's own log
-(open_clip_train's "N/s" field, our metrics.jsonl). Both clip gradients at norm 1.0. The MoE variant
+(open_clip_train's "N/s" field, our metrics.jsonl). Both clip gradients at norm 1.0. Our text
+tower stops at each batch's last EOS (exact; models/clip.py), open_clip's runs the whole context. The MoE variant
 puts E=8 top-1 experts in every other block of both towers: the same active FLOPs as the dense model.
 ``--compile`` adds both frameworks with torch.compile (ours ``compile=true``: every block compiled, the
 MoE dispatch eager; open_clip_train ``--torchcompile``: the whole model). Ratios are medians of the
