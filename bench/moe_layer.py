@@ -6,8 +6,8 @@
 Every variant runs one forward+backward per round; rounds interleave the variants so machine noise
 hits them alike; the table reports medians, and each ratio is the median of the per-round ratios.
     R1 = T(ours, dropless, E=8) / (k * T(dense FFN))          target <= 1.05
-    R1_saved_activation: the same with ``recompute_activation=False`` (act(h) kept for backward, as the
-        dense FFN keeps it, instead of recomputed: more memory, one elementwise pass less)
+    R1_saved_activation: the loop backend with ``recompute_activation=False`` (act(h) kept for backward,
+        as the dense FFN keeps it, instead of recomputed: more memory, one elementwise pass less)
     R2 = T(ours, dropless, E=8) / T(deepspeed MoE, cf 1.25)   target <= 0.75
     R4 = T(ours, E=64) / T(ours, E=8)                         target <= 1.10
     R4_floor = T(GEMMs alone, E=64) / T(GEMMs alone, E=8): the per-expert forward and backward matmuls
@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
         "dense_ffn": nn.Sequential(nn.Linear(args.hidden, args.ffn), nn.GELU(), nn.Linear(args.ffn, args.hidden)),
         "ours_dropless_E8_loop": ours(args, 8, dropless=True, expert_backend="loop"),
         "ours_dropless_E8_grouped_mm": ours(args, 8, dropless=True, expert_backend="grouped_mm"),
-        "ours_dropless_E8_saved_act": ours(args, 8, dropless=True, recompute_activation=False),
+        "ours_dropless_E8_saved_act": ours(args, 8, dropless=True, expert_backend="loop", recompute_activation=False),
         "ours_capacity1.25_E8": ours(args, 8, capacity_factor=1.25),
         "ours_dropless_E64": ours(args, 64, dropless=True),
         "deepspeed_cf1.25_E8": deepspeed_moe(args, 8),
@@ -242,7 +242,7 @@ def main(argv=None) -> dict:
         print(f"{name:32s} {1e3 * med[name]:10.1f} {med[name] / (args.k * dense):10.3f} {mem[name] / 2 ** 20:9.1f} "
               f"{results['page_faults_per_step'][name]:12.0f}")
     print()
-    for key, target in (("R1", "<= 1.05"), ("R1_saved_activation", "<= 1.05"), ("R2", "<= 0.75"),
+    for key, target in (("R1", "<= 1.05"), ("R1_saved_activation", ""), ("R2", "<= 0.75"),
                         ("R4", "<= 1.10"), ("R4_floor", ""),
                         ("R4_vs_floor", "<= 1.05"), ("time_vs_experts_slope_per_doubling", ""), ("R1_deepspeed", ""),
                         ("R4_deepspeed", ""), ("memory_vs_k_dense", ""), ("memory_vs_k_dense_deepspeed", ""),

@@ -45,26 +45,34 @@ def text_eos_position(text: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return torch.full(text.shape[:1], text.shape[1] - 1, device=text.device)
 
 
+def _causal_eos_pooled(tower: TextTransformer, cfg: ModelConfig) -> bool:
+    return (cfg.text.pool_type in ("argmax", "eos") and tower.attn_mask is not None and tower.cls_emb is None
+            and not tower.use_pad_mask)
+
+
 def trim_after_eos(text: torch.Tensor, tower: TextTransformer, cfg: ModelConfig) -> torch.Tensor:
     """``text`` without the columns after the batch's last EOS, where that is exact: a causal tower
     (no CLS token, no padding mask) that pools at EOS ("argmax" or "eos"). No position up to a sequence's
     EOS attends to a later one, and the later ones are padding that is never routed, so the pooled
-    features and every MoE statistic are unchanged; the text tower's time falls with the caption length
-    (real captions fill 10-20 of 77 positions). Costs one host sync per call for the length."""
-    if (cfg.text.pool_type not in ("argmax", "eos") or tower.attn_mask is None or tower.cls_emb is not None
-            or tower.use_pad_mask):
+    features and every MoE statistic are unchanged (with deterministic routing: router noise and a random
+    drop priority draw per token, so fewer tokens draw other numbers). The text tower's time falls with
+    the caption length. Costs one host sync per call for the length."""
+    if not _causal_eos_pooled(tower, cfg):
         return text
     keep = int(text_eos_position(text, cfg).max()) + 1
     return text if keep >= text.shape[1] else text[:, :keep]
 
 
-def run_text_tower(tower: TextTransformer, text: torch.Tensor) -> torch.Tensor:
-    """open_clip's ``TextTransformer.forward`` for a batch shorter than its context (open_clip would
-    apply its full-context causal mask): the same modules, the mask and positions cut to the length."""
-    L = text.shape[1]
-    if L == tower.num_pos:
+def run_text_tower(tower: TextTransformer, text: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """open_clip's ``TextTransformer.forward`` for a causal, EOS-pooled tower at any length up to its
+    context: the same modules, with the causal mask and positions cut to the length (open_clip would
+    apply its full-context mask, and reads its input dtype from block 0's dense MLP, which an MoE block 0
+    does not have). Other towers run open_clip's own forward."""
+    if not _causal_eos_pooled(tower, cfg):
         return tower(text)
-    x = tower.token_embedding(text) + tower.positional_embedding[:L]
+    L = text.shape[1]
+    x = tower.token_embedding(text)
+    x = x + tower.positional_embedding[:L].to(x.dtype)
     x = tower.transformer(x, attn_mask=tower.attn_mask[:L, :L])
     pooled = text_global_pool(tower.ln_final(x), text, pool_type=tower.pool_type, eos_token_id=tower.eos_id)
     if tower.text_projection is None:
@@ -121,5 +129,5 @@ class MoECLIP(ContrastiveModel):
         text = trim_after_eos(text, self.text, self.cfg)
         modality = torch.full((), TEXT, device=text.device)
         with routing_context(self.text, modality=modality, padding_mask=text_padding_mask(text, self.cfg)):
-            features = run_text_tower(self.text, text)
+            features = run_text_tower(self.text, text, self.cfg)
         return F.normalize(features, dim=-1) if normalize else features

@@ -49,7 +49,7 @@ class MoEConfig:
     Experts:
         activation, expert_bias, shared_expert (an always-on dense FFN of ``shared_ffn_hidden_size``
         added to the routed output), expert_backend ("auto" picks per device and dtype),
-        recompute_activation (the loop backend keeps only the experts' pre-activations for backward and
+        recompute_activation (the loop backend, CPU's "auto", keeps only the experts' pre-activations for backward and
         recomputes the activation: 0.84x the activation memory of k dense FFNs; False keeps both as a dense
         FFN does, 1.29x, and skips one elementwise pass: the layer 2-3% faster on CPU).
     """

@@ -19,8 +19,9 @@ expert-data-parallel group of W / ep_size ranks, which strides by ep_size, so ra
 Activations are an estimate, per micro batch, of what autograd saves (measured per block on CPU with
 ``torch.autograd.graph.saved_tensors_hooks``): a transformer block saves about 16 N D values for N
 tokens of width D (attention through SDPA keeps no S x S scores); an MoE MLP replaces the dense MLP's
-9 N D by N (D + K (D + 1.5 H) + 4.5 E + 7) for K slots, hidden H and E experts (2.5 H when
-``recompute_activation`` is off and act(h) is kept too). Checkpointing "blocks"
+9 N D by N (D + K (D + 1.5 H) + 4.5 E + 7) for K slots, hidden H and E experts (2.5 H when act(h)
+is kept too: ``recompute_activation`` off, or the grouped_mm backend; "auto" is counted as the loop
+backend, which it is on CPU). Checkpointing "blocks"
 keeps each block's input and recomputes one block at a time; "moe" does that for the MoE MLPs only.
 """
 
@@ -122,7 +123,9 @@ def _tower_values(tokens: int, width: int, layers: int, moe_blocks, hidden: int,
     recompute (what one checkpointed block or MoE MLP brings back during backward)."""
     N, D, K, E = tokens, width, facts.top_k, facts.num_experts
     dense_mlp = 9 * N * D
-    kept_hidden = 1.5 if facts.config.moe.get("recompute_activation", True) else 2.5  # + act(h) when saved
+    moe = facts.config.moe  # act(h) is kept too without recompute, and always by grouped_mm (autograd)
+    saved = not moe.get("recompute_activation", True) or moe.get("expert_backend") == "grouped_mm"
+    kept_hidden = 2.5 if saved else 1.5
     moe_mlp = N * (D + K * (D + kept_hidden * hidden) + 4.5 * E + 7)
     held, recompute = 0.0, 0.0
     for i in range(layers):

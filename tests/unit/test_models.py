@@ -67,7 +67,7 @@ def test_padding_text_tokens_are_not_routed():
 
 def test_text_trimmed_after_last_eos_is_exact(monkeypatch):
     """The text tower runs only up to the batch's last EOS; features, MoE statistics, aux losses and
-    every gradient equal the full-context run (fp64)."""
+    every gradient equal open_clip's own forward over the full context (fp64)."""
     import moe_dist.models.clip as clip
 
     torch.manual_seed(0)
@@ -75,7 +75,8 @@ def test_text_trimmed_after_last_eos_is_exact(monkeypatch):
     images, text, padding = _batch(model.cfg, n=6)
     text[:, 20:] = model.cfg.text.pad_id  # every caption ends before position 20
     text = torch.where((torch.arange(32) == 19) & ~padding[:, 19:20], model.cfg.text.eos_id, text)
-    assert clip.trim_after_eos(text, model.text, model.cfg).shape[1] == 20
+    lengths = []
+    model.text.transformer.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
 
     def run():
         model.zero_grad()
@@ -87,15 +88,29 @@ def test_text_trimmed_after_last_eos_is_exact(monkeypatch):
 
     out, loss, grads = run()
     monkeypatch.setattr(clip, "trim_after_eos", lambda text, tower, cfg: text)
+    monkeypatch.setattr(clip, "run_text_tower", lambda tower, text, cfg: tower(text))  # open_clip's forward
     ref_out, ref_loss, ref_grads = run()
+    assert lengths == [20, 32]
     assert torch.allclose(out.text_features, ref_out.text_features, atol=1e-12)
     assert torch.allclose(loss, ref_loss, atol=1e-12)
     for layer, stats in ref_out.moe.layer_stats.items():
         for key, value in stats.items():
-            assert torch.equal(out.moe.layer_stats[layer][key], value), (layer, key)
+            assert torch.allclose(out.moe.layer_stats[layer][key].double(), value.double(), atol=1e-12), (layer, key)
     assert grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
         assert torch.allclose(grads[name], grad, atol=1e-12), name
+
+
+def test_text_moe_in_block_0_runs_full_length_captions():
+    """open_clip's TextTransformer reads its dtype from block 0's dense MLP; with an MoE block 0 our
+    forward serves every length, a caption filling the whole context included."""
+    torch.manual_seed(0)
+    model = create_model("moe-clip-tiny", overrides={"text": {"moe": {"blocks": [0]}}})
+    images, text, _ = _batch(model.cfg, n=3)
+    text[0, -1] = model.cfg.text.eos_id  # a caption using every position: nothing to trim
+    text[0, :-1] = torch.randint(4, 1000, (31,))
+    out = model(images, text)
+    assert out.text_features.shape == (3, model.cfg.embed_dim) and "text.0" in out.moe.layer_stats
 
 
 def test_limoe_modality_experts_and_shared_routing():

@@ -93,7 +93,7 @@ def test_backends_agree_fp32(backend):
         assert rel_err(g.double(), w) < 1e-5
 
 
-@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "swiglu"])
 def test_saved_activation_matches_recompute_and_keeps_one_more_hidden(activation):
     """recompute_activation=False gives the same output and gradients (fp64) and saves exactly the
     activation rows [A, H] more for backward."""
