@@ -112,7 +112,8 @@ NOTES: Dict[str, str] = {
     "MoEConfig.expert_backend": "grouped expert compute; auto picks per device and dtype",
     "MoEConfig.recompute_activation": "loop backend: keep only the pre-activation and recompute act(h) in "
                                       "backward (0.84x k dense FFNs' activation memory); false keeps act(h) "
-                                      "too (1.29x) and saves one elementwise pass (the layer 2-3% faster, bench/moe_layer.py)",
+                                      "too (1.29x) and saves one elementwise pass (the layer 2-3% faster, "
+                                      "bench/moe_layer.py)",
 }
 
 
