@@ -107,3 +107,17 @@ def reference_forward(layer, x_TD, modality_T=None, padding_T=None, token_order=
 def rel_err(a, b):
     a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while ``fn()`` runs, parameters excluded."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

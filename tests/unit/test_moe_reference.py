@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers.reference import reference_forward, rel_err
+from helpers.reference import reference_forward, rel_err, saved_bytes
 from moe_dist.moe import MoEConfig, MoELayer
 
 T, D, H, E = 24, 8, 12, 4
@@ -105,17 +105,10 @@ def test_saved_activation_matches_recompute_and_keeps_one_more_hidden(activation
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     results = []
     for layer in layers:
-        saved = {}
-
-        def pack(t):
-            if not isinstance(t, torch.nn.Parameter):
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = layer(x)
-        grads = torch.autograd.grad(out.output.square().sum(), [x, *layer.parameters()])
-        results.append((out.output, grads, sum(saved.values())))
+        outs = []
+        nbytes = saved_bytes(lambda: outs.append(layer(x)))
+        grads = torch.autograd.grad(outs[0].output.square().sum(), [x, *layer.parameters()])
+        results.append((outs[0].output, grads, nbytes))
     (y0, g0, bytes0), (y1, g1, bytes1) = results
     assert torch.equal(y0, y1)
     for a, b in zip(g0, g1):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from helpers.reference import saved_bytes
 from moe_dist.cli import main
 from moe_dist.engine.config import load_run_config
 from moe_dist.planner import Cluster, Hardware, Layout, ParamGroup, activation_bytes, model_facts, state_bytes
@@ -61,20 +62,6 @@ def test_all_to_all_and_gradient_formulas():
     assert g["all_reduce"] == 48 == g["inter_node"]
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves for backward, parameters excluded."""
-    seen = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def _measured_and_estimated(name, sets=()):
     from moe_dist.models import build_model
     from moe_dist.models.loss import ContrastiveLoss
@@ -86,7 +73,7 @@ def _measured_and_estimated(name, sets=()):
     images = torch.randn(B, 3, mc.vision.image_size, mc.vision.image_size)
     text = torch.randint(4, mc.text.vocab_size, (B, mc.text.context_length))
     text[:, -1] = mc.text.eos_id  # full-length captions: the planner plans for the longest batch
-    measured = _saved_bytes(lambda: ContrastiveLoss(mc.loss)(model(images, text)).total)
+    measured = saved_bytes(lambda: ContrastiveLoss(mc.loss)(model(images, text)).total)
     return measured, activation_bytes(facts, B, 1, "fp32", "none")
 
 
