@@ -1,37 +1,41 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 15 on ONE GPU, in under 10 minutes (limits add up to 540 s); results in
+# The CUDA checks of issue 15 on ONE GPU, in under 10 minutes (limits add up to 500 s); results in
 # bench/results/gpu_*.json, each step's output in gpu_<step>.log beside them.
 #
 #   bash bench/gpu_check.sh            (from anywhere; OUT=DIR to write elsewhere)
 #
 # 1. correctness: grouped_mm (torch._grouped_mm, bf16 on sm90+) vs the per-expert loop, forward and backward;
-# 2. the MoE layer bench (loop vs grouped_mm vs DeepSpeed's MoE, E = 8..128, R1/R2/R4/R4_floor), fp32
-#    and bf16;
-# 3. training throughput vs open_clip_train.main on the same GPU, eager and torch.compile;
+# 2. the MoE layer bench (loop vs grouped_mm vs DeepSpeed's MoE, E = 8..128, R1/R2/R4/R4_floor), bf16
+#    and fp32, at a GPU-sized layer (16384 tokens, hidden 1024, ffn 4096, k=2; the CPU bench's 4096 x 256
+#    would time kernel launches, not the layer);
+# 3. training throughput vs open_clip_train.main on the same GPU, eager and torch.compile, 6 data workers
+#    each (one worker cannot feed a GPU: both would time the loader);
 # 4. peak memory (max_memory_allocated) of the tiny and small configs, with and without activation
 #    checkpointing, one rank (ep_size=1: NCCL all-to-all needs two GPUs, not checked here).
-# Every step has its own time limit, so a hang in one still leaves the others' results.
+# Every step has its own time limit, so a hang in one still leaves the others' results; the most
+# wanted figures run first. PYTHON=... picks the interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
 status=0
 step() {  # step SECONDS NAME COMMAND...
   local limit=$1 name=$2; shift 2
   echo "=== $name (limit ${limit}s)"
   local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/gpu_${name}.log" | grep -v "Warning\|warn(" | tail -40
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/gpu_${name}.log" | grep -v "Warning\|warn(" | tail -25
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - start)) s"
   [ "$rc" = 0 ] || status=1
 }
 
 nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader || true
-python -c "import torch, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+"$PY" -c "import torch, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'deepspeed', deepspeed.__version__, 'device', torch.cuda.get_device_name(0))"
 
-step 60 grouped_mm python - "$OUT/gpu_grouped_mm.json" <<'EOF'
+step 60 grouped_mm "$PY" - "$OUT/gpu_grouped_mm.json" <<'EOF'
 import json, sys, torch
 from moe_dist.moe import MoEConfig, MoELayer
 out = {}
@@ -55,11 +59,12 @@ for dtype in (torch.bfloat16,):  # the CUDA grouped_mm kernel is bf16-only
     assert all(v < 3e-2 for v in err.values()), err
 json.dump(out, open(sys.argv[1], "w"), indent=2)
 EOF
-step 90 moe_layer_fp32 python -m bench.moe_layer --dtype fp32 --reps 10 --out "$OUT/gpu_moe_layer_fp32.json"
-step 90 moe_layer_bf16 python -m bench.moe_layer --dtype bf16 --reps 10 --out "$OUT/gpu_moe_layer_bf16.json"
-step 180 train_throughput python -m bench.train_throughput --device cuda --steps 30 --batch 128 --rounds 1 --compile \
-  --out "$OUT/gpu_train_throughput.json"
-step 120 memory python -m bench.memory --world-size 1 --set ep_size=1 --zero 0 --checkpointing none,blocks \
+LAYER=(--tokens 16384 --hidden 1024 --ffn 4096 --k 2 --reps 8)
+step 80 moe_layer_bf16 "$PY" -m bench.moe_layer --dtype bf16 "${LAYER[@]}" --out "$OUT/gpu_moe_layer_bf16.json"
+step 80 moe_layer_fp32 "$PY" -m bench.moe_layer --dtype fp32 "${LAYER[@]}" --out "$OUT/gpu_moe_layer_fp32.json"
+step 180 train_throughput "$PY" -m bench.train_throughput --device cuda --steps 30 --batch 128 --rounds 1 \
+  --workers 6 --compile --out "$OUT/gpu_train_throughput.json"
+step 100 memory "$PY" -m bench.memory --world-size 1 --set ep_size=1 --zero 0 --checkpointing none,blocks \
   --models tiny,small --out "$OUT/gpu_memory.json"
 echo "results: $(ls "$OUT"/gpu_*.json 2>/dev/null | tr '\n' ' ')"
 exit $status

@@ -1,9 +1,9 @@
 """Training throughput on CPU, one process: moe-dist train vs open_clip_train.main, and MoE vs dense.
 
-    python -m bench.train_throughput [--steps 40] [--batch 64] [--rounds 2] [--compile] [--device cpu]
+    python -m bench.train_throughput [--steps 40] [--batch 64] [--rounds 2] [--compile] [--device cpu] [--workers 1]
 
 Architecture (both frameworks): ViT 4 x 192 wide, patch 8, 64 px; text 4 x 128 wide, context 32,
-open_clip's BPE tokenizer; embed 128; batch 64; fp32; 1 data worker; same synth images.
+open_clip's BPE tokenizer; embed 128; batch 64; fp32; 1 data worker (``--workers``); same synth images.
 open_clip_train reads them as a CSV of image files (its webdataset *training* path crashes on
 webdataset >= 1.0's end-of-shard marker); moe-dist reads shards of the same images.
 Throughput is the median of per-step samples/s after 5 warm-up steps, from each framework's own log
@@ -75,10 +75,11 @@ def model_json(root: str, moe: bool) -> str:
     return path
 
 
-def run_ours(root: str, moe: bool, steps: int, batch: int, run: int = 0, compile: bool = False) -> float:
+def run_ours(root: str, moe: bool, steps: int, batch: int, run: int = 0, compile: bool = False,
+             workers: int = 1) -> float:
     out = os.path.join(root, f"ours-{'moe' if moe else 'dense'}-{run}{'-compiled' if compile else ''}")
     sets = {"compile": str(compile).lower(), "model.name": model_json(root, moe), "data.train": os.path.join(root, "train"),
-            "data.tokenizer": "openclip-bpe", "data.workers": 1, "output_dir": out, "steps": steps,
+            "data.tokenizer": "openclip-bpe", "data.workers": workers, "output_dir": out, "steps": steps,
             "batch.micro_batch": batch, "ep_size": 1, "zero_stage": 0, "logging.progress": "false",
             "checkpoint.keep": 2, "logging.tensorboard": "false", "schedule.warmup_steps": 2}
     cmd = [sys.executable, "-m", "moe_dist", "train", "--resume", "none"]
@@ -94,7 +95,7 @@ def run_ours(root: str, moe: bool, steps: int, batch: int, run: int = 0, compile
 
 
 def run_open_clip(root: str, steps: int, batch: int, run: int = 0, compile: bool = False,
-                  device: str = "cpu") -> float:
+                  device: str = "cpu", workers: int = 1) -> float:
     cfg_dir = os.path.join(root, "open_clip_cfg")
     os.makedirs(cfg_dir, exist_ok=True)
     with open(os.path.join(cfg_dir, "bench-tiny.json"), "w") as f:
@@ -106,7 +107,7 @@ def run_open_clip(root: str, steps: int, batch: int, run: int = 0, compile: bool
     n_samples = steps * batch
     cmd = [sys.executable, "-c", script, cfg_dir, "--model", "bench-tiny", "--train-data",
            os.path.join(root, "train.csv"), "--dataset-type", "csv", "--csv-separator", "\t",
-           "--train-num-samples", str(n_samples), "--batch-size", str(batch), "--workers", "1", "--epochs", "1",
+           "--train-num-samples", str(n_samples), "--batch-size", str(batch), "--workers", str(workers), "--epochs", "1",
            "--lr", "1e-3", "--warmup", "2", "--grad-clip-norm", "1.0", "--precision", "fp32", "--device", device,
            "--log-every-n-steps", "1",
            "--logs", os.path.join(root, "oc_logs"), "--name", f"bench{run}{'c' if compile else ''}", "--save-frequency", "0", "--report-to", ""]
@@ -129,6 +130,8 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="also run both frameworks with torch.compile")
     parser.add_argument("--device", default="cpu", help="open_clip_train's --device (ours uses the accelerator "
                                                         "DeepSpeed detects)")
+    parser.add_argument("--workers", type=int, default=1, help="data workers of both frameworks (1 on this 2-core "
+                                                                  "machine; more on a GPU host, or both wait on data)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     runs = {"open_clip_train_dense": [], "moe_dist_dense": [], "moe_dist_moe_e8_top1": []}
@@ -136,13 +139,21 @@ def main(argv=None):
         runs.update(open_clip_train_dense_compiled=[], moe_dist_dense_compiled=[])
     with tempfile.TemporaryDirectory() as root:
         make_data(root, args.steps * args.batch)
+
+        def record(name: str, rate: float) -> None:
+            runs[name].append(rate)
+            print(f"round {len(runs[name])}: {name} {rate:.1f} samples/s", flush=True)  # survives a killed run
+
         for round_ in range(args.rounds):
-            for compile in (False, True) if args.compile else (False,):
-                suffix = "_compiled" if compile else ""
-                runs["open_clip_train_dense" + suffix].append(
-                    run_open_clip(root, args.steps, args.batch, round_, compile, args.device))
-                runs["moe_dist_dense" + suffix].append(run_ours(root, False, args.steps, args.batch, round_, compile))
-            runs["moe_dist_moe_e8_top1"].append(run_ours(root, True, args.steps, args.batch, round_))
+            record("open_clip_train_dense", run_open_clip(root, args.steps, args.batch, round_, False, args.device,
+                                                          args.workers))
+            record("moe_dist_dense", run_ours(root, False, args.steps, args.batch, round_, workers=args.workers))
+            record("moe_dist_moe_e8_top1", run_ours(root, True, args.steps, args.batch, round_, workers=args.workers))
+            if args.compile:
+                record("open_clip_train_dense_compiled", run_open_clip(root, args.steps, args.batch, round_, True,
+                                                                       args.device, args.workers))
+                record("moe_dist_dense_compiled", run_ours(root, False, args.steps, args.batch, round_, True,
+                                                           args.workers))
     med = {k: statistics.median(v) for k, v in runs.items()}
 
     def ratio(a: str, b: str) -> float:
@@ -152,7 +163,7 @@ def main(argv=None):
                "moe_vs_dense": ratio("moe_dist_moe_e8_top1", "moe_dist_dense"),
                "samples_per_s": med, "per_round": runs,
                "setup": {"steps": args.steps, "batch": args.batch, "rounds": args.rounds, "vision": VISION,
-                         "text": TEXT, "cpus": os.cpu_count(), "precision": "fp32", "workers": 1,
+                         "text": TEXT, "cpus": os.cpu_count(), "precision": "fp32", "workers": args.workers,
                          "device": args.device}}
     if args.compile:
         results["dense_vs_open_clip_compiled"] = ratio("moe_dist_dense_compiled", "open_clip_train_dense_compiled")
