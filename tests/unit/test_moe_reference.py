@@ -75,19 +75,21 @@ def test_matches_fp64_reference(case):
 
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
 def test_backends_agree_fp32(backend):
-    """Both expert backends give the fp32 result of the fp64 reference (rounding-level error)."""
+    """Both expert backends give the fp32 result of the fp64 reference (rounding-level error), the
+    gradients of every expert tensor included (grouped_mm's bias gradient is its own product)."""
     torch.manual_seed(0)
     cfg = MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, top_k=2, dropless=True,
                     expert_backend=backend)
     layer = MoELayer(cfg)
     x = torch.randn(T, D, requires_grad=True)
     out = layer(x)
-    grads = torch.autograd.grad(out.output.square().sum(), [x, layer.experts.w1, layer.experts.b2])
+    names = ["w1", "b1", "w2", "b2"]
+    grads = torch.autograd.grad(out.output.square().sum(), [x, *(getattr(layer.experts, n) for n in names)])
     ref_layer = MoELayer(cfg.replace(expert_backend="loop")).double()
     ref_layer.load_state_dict(layer.state_dict())
     xd = x.detach().double().requires_grad_()
     ref, _ = reference_forward(ref_layer, xd)
-    ref_grads = torch.autograd.grad(ref.square().sum(), [xd, ref_layer.experts.w1, ref_layer.experts.b2])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [xd, *(getattr(ref_layer.experts, n) for n in names)])
     assert rel_err(out.output.double(), ref) < 1e-5
     for g, w in zip(grads, ref_grads):
         assert rel_err(g.double(), w) < 1e-5
