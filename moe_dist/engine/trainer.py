@@ -53,11 +53,19 @@ def _all_gather_text(text: str) -> List[str]:
     return [t or "" for t in out]
 
 
-def _all_reduce(value: float, op: str) -> float:
+def _all_reduce(value, op: str) -> float:
+    """``value`` (a float, or a one-element tensor on any device) reduced over all ranks and read back
+    with one host sync; a single rank needs no collective (and a float no sync at all)."""
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
 
-    t = torch.tensor([value], dtype=torch.float32, device=get_accelerator().device_name())
+    if dist.get_world_size() == 1:
+        return float(value)
+    device = get_accelerator().device_name()
+    if torch.is_tensor(value):
+        t = value.detach().reshape(1).to(device=device, dtype=torch.float32)
+    else:
+        t = torch.tensor([value], dtype=torch.float32, device=device)
     dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return float(t.item())
 
@@ -71,7 +79,7 @@ class Trainer:
         from ..models import build_loss, build_model
         from ..models.params import count_params
         from ..text import get_tokenizer
-        from .optim import build_optimizer, build_schedule
+        from .optim import build_optimizer, build_schedule, clip_grad_norm
 
         self.cfg, self.env = cfg, env
         self.stop = stop or GracefulStop(cfg.stop_timeout_s)
@@ -94,7 +102,9 @@ class Trainer:
         with torch.device("meta"):  # global counts (all experts), whatever this rank holds
             self.params = count_params(build_model(self.model_cfg), self.model_cfg)
         optimizer = build_optimizer(model, cfg)
-        self.ds_config = cfg.deepspeed_config(self.world)
+        self.ds_config = cfg.deepspeed_config(self.world, trainer_clips=cfg.clips_in_trainer())
+        self._clip = clip_grad_norm if cfg.clips_in_trainer() else None
+        self._grad_norm: Optional[torch.Tensor] = None
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=build_schedule(optimizer, cfg),
                                                                  config=self.ds_config)
@@ -289,7 +299,7 @@ class Trainer:
     def _agree_step(self, loss: torch.Tensor, data_error: str) -> bool:
         """One all-reduce per micro step: True when the loss is finite on every rank. A data error on any
         rank stops every rank with that rank's message."""
-        status = -1.0 if data_error else float(torch.isfinite(loss.detach()).all())
+        status = -1.0 if data_error else torch.isfinite(loss.detach()).all()  # stays on the device
         agreed = _all_reduce(status, "MIN")
         if agreed < 0:
             from ..data import DataError
@@ -371,6 +381,8 @@ class Trainer:
                 self.consecutive_skips = 0
                 self._expert_load.add(step_out.model.moe.layer_stats)
                 self.engine.backward(step_out.loss)
+                if self._clip is not None and self.engine.is_gradient_accumulation_boundary():
+                    self._grad_norm = self._clip(self.engine.module.parameters(), cfg.grad_clip)
                 self.engine.step()
             self.step += 1
             # 2. metrics, signals, checkpoints, evaluation (a stop never waits for an evaluation, and an
@@ -407,7 +419,7 @@ class Trainer:
             return
         samples_per_s = self.ds_config["train_batch_size"] / elapsed
         lr = self.scheduler.get_last_lr()[0]
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self._grad_norm if self._clip is not None else self.engine.get_global_grad_norm()
         out = step_out.model
         scalars = {"loss/total": float(step_out.loss.detach()),
                    **{f"loss/{k}": float(v.detach()) for k, v in step_out.parts.items()},

@@ -1,6 +1,6 @@
 """2 ranks, ep_size=2: bf16 training under ZeRO-2 (router and losses fp32, loss falls, a checkpoint round
 trip continues bit for bit), and activation checkpointing whose recomputation re-runs the all-to-alls
-gives the gradients of the plain model."""
+gives the gradients of the plain model; ZeRO-0 fp32 clipping in the trainer equals DeepSpeed's."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch
 from helpers.harness import run_ranks
 
 
-def _engine(world_size, *sets):
+def _engine(world_size, *sets, trainer_clips=False):
     import deepspeed
 
     from moe_dist.engine.config import load_run_config
@@ -22,7 +22,7 @@ def _engine(world_size, *sets):
     model = build_model(cfg.model_config(), ep_size=2)
     configure_blocks(model, cfg.activation_checkpointing)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
-                                      config=cfg.deepspeed_config(world_size))
+                                      config=cfg.deepspeed_config(world_size, trainer_clips))
     return engine, model.cfg
 
 
@@ -110,3 +110,42 @@ def _compare_recompute(rank, world_size):
 @pytest.mark.world_size(2)
 def test_block_checkpointing_with_all_to_all_keeps_gradients():
     run_ranks(_compare_recompute, world_size=2)
+
+
+def _clip_both_ways(rank, world_size):
+    """Two ZeRO-0 fp32 engines from the same init and data: DeepSpeed clips one, ``clip_grad_norm`` the
+    other (as the trainer does). A clip threshold far below the norm makes every step clip."""
+    from deepspeed.runtime.utils import clip_grad_norm_ as deepspeed_clip
+
+    from moe_dist.engine.optim import clip_grad_norm
+    from moe_dist.models.loss import ContrastiveLoss
+
+    runs = []
+    for ours in (False, True):
+        engine, cfg = _engine(world_size, "zero_stage=0", "grad_clip=0.01", trainer_clips=ours)
+        assert engine.gradient_clipping() == (0.0 if ours else 0.01)
+        loss_fn = ContrastiveLoss(cfg.loss, rank, world_size)
+        images, text = _batch(cfg, rank)
+        norms = []
+        for _ in range(2):
+            engine.backward(loss_fn(engine(images, text)).total)
+            if ours:
+                norms.append(float(clip_grad_norm(engine.module.parameters(), 0.01)))
+            else:  # DeepSpeed's norm (it keeps none on this path); a huge threshold leaves the gradients
+                norms.append(float(deepspeed_clip(engine.module.parameters(), max_norm=1e30)))
+            engine.step()
+        runs.append((norms, {n: p.detach().clone() for n, p in engine.module.named_parameters()}))
+    (ds_norms, ds_params), (our_norms, our_params) = runs
+    assert min(ds_norms) > 0.1  # clipping really happened
+    assert our_norms == pytest.approx(ds_norms, rel=1e-5)
+    assert any("experts" in n for n in ds_params)
+    for n in ds_params:
+        torch.testing.assert_close(our_params[n], ds_params[n], rtol=1e-5, atol=1e-7, msg=n)
+    return ds_norms
+
+
+@pytest.mark.world_size(2)
+def test_trainer_clipping_matches_deepspeed():
+    """ep_size=2: expert gradients differ per rank, and both norms average over the data-parallel group."""
+    norms = run_ranks(_clip_both_ways, world_size=2)
+    assert norms[0] == pytest.approx(norms[1], rel=1e-6)  # one global norm on every rank
