@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 15 on ONE GPU, in under 10 minutes (limits add up to 500 s); results in
+# The CUDA checks of issue 15 on ONE GPU, in under 10 minutes (limits add up to 580 s; they ran in 330 s on an H200); results in
 # bench/results/gpu_*.json, each step's output in gpu_<step>.log beside them.
 #
 #   bash bench/gpu_check.sh            (from anywhere; OUT=DIR to write elsewhere)
@@ -10,7 +10,9 @@
 #    would time kernel launches, not the layer);
 # 3. training throughput vs open_clip_train.main on the same GPU, eager and torch.compile, 6 data workers
 #    each (one worker cannot feed a GPU: both would time the loader);
-# 4. peak memory (max_memory_allocated) of the tiny and small configs, with and without activation
+# 4. where the time goes (bench/profile_step.py: kernels, host syncs and top operators of the layer and of
+#    a training step);
+# 5. peak memory (max_memory_allocated) of the tiny and small configs, with and without activation
 #    checkpointing, one rank (ep_size=1: NCCL all-to-all needs two GPUs, not checked here).
 # Every step has its own time limit, so a hang in one still leaves the others' results; the most
 # wanted figures run first. PYTHON=... picks the interpreter (default python3).
@@ -62,6 +64,8 @@ EOF
 LAYER=(--tokens 16384 --hidden 1024 --ffn 4096 --k 2 --reps 8)
 step 80 moe_layer_bf16 "$PY" -m bench.moe_layer --dtype bf16 "${LAYER[@]}" --out "$OUT/gpu_moe_layer_bf16.json"
 step 80 moe_layer_fp32 "$PY" -m bench.moe_layer --dtype fp32 "${LAYER[@]}" --out "$OUT/gpu_moe_layer_fp32.json"
+step 80 profile_step "$PY" -m bench.profile_step --dtype bf16 --tokens 16384 --hidden 1024 --ffn 4096 --steps 12 \
+  --batch 128 --workers 6 --out "$OUT/gpu_profile_step.json"
 step 180 train_throughput "$PY" -m bench.train_throughput --device cuda --steps 30 --batch 128 --rounds 1 \
   --workers 6 --compile --out "$OUT/gpu_train_throughput.json"
 step 100 memory "$PY" -m bench.memory --world-size 1 --set ep_size=1 --zero 0 --checkpointing none,blocks \

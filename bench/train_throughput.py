@@ -37,12 +37,12 @@ VISION = {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "heads":
 TEXT = {"vocab_size": 49408, "context_length": 32, "width": 128, "layers": 4, "heads": 2}
 
 
-def make_data(root: str, n: int) -> str:
+def make_data(root: str, n: int, shards: int = 4) -> str:
     """Synth shards plus the same images as files and a CSV for open_clip_train."""
     from data_tools.shard import ShardOptions, shard_items
     from data_tools.synth import synth_items
 
-    shard_items(synth_items(n, seed=0, size=64), root, ShardOptions(per_shard=max(1, n // 4)), "bench", progress=False)
+    shard_items(synth_items(n, seed=0, size=64), root, ShardOptions(per_shard=max(1, n // shards)), "bench", progress=False)
     images = os.path.join(root, "files")
     os.makedirs(images)
     rows = ["filepath\ttitle"]
@@ -138,7 +138,7 @@ def main(argv=None):
     if args.compile:
         runs.update(open_clip_train_dense_compiled=[], moe_dist_dense_compiled=[])
     with tempfile.TemporaryDirectory() as root:
-        make_data(root, args.steps * args.batch)
+        make_data(root, args.steps * args.batch, shards=max(4, 2 * args.workers))
 
         def record(name: str, rate: float) -> None:
             runs[name].append(rate)

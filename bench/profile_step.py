@@ -1,0 +1,185 @@
+"""Where the time of an MoE layer call and of a training step goes, on whatever accelerator DeepSpeed
+detects (CPU here; the GPU when ``bench/gpu_check.sh`` runs it).
+
+    python -m bench.profile_step [--tokens 16384 --hidden 1024 --ffn 4096] [--dtype bf16] [--steps 12]
+                                 [--workers 6] [--out bench/results/profile_step.json]
+
+Three torch.profiler captures, each printed as its top operators by self device time (self CPU time
+on CPU) with the count of host syncs (``aten::_local_scalar_dense``: ``.item()``, ``.tolist()``,
+``int(tensor)``; ``aten::nonzero``; blocking copies to the host), kernels launched and wall time per call:
+    1. the MoE layer (E=8, k=2, dropless), forward + backward, loop and grouped_mm backends;
+    2. one training step of ``moe-dist train`` on bench.train_throughput's dense model;
+    3. the same on its MoE model (E=8 top-1 in every other block).
+The training captures wrap DeepSpeed's ``engine.step``: steps ``--steps - 3`` to ``--steps - 1`` are
+recorded, after a warm-up. Writes the per-capture summary (and top operators) as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results", "profile_step.json")
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")
+
+
+def _summary(prof, calls: int, wall_s: float, top: int = 12) -> dict:
+    events = prof.key_averages()
+    on_device = any(getattr(e, "self_device_time_total", 0) for e in events)
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)
+    kernel_events = [e for e in events if str(getattr(e, "device_type", "")).endswith(("CUDA", "XPU"))
+                     and not e.key.startswith("ProfilerStep")]  # the step marker spans the whole step
+    if on_device:  # the kernels alone: an operator's self device time repeats its kernels'
+        total = sum(e.self_device_time_total for e in kernel_events)
+    else:
+        total = sum(e.self_cpu_time_total for e in events if not e.key.startswith("ProfilerStep"))
+    kernels = sum(e.count for e in kernel_events)
+    runtime = {e.key: e.count for e in events if e.key.startswith(("cuda", "cudaStream", "cudaMemcpy"))}
+    out = {
+        "wall_ms_per_call": 1e3 * wall_s / calls,
+        "time_kind": "device" if on_device else "cpu",
+        "self_ms_per_call": total / 1e3 / calls,
+        "ops_per_call": sum(e.count for e in events if e.key.startswith("aten::")) / calls,
+        "kernels_per_call": kernels / calls,
+        "host_syncs_per_call": {k: e.count / calls for e in events for k in SYNC_OPS if e.key == k},
+        "runtime_calls_per_call": {k: v / calls for k, v in runtime.items()},
+        "top": [{"op": e.key, "ms_per_call": getattr(e, key) / 1e3 / calls, "calls_per_call": e.count / calls}
+                for e in rows[:top]],
+    }
+    return out
+
+
+def _print(name: str, s: dict) -> None:
+    print(f"\n== {name}: wall {s['wall_ms_per_call']:.2f} ms/call, self {s['time_kind']} time "
+          f"{s['self_ms_per_call']:.2f} ms, {s['ops_per_call']:.0f} aten ops, {s['kernels_per_call']:.0f} kernels")
+    print("   host syncs per call:", {k: round(v, 1) for k, v in s["host_syncs_per_call"].items()},
+          " runtime:", {k: round(v, 1) for k, v in s["runtime_calls_per_call"].items()
+                        if "Synchronize" in k or "Memcpy" in k})
+    for row in s["top"]:
+        print(f"   {row['ms_per_call']:8.3f} ms {row['calls_per_call']:6.1f}x  {row['op'][:90]}")
+
+
+def profile_layer(args, device, dtype, acc) -> dict:
+    from moe_dist.moe import MoEConfig, MoELayer
+    from moe_dist.moe.experts import grouped_mm_supported
+
+    results = {}
+    x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    for backend in ("loop", "grouped_mm"):
+        if backend == "grouped_mm" and not grouped_mm_supported(x, (args.hidden, args.ffn, args.hidden)):
+            continue
+        torch.manual_seed(0)
+        layer = MoELayer(MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=8, top_k=2,
+                                   dropless=True, expert_backend=backend)).to(device, dtype)
+
+        def call():
+            out = layer(x)
+            (out.output.float().square().mean() + out.aux_loss).backward()
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+
+        for _ in range(3):
+            call()
+        acc.synchronize()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                call()
+            acc.synchronize()
+            wall = time.perf_counter() - start
+        results[f"moe_layer_{backend}"] = _summary(prof, args.calls, wall)
+        _print(f"MoE layer E=8 k=2 dropless, {backend}, {args.tokens}x{args.hidden}x{args.ffn} {dtype}",
+               results[f"moe_layer_{backend}"])
+    return results
+
+
+def profile_training(args, moe: bool, root: str, device) -> dict:
+    """Steps of ``moe-dist train`` in this process, the last three recorded."""
+    from bench.train_throughput import model_json
+    from moe_dist.distributed import detect_env
+    from moe_dist.engine import load_run_config
+    from moe_dist.engine.trainer import Trainer
+
+    name = "moe" if moe else "dense"
+    sets = [f"model.name={model_json(root, moe)}", f"data.train={os.path.join(root, 'train')}",
+            "data.tokenizer=openclip-bpe", f"data.workers={args.workers}", f"output_dir={root}/run-{name}",
+            f"steps={args.steps}", f"batch.micro_batch={args.batch}", "ep_size=1", "zero_stage=0",
+            "logging.progress=false", "logging.tensorboard=false", "schedule.warmup_steps=2",
+            "eval.every=0"]
+    cfg = load_run_config(None, sets)
+    trainer = Trainer(cfg, detect_env(), resume="none")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    recorded = 3
+    prof = profile(activities=activities, schedule=torch.profiler.schedule(
+        wait=args.steps - recorded - 1, warmup=1, active=recorded, repeat=1))
+    step = trainer.engine.step
+    marks = []
+
+    def step_and_mark(*a, **kw):
+        result = step(*a, **kw)
+        prof.step()
+        marks.append(time.perf_counter())
+        return result
+
+    trainer.engine.step = step_and_mark
+    try:
+        with prof:
+            trainer.train("none")
+    finally:
+        trainer.close()
+    wall = marks[-1] - marks[-1 - recorded] if len(marks) > recorded else float("nan")
+    with open(os.path.join(root, f"run-{name}", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if "perf/data_wait_fraction" in line]
+    summary = _summary(prof, recorded, wall)
+    summary["data_wait_fraction_median"] = sorted(r["perf/data_wait_fraction"] for r in rows[3:])[len(rows[3:]) // 2]
+    summary["samples_per_s_median"] = sorted(r["perf/samples_per_s"] for r in rows[3:])[len(rows[3:]) // 2]
+    _print(f"training step, {name} model, batch {args.batch}, {args.workers} workers "
+           f"(data wait {summary['data_wait_fraction_median']:.2f}, {summary['samples_per_s_median']:.0f} samples/s)",
+           summary)
+    return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--calls", type=int, default=3, help="layer calls recorded")
+    p.add_argument("--steps", type=int, default=12, help="training steps per model (the last 3 recorded)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args(argv)
+    from deepspeed.accelerator import get_accelerator
+
+    from bench._results import save
+    from bench.train_throughput import make_data
+    from moe_dist.distributed import detect_env, init_distributed
+
+    acc = get_accelerator()
+    device = torch.device(acc.device_name())
+    init_distributed(detect_env())
+    results = {"setup": {**vars(args), "device": str(device), "torch": torch.__version__}}
+    results.update(profile_layer(args, device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], acc))
+    if not args.skip_training:
+        with tempfile.TemporaryDirectory() as root:
+            make_data(root, args.steps * args.batch + args.batch, shards=max(4, 2 * args.workers))
+            for moe in (False, True):
+                results[f"train_step_{'moe' if moe else 'dense'}"] = profile_training(args, moe, root, device)
+    save(args.out, results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
