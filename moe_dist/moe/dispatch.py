@@ -23,21 +23,10 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Type
 import torch
 
 from .registry import Registry
-from .router import Routing
+from .router import Routing, count_per_expert
 
 if TYPE_CHECKING:
     from .config import MoEConfig
-
-
-def _by_expert(mask_TK: torch.Tensor, experts_TK: torch.Tensor, key_TK: Optional[torch.Tensor] = None):
-    """The (token, slot) assignments where ``mask_TK`` holds, sorted by expert (then by ``key_TK``, else
-    stably). Returns (flat_A: their flat T*K indices, order_A: the sorting permutation of flat_A,
-    experts_A: the expert of each assignment in flat_A, unsorted)."""
-    flat_A = mask_TK.flatten().nonzero().squeeze(1)
-    experts_A = experts_TK.flatten()[flat_A]
-    if key_TK is None:
-        return flat_A, torch.argsort(experts_A, stable=True), experts_A
-    return flat_A, torch.argsort(experts_A * mask_TK.numel() + key_TK.flatten()[flat_A]), experts_A
 
 
 # ----------------------------------------------------------------------------- drop priorities
@@ -70,11 +59,16 @@ class CapacityPolicy:
     def __init__(self, cfg: MoEConfig):
         self.cfg = cfg
 
-    def capacity(self, num_tokens: int, training: bool) -> int:
-        """Per-expert, per-rank capacity for ``num_tokens`` real tokens."""
+    def capacity(self, num_tokens, training: bool):
+        """Per-expert, per-rank capacity for ``num_tokens`` real tokens: an int, or a device tensor (then a
+        long tensor, computed in float64 in Python's order of operations, so the same value without a
+        host sync)."""
         factor = self.cfg.capacity_factor if training else self.cfg.eval_capacity_factor
-        raw = math.ceil(factor * num_tokens * self.cfg.experts_per_token / self.cfg.num_experts)
-        return max(self.cfg.min_capacity, raw)
+        k, E = self.cfg.experts_per_token, self.cfg.num_experts
+        if torch.is_tensor(num_tokens):
+            raw = torch.ceil(factor * num_tokens.to(torch.float64) * k / E)
+            return raw.clamp_min(self.cfg.min_capacity).long()
+        return max(self.cfg.min_capacity, math.ceil(factor * num_tokens * k / E))
 
     def keep(self, routing: Routing, training: bool) -> torch.Tensor:
         raise NotImplementedError
@@ -104,16 +98,19 @@ class CapacityDrop(CapacityPolicy):
     def keep(self, routing, training):
         valid_TK = routing.valid_TK
         T, K = valid_TK.shape
-        capacity = self.capacity(int(routing.token_mask_T.sum()), training)
-        key_TK = torch.arange(K, device=valid_TK.device)[None, :] * T + self.token_rank(routing)[:, None]
-        # Sort valid assignments by (expert, priority key) and keep the first `capacity` of each expert.
-        flat_A, order_A, experts_A = _by_expert(valid_TK, routing.experts_TK, key_TK)
-        sorted_experts = experts_A[order_A]
-        starts_E = torch.searchsorted(sorted_experts, torch.arange(self.cfg.num_experts, device=flat_A.device))
-        position = torch.arange(order_A.numel(), device=flat_A.device) - starts_E[sorted_experts]
-        kept = torch.zeros(T * K, dtype=torch.bool, device=valid_TK.device)
-        kept[flat_A[order_A[position < capacity]]] = True
-        return kept.view(T, K)
+        E = self.cfg.num_experts
+        device = valid_TK.device
+        capacity = self.capacity(routing.token_mask_T.sum(), training)
+        # Every slot sorted by (expert, priority); invalid slots form a last group E. The priority key
+        # k * T + token rank is unique, so no stable sort is needed. Nothing here waits for the device.
+        group_TK = torch.where(valid_TK, routing.experts_TK, E)
+        priority_TK = torch.arange(K, device=device)[None, :] * T + self.token_rank(routing)[:, None]
+        order = torch.argsort((group_TK * (T * K) + priority_TK).flatten())
+        sorted_group = group_TK.flatten()[order]
+        starts = torch.searchsorted(sorted_group, torch.arange(E + 1, device=device))
+        position = torch.arange(T * K, device=device) - starts[sorted_group]
+        kept_sorted = (sorted_group < E) & (position < capacity)
+        return torch.empty(T * K, dtype=torch.bool, device=device).scatter_(0, order, kept_sorted).view(T, K)
 
 
 POLICIES: Dict[str, Type[CapacityPolicy]] = {"dropless": Dropless, "capacity": CapacityDrop}
@@ -207,27 +204,40 @@ class TokenDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, kept_TK: torch.Tensor) -> Dispatched:
         """Gather the rows for this rank's experts (x_TD [T, D], kept_TK [T, K] bool)."""
-        K = kept_TK.shape[1]
-        flat_A, order_A, experts_A = _by_expert(kept_TK, routing.experts_TK)
-        token_A = torch.div(flat_A[order_A], K, rounding_mode="floor")
-        weight_A = routing.weights_TK.flatten()[flat_A[order_A]]
-        counts_E = torch.bincount(experts_A, minlength=self.num_experts)
-        x_AD = x_TD.index_select(0, token_A)
+        T, K = kept_TK.shape
+        E = self.num_experts
+        # Kept assignments by expert (token order within one), dropped ones last (group E); the counts
+        # are read once, and their sum A cuts the order: the layer's one host sync (the experts need
+        # their row counts on the host).
+        group_TK = torch.where(kept_TK, routing.experts_TK, E)
+        order = torch.argsort(group_TK.flatten(), stable=True)
+        counts_E = count_per_expert(routing.experts_TK, kept_TK, E)
         if self.ep_size == 1:
-            return Dispatched(x_AD, counts_E.tolist(), DispatchPlan(token_A, weight_A, [], [], None))
+            counts = counts_E.tolist()
+            flat_A = order[:sum(counts)]
+            token_A = torch.div(flat_A, K, rounding_mode="floor")
+            weight_A = routing.weights_TK.flatten()[flat_A]
+            plan = DispatchPlan(token_A, weight_A, [], [], None)
+            return Dispatched(x_TD.index_select(0, token_A), counts, plan)
         R, L = self.ep_size, self.num_local
         counts_RL = counts_E.view(R, L)
         recv_RL = _exchange_counts(counts_RL, self.group)
         if self.traffic is not None:
             self.traffic.add("counts", counts_RL, [1] * R, self.group)
-        send_splits, recv_splits = counts_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
-        x_ND = _AllToAllV.apply(x_AD, send_splits, recv_splits, self.group, self.traffic)
+        read = torch.cat([counts_RL.sum(1), recv_RL.flatten()]).tolist()  # one host sync for all three
+        send_splits, recv_flat = read[:R], read[R:]
+        recv_splits = [sum(recv_flat[r * L:(r + 1) * L]) for r in range(R)]
+        counts_L = [sum(recv_flat[r * L + l] for r in range(R)) for l in range(L)]
+        flat_A = order[:sum(send_splits)]
+        token_A = torch.div(flat_A, K, rounding_mode="floor")
+        weight_A = routing.weights_TK.flatten()[flat_A]
+        x_ND = _AllToAllV.apply(x_TD.index_select(0, token_A), send_splits, recv_splits, self.group, self.traffic)
         # Received rows come grouped by (source rank, local expert); regroup by local expert.
         segment_N = torch.repeat_interleave(torch.arange(R * L, device=x_ND.device), recv_RL.flatten(),
                                             output_size=x_ND.shape[0])
         local_perm = torch.argsort((segment_N % L) * R + segment_N // L, stable=True)
         plan = DispatchPlan(token_A, weight_A, send_splits, recv_splits, local_perm)
-        return Dispatched(x_ND.index_select(0, local_perm), recv_RL.sum(0).tolist(), plan)
+        return Dispatched(x_ND.index_select(0, local_perm), counts_L, plan)
 
     def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
         """Send expert outputs home and sum them per token, weighted by the gates: [T, D]."""

@@ -18,7 +18,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from .router import MODALITY_NAMES, Routing
+from .router import MODALITY_NAMES, Routing, count_per_expert
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
@@ -83,8 +83,8 @@ def routing_stats(routing: Routing, kept_TK: torch.Tensor) -> Dict[str, torch.Te
         suffix = "" if name is None else f"/{name}"
         sel_TK = routing.valid_TK & group_T[:, None]
         kept = kept_TK & group_T[:, None]
-        routed_E = torch.bincount(routing.experts_TK[sel_TK], minlength=E)
-        kept_E = torch.bincount(routing.experts_TK[kept], minlength=E)
+        routed_E = count_per_expert(routing.experts_TK, sel_TK, E)
+        kept_E = count_per_expert(routing.experts_TK, kept, E)
         stats["routed_per_expert" + suffix] = routed_E
         stats["tokens_per_expert" + suffix] = kept_E
         stats["dropped_fraction" + suffix] = 1.0 - kept_E.sum() / routed_E.sum().clamp_min(1)
