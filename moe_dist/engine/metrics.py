@@ -25,6 +25,31 @@ def memory_mb() -> Dict[str, float]:
     return out
 
 
+def read_scalars(values: Dict[str, object]) -> Dict[str, float]:
+    """``values`` (tensors of one element on any device, numbers, or None for 0.0) as floats, with every
+    tensor read in one device-to-host copy: each ``float(tensor)`` is its own copy and host sync."""
+    tensors = {k: v for k, v in values.items() if torch.is_tensor(v)}
+    read = {}
+    if tensors:
+        stacked = torch.stack([v.detach().reshape(()).to(torch.float64) for v in tensors.values()])
+        read = dict(zip(tensors, stacked.tolist()))
+    return {k: read[k] if k in read else 0.0 if v is None else float(v) for k, v in values.items()}
+
+
+def stats_to_host(layer_stats: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Every layer's statistics on the host, in one device-to-host copy (exact: counts stay below 2^53)."""
+    items = [(layer, key, t) for layer, stats in layer_stats.items() for key, t in stats.items()]
+    if all(t.device.type == "cpu" for _, _, t in items):
+        return layer_stats
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for _, _, t in items]).cpu()
+    out: Dict[str, Dict[str, torch.Tensor]] = {layer: {} for layer in layer_stats}
+    offset = 0
+    for layer, key, t in items:
+        out[layer][key] = flat[offset:offset + t.numel()].view(t.shape).to(t.dtype)
+        offset += t.numel()
+    return out
+
+
 def moe_scalars(layer_stats: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, float]:
     out = {}
     for layer, stats in layer_stats.items():
@@ -95,6 +120,7 @@ class MetricsLogger:
     def log(self, step: int, scalars: Dict[str, float], layer_stats: Dict[str, Dict[str, torch.Tensor]]) -> None:
         if not self.active or not (scalars or layer_stats):
             return
+        layer_stats = stats_to_host(layer_stats)
         scalars = {**scalars, **moe_scalars(layer_stats)}
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()

@@ -25,7 +25,7 @@ from ..models.pretrained import model_files
 from ..text.tokenizer import sentencepiece_path
 from . import checkpoint
 from .config import RunConfig
-from .metrics import ExpertLoadWindow, MetricsLogger, memory_mb, summary
+from .metrics import ExpertLoadWindow, MetricsLogger, memory_mb, read_scalars, summary
 from .stop import DebugFaults, GracefulStop
 
 EXIT_PREEMPTED = 75  # "checkpoint saved after SIGTERM/SIGUSR1; requeue me" (EX_TEMPFAIL)
@@ -421,12 +421,11 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self._grad_norm if self._clip is not None else self.engine.get_global_grad_norm()
         out = step_out.model
-        scalars = {"loss/total": float(step_out.loss.detach()),
-                   **{f"loss/{k}": float(v.detach()) for k, v in step_out.parts.items()},
-                   "train/lr": lr, "train/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                   "train/logit_scale": float(out.logit_scale.detach()), "train/skipped_steps": float(self.skipped),
-                   "perf/samples_per_s": samples_per_s, "perf/step_time_s": elapsed,
-                   "perf/data_wait_fraction": wait / elapsed, **memory_mb()}
+        scalars = read_scalars({"loss/total": step_out.loss, **{f"loss/{k}": v for k, v in step_out.parts.items()},
+                                "train/lr": lr, "train/grad_norm": grad_norm, "train/logit_scale": out.logit_scale,
+                                "train/skipped_steps": self.skipped, "perf/samples_per_s": samples_per_s,
+                                "perf/step_time_s": elapsed, "perf/data_wait_fraction": wait / elapsed,
+                                **memory_mb()})
         self.log.log(self.step, scalars, self._expert_load.reduce(out.moe.layer_stats))
         self.log.progress(self.step, scalars["loss/total"], lr, samples_per_s)
 
