@@ -37,7 +37,8 @@ NOTES: Dict[str, str] = {
     "RunConfig.zero_stage": "ZeRO stage 0, 1 or 2; 3 is refused (DeepSpeed MoE does not partition experts)",
     "RunConfig.ep_size": ("expert-parallel ranks per expert group; must divide the world size and "
                           "model.moe.num_experts"),
-    "RunConfig.grad_clip": "DeepSpeed gradient_clipping (global norm); 0 disables",
+    "RunConfig.grad_clip": "gradient clipping (global norm, DeepSpeed's definition); 0 disables. ZeRO-0 fp32 runs "
+                           "clip in the trainer (a few foreach ops; DeepSpeed's gradient_clipping is then 0)",
     "DataSection.val": "shard spec of the evaluation split (eval.every / the final eval); empty: no eval",
     "DataSection.workers": ("DataLoader worker processes per rank (run at nice 10); exact mode needs "
                             "shards >= ranks x workers"),
@@ -262,8 +263,10 @@ COMPOSITION = """\
    `eval.classes` and the resume path resolve.
 
 The DeepSpeed config is generated from the run config (`RunConfig.deepspeed_config`): batch sizes,
-`gradient_clipping`, `zero_optimization.stage`, ZeRO's `reduce_bucket_size`/`allgather_bucket_size` (the
-model's parameter count, at most DeepSpeed's 5e8), `bf16`/`fp16` (fp16 with `initial_scale_power` 12).
+`gradient_clipping` (0 for ZeRO-0 fp32, whose trainer clips with `engine.optim.clip_grad_norm`: the
+same norm as DeepSpeed's per-parameter loop, in a few foreach ops), `zero_optimization.stage`, ZeRO's
+`reduce_bucket_size`/`allgather_bucket_size` (the model's parameter count, at most DeepSpeed's 5e8),
+`bf16`/`fp16` (fp16 with `initial_scale_power` 12).
 Both are saved with the run and in every checkpoint (`run_config.json`).
 
 `moe-dist params --model NAME --set moe.top_k=2` takes model fields directly (a leading `model.` is
