@@ -165,6 +165,8 @@ class _AddExpertBias(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (expert_N,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:  # a frozen bias
+            return grad, None, None
         experts_L1 = torch.arange(ctx.num_experts, device=expert_N.device)[:, None]
         onehot_LN = (experts_L1 == expert_N[None, :]).to(grad.dtype)
         return grad, onehot_LN @ grad, None
@@ -184,7 +186,9 @@ def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: L
         raise ValueError(f"expert_backend='grouped_mm' cannot run {x_ND.dtype} on {x_ND.device.type} with "
                          f"hidden sizes {experts.w1.shape[1]}/{experts.w2.shape[1]} (rows must be 16-byte "
                          "aligned); use expert_backend='auto' or 'loop'")
-    counts_L = torch.tensor(counts, device=x_ND.device)
+    counts_L = torch.tensor(counts)
+    if x_ND.device.type != "cpu":  # from pinned memory the copy does not wait for the device
+        counts_L = counts_L.pin_memory().to(x_ND.device, non_blocking=True)
     offs = counts_L.cumsum(0).to(torch.int32)
     h = _ContiguousGrad.apply(torch._grouped_mm(x_ND, experts.w1.to(x_ND.dtype), offs=offs))
     if experts.b1 is not None or experts.b2 is not None:
