@@ -45,15 +45,19 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     import deepspeed.comm as dist
     from deepspeed.utils import groups
 
+    from deepspeed.accelerator import get_accelerator
+
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).float())
+    if grads:
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).float())
+    else:  # still joins the all-reduce below, as every other rank does
+        norm = torch.zeros((), device=get_accelerator().device_name())
     if dist.is_initialized() and dist.get_world_size() > 1:
         group = groups._get_data_parallel_group()
         norm = norm / dist.get_world_size(group=group)
         dist.all_reduce(norm, group=group)
-    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+    if grads:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
     return norm
 
 

@@ -63,7 +63,7 @@ def _all_reduce(value, op: str) -> float:
         return float(value)
     device = get_accelerator().device_name()
     if torch.is_tensor(value):
-        t = value.detach().reshape(1).to(device=device, dtype=torch.float32)
+        t = value.detach().reshape(1).to(device=device, dtype=torch.float32, copy=True)  # reduced in place
     else:
         t = torch.tensor([value], dtype=torch.float32, device=device)
     dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
