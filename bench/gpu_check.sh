@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 15 on ONE GPU, in under 10 minutes (limits add up to 580 s; they ran in 330 s on an H200); results in
-# bench/results/gpu_*.json, each step's output in gpu_<step>.log beside them.
+# The CUDA checks of issue 15 on ONE GPU, in under 10 minutes (limits add up to 590 s; the steps took
+# about 400 s on an H200); results in bench/results/gpu_*.json, each step's output in gpu_<step>.log
+# beside them.
 #
 #   bash bench/gpu_check.sh            (from anywhere; OUT=DIR to write elsewhere)
 #
@@ -37,7 +38,7 @@ nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader || tr
 "$PY" -c "import torch, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'deepspeed', deepspeed.__version__, 'device', torch.cuda.get_device_name(0))"
 
-step 60 grouped_mm "$PY" - "$OUT/gpu_grouped_mm.json" <<'EOF'
+step 40 grouped_mm "$PY" - "$OUT/gpu_grouped_mm.json" <<'EOF'
 import json, sys, torch
 from moe_dist.moe import MoEConfig, MoELayer
 out = {}
@@ -53,20 +54,21 @@ for dtype in (torch.bfloat16,):  # the CUDA grouped_mm kernel is bf16-only
         xi = x.clone().requires_grad_()
         y = layer(xi).output
         y.float().square().mean().backward()
-        results.append((y.float(), xi.grad.float(), layer.experts.w1.grad.float()))
+        e = layer.experts
+        results.append((y.float(), xi.grad.float(), e.w1.grad.float(), e.b1.grad.float(), e.b2.grad.float()))
     err = {name: float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-           for name, a, b in zip(("output", "input_grad", "w1_grad"), *results)}
+           for name, a, b in zip(("output", "input_grad", "w1_grad", "b1_grad", "b2_grad"), *results)}
     out[str(dtype)] = {"relative_max_error_vs_loop": err}
     print(dtype, err)
     assert all(v < 3e-2 for v in err.values()), err
 json.dump(out, open(sys.argv[1], "w"), indent=2)
 EOF
 LAYER=(--tokens 16384 --hidden 1024 --ffn 4096 --k 2 --reps 8)
-step 80 moe_layer_bf16 "$PY" -m bench.moe_layer --dtype bf16 "${LAYER[@]}" --out "$OUT/gpu_moe_layer_bf16.json"
-step 80 moe_layer_fp32 "$PY" -m bench.moe_layer --dtype fp32 "${LAYER[@]}" --out "$OUT/gpu_moe_layer_fp32.json"
-step 80 profile_step "$PY" -m bench.profile_step --dtype bf16 --tokens 16384 --hidden 1024 --ffn 4096 --steps 12 \
+step 60 moe_layer_bf16 "$PY" -m bench.moe_layer --dtype bf16 "${LAYER[@]}" --out "$OUT/gpu_moe_layer_bf16.json"
+step 60 moe_layer_fp32 "$PY" -m bench.moe_layer --dtype fp32 "${LAYER[@]}" --out "$OUT/gpu_moe_layer_fp32.json"
+step 90 profile_step "$PY" -m bench.profile_step --dtype bf16 --tokens 16384 --hidden 1024 --ffn 4096 --steps 12 \
   --batch 128 --workers 6 --out "$OUT/gpu_profile_step.json"
-step 180 train_throughput "$PY" -m bench.train_throughput --device cuda --steps 30 --batch 128 --rounds 1 \
+step 240 train_throughput "$PY" -m bench.train_throughput --device cuda --steps 30 --batch 128 --rounds 1 \
   --workers 6 --compile --out "$OUT/gpu_train_throughput.json"
 step 100 memory "$PY" -m bench.memory --world-size 1 --set ep_size=1 --zero 0 --checkpointing none,blocks \
   --models tiny,small --out "$OUT/gpu_memory.json"

@@ -5,8 +5,10 @@ detects (CPU here; the GPU when ``bench/gpu_check.sh`` runs it).
                                  [--workers 6] [--out bench/results/profile_step.json]
 
 Three torch.profiler captures, each printed as its top operators by self device time (self CPU time
-on CPU) with the count of host syncs (``aten::_local_scalar_dense``: ``.item()``, ``.tolist()``,
-``int(tensor)``; ``aten::nonzero``; blocking copies to the host), kernels launched and wall time per call:
+on CPU) with the operators that wait for the device (``aten::_local_scalar_dense``: ``.item()``,
+``int(tensor)``; ``aten::nonzero``; a ``.tolist()`` is a copy and does not show here: on a GPU
+``cudaStreamSynchronize`` in the runtime calls counts every wait), kernels and copies launched, and wall
+time per call:
     1. the MoE layer (E=8, k=2, dropless), forward + backward, loop and grouped_mm backends;
     2. one training step of ``moe-dist train`` on bench.train_throughput's dense model;
     3. the same on its MoE model (E=8 top-1 in every other block).
@@ -127,8 +129,8 @@ def profile_training(args, moe: bool, root: str, device) -> dict:
 
     def step_and_mark(*a, **kw):
         result = step(*a, **kw)
+        marks.append(time.perf_counter())  # before prof.step(): the last one stops the trace
         prof.step()
-        marks.append(time.perf_counter())
         return result
 
     trainer.engine.step = step_and_mark
@@ -162,6 +164,8 @@ def main(argv=None):
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
+    if args.steps < 5:
+        p.error("--steps must be at least 5 (the last 3 are recorded after a warm-up)")
     from deepspeed.accelerator import get_accelerator
 
     from bench._results import save

@@ -142,7 +142,8 @@ def main(argv=None):
 
         def record(name: str, rate: float) -> None:
             runs[name].append(rate)
-            print(f"round {len(runs[name])}: {name} {rate:.1f} samples/s", flush=True)  # survives a killed run
+            print(f"round {len(runs[name])}: {name} {rate:.1f} samples/s", flush=True)
+            save(args.out, {"partial": True, "per_round": runs})  # a killed run keeps what it measured
 
         for round_ in range(args.rounds):
             record("open_clip_train_dense", run_open_clip(root, args.steps, args.batch, round_, False, args.device,
