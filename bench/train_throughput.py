@@ -42,7 +42,8 @@ def make_data(root: str, n: int, shards: int = 4) -> str:
     from data_tools.shard import ShardOptions, shard_items
     from data_tools.synth import synth_items
 
-    shard_items(synth_items(n, seed=0, size=64), root, ShardOptions(per_shard=max(1, n // shards)), "bench", progress=False)
+    shard_items(synth_items(n, seed=0, size=64), root, ShardOptions(per_shard=max(1, n // shards)), "bench",
+                progress=False)
     images = os.path.join(root, "files")
     os.makedirs(images)
     rows = ["filepath\ttitle"]
@@ -78,7 +79,8 @@ def model_json(root: str, moe: bool) -> str:
 def run_ours(root: str, moe: bool, steps: int, batch: int, run: int = 0, compile: bool = False,
              workers: int = 1) -> float:
     out = os.path.join(root, f"ours-{'moe' if moe else 'dense'}-{run}{'-compiled' if compile else ''}")
-    sets = {"compile": str(compile).lower(), "model.name": model_json(root, moe), "data.train": os.path.join(root, "train"),
+    sets = {"compile": str(compile).lower(), "model.name": model_json(root, moe),
+            "data.train": os.path.join(root, "train"),
             "data.tokenizer": "openclip-bpe", "data.workers": workers, "output_dir": out, "steps": steps,
             "batch.micro_batch": batch, "ep_size": 1, "zero_stage": 0, "logging.progress": "false",
             "checkpoint.keep": 2, "logging.tensorboard": "false", "schedule.warmup_steps": 2}
@@ -107,7 +109,8 @@ def run_open_clip(root: str, steps: int, batch: int, run: int = 0, compile: bool
     n_samples = steps * batch
     cmd = [sys.executable, "-c", script, cfg_dir, "--model", "bench-tiny", "--train-data",
            os.path.join(root, "train.csv"), "--dataset-type", "csv", "--csv-separator", "\t",
-           "--train-num-samples", str(n_samples), "--batch-size", str(batch), "--workers", str(workers), "--epochs", "1",
+           "--train-num-samples", str(n_samples), "--batch-size", str(batch), "--workers", str(workers),
+           "--epochs", "1",
            "--lr", "1e-3", "--warmup", "2", "--grad-clip-norm", "1.0", "--precision", "fp32", "--device", device,
            "--log-every-n-steps", "1",
            "--logs", os.path.join(root, "oc_logs"), "--name", f"bench{run}{'c' if compile else ''}", "--save-frequency", "0", "--report-to", ""]

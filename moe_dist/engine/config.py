@@ -278,8 +278,8 @@ class RunConfig:
     def clips_in_trainer(self) -> bool:
         """ZeRO-0 fp32 runs clip gradients in the trainer (``engine.optim.clip_grad_norm``): DeepSpeed's
         own clipping on that path takes a norm per parameter: 460 of the 1,574 top-level operators of a
-        step of bench.train_throughput's dense model. ZeRO-1/2 (flat partitions) and bf16/fp16 (their optimizers clip master gradients) keep
-        DeepSpeed's."""
+        step of bench.train_throughput's dense model. ZeRO-1/2 (flat partitions) and bf16/fp16 (their
+        optimizers clip master gradients) keep DeepSpeed's."""
         return self.zero_stage == 0 and self.precision == "fp32" and self.grad_clip > 0
 
     def deepspeed_config(self, world_size: int, trainer_clips: bool = False) -> Dict[str, Any]:

@@ -43,9 +43,8 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     included) is averaged over the data-parallel group, as DeepSpeed does, and every gradient is scaled
     by min(1, max_norm / (norm + 1e-6)). Returns the norm (a device tensor: no host sync)."""
     import deepspeed.comm as dist
-    from deepspeed.utils import groups
-
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import groups
 
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
