@@ -204,34 +204,34 @@ class TokenDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, kept_TK: torch.Tensor) -> Dispatched:
         """Gather the rows for this rank's experts (x_TD [T, D], kept_TK [T, K] bool)."""
-        T, K = kept_TK.shape
-        E = self.num_experts
+        K, E = kept_TK.shape[1], self.num_experts
         # Kept assignments by expert (token order within one), dropped ones last (group E); the counts
-        # are read once, and their sum A cuts the order: the layer's one host sync (the experts need
+        # are read once, and their sum cuts the order: the layer's one host sync (the experts need
         # their row counts on the host).
         group_TK = torch.where(kept_TK, routing.experts_TK, E)
         order = torch.argsort(group_TK.flatten(), stable=True)
         counts_E = count_per_expert(routing.experts_TK, kept_TK, E)
-        if self.ep_size == 1:
-            counts = counts_E.tolist()
-            flat_A = order[:sum(counts)]
-            token_A = torch.div(flat_A, K, rounding_mode="floor")
-            weight_A = routing.weights_TK.flatten()[flat_A]
-            plan = DispatchPlan(token_A, weight_A, [], [], None)
-            return Dispatched(x_TD.index_select(0, token_A), counts, plan)
         R, L = self.ep_size, self.num_local
-        counts_RL = counts_E.view(R, L)
-        recv_RL = _exchange_counts(counts_RL, self.group)
-        if self.traffic is not None:
-            self.traffic.add("counts", counts_RL, [1] * R, self.group)
-        read = torch.cat([counts_RL.sum(1), recv_RL.flatten()]).tolist()  # one host sync for all three
-        send_splits, recv_flat = read[:R], read[R:]
-        recv_splits = [sum(recv_flat[r * L:(r + 1) * L]) for r in range(R)]
-        counts_L = [sum(recv_flat[r * L + l] for r in range(R)) for l in range(L)]
-        flat_A = order[:sum(send_splits)]
+        if R == 1:
+            counts_L = counts_E.tolist()
+            num_kept = sum(counts_L)
+        else:
+            counts_RL = counts_E.view(R, L)
+            recv_RL = _exchange_counts(counts_RL, self.group)
+            if self.traffic is not None:
+                self.traffic.add("counts", counts_RL, [1] * R, self.group)
+            read = torch.cat([counts_RL.sum(1), recv_RL.flatten()]).tolist()  # one host sync for all three
+            send_splits, recv_flat = read[:R], read[R:]
+            recv_splits = [sum(recv_flat[r * L:(r + 1) * L]) for r in range(R)]
+            counts_L = [sum(recv_flat[r * L + l] for r in range(R)) for l in range(L)]
+            num_kept = sum(send_splits)
+        flat_A = order[:num_kept]
         token_A = torch.div(flat_A, K, rounding_mode="floor")
         weight_A = routing.weights_TK.flatten()[flat_A]
-        x_ND = _AllToAllV.apply(x_TD.index_select(0, token_A), send_splits, recv_splits, self.group, self.traffic)
+        x_AD = x_TD.index_select(0, token_A)
+        if R == 1:
+            return Dispatched(x_AD, counts_L, DispatchPlan(token_A, weight_A, [], [], None))
+        x_ND = _AllToAllV.apply(x_AD, send_splits, recv_splits, self.group, self.traffic)
         # Received rows come grouped by (source rank, local expert); regroup by local expert.
         segment_N = torch.repeat_interleave(torch.arange(R * L, device=x_ND.device), recv_RL.flatten(),
                                             output_size=x_ND.shape[0])

@@ -56,8 +56,9 @@ def router_losses(routing: Routing) -> Dict[str, torch.Tensor]:
     }
     ent_T = entropy(routing.probs_TE)
     local, global_ = [], []
-    for _, group_T in _groups(routing):  # an empty group adds exactly 0 (and a zero gradient): no check,
-        local.append(_masked_mean(ent_T, group_T))  # which would wait for the device
+    # An empty modality group adds exactly 0 (with a zero gradient), so no emptiness check waits for the device.
+    for _, group_T in _groups(routing):
+        local.append(_masked_mean(ent_T, group_T))
         mean_p_E = (routing.probs_TE * group_T[:, None]).sum(0) / group_T.sum().clamp_min(1)
         global_.append(-entropy(mean_p_E))
     zero = probs_TE.sum() * 0
