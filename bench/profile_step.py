@@ -51,6 +51,9 @@ def _summary(prof, calls: int, wall_s: float, top: int = 12) -> dict:
         "time_kind": "device" if on_device else "cpu",
         "self_ms_per_call": total / 1e3 / calls,
         "ops_per_call": sum(e.count for e in events if e.key.startswith("aten::")) / calls,
+        "top_level_ops_per_call": sum(  # aten operators not called from inside another one
+            1 for e in prof.events() if e.name.startswith("aten::")
+            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))) / calls,
         "kernels_per_call": kernels / calls,
         "host_syncs_per_call": {k: e.count / calls for e in events for k in SYNC_OPS if e.key == k},
         "runtime_calls_per_call": {k: v / calls for k, v in runtime.items()},
@@ -62,7 +65,8 @@ def _summary(prof, calls: int, wall_s: float, top: int = 12) -> dict:
 
 def _print(name: str, s: dict) -> None:
     print(f"\n== {name}: wall {s['wall_ms_per_call']:.2f} ms/call, self {s['time_kind']} time "
-          f"{s['self_ms_per_call']:.2f} ms, {s['ops_per_call']:.0f} aten ops, {s['kernels_per_call']:.0f} kernels")
+          f"{s['self_ms_per_call']:.2f} ms, {s['ops_per_call']:.0f} aten ops ({s['top_level_ops_per_call']:.0f} top-level), "
+          f"{s['kernels_per_call']:.0f} kernels")
     print("   host syncs per call:", {k: round(v, 1) for k, v in s["host_syncs_per_call"].items()},
           " runtime:", {k: round(v, 1) for k, v in s["runtime_calls_per_call"].items()
                         if "Synchronize" in k or "Memcpy" in k})
