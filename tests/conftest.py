@@ -8,6 +8,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+# DeepSpeed's CPU all-reduce workspaces; which of them existed when the session started
+SHM_WORKSPACES = "/dev/shm/deepspeed_allreduce_buffer_*"
+_SHM_AT_START = pytest.StashKey[set]()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true a skipped test fails: CI installs every component instead of skipping."""
@@ -22,9 +27,12 @@ def pytest_sessionstart(session):
     """One-time work before any timed wait: DeepSpeed JIT-compiles its CPU communication op on first use
     (about a minute on 2 cores). Every test process shares the install's op directory (the one
     ``moe-dist quickstart`` uses), and the op is built here, once, before the first test starts a clock."""
+    import glob
     import subprocess
 
     from moe_dist.cli.quickstart import extensions_dir
+
+    session.config.stash[_SHM_AT_START] = set(glob.glob(SHM_WORKSPACES))
 
     os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
     warm = "from moe_dist.distributed import detect_env, init_distributed; init_distributed(detect_env())"
@@ -34,9 +42,23 @@ def pytest_sessionstart(session):
 
 def pytest_sessionfinish(session, exitstatus):
     """A child process a test left alive holds the interpreter's exit (multiprocessing joins its children,
-    and data workers ignore SIGTERM): kill them and fail the run by name, instead of hanging CI."""
+    and data workers ignore SIGTERM): kill them and fail the run by name, instead of hanging CI.
+    Likewise DeepSpeed CPU all-reduce workspaces left in /dev/shm (~70 MB of RAM each; a few hundred
+    runs filled CI's memory): remove the ones this session made and fail the run."""
+    import glob
     import multiprocessing
     import signal
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    leaked = sorted(set(glob.glob(SHM_WORKSPACES)) - session.config.stash.get(_SHM_AT_START, set()))
+    for path in leaked:
+        os.unlink(path)
+    if leaked:
+        if reporter is not None:
+            reporter.write_line(f"shared-memory workspaces left in /dev/shm by the tests (removed): {leaked}",
+                                red=True)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     left = multiprocessing.active_children()
     if not left:
@@ -47,7 +69,6 @@ def pytest_sessionfinish(session, exitstatus):
         child.kill()
     for child in left:
         child.join(timeout=10)
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(f"child processes left alive by the tests (killed): {[c.name for c in left]}", red=True)
     if session.exitstatus == pytest.ExitCode.OK:

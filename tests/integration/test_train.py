@@ -1,5 +1,6 @@
 """``moe-dist train`` end to end with real ranks: launchers, TensorBoard, kill/resume, signals, NaN."""
 
+import glob
 import os
 import signal
 import subprocess
@@ -30,9 +31,15 @@ def _tensorboard(out_dir):
 
 def test_two_ranks_ep2_zero2_deepspeed_launcher(synth, tmp_path):
     out = tmp_path / "run"
-    res = run(deepspeed_cmd(overrides(synth, out, steps=4, ep_size=2, zero_stage=2, **{"eval.every": 2})))
+    cmd = deepspeed_cmd(overrides(synth, out, steps=4, ep_size=2, zero_stage=2, **{"eval.every": 2}))
+    res = run(cmd)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "checkpoint" in res.stdout and "TensorBoard logs" in res.stdout
+    # DeepSpeed's CPU all-reduce op ran (the launcher sets LOCAL_SIZE) and its per-rank shared-memory
+    # workspaces were unlinked, not left in /dev/shm
+    assert "shm_comm_op built successfully" in res.stdout + res.stderr
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
     acc = _tensorboard(out)
     tags = acc.Tags()["scalars"]
     for tag in SCALARS + ["val/loss/contrastive"]:
