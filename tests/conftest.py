@@ -13,6 +13,16 @@ SHM_WORKSPACES = "/dev/shm/deepspeed_allreduce_buffer_*"
 _SHM_AT_START = pytest.StashKey[set]()
 
 
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """Kill the process groups a test started (helpers.proc) and left running: after a failed wait or a
+    timeout they would hold CPUs, ports and pipes for every later test."""
+    from helpers import proc
+
+    yield
+    proc.kill_leftovers()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true a skipped test fails: CI installs every component instead of skipping."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from helpers import proc
 from helpers.harness import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,8 +54,7 @@ def torchrun_cmd(args, ranks=2):
 
 
 def run(cmd, timeout=300):
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=ROOT)
-    return res
+    return proc.run(cmd, timeout, env=clean_env(), cwd=ROOT)
 
 
 def start_srun_style(args, ranks=2, log_dir=None):
@@ -65,9 +65,8 @@ def start_srun_style(args, ranks=2, log_dir=None):
         env = dict(clean_env(), SLURM_PROCID=str(rank), SLURM_NTASKS=str(ranks), SLURM_LOCALID=str(rank),
                    SLURM_JOB_NODELIST="localhost", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         log = open(os.path.join(log_dir, f"rank{rank}.log"), "w") if log_dir else subprocess.DEVNULL
-        procs.append(subprocess.Popen([sys.executable, "-m", "moe_dist", "train", "--config", RUN_CONFIG] + args,
-                                      env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+        procs.append(proc.popen([sys.executable, "-m", "moe_dist", "train", "--config", RUN_CONFIG] + args,
+                                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 

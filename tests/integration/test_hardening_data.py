@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import proc
 from helpers.train import RUN_CONFIG, make_synth, overrides, run
 
 DATA_CLI = "moe-dist-data"
@@ -33,8 +34,7 @@ DATA_CLI = "moe-dist-data"
 
 # ------------------------------------------------------------------ helpers
 def cli(*args, cwd=None, env=None, timeout=120):
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env=env)
+    return proc.run([str(a) for a in args], timeout, cwd=cwd, env=env)
 
 
 def data_cli(*args, **kw):

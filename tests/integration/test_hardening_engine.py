@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from helpers.proc import popen, run
 from helpers.train import RUN_CONFIG, ROOT, clean_env, kill_all, make_synth, overrides, start_srun_style, wait_for
 from moe_dist.engine import checkpoint
 
@@ -24,8 +25,7 @@ def synth(tmp_path_factory):
 
 def _train(synth, out, *extra, env=None, **sets):
     cmd = [sys.executable, "-m", "moe_dist", "train", "--config", RUN_CONFIG] + overrides(synth, out, **sets)
-    return subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(clean_env(), **(env or {})))
+    return run(cmd + list(extra), timeout=300, cwd=ROOT, env=dict(clean_env(), **(env or {})))
 
 
 def _tags(out):
@@ -67,9 +67,9 @@ def test_resuming_an_older_checkpoint_then_a_kill_while_saving_loses_nothing(syn
     log = tmp_path / "resumed.log"
     args = overrides(synth, out, steps=6, **ONE_RANK, **{"checkpoint.every": 2, "debug.pause_in_save_s": 30})
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "moe_dist", "train", "--config", RUN_CONFIG, "--resume",
-                                 str(ckpts / "step00000002")] + args, cwd=ROOT, env=clean_env(), stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = popen([sys.executable, "-m", "moe_dist", "train", "--config", RUN_CONFIG, "--resume",
+                      str(ckpts / "step00000002")] + args, cwd=ROOT, env=clean_env(), stdout=f,
+                     stderr=subprocess.STDOUT)
         saving = ckpts / "saving.rank0"
         assert wait_for(lambda: saving.exists() and saving.read_text() == "step00000004", timeout=120)
         kill_all([proc])

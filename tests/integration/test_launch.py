@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from helpers.proc import popen, run
 from helpers.train import ROOT, make_synth, metrics, clean_env
 
 LOCAL_SLURM = os.path.join(ROOT, "launch", "local_slurm.sh")
@@ -45,8 +46,7 @@ def _sbatch(slurm, synth, out, log, wait=False, **sets):
            "--export", f"ALL,CONFIG=configs/runs/tiny-synth.yaml,EXTRA_ARGS={_extra(synth, out, **sets)}"]
     if wait:
         cmd.insert(1, "--wait")
-    return subprocess.run(cmd + ["launch/slurm/train.sbatch"], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=600)
+    return run(cmd + ["launch/slurm/train.sbatch"], timeout=600, env=env, cwd=ROOT)
 
 
 def _job(slurm, job_id):
@@ -112,8 +112,8 @@ def test_two_no_ssh_deepspeed_launchers(synth, tmp_path):
     for node in (0, 1):
         env = dict(clean_env(), HOSTFILE=str(hostfile), NO_SSH="1", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port)
-        procs.append(subprocess.Popen(["bash", "launch/deepspeed.sh", "configs/runs/tiny-synth.yaml"] + args,
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(popen(["bash", "launch/deepspeed.sh", "configs/runs/tiny-synth.yaml"] + args,
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "world size 2" in outputs[0] and (out / "checkpoints" / "step00000003" / "COMPLETE").exists()

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from helpers.proc import run
 from helpers.train import ROOT, clean_env
 from moe_dist.cli.quickstart import held_out, plan
 
@@ -18,9 +19,8 @@ R10_OVER_CHANCE = 2.0
 
 
 def _quickstart(out, *args, timeout=420):
-    res = subprocess.run([sys.executable, "-m", "moe_dist", "quickstart", "--out", str(out)] + list(args),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                         env=clean_env(), cwd=ROOT)
+    res = run([sys.executable, "-m", "moe_dist", "quickstart", "--out", str(out)] + list(args), timeout,
+              stderr=subprocess.STDOUT, env=clean_env(), cwd=ROOT)
     output = res.stdout  # stderr merged in order: a warning is placed where it was printed
     assert res.returncode == 0, output[-4000:]
     return output

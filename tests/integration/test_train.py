@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from helpers.proc import popen
 from helpers.train import (ROOT, deepspeed_cmd, kill_all, losses_by_step, make_synth, metrics, overrides, run,
                            start_srun_style, torchrun_cmd, wait_for, clean_env)
 from moe_dist.engine import checkpoint
@@ -73,8 +74,8 @@ def test_kill_and_resume_matches_uninterrupted_run(synth, tmp_path):
     res = run(deepspeed_cmd(overrides(synth, ref, **steps)))
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(deepspeed_cmd(overrides(synth, out, **steps)), env=clean_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = popen(deepspeed_cmd(overrides(synth, out, **steps)), env=clean_env(), cwd=ROOT,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = str(out / "checkpoints")
     assert wait_for(lambda: checkpoint.complete_tags(ckpts) != [], timeout=180)
     kill_all([proc])
