@@ -247,5 +247,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+def command() -> None:
+    """The ``moe-dist-data`` console command and ``python -m data_tools.cli``."""
+    from moe_dist import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -1,7 +1,5 @@
 """``python -m moe_dist`` = ``moe-dist`` (what the deepspeed launcher runs with --module moe_dist)."""
 
-import sys
+from .cli import command
 
-from .cli import main
-
-sys.exit(main())
+command()

@@ -37,7 +37,7 @@ _name_the_cpu_accelerator()
 with contextlib.redirect_stdout(sys.stderr):
     import deepspeed  # noqa: F401
 
-from .. import __version__  # noqa: E402
+from .. import __version__, exit_process  # noqa: E402
 
 # subcommand name -> module under moe_dist.cli (imported when the parser is built)
 COMMANDS = {
@@ -89,3 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"moe-dist {args.command}: stopped: {err}", file=sys.stderr)
         return 1
+
+
+def command() -> None:
+    """The ``moe-dist`` console command and ``python -m moe_dist``."""
+    exit_process(main())

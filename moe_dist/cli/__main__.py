@@ -1,7 +1,5 @@
 """``python -m moe_dist.cli`` = ``moe-dist``."""
 
-import sys
+from . import command
 
-from . import main
-
-sys.exit(main())
+command()
