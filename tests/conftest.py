@@ -1,7 +1,9 @@
 """Shared test setup: helpers importable as ``helpers.*``; no silent skips under CI=true."""
 
+import contextlib
 import os
 import sys
+import time
 
 import pytest
 
@@ -9,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 # DeepSpeed's CPU all-reduce workspaces; which of them existed when the session started
-SHM_WORKSPACES = "/dev/shm/deepspeed_allreduce_buffer_*"
+SHM_WORKSPACES = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"
 _SHM_AT_START = pytest.StashKey[set]()
 
 
@@ -54,7 +56,8 @@ def pytest_sessionfinish(session, exitstatus):
     """A child process a test left alive holds the interpreter's exit (multiprocessing joins its children,
     and data workers ignore SIGTERM): kill them and fail the run by name, instead of hanging CI.
     Likewise DeepSpeed CPU all-reduce workspaces left in /dev/shm (~70 MB of RAM each; a few hundred
-    runs filled CI's memory): remove the ones this session made and fail the run."""
+    runs filled CI's memory): fail the run by name, and remove the ones this session made that are idle
+    (untouched for 30 s: not those of another job starting up on this machine)."""
     import glob
     import multiprocessing
     import signal
@@ -62,11 +65,12 @@ def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     leaked = sorted(set(glob.glob(SHM_WORKSPACES)) - session.config.stash.get(_SHM_AT_START, set()))
     for path in leaked:
-        os.unlink(path)
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(path) > 30:
+                os.unlink(path)
     if leaked:
         if reporter is not None:
-            reporter.write_line(f"shared-memory workspaces left in /dev/shm by the tests (removed): {leaked}",
-                                red=True)
+            reporter.write_line(f"shared-memory workspaces left in /dev/shm by the tests: {leaked}", red=True)
         if session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

@@ -101,7 +101,7 @@ def init_distributed(env: DistEnv) -> None:
         accelerator.set_device(env.local_rank)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
                                verbose=False)
-    if accelerator.device_name() == "cpu" and env.world_size > 1:
+    if accelerator.device_name() == "cpu":
         release_shm_workspace(env)
 
 
@@ -109,7 +109,7 @@ def release_shm_workspace(env: DistEnv) -> None:
     """Unlink the name of this rank's DeepSpeed CPU all-reduce workspace once every rank has mapped it.
 
     DeepSpeed's CPU communication op gives each rank of a single-node group (LOCAL_SIZE == world size,
-    as the deepspeed launcher sets it) a ~70 MB POSIX shared-memory workspace named after uid, master
+    as the deepspeed launcher sets it, one rank included) a ~70 MB POSIX shared-memory workspace named after uid, master
     address, port and rank, and never unlinks it: each run left its workspaces in /dev/shm, and a few
     hundred runs filled a node's RAM. The barrier proves every peer has opened this rank's workspace;
     after it, unlinking only drops the name, the mappings stay valid, and the memory is freed when the
@@ -118,7 +118,8 @@ def release_shm_workspace(env: DistEnv) -> None:
     import torch.distributed as dist
 
     name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.master_addr}_{env.master_port}_{env.rank}"
-    dist.barrier()
+    if env.world_size > 1:
+        dist.barrier()
     try:
         os.unlink(name)
     except FileNotFoundError:  # the op is off (ranks on several nodes, or not built): nothing was created
