@@ -7,7 +7,8 @@ Both start the command in a new session (its own process group). ``subprocess.ru
 only the direct child: the ranks a deepspeed launcher or torchrun started ran on to their last step,
 taking the CPUs and ports of the tests after it, which then timed out in turn. Here a timeout kills
 the whole group, and ``kill_leftovers`` (called after every test by conftest) kills every group a test
-started and left running, however the test ended (a failed ``wait_for`` included).
+started and left running, however the test ended (a failed ``wait_for`` included). Processes of
+module-scoped fixtures (a moto server, the SLURM daemons) must not be started here.
 """
 
 import os
@@ -40,6 +41,8 @@ def run(cmd, timeout, input=None, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         kill_group(proc)
         out, err = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+    kill_group(proc)  # what it left running: a group keeps its id while any member lives
+    _started.remove(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
