@@ -5,7 +5,7 @@
 # if missing and INSTALL=1, the default). State lives in $LOCAL_SLURM_DIR (default /tmp/moe_dist_slurm);
 # point clients at it with:  export SLURM_CONF=$LOCAL_SLURM_DIR/slurm.conf
 # Jobs here should set OMP_NUM_THREADS=1 and distinct MASTER_PORTs (both nodes share one machine).
-# start on a cluster that is not up with both nodes idle restarts it empty (its jobs are dropped).
+# start on a cluster that does not answer (a killed session's) starts it empty: its saved jobs are dropped.
 set -euo pipefail
 DIR=${LOCAL_SLURM_DIR:-/tmp/moe_dist_slurm}
 CONF=$DIR/slurm.conf
@@ -67,8 +67,13 @@ idle_nodes() { SLURM_CONF=$CONF sinfo -h -t idle -o %D 2>/dev/null | awk '{s+=$1
 
 start() {
   if [ -f "$CONF" ] && [ "$(idle_nodes)" = 2 ]; then echo "local SLURM cluster already up. export SLURM_CONF=$CONF"; return; fi
+  if [ -f "$CONF" ] && SLURM_CONF=$CONF sinfo >/dev/null 2>&1; then
+    echo "local_slurm: the cluster in $DIR is up but its nodes are busy; wait for its jobs or run: $0 stop" >&2
+    SLURM_CONF=$CONF sinfo >&2 || true
+    exit 1
+  fi
   install
-  # not up and idle: start empty. Daemons of a half-started cluster go, and so does the saved state of one
+  # not answering: start empty. Daemons of a half-started cluster go, and so does the saved state of one
   # that died (a killed session): its jobs would be recovered as running and hold both nodes forever.
   stop >/dev/null
   rm -rf "$DIR/state"
@@ -92,11 +97,18 @@ start() {
 stop() {
   local pids=()
   for pidfile in "$DIR"/slurmd.n1.pid "$DIR"/slurmd.n2.pid "$DIR"/slurmctld.pid; do
-    if [ -f "$pidfile" ]; then pids+=("$(cat "$pidfile")"); kill "${pids[-1]}" 2>/dev/null || true; rm -f "$pidfile"; fi
+    if [ -f "$pidfile" ]; then
+      local pid; pid=$(cat "$pidfile")
+      # a stale pidfile (the machine restarted) may name an unrelated process now
+      if grep -qE '^slurm(ctl)?d$' "/proc/$pid/comm" 2>/dev/null; then pids+=("$pid"); kill "$pid" 2>/dev/null || true; fi
+      rm -f "$pidfile"
+    fi
   done
   for _ in $(seq 1 100); do  # gone, so a start right after can bind their ports
     local alive=0
-    for pid in "${pids[@]}"; do if kill -0 "$pid" 2>/dev/null; then alive=1; fi; done
+    for pid in "${pids[@]}"; do  # (a zombie counts as gone)
+      if [ -e "/proc/$pid" ] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null; then alive=1; fi
+    done
     if [ "$alive" = 0 ]; then break; fi
     sleep 0.1
   done
