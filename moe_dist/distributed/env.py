@@ -109,11 +109,11 @@ def release_shm_workspace(env: DistEnv) -> None:
     """Unlink the name of this rank's DeepSpeed CPU all-reduce workspace once every rank has mapped it.
 
     DeepSpeed's CPU communication op gives each rank of a single-node group (LOCAL_SIZE == world size,
-    as the deepspeed launcher sets it, one rank included) a ~70 MB POSIX shared-memory workspace named after uid, master
-    address, port and rank, and never unlinks it: each run left its workspaces in /dev/shm, and a few
-    hundred runs filled a node's RAM. The barrier proves every peer has opened this rank's workspace;
-    after it, unlinking only drops the name, the mappings stay valid, and the memory is freed when the
-    processes exit, however they exit.
+    as the deepspeed launcher sets it, one rank included) a ~70 MB POSIX shared-memory workspace named
+    after uid, master address, port and rank, and never unlinks it: each run left its workspaces in
+    /dev/shm, and a few hundred runs filled a node's RAM. The barrier proves every peer has opened this
+    rank's workspace; after it, unlinking only drops the name, the mappings stay valid, and the memory
+    is freed when the processes exit, however they exit.
     """
     import torch.distributed as dist
 
