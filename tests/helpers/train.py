@@ -81,10 +81,7 @@ def wait_for(predicate, timeout=120, interval=0.05):
 
 def kill_all(procs, sig=signal.SIGKILL):
     for p in procs:
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
+        proc.kill_group(p, sig)
 
 
 def metrics(out_dir):

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from helpers import proc
+from helpers.train import wait_for
 
 # a launcher-like parent whose child (a "rank") would outlive a kill of the parent alone
 TREE = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
@@ -27,10 +28,8 @@ def test_a_timeout_kills_the_children_of_the_command():
     with pytest.raises(subprocess.TimeoutExpired) as err:
         proc.run([sys.executable, "-c", TREE], timeout=3)
     rank = int(err.value.output.split()[0])
-    deadline = time.monotonic() + 10
-    while _alive(rank) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(rank) and time.monotonic() - start < 30  # not left running (or waited on) for its 60 s
+    # not left running (or waited on) for its 60 s
+    assert wait_for(lambda: not _alive(rank), timeout=10) and time.monotonic() - start < 30
 
 
 def test_groups_a_test_left_running_are_killed():
@@ -38,7 +37,4 @@ def test_groups_a_test_left_running_are_killed():
     rank = int(child.stdout.readline())
     assert proc.kill_leftovers() == 1
     assert child.returncode == -9
-    deadline = time.monotonic() + 10
-    while _alive(rank) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(rank)
+    assert wait_for(lambda: not _alive(rank), timeout=10)
