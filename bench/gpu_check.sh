@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh            (from anywhere; OUT=DIR to write elsewhere)
 #
 # 1. correctness: grouped_mm (torch._grouped_mm, bf16 on sm90+) vs the per-expert loop, forward and backward;
+#    the trainer's batches in pinned memory;
 # 2. the MoE layer bench (loop vs grouped_mm vs DeepSpeed's MoE, E = 8..128, R1/R2/R4/R4_floor), bf16
 #    and fp32, at a GPU-sized layer (16384 tokens, hidden 1024, ffn 4096, k=2; the CPU bench's 4096 x 256
 #    would time kernel launches, not the layer);
@@ -61,6 +62,12 @@ for dtype in (torch.bfloat16,):  # the CUDA grouped_mm kernel is bf16-only
     out[str(dtype)] = {"relative_max_error_vs_loop": err}
     print(dtype, err)
     assert all(v < 3e-2 for v in err.values()), err
+# the trainer's batches: stacked into pinned memory, copied without waiting for the device
+from moe_dist.data.loader import _stack
+rows = [torch.randn(3, 32, 32) for _ in range(8)]
+pinned = _stack(rows, pin_memory=True)
+assert pinned.is_pinned() and torch.equal(pinned.to("cuda", non_blocking=True).cpu(), torch.stack(rows))
+out["pinned_batches"] = "ok"
 json.dump(out, open(sys.argv[1], "w"), indent=2)
 EOF
 LAYER=(--tokens 16384 --hidden 1024 --ffn 4096 --k 2 --reps 8)

@@ -60,6 +60,17 @@ def _init_worker(worker_id: int) -> None:
         pass
 
 
+def _stack(rows: List[torch.Tensor], pin_memory: bool) -> torch.Tensor:
+    """``torch.stack``, into page-locked memory when asked: a copy from there to an accelerator runs
+    asynchronously (``non_blocking=True``), while one from pageable memory makes the host wait for the
+    device's queue to drain first. Pinned blocks come from torch's caching host allocator, which keeps a
+    block until the copies that read it are done."""
+    if not pin_memory:
+        return torch.stack(rows)
+    out = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, pin_memory=True)
+    return torch.stack(rows, out=out)
+
+
 def _shutdown_workers(chunks: Iterator) -> None:
     """End a DataLoader iterator's worker processes. Left to garbage collection, they outlive an error
     whose traceback holds the iterator, and since they ignore SIGTERM (``_init_worker``), the interpreter's
@@ -99,6 +110,7 @@ class LoaderConfig:
     allow_pipe: bool = False
     remote: RemoteOptions = RemoteOptions()  # retries, timeout, backoff of http(s):// and s3:// shards
     skip_unreadable_shards: bool = False  # a remote shard unreadable after its retries is counted, not fatal
+    pin_memory: bool = False  # batches in page-locked memory, for asynchronous copies to an accelerator
 
     def __post_init__(self):
         if self.mode not in ("exact", "resampled"):
@@ -246,7 +258,8 @@ class ShardLoader:
             while self._step < steps:
                 rows = [self._next_sample(chunks) for _ in range(self.cfg.batch_size)]
                 self._step += 1
-                yield Batch(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+                pin = self.cfg.pin_memory
+                yield Batch(_stack([r[0] for r in rows], pin), _stack([r[1] for r in rows], pin))
         finally:  # an error, or the caller stopping mid-epoch: the workers go now, not at garbage collection
             _shutdown_workers(chunks)
         self.last_epoch_stats = self.stats()

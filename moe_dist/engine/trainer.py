@@ -8,6 +8,7 @@ checkpoint (or a stop requested before the first step), 1 a data error or repeat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -114,7 +115,9 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)
         t = self.model_cfg.text
         self.tokenizer = get_tokenizer(cfg.data.tokenizer or t.tokenizer, t.context_length)
-        self.loader = ShardLoader(self._loader_config("train"), self.tokenizer, self.rank, self.world)
+        # batches in pinned memory on an accelerator: their copies then never wait for the device (_forward)
+        train_cfg = dataclasses.replace(self._loader_config("train"), pin_memory=self.engine.device.type != "cpu")
+        self.loader = ShardLoader(train_cfg, self.tokenizer, self.rank, self.world)
         self.loss_fn = build_loss(self.model_cfg, self.rank, self.world, self.tokenizer)  # coca: + captioning
         if cfg.debug.nan_loss_steps or cfg.debug.raise_at_step >= 0:
             self.loss_fn = DebugFaults(self.loss_fn, self)
@@ -309,8 +312,9 @@ class Trainer:
         return agreed > 0
 
     def _forward(self, batch) -> StepOutput:
-        images = batch.images.to(self.engine.device, dtype=self.dtype)
-        out = self.engine(images, batch.tokens.to(self.engine.device))
+        device = self.engine.device  # asynchronous from pinned memory; the cast runs on the device
+        images = batch.images.to(device, non_blocking=True).to(self.dtype)
+        out = self.engine(images, batch.tokens.to(device, non_blocking=True))
         result = self.loss_fn(out)
         return StepOutput(result.total, result.parts, out)
 
