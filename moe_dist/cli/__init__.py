@@ -14,6 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
+from .. import __version__, exit_process
 
 
 def _name_the_cpu_accelerator() -> None:
@@ -31,13 +32,18 @@ def _name_the_cpu_accelerator() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-_name_the_cpu_accelerator()
-# DeepSpeed's logger binds to the stdout of its import time; bind it to stderr so that stdout carries
-# only command output (moe-dist params --json | jq ...).
-with contextlib.redirect_stdout(sys.stderr):
-    import deepspeed  # noqa: F401
+def load_stack() -> None:
+    """Import DeepSpeed, once, before a command that uses torch: after naming the CPU accelerator, and
+    with DeepSpeed's logger bound to stderr (it binds to the stdout of its import time), so that stdout
+    carries only command output (moe-dist params --json | jq ...). ``main`` calls it unless a command
+    says it needs no torch (``set_defaults(needs_stack=False)``), so that --help, a usage error and
+    ``hostfile`` answer in a fraction of a second instead of the ~3 s the import takes."""
+    if "deepspeed" in sys.modules:
+        return
+    _name_the_cpu_accelerator()
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
 
-from .. import __version__, exit_process  # noqa: E402
 
 # subcommand name -> module under moe_dist.cli (imported when the parser is built)
 COMMANDS = {
@@ -76,6 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if getattr(args, "needs_stack", True):
+        load_stack()
     try:
         return int(args.func(args) or 0)
     except ValueError as err:  # configuration errors: one clear line, no traceback

@@ -36,4 +36,4 @@ def add(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--nodelist", help="SLURM compressed host list, e.g. gpu[01-03,07]")
     group.add_argument("--hosts", nargs="+", help="host names")
     p.add_argument("--out", help="file to write (default: stdout)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, needs_stack=False)

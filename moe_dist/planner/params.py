@@ -14,9 +14,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-import torch
-from torch import nn
-
 REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size
 
 
@@ -85,9 +82,11 @@ class ModelFacts:
         return out
 
 
-def _tagged_meta(numel: int, group_name: str) -> nn.Parameter:
+def _tagged_meta(numel: int, group_name: str):
     """A meta stand-in for a rank's slice of an expert tensor, tagged as experts.py tags experts."""
-    p = nn.Parameter(torch.empty(numel, device="meta"))
+    import torch  # here, not at the top: the planner's arithmetic (and moe-dist --help) needs no torch
+
+    p = torch.nn.Parameter(torch.empty(numel, device="meta"))
     p.allreduce, p.group_name = False, group_name
     return p
 
@@ -104,6 +103,8 @@ def _moe_layers(cfg) -> Tuple[MoELayerShape, ...]:
 
 def model_facts(run_cfg) -> ModelFacts:
     """``ModelFacts`` of a run config's model (built on the meta device: an L/14 MoE costs no memory)."""
+    import torch
+
     from ..engine.optim import build_optimizer
     from ..models import build_model
     from ..models.params import count_flops, count_params

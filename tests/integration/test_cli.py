@@ -16,6 +16,19 @@ def test_moe_dist_help_lists_subcommands():
     assert "version" in res.stdout and "usage: moe-dist" in res.stdout
 
 
+def test_help_and_hostfile_do_not_import_torch():
+    """What needs no torch answers without importing it (~3 s with DeepSpeed); every other command
+    imports DeepSpeed first, with its logger on stderr."""
+    probe = ("import sys\nfrom moe_dist.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print('loaded:', sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
+    res = _run(sys.executable, "-c", probe, "hostfile", "--slots", "2", "--nodelist", "gpu[01-02]")
+    assert res.stdout == "gpu01 slots=2\ngpu02 slots=2\nloaded: []\n", res
+    res = _run(sys.executable, "-c", probe, "--help")
+    assert "usage: moe-dist" in res.stdout and res.stdout.endswith("loaded: []\n"), res
+    res = _run(sys.executable, "-c", probe, "version")
+    assert res.stdout.endswith("loaded: ['deepspeed', 'torch']\n"), res
+
+
 def test_moe_dist_version_reports_package_and_stack():
     res = _run("moe-dist", "version")
     assert res.returncode == 0, res.stderr
