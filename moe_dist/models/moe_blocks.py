@@ -19,12 +19,15 @@ name or state-dict key:
         ``torch.compiler.disable`` (``MoEMLP.forward``), so attention, norms, residuals and dense MLPs
         compile into graphs around it. MoE-CLIP's text blocks see the batch's caption length (the tower
         stops at the last EOS): the second length they meet recompiles them once with a dynamic length.
+        Each kind of block (tower, block class, MLP class) compiles its own copy of the forward, so that
+        no kind shares dynamo's per-code-object cache (and its limit of 8 graphs) with the others.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
@@ -155,13 +158,30 @@ def configure_blocks(module: nn.Module, activation_checkpointing: str = "none", 
         m.checkpoint = activation_checkpointing == "moe"
     if activation_checkpointing != "blocks" and not compile:
         return
-    for block in transformer_blocks(module):
-        forward = block.forward
-        if compile:
-            forward = torch.compile(forward)
-        if activation_checkpointing == "blocks":
-            forward = functools.partial(_checkpointed_forward, forward, list(moe_mlps(block)))
-        block.forward = forward  # an instance attribute: parameter names and state-dict keys stay
+    kinds: Dict[tuple, object] = {}  # (tower, block class, mlp class) -> that kind's copy of the forward
+    for tower in [m for m in module.modules() if isinstance(getattr(m, "resblocks", None), nn.ModuleList)]:
+        for block in tower.resblocks:
+            _configure_block(block, tower, activation_checkpointing, compile, kinds)
+
+
+def _configure_block(block: nn.Module, tower: nn.Module, activation_checkpointing: str, compile: bool,
+                     kinds: Dict[tuple, object]) -> None:
+    forward = block.forward
+    if compile:
+        # torch.compile keeps its graphs, and its limit of 8 recompilations, per code object, and every
+        # block of every tower runs the one ResidualAttentionBlock.forward: dense and MoE blocks, vision
+        # (fixed length, no mask) and text (causal mask, lengths that vary per batch), training and eval
+        # need more variants than that, so past the limit blocks ran eager behind a chain of failing
+        # guards. Each kind of block gets its own copy of the function: its own cache of 2-4 graphs.
+        kind = (id(tower), type(block), type(getattr(block, "mlp", None)))
+        if kind not in kinds:
+            fn = type(block).forward
+            kinds[kind] = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                             fn.__closure__)
+        forward = torch.compile(types.MethodType(kinds[kind], block))
+    if activation_checkpointing == "blocks":
+        forward = functools.partial(_checkpointed_forward, forward, list(moe_mlps(block)))
+    block.forward = forward  # an instance attribute: parameter names and state-dict keys stay
 
 
 def _checkpointed_forward(forward, mlps: List[MoEMLP], *args, **kwargs):

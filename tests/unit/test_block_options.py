@@ -1,12 +1,14 @@
 """Activation checkpointing and torch.compile per block (``configure_blocks``): the same loss, aux losses,
 routing stats and gradients as the plain model, and checkpointing really saves less for backward."""
 
+import functools
+
 import pytest
 import torch
 
 from moe_dist.models import create_model
 from moe_dist.models.loss import ContrastiveLoss
-from moe_dist.models.moe_blocks import configure_blocks, moe_mlps
+from moe_dist.models.moe_blocks import configure_blocks, moe_mlps, transformer_blocks
 
 # gumbel noise and random drop priority draw from the RNG in the MoE layer: the recomputation in backward
 # must replay the same draws (checkpoint restores the RNG state) or routing, and so gradients, would differ
@@ -106,3 +108,27 @@ def test_compiled_blocks_equal_eager():
     assert grads.keys() == grads_c.keys() and any("experts" in n for n in grads)
     for n in grads:
         torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_every_kind_of_block_compiles_into_its_own_cache(monkeypatch):
+    """torch.compile keeps at most 8 graphs (recompile_limit) per code object, and every open_clip block
+    runs the same forward. MoE-CLIP's dense and MoE blocks in two towers, with caption lengths that vary
+    per batch, in training and in eval need more than 8; past the limit blocks fell back to eager. Each
+    kind of block now compiles its own copy of the forward, so none reaches the limit (dynamo raises here
+    if one does). Dynamo's "eager" backend: this checks the caching, not inductor's kernels."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = create_model("moe-clip-tiny").train()
+    configure_blocks(model, compile=True)
+    batches = [_batch(model.cfg, seed=seed) for seed in range(3)]
+    assert len({int((text != model.cfg.text.pad_id).sum(1).max()) for _, text in batches}) > 1  # lengths vary
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for images, text in batches:
+            ContrastiveLoss(model.cfg.loss)(model(images, text)).total.backward()
+        with torch.no_grad():
+            for images, text in batches:
+                model.eval()(images, text)
+    blocks = transformer_blocks(model)
+    kinds = {id(block.forward.__wrapped__.__func__.__code__) for block in blocks}  # copies compare equal
+    assert len(kinds) == 4 and len(blocks) == 8  # vision and text x dense and MoE
