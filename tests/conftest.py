@@ -42,8 +42,12 @@ def pytest_sessionstart(session):
     import glob
     import subprocess
 
+    from moe_dist.cli import load_stack
     from moe_dist.cli.quickstart import extensions_dir
 
+    # what every moe-dist command does first: the CPU accelerator named (in os.environ, so the test's
+    # child processes inherit it) and DeepSpeed's logger bound to the real stderr, not to a test's capture
+    load_stack()
     session.config.stash[_SHM_AT_START] = set(glob.glob(SHM_WORKSPACES))
 
     os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()

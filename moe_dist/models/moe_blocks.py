@@ -173,12 +173,14 @@ def _configure_block(block: nn.Module, tower: nn.Module, activation_checkpointin
         # (fixed length, no mask) and text (causal mask, lengths that vary per batch), training and eval
         # need more variants than that, so past the limit blocks ran eager behind a chain of failing
         # guards. Each kind of block gets its own copy of the function: its own cache of 2-4 graphs.
-        kind = (id(tower), type(block), type(getattr(block, "mlp", None)))
-        if kind not in kinds:
-            fn = type(block).forward
-            kinds[kind] = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                                             fn.__closure__)
-        forward = torch.compile(types.MethodType(kinds[kind], block))
+        fn = getattr(forward, "__func__", None)  # the class's forward; an instance's own is compiled as is
+        kind = (id(tower), type(block), type(getattr(block, "mlp", None)), fn)
+        if fn is not None and kind not in kinds:
+            copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                      fn.__closure__)
+            copy.__kwdefaults__, copy.__dict__ = fn.__kwdefaults__, dict(fn.__dict__)
+            kinds[kind] = copy
+        forward = torch.compile(forward if fn is None else types.MethodType(kinds[kind], block))
     if activation_checkpointing == "blocks":
         forward = functools.partial(_checkpointed_forward, forward, list(moe_mlps(block)))
     block.forward = forward  # an instance attribute: parameter names and state-dict keys stay

@@ -19,14 +19,17 @@ def test_moe_dist_help_lists_subcommands():
 def test_help_and_hostfile_do_not_import_torch():
     """What needs no torch answers without importing it (~3 s with DeepSpeed); every other command
     imports DeepSpeed first, with its logger on stderr."""
-    probe = ("import sys\nfrom moe_dist.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-             "print('loaded:', sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
+    probe = ("import logging, sys\nfrom moe_dist.cli import main\ntry:\n    main(sys.argv[1:])\n"
+             "except SystemExit:\n    pass\n"
+             "print('loaded:', sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))\n"
+             "print('logs to stderr:', [h.stream is sys.stderr for h in logging.getLogger('DeepSpeed').handlers])")
     res = _run(sys.executable, "-c", probe, "hostfile", "--slots", "2", "--nodelist", "gpu[01-02]")
-    assert res.stdout == "gpu01 slots=2\ngpu02 slots=2\nloaded: []\n", res
+    assert res.stdout == "gpu01 slots=2\ngpu02 slots=2\nloaded: []\nlogs to stderr: []\n", res
     res = _run(sys.executable, "-c", probe, "--help")
-    assert "usage: moe-dist" in res.stdout and res.stdout.endswith("loaded: []\n"), res
+    assert "usage: moe-dist" in res.stdout and res.stdout.endswith("loaded: []\nlogs to stderr: []\n"), res
     res = _run(sys.executable, "-c", probe, "version")
-    assert res.stdout.endswith("loaded: ['deepspeed', 'torch']\n"), res
+    # version imports DeepSpeed itself; load_stack has imported it before, with the logger on stderr
+    assert res.stdout.endswith("loaded: ['deepspeed', 'torch']\nlogs to stderr: [True]\n"), res
 
 
 def test_moe_dist_version_reports_package_and_stack():
