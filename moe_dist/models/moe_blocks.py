@@ -158,7 +158,7 @@ def configure_blocks(module: nn.Module, activation_checkpointing: str = "none", 
         m.checkpoint = activation_checkpointing == "moe"
     if activation_checkpointing != "blocks" and not compile:
         return
-    kinds: Dict[tuple, object] = {}  # (tower, block class, mlp class) -> that kind's copy of the forward
+    kinds: Dict[tuple, object] = {}  # (tower, block class, mlp class, forward) -> its copy of the forward
     for tower in [m for m in module.modules() if isinstance(getattr(m, "resblocks", None), nn.ModuleList)]:
         for block in tower.resblocks:
             _configure_block(block, tower, activation_checkpointing, compile, kinds)
