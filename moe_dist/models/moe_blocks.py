@@ -19,8 +19,9 @@ name or state-dict key:
         ``torch.compiler.disable`` (``MoEMLP.forward``), so attention, norms, residuals and dense MLPs
         compile into graphs around it. MoE-CLIP's text blocks see the batch's caption length (the tower
         stops at the last EOS): the second length they meet recompiles them once with a dynamic length.
-        Each kind of block (tower, block class, MLP class) compiles its own copy of the forward, so that
-        no kind shares dynamo's per-code-object cache (and its limit of 8 graphs) with the others.
+        Each kind of block (block list, block class, MLP class) compiles its own copy of the forward, so
+        that no kind shares dynamo's per-code-object cache (and its limit of 8 graphs) with the others.
+        The blocks are every Transformer's ``resblocks`` and a CoCa decoder's ``cross_attn`` blocks.
 """
 
 from __future__ import annotations
@@ -138,10 +139,16 @@ def collect_moe_outputs(module: nn.Module, like: torch.Tensor) -> MoEAux:
 CHECKPOINT_MODES = ("none", "blocks", "moe")
 
 
+def _block_lists(module: nn.Module) -> List[nn.ModuleList]:
+    """The block lists under ``module``: each Transformer's ``resblocks`` and a CoCa decoder's
+    ``cross_attn`` (MultimodalTransformer), in module order."""
+    lists = [getattr(m, name, None) for m in module.modules() for name in ("resblocks", "cross_attn")]
+    return [blocks for blocks in lists if isinstance(blocks, nn.ModuleList)]
+
+
 def transformer_blocks(module: nn.Module) -> List[nn.Module]:
-    """Every open_clip transformer block under ``module`` (the ``resblocks`` of each Transformer)."""
-    return [block for m in module.modules() if isinstance(getattr(m, "resblocks", None), nn.ModuleList)
-            for block in m.resblocks]
+    """Every open_clip transformer block under ``module`` (``_block_lists``)."""
+    return [block for blocks in _block_lists(module) for block in blocks]
 
 
 def configure_blocks(module: nn.Module, activation_checkpointing: str = "none", compile: bool = False) -> None:
@@ -158,13 +165,13 @@ def configure_blocks(module: nn.Module, activation_checkpointing: str = "none", 
         m.checkpoint = activation_checkpointing == "moe"
     if activation_checkpointing != "blocks" and not compile:
         return
-    kinds: Dict[tuple, object] = {}  # (tower, block class, mlp class, forward) -> its copy of the forward
-    for tower in [m for m in module.modules() if isinstance(getattr(m, "resblocks", None), nn.ModuleList)]:
-        for block in tower.resblocks:
-            _configure_block(block, tower, activation_checkpointing, compile, kinds)
+    kinds: Dict[tuple, object] = {}  # (block list, block class, mlp class, forward) -> its copy of the forward
+    for blocks in _block_lists(module):
+        for block in blocks:
+            _configure_block(block, blocks, activation_checkpointing, compile, kinds)
 
 
-def _configure_block(block: nn.Module, tower: nn.Module, activation_checkpointing: str, compile: bool,
+def _configure_block(block: nn.Module, siblings: nn.ModuleList, activation_checkpointing: str, compile: bool,
                      kinds: Dict[tuple, object]) -> None:
     forward = block.forward
     if compile:
@@ -174,7 +181,7 @@ def _configure_block(block: nn.Module, tower: nn.Module, activation_checkpointin
         # need more variants than that, so past the limit blocks ran eager behind a chain of failing
         # guards. Each kind of block gets its own copy of the function: its own cache of 2-4 graphs.
         fn = getattr(forward, "__func__", None)  # the class's forward; an instance's own is compiled as is
-        kind = (id(tower), type(block), type(getattr(block, "mlp", None)), fn)
+        kind = (id(siblings), type(block), type(getattr(block, "mlp", None)), fn)
         if fn is not None and kind not in kinds:
             copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                                       fn.__closure__)

@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 
-from moe_dist.models import create_model
+from moe_dist.models import build_loss, create_model
 from moe_dist.models.loss import ContrastiveLoss
 from moe_dist.models.moe_blocks import configure_blocks, moe_mlps, transformer_blocks
 
@@ -132,3 +132,35 @@ def test_every_kind_of_block_compiles_into_its_own_cache(monkeypatch):
     blocks = transformer_blocks(model)
     kinds = {id(block.forward.__wrapped__.__func__.__code__) for block in blocks}  # copies compare equal
     assert len(kinds) == 4 and len(blocks) == 8  # vision and text x dense and MoE
+
+
+def test_coca_cross_attention_blocks_are_checkpointed_and_compiled_too(monkeypatch):
+    """CoCa's decoder alternates self-attention blocks (``resblocks``) and cross-attention blocks
+    (``cross_attn``, with MoE MLPs here, called with the image tokens as keyword arguments): "blocks"
+    recomputes both kinds, compile (dynamo's eager backend: the tracing, not the kernels) wraps both, and
+    the loss parts and gradients stay those of the plain model."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    results = []
+    for mode, compile in (("none", False), ("blocks", False), ("blocks", True)):
+        torch.manual_seed(0)
+        model = create_model("coca-tiny", overrides={
+            "text": {"tokenizer": "openclip-bpe", "vocab_size": 64, "context_length": 12}}).train()
+        configure_blocks(model, mode, compile)
+        images, text = _batch(model.cfg)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(*_counter(saved)):
+            result = build_loss(model.cfg)(model(images, text))
+        result.total.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((result.parts, grads, sum(saved)))
+    cross = list(model.decoder.cross_attn)
+    assert cross and all("forward" in block.__dict__ for block in cross)  # configured, like the resblocks
+    (parts, grads, saved), *others = results
+    assert any(n.startswith("decoder.cross_attn.") and "experts" in n for n in grads)
+    for parts_c, grads_c, _ in others:
+        for k in parts:
+            torch.testing.assert_close(parts_c[k], parts[k], rtol=1e-5, atol=1e-6, msg=k)
+        assert grads.keys() == grads_c.keys()
+        for n in grads:
+            torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert others[0][2] < 0.5 * saved
