@@ -26,7 +26,7 @@ from torch import nn
 from .config import MoEConfig
 from .dispatch import TokenDispatcher, build_capacity_policy
 from .experts import GroupedExperts
-from .losses import router_losses, routing_stats
+from .losses import summarize
 from .router import build_router
 
 _DS_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts.{}.{}"
@@ -143,15 +143,15 @@ class MoELayer(_DeepSpeedMoE):
         if self.shared_mlp is not None:
             y_TD = y_TD + self.shared_mlp(x_TD) * routing.token_mask_T[:, None].to(x_TD.dtype)
 
-        losses = router_losses(routing)
         cfg = self.config
         coefs = {"load_balance": cfg.load_balance_coef, "z_loss": cfg.z_loss_coef,
                  "entropy_local": cfg.entropy_local_coef, "entropy_global": cfg.entropy_global_coef}
-        aux_loss = sum(coefs[name] * loss for name, loss in losses.items() if coefs[name] > 0)
+        weighted = [name for name, coef in coefs.items() if coef > 0]
+        summary = summarize(routing, kept_TK, differentiate=weighted)  # the others are reported, not differentiated
+        aux_loss = sum(coefs[name] * summary.losses[name] for name in weighted)
         if not torch.is_tensor(aux_loss):
             aux_loss = routing.probs_TE.sum() * 0.0
-        stats = routing_stats(routing, kept_TK)
-        return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), aux_loss, losses, stats)
+        return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), aux_loss, summary.losses, summary.stats)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -1,6 +1,7 @@
 """Auxiliary router losses and routing statistics, computed on real (non-padding) tokens only.
 
-Shape legend: T tokens, E experts, K slots per token.
+Shape legend: T tokens, E experts, K slots per token, G token groups (the layer's modalities, then one
+group of all real tokens), C per-token columns.
 
 All losses are unweighted here; ``MoELayer`` multiplies them by the coefficients in ``MoEConfig``.
     load_balance   E * sum_e f_e * P_e  (Switch/GShard). f_e: share of the selected (token, expert)
@@ -10,89 +11,112 @@ All losses are unweighted here; ``MoELayer`` multiplies them by the coefficients
     entropy_local  sum over modalities m of mean_{t in m} H(p_t)       (LIMoE; low = confident tokens)
     entropy_global sum over modalities m of -H(mean_{t in m} p_t)      (LIMoE; low = experts all used)
 Without a modality tensor all tokens form one group.
+
+One pass computes all of it (``summarize``):
+    1. per-token columns: p_t, H(p_t), logsumexp(logits_t)^2, and the one-hot selected and kept
+       experts of token t;
+    2. their means (and the counts' sums) per group: [G, T] x [T, C] products in float64 (counts stay
+       exact, and TF32 never applies);
+    3. losses and statistics from those sums.
+A layer call therefore runs a fixed few dozen operators, whatever the number of modalities: where the
+host launches every kernel (a GPU step waits on the host, docs/performance.md) the operator count is the
+cost. A column whose losses are not differentiated (coefficient 0) is detached, so backward never runs
+through it.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterable
 
 import torch
 
-from .router import MODALITY_NAMES, Routing, count_per_expert
+from .router import MODALITY_NAMES, Routing
+
+LOSSES = ("load_balance", "z_loss", "entropy_local", "entropy_global")
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """Entropy along the last dim; 0*log(0) = 0 with finite gradients."""
     logp = torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
-    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)
 
 
-def _groups(routing: Routing) -> Iterator[Tuple[Optional[str], torch.Tensor]]:
-    """(modality name or None, [T] bool mask of real tokens) for each modality group."""
-    if routing.modality_T is None:
-        yield None, routing.token_mask_T
-        return
-    for mod_id in routing.modalities:
-        yield MODALITY_NAMES[mod_id], routing.token_mask_T & (routing.modality_T == mod_id)
+@dataclass
+class RoutingSummary:
+    """What ``summarize`` returns.
 
-
-def _masked_mean(v_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
-    return (v_T * mask_T).sum() / mask_T.sum().clamp_min(1)
-
-
-def router_losses(routing: Routing) -> Dict[str, torch.Tensor]:
-    """The unweighted auxiliary losses (scalars) of one routing decision."""
-    mask_T = routing.token_mask_T
-    E = routing.probs_TE.shape[-1]
-    probs_TE = routing.probs_TE * mask_T[:, None]
-    counts_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device)
-    counts_E.index_add_(0, routing.experts_TK.flatten(), routing.valid_TK.flatten().to(probs_TE.dtype))
-    f_E = counts_E / counts_E.sum().clamp_min(1)
-    P_E = probs_TE.sum(0) / mask_T.sum().clamp_min(1)
-    lse_T = torch.logsumexp(routing.logits_TE, dim=-1)
-    losses = {
-        "load_balance": E * (f_E * P_E).sum(),
-        "z_loss": _masked_mean(lse_T.square(), mask_T),
-    }
-    ent_T = entropy(routing.probs_TE)
-    local, global_ = [], []
-    # An empty modality group adds exactly 0 (with a zero gradient), so no emptiness check waits for the device.
-    for _, group_T in _groups(routing):
-        local.append(_masked_mean(ent_T, group_T))
-        mean_p_E = (routing.probs_TE * group_T[:, None]).sum(0) / group_T.sum().clamp_min(1)
-        global_.append(-entropy(mean_p_E))
-    zero = probs_TE.sum() * 0
-    losses["entropy_local"] = torch.stack(local).sum() if local else zero
-    losses["entropy_global"] = torch.stack(global_).sum() if global_ else zero
-    return losses
-
-
-@torch.no_grad()
-def routing_stats(routing: Routing, kept_TK: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Detached statistics, overall and per modality ("name/image", "name/text", and "name/cross" when the
-    layer's config has three modalities).
-
-    tokens_per_expert: [E] assignments kept per expert; routed_per_expert: [E] before drops;
-    dropped_fraction: dropped / selected assignments; router_entropy: mean H(p_t) over tokens.
+    Attributes:
+        losses: name in ``LOSSES`` -> unweighted scalar loss (in the router's dtype).
+        stats: detached statistics, overall and per modality ("name/image", "name/text", and
+            "name/cross" when the layer's config has three modalities): tokens_per_expert [E] assignments
+            kept per expert; routed_per_expert [E] before drops; dropped_fraction: dropped / selected
+            assignments; router_entropy: mean H(p_t) over tokens; num_tokens.
     """
-    E = routing.probs_TE.shape[-1]
-    ent_T = entropy(routing.probs_TE)
+
+    losses: Dict[str, torch.Tensor]
+    stats: Dict[str, torch.Tensor]
+
+
+def _column(t: torch.Tensor, differentiate: bool) -> torch.Tensor:
+    return t if differentiate else t.detach()
+
+
+def summarize(routing: Routing, kept_TK: torch.Tensor, differentiate: Iterable[str] = LOSSES) -> RoutingSummary:
+    """The losses and statistics of one routing decision (see the module docstring).
+
+    Args:
+        routing: the router's decision.
+        kept_TK: [T, K] bool, the assignments the capacity policy kept (``routing.valid_TK`` when dropless).
+        differentiate: the losses that need a gradient (the others are computed detached).
+    """
+    wanted = set(differentiate) if torch.is_grad_enabled() else set()
+    probs_TE, mask_T, mod_T = routing.probs_TE, routing.token_mask_T, routing.modality_T
+    T, E = probs_TE.shape
+    dtype = probs_TE.dtype
+    # 1. per-token columns
+    ent_T = entropy(_column(probs_TE, "entropy_local" in wanted))
+    lse2_T = torch.logsumexp(_column(routing.logits_TE, "z_loss" in wanted), dim=-1).square()
+    probs_col = _column(probs_TE, bool(wanted & {"load_balance", "entropy_global"}))
+    values_TC = torch.cat([probs_col, ent_T[:, None], lse2_T[:, None]], 1).to(torch.float64)
+    onehot_TE = torch.zeros(T, E, dtype=torch.float64, device=probs_TE.device)
+    selected_TE = onehot_TE.scatter_add(1, routing.experts_TK, routing.valid_TK.to(torch.float64))
+    counted = [selected_TE]
+    if kept_TK is not routing.valid_TK:  # capacity drops: kept is a subset of selected
+        counted.append(onehot_TE.scatter_add_(1, routing.experts_TK, kept_TK.to(torch.float64)))
+    # 2. sums per group; the last group is every real token
+    if mod_T is None:
+        member_TG = mask_T[:, None]
+        names = [None]
+    else:
+        G = len(routing.modalities)  # MoEConfig.modalities: ids 0 .. G-1
+        member_TG = torch.cat([mod_T[:, None] == torch.arange(G, device=mod_T.device), mask_T[:, None]], 1)
+        member_TG = member_TG & mask_T[:, None]
+        names = [MODALITY_NAMES[m] for m in routing.modalities] + [None]
+    member_GT = member_TG.t().to(torch.float64)
+    with torch.no_grad():
+        counts_GC = member_GT @ torch.cat([torch.ones_like(lse2_T, dtype=torch.float64)[:, None], *counted], 1)
+        n_G = counts_GC[:, 0]
+        selected_GE = counts_GC[:, 1:E + 1]
+        kept_GE = counts_GC[:, E + 1:] if len(counted) > 1 else selected_GE
+    means_GC = ((member_GT / n_G.clamp_min(1)[:, None]) @ values_TC).to(dtype)
+    mean_p_GE, mean_ent_G1, mean_lse2_G1 = means_GC.split([E, 1, 1], dim=1)
+    # 3. losses and statistics from the sums
+    f_E = (selected_GE[-1] / selected_GE[-1].sum().clamp_min(1)).to(dtype)
+    per_modality = slice(None) if mod_T is None else slice(0, -1)  # the entropy losses' groups
+    losses = {
+        "load_balance": E * (f_E * mean_p_GE[-1]).sum(),
+        "z_loss": mean_lse2_G1[-1, 0],
+        "entropy_local": mean_ent_G1[per_modality].sum(),
+        "entropy_global": -entropy(mean_p_GE[per_modality]).sum(),
+    }
+    with torch.no_grad():
+        dropped_G = (1.0 - kept_GE.sum(1) / selected_GE.sum(1).clamp_min(1)).to(dtype)
+        columns = {"routed_per_expert": selected_GE.long(), "tokens_per_expert": kept_GE.long(),
+                   "dropped_fraction": dropped_G, "router_entropy": mean_ent_G1.detach()[:, 0],
+                   "num_tokens": n_G.long()}
     stats: Dict[str, torch.Tensor] = {}
-    for name, group_T in _groups(routing):
-        suffix = "" if name is None else f"/{name}"
-        sel_TK = routing.valid_TK & group_T[:, None]
-        kept = kept_TK & group_T[:, None]
-        routed_E = count_per_expert(routing.experts_TK, sel_TK, E)
-        kept_E = count_per_expert(routing.experts_TK, kept, E)
-        stats["routed_per_expert" + suffix] = routed_E
-        stats["tokens_per_expert" + suffix] = kept_E
-        stats["dropped_fraction" + suffix] = 1.0 - kept_E.sum() / routed_E.sum().clamp_min(1)
-        stats["router_entropy" + suffix] = _masked_mean(ent_T, group_T)
-        stats["num_tokens" + suffix] = group_T.sum()
-    if routing.modality_T is not None:
-        for key in ("routed_per_expert", "tokens_per_expert", "num_tokens"):
-            stats[key] = sum(stats[f"{key}/{MODALITY_NAMES[m]}"] for m in routing.modalities)
-        routed = stats["routed_per_expert"].sum().clamp_min(1)
-        stats["dropped_fraction"] = 1.0 - stats["tokens_per_expert"].sum() / routed
-        stats["router_entropy"] = _masked_mean(ent_T, routing.token_mask_T)
-    return stats
+    for key, column in columns.items():
+        for name, row in zip(names, column.unbind(0)):
+            stats[key + ("" if name is None else f"/{name}")] = row
+    return RoutingSummary(losses, stats)

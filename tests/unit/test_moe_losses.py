@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moe_dist.moe import MoEConfig, MoELayer
+from moe_dist.moe import MODALITY_NAMES, MoEConfig, MoELayer
 
 LN3 = math.log(3.0)
 
@@ -120,3 +120,91 @@ def test_router_noise_only_in_training():
     assert torch.equal(a, b)
     layer.train()
     assert not torch.equal(layer.router.gate_logits(x), a)
+
+
+def _reference_summary(routing, kept_TK):
+    """The losses and stats of the module docstring, token by token in float64 (no fused sums)."""
+    probs = routing.probs_TE.double()
+    T, E = probs.shape
+    real = [t for t in range(T) if routing.token_mask_T[t]]
+
+    def H(p):
+        return -sum(float(v) * math.log(float(v)) for v in p if v > 0)
+
+    def group(tokens):
+        routed, kept = [0] * E, [0] * E
+        for t in tokens:
+            for k in range(routing.experts_TK.shape[1]):
+                e = int(routing.experts_TK[t, k])
+                routed[e] += bool(routing.valid_TK[t, k])
+                kept[e] += bool(kept_TK[t, k])
+        n = max(len(tokens), 1)
+        mean_p = [sum(float(probs[t, e]) for t in tokens) / n for e in range(E)]
+        return {"routed_per_expert": routed, "tokens_per_expert": kept, "num_tokens": len(tokens),
+                "dropped_fraction": 1 - sum(kept) / max(sum(routed), 1),
+                "router_entropy": sum(H(probs[t]) for t in tokens) / n}, mean_p
+
+    everyone, mean_p_all = group(real)
+    stats = dict(everyone)
+    groups = [real]
+    if routing.modality_T is not None:
+        groups = [[t for t in real if int(routing.modality_T[t]) == m] for m in routing.modalities]
+        for m, tokens in zip(routing.modalities, groups):
+            stats.update({f"{key}/{MODALITY_NAMES[m]}": v for key, v in group(tokens)[0].items()})
+    f = [r / max(sum(everyone["routed_per_expert"]), 1) for r in everyone["routed_per_expert"]]
+    lse = torch.logsumexp(routing.logits_TE.double(), -1)
+    losses = {"load_balance": E * sum(fe * pe for fe, pe in zip(f, mean_p_all)),
+              "z_loss": sum(float(lse[t]) ** 2 for t in real) / max(len(real), 1),
+              "entropy_local": sum(group(tokens)[0]["router_entropy"] for tokens in groups),
+              "entropy_global": -sum(H(group(tokens)[1]) for tokens in groups)}
+    return losses, stats
+
+
+_SUMMARY_CASES = [dict(dropless=True), dict(dropless=False, capacity_factor=0.75, min_capacity=1),
+                  dict(router="threshold", max_k=3, threshold=0.2, dropless=False, capacity_factor=1.0)]
+
+
+@pytest.mark.parametrize("case, with_modality", [
+    *[(case, False) for case in _SUMMARY_CASES], *[(case, True) for case in _SUMMARY_CASES],
+    (dict(num_experts=6, dropless=False, capacity_factor=0.5, min_capacity=1, modality_experts=(1, 1, 1)), True),
+])
+def test_fused_summary_equals_token_by_token_reference(case, with_modality):
+    """summarize's fused per-group sums give what the module docstring defines, per token, including an
+    empty modality group (three modalities, no "cross" token), padding and capacity drops."""
+    torch.manual_seed(3)
+    cfg = MoEConfig(**{"hidden_size": 8, "ffn_hidden_size": 16, "num_experts": 4, "top_k": 2, **case})
+    layer = MoELayer(cfg).double()
+    x = torch.randn(30, 8, dtype=torch.float64) * 2
+    # modality 1 only on real tokens below 10; with three modalities no token is "cross" (an empty group)
+    modality = (torch.arange(30) < 10).long() if with_modality else None
+    padding = torch.arange(30) % 7 == 3
+    out = layer(x, modality=modality, padding_mask=padding)
+    routing = layer.router(x, modality, ~padding)
+    want_losses, want_stats = _reference_summary(routing, layer.policy.keep(routing, True))
+    assert set(out.losses) == set(want_losses) and set(out.stats) == set(want_stats)
+    for name, value in want_losses.items():
+        assert float(out.losses[name]) == pytest.approx(value, rel=1e-12, abs=1e-12), name
+    for name, value in want_stats.items():
+        got = out.stats[name]
+        if isinstance(value, list) or isinstance(value, int):
+            assert got.dtype == torch.long and got.tolist() == value, name
+        else:
+            assert float(got) == pytest.approx(value, rel=1e-12, abs=1e-12), name
+
+
+def test_only_weighted_losses_are_differentiated():
+    """A loss with coefficient 0 is reported but backward never runs through its own columns: with
+    only z_loss weighted, the router's gradient is z_loss's alone (probabilities and entropies detached)."""
+    torch.manual_seed(0)
+    base = dict(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=1, dropless=True)
+    x = torch.randn(20, 8, dtype=torch.float64)
+    only_z = MoELayer(MoEConfig(**base, load_balance_coef=0.0, z_loss_coef=1.0)).double()
+    out = only_z(x, modality=torch.zeros(20, dtype=torch.long))
+    grad_fused = torch.autograd.grad(out.aux_loss, only_z.router.proj.weight)[0]
+    logits = only_z.router.gate_logits(x)
+    grad_ref = torch.autograd.grad(torch.logsumexp(logits, -1).square().mean(), only_z.router.proj.weight)[0]
+    assert torch.allclose(grad_fused, grad_ref, rtol=1e-12, atol=1e-14)
+    # nothing weighted: no loss carries a graph at all
+    none = MoELayer(MoEConfig(**base, load_balance_coef=0.0, z_loss_coef=0.0)).double()
+    out = none(x)
+    assert not any(loss.requires_grad for loss in out.losses.values())
