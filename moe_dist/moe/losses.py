@@ -76,7 +76,7 @@ def summarize(routing: Routing, kept_TK: torch.Tensor, differentiate: Iterable[s
     dtype = probs_TE.dtype
     # 1. per-token columns
     ent_T = entropy(_column(probs_TE, "entropy_local" in wanted))
-    lse2_T = torch.logsumexp(_column(routing.logits_TE, "z_loss" in wanted), dim=-1).square()
+    lse2_T = _column(routing.lse_T, "z_loss" in wanted).square()
     probs_col = _column(probs_TE, bool(wanted & {"load_balance", "entropy_global"}))
     values_TC = torch.cat([probs_col, ent_T[:, None], lse2_T[:, None]], 1).to(torch.float64)
     onehot_TE = torch.zeros(T, E, dtype=torch.float64, device=probs_TE.device)

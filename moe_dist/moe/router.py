@@ -63,7 +63,8 @@ class Routing:
 
     Attributes:
         logits_TE: gate logits after modality masking (-inf for forbidden experts), fp32.
-        probs_TE: softmax of ``logits_TE``.
+        lse_T: logsumexp of ``logits_TE`` (the z-loss's, and the softmax's normaliser).
+        probs_TE: softmax of ``logits_TE``, as exp(logits - lse).
         experts_TK: chosen expert per slot (long); slots with ``valid_TK`` False are unused.
         weights_TK: gate weight per slot (fp32), 0 where not valid.
         valid_TK: slot is used; always False for padding tokens.
@@ -73,6 +74,7 @@ class Routing:
     """
 
     logits_TE: torch.Tensor
+    lse_T: torch.Tensor
     probs_TE: torch.Tensor
     experts_TK: torch.Tensor
     weights_TK: torch.Tensor
@@ -146,7 +148,10 @@ class Router(nn.Module):
         allowed_TE = allowed_experts_mask(self.cfg, modality_T, x_TD.device)
         if allowed_TE is not None:
             logits_TE = logits_TE.masked_fill(~allowed_TE, float("-inf"))
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        # exp(logits - lse), not torch.softmax: the z-loss needs lse anyway, and CPU softmax over a last dim
+        # of E is slow (4,160 x 8: 253 us against 117 us for both logsumexp and exp)
+        lse_T = torch.logsumexp(logits_TE, dim=-1)
+        probs_TE = torch.exp(logits_TE - lse_T[:, None])
         if self.cfg.force_balanced:
             experts_TK, valid_TK = self._balanced(T, allowed_TE, x_TD.device)
         else:
@@ -156,7 +161,7 @@ class Router(nn.Module):
         weights_TK = weights_TK * valid_TK
         if self.cfg.renormalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(weights_TK.dtype).tiny)
-        return Routing(logits_TE, probs_TE, experts_TK, weights_TK, valid_TK, token_mask_T, modality_T,
+        return Routing(logits_TE, lse_T, probs_TE, experts_TK, weights_TK, valid_TK, token_mask_T, modality_T,
                        self.cfg.modalities)
 
     def select(self, probs_TE: torch.Tensor):
@@ -178,7 +183,10 @@ class Router(nn.Module):
 
 class TopKRouter(Router):
     def select(self, probs_TE):
-        experts_TK = probs_TE.topk(self.cfg.top_k, dim=-1).indices
+        if self.cfg.top_k == 1:  # argmax: 3-5x faster than topk(1) on CPU
+            experts_TK = probs_TE.argmax(dim=-1, keepdim=True)
+        else:
+            experts_TK = probs_TE.topk(self.cfg.top_k, dim=-1).indices
         return experts_TK, torch.ones_like(experts_TK, dtype=torch.bool)
 
 
