@@ -11,10 +11,10 @@ Throughput is the median of per-step samples/s after 5 warm-up steps, from each 
 tower stops at each batch's last EOS (exact; models/clip.py), open_clip's runs the whole context. The MoE variant
 puts E=8 top-1 experts in every other block of both towers: the same active FLOPs as the dense model.
 ``--compile`` adds both frameworks with torch.compile (ours ``compile=true``: every block compiled, the
-MoE dispatch eager; open_clip_train ``--torchcompile``: the whole model). Ratios are medians of the
-per-round ratios (the runs of a round share the machine's state).
+MoE dispatch eager; open_clip_train ``--torchcompile``: the whole model), and our MoE model compiled. Ratios
+are medians of the per-round ratios (the runs of a round share the machine's state).
 Writes bench/results/train_throughput.json with ``dense_vs_open_clip``, ``moe_vs_dense`` and, with
-``--compile``, ``dense_vs_open_clip_compiled``.
+``--compile``, ``dense_vs_open_clip_compiled``, ``moe_compiled_vs_eager`` and ``moe_vs_dense_compiled``.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     runs = {"open_clip_train_dense": [], "moe_dist_dense": [], "moe_dist_moe_e8_top1": []}
     if args.compile:
-        runs.update(open_clip_train_dense_compiled=[], moe_dist_dense_compiled=[])
+        runs.update(open_clip_train_dense_compiled=[], moe_dist_dense_compiled=[], moe_dist_moe_e8_top1_compiled=[])
     with tempfile.TemporaryDirectory() as root:
         make_data(root, args.steps * args.batch, shards=max(4, 2 * args.workers))
 
@@ -158,6 +158,8 @@ def main(argv=None):
                                                                        args.device, args.workers))
                 record("moe_dist_dense_compiled", run_ours(root, False, args.steps, args.batch, round_, True,
                                                            args.workers))
+                record("moe_dist_moe_e8_top1_compiled", run_ours(root, True, args.steps, args.batch, round_, True,
+                                                                 args.workers))
     med = {k: statistics.median(v) for k, v in runs.items()}
 
     def ratio(a: str, b: str) -> float:
@@ -171,6 +173,8 @@ def main(argv=None):
                          "device": args.device}}
     if args.compile:
         results["dense_vs_open_clip_compiled"] = ratio("moe_dist_dense_compiled", "open_clip_train_dense_compiled")
+        results["moe_compiled_vs_eager"] = ratio("moe_dist_moe_e8_top1_compiled", "moe_dist_moe_e8_top1")
+        results["moe_vs_dense_compiled"] = ratio("moe_dist_moe_e8_top1_compiled", "moe_dist_dense_compiled")
     print(f"{'run':26s} {'samples/s':>10s}")
     for name, value in med.items():
         print(f"{name:26s} {value:10.1f}")
@@ -178,6 +182,8 @@ def main(argv=None):
     print(f"moe_vs_dense       {results['moe_vs_dense']:.3f}  (target >= 0.95)")
     if args.compile:
         print(f"dense_vs_open_clip_compiled {results['dense_vs_open_clip_compiled']:.3f}  (target >= 1.05)")
+        print(f"moe_compiled_vs_eager       {results['moe_compiled_vs_eager']:.3f}")
+        print(f"moe_vs_dense_compiled       {results['moe_vs_dense_compiled']:.3f}")
     save(args.out, results)
     return results
 
