@@ -16,12 +16,13 @@ One pass computes all of it (``summarize``):
     1. per-token columns: p_t, H(p_t), logsumexp(logits_t)^2, and the one-hot selected and kept
        experts of token t;
     2. their means (and the counts' sums) per group: [G, T] x [T, C] products in float64 (counts stay
-       exact, and TF32 never applies);
+       exact, and TF32 never applies; float32 on a device without float64);
     3. losses and statistics from those sums.
 A layer call therefore runs a fixed few dozen operators, whatever the number of modalities: where the
 host launches every kernel (a GPU step waits on the host, docs/performance.md) the operator count is the
-cost. A column whose losses are not differentiated (coefficient 0) is detached, so backward never runs
-through it.
+cost. A column that only undifferentiated losses (coefficient 0) use is detached, so backward never runs
+through its computation. The overall statistics cover every real token, the per-modality ones the
+tokens of each modality in ``MoEConfig.modalities``.
 """
 
 from __future__ import annotations
@@ -62,40 +63,52 @@ def _column(t: torch.Tensor, differentiate: bool) -> torch.Tensor:
     return t if differentiate else t.detach()
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (CPU, CUDA); float32 elsewhere (MPS and HPU have no float64):
+    counts then stay exact up to 2^24 tokens per call."""
+    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+
+
 def summarize(routing: Routing, kept_TK: torch.Tensor, differentiate: Iterable[str] = LOSSES) -> RoutingSummary:
     """The losses and statistics of one routing decision (see the module docstring).
 
     Args:
         routing: the router's decision.
         kept_TK: [T, K] bool, the assignments the capacity policy kept (``routing.valid_TK`` when dropless).
-        differentiate: the losses that need a gradient (the others are computed detached).
+        differentiate: names in ``LOSSES`` that need a gradient. The columns only the others use
+            (the entropy, the probabilities, the logsumexp) are detached, so backward never runs through
+            their computation; the values of all four are reported either way.
     """
+    unknown = set(differentiate) - set(LOSSES)
+    if unknown:
+        raise ValueError(f"summarize(differentiate=...) names unknown losses {sorted(unknown)}; use names in {LOSSES}")
     wanted = set(differentiate) if torch.is_grad_enabled() else set()
     probs_TE, mask_T, mod_T = routing.probs_TE, routing.token_mask_T, routing.modality_T
     T, E = probs_TE.shape
-    dtype = probs_TE.dtype
+    dtype, f64 = probs_TE.dtype, _sum_dtype(probs_TE.device)
     # 1. per-token columns
     ent_T = entropy(_column(probs_TE, "entropy_local" in wanted))
     lse2_T = _column(routing.lse_T, "z_loss" in wanted).square()
     probs_col = _column(probs_TE, bool(wanted & {"load_balance", "entropy_global"}))
-    values_TC = torch.cat([probs_col, ent_T[:, None], lse2_T[:, None]], 1).to(torch.float64)
-    onehot_TE = torch.zeros(T, E, dtype=torch.float64, device=probs_TE.device)
-    selected_TE = onehot_TE.scatter_add(1, routing.experts_TK, routing.valid_TK.to(torch.float64))
+    values_TC = torch.cat([probs_col, ent_T[:, None], lse2_T[:, None]], 1).to(f64)
+    onehot_TE = torch.zeros(T, E, dtype=f64, device=probs_TE.device)
+    selected_TE = onehot_TE.scatter_add(1, routing.experts_TK, routing.valid_TK.to(f64))
     counted = [selected_TE]
     if kept_TK is not routing.valid_TK:  # capacity drops: kept is a subset of selected
-        counted.append(onehot_TE.scatter_add_(1, routing.experts_TK, kept_TK.to(torch.float64)))
-    # 2. sums per group; the last group is every real token
+        counted.append(onehot_TE.scatter_add_(1, routing.experts_TK, kept_TK.to(f64)))
+    # 2. sums per group; the last group is every real token (also those of a modality not reported)
     if mod_T is None:
         member_TG = mask_T[:, None]
         names = [None]
     else:
-        G = len(routing.modalities)  # MoEConfig.modalities: ids 0 .. G-1
+        G = len(routing.modalities)
+        assert tuple(routing.modalities) == tuple(range(G)), routing.modalities  # MoEConfig.modalities
         member_TG = torch.cat([mod_T[:, None] == torch.arange(G, device=mod_T.device), mask_T[:, None]], 1)
         member_TG = member_TG & mask_T[:, None]
         names = [MODALITY_NAMES[m] for m in routing.modalities] + [None]
-    member_GT = member_TG.t().to(torch.float64)
+    member_GT = member_TG.t().to(f64)
     with torch.no_grad():
-        counts_GC = member_GT @ torch.cat([torch.ones_like(lse2_T, dtype=torch.float64)[:, None], *counted], 1)
+        counts_GC = member_GT @ torch.cat([torch.ones_like(lse2_T, dtype=f64)[:, None], *counted], 1)
         n_G = counts_GC[:, 0]
         selected_GE = counts_GC[:, 1:E + 1]
         kept_GE = counts_GC[:, E + 1:] if len(counted) > 1 else selected_GE

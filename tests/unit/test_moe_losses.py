@@ -192,19 +192,45 @@ def test_fused_summary_equals_token_by_token_reference(case, with_modality):
             assert float(got) == pytest.approx(value, rel=1e-12, abs=1e-12), name
 
 
+def _graph_nodes(t: torch.Tensor) -> set:
+    """The names of the autograd nodes ``t``'s backward runs."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [next_fn for next_fn, _ in node.next_functions]
+    return names
+
+
 def test_only_weighted_losses_are_differentiated():
-    """A loss with coefficient 0 is reported but backward never runs through its own columns: with
-    only z_loss weighted, the router's gradient is z_loss's alone (probabilities and entropies detached)."""
+    """A loss with coefficient 0 is reported, but backward never runs through what only it uses: with
+    z_loss alone weighted, the aux loss's graph holds no entropy (its log) and no softmax-probability
+    column, and its router gradient is z_loss's."""
     torch.manual_seed(0)
     base = dict(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=1, dropless=True)
     x = torch.randn(20, 8, dtype=torch.float64)
+    modality = torch.zeros(20, dtype=torch.long)
     only_z = MoELayer(MoEConfig(**base, load_balance_coef=0.0, z_loss_coef=1.0)).double()
-    out = only_z(x, modality=torch.zeros(20, dtype=torch.long))
+    out = only_z(x, modality=modality)
+    nodes = _graph_nodes(out.aux_loss)
+    assert "LogBackward0" not in nodes and "ExpBackward0" not in nodes, nodes
+    assert "LogsumexpBackward0" in nodes
     grad_fused = torch.autograd.grad(out.aux_loss, only_z.router.proj.weight)[0]
     logits = only_z.router.gate_logits(x)
     grad_ref = torch.autograd.grad(torch.logsumexp(logits, -1).square().mean(), only_z.router.proj.weight)[0]
     assert torch.allclose(grad_fused, grad_ref, rtol=1e-12, atol=1e-14)
+    # weighting an entropy loss brings its log into the graph (and the test above could see it)
+    with_entropy = MoELayer(MoEConfig(**base, load_balance_coef=0.0, z_loss_coef=1.0, entropy_local_coef=0.1)).double()
+    assert "LogBackward0" in _graph_nodes(with_entropy(x, modality=modality).aux_loss)
     # nothing weighted: no loss carries a graph at all
     none = MoELayer(MoEConfig(**base, load_balance_coef=0.0, z_loss_coef=0.0)).double()
     out = none(x)
     assert not any(loss.requires_grad for loss in out.losses.values())
+    with pytest.raises(ValueError, match="unknown losses"):
+        from moe_dist.moe.losses import summarize
+
+        routing = none.router(x)
+        summarize(routing, routing.valid_TK, differentiate=["zloss"])
