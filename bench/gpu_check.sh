@@ -75,6 +75,8 @@ step 60 moe_layer_bf16 "$PY" -m bench.moe_layer --dtype bf16 "${LAYER[@]}" --out
 step 60 moe_layer_fp32 "$PY" -m bench.moe_layer --dtype fp32 "${LAYER[@]}" --out "$OUT/gpu_moe_layer_fp32.json"
 step 90 profile_step "$PY" -m bench.profile_step --dtype bf16 --tokens 16384 --hidden 1024 --ffn 4096 --steps 12 \
   --batch 128 --workers 6 --out "$OUT/gpu_profile_step.json"
+# --compile also runs our MoE model compiled, last: in 240 s that run is the first a slow machine cuts
+# (every finished run is saved as it ends)
 step 240 train_throughput "$PY" -m bench.train_throughput --device cuda --steps 30 --batch 128 --rounds 1 \
   --workers 6 --compile --out "$OUT/gpu_train_throughput.json"
 step 100 memory "$PY" -m bench.memory --world-size 1 --set ep_size=1 --zero 0 --checkpointing none,blocks \
