@@ -9,7 +9,8 @@ on CPU) with the operators that wait for the device (``aten::_local_scalar_dense
 ``int(tensor)``; ``aten::nonzero``; a ``.tolist()`` is a copy and does not show here: on a GPU
 ``cudaStreamSynchronize`` in the runtime calls counts every wait), kernels and copies launched, and wall
 time per call:
-    1. the MoE layer (E=8, k=2, dropless), forward + backward, loop and grouped_mm backends;
+    1. the MoE layer (E=8, k=2), forward + backward, loop and grouped_mm backends: dropless without a
+       modality tensor, and at capacity 1.25 with one (as the models call it);
     2. one training step of ``moe-dist train`` on bench.train_throughput's dense model;
     3. the same on its MoE model (E=8 top-1 in every other block).
 The training captures wrap DeepSpeed's ``engine.step``: steps ``--steps - 3`` to ``--steps - 1`` are
@@ -31,6 +32,11 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "profile_step.json")
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")
+# operators that only make a view (no kernel, no copy): left out of ``non_view_ops_per_call``
+VIEW_OPS = {f"aten::{name}" for name in (
+    "select", "slice", "unsqueeze", "squeeze", "t", "view", "reshape", "expand", "expand_as", "narrow", "unbind",
+    "split", "split_with_sizes", "chunk", "detach", "as_strided", "alias", "transpose", "permute", "_reshape_alias",
+    "lift_fresh")}
 
 
 def _summary(prof, calls: int, wall_s: float, top: int = 12) -> dict:
@@ -46,14 +52,15 @@ def _summary(prof, calls: int, wall_s: float, top: int = 12) -> dict:
         total = sum(e.self_cpu_time_total for e in events if not e.key.startswith("ProfilerStep"))
     kernels = sum(e.count for e in kernel_events)
     runtime = {e.key: e.count for e in events if e.key.startswith(("cuda", "cudaStream", "cudaMemcpy"))}
+    top_level = [e.name for e in prof.events() if e.name.startswith("aten::")
+                 and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
     out = {
         "wall_ms_per_call": 1e3 * wall_s / calls,
         "time_kind": "device" if on_device else "cpu",
         "self_ms_per_call": total / 1e3 / calls,
         "ops_per_call": sum(e.count for e in events if e.key.startswith("aten::")) / calls,
-        "top_level_ops_per_call": sum(  # aten operators not called from inside another one
-            1 for e in prof.events() if e.name.startswith("aten::")
-            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))) / calls,
+        "top_level_ops_per_call": len(top_level) / calls,  # aten operators not called from inside another one
+        "non_view_ops_per_call": sum(1 for name in top_level if name not in VIEW_OPS) / calls,
         "kernels_per_call": kernels / calls,
         "host_syncs_per_call": {k: e.count / calls for e in events for k in SYNC_OPS if e.key == k},
         "runtime_calls_per_call": {k: v / calls for k, v in runtime.items()},
@@ -65,7 +72,8 @@ def _summary(prof, calls: int, wall_s: float, top: int = 12) -> dict:
 
 def _print(name: str, s: dict) -> None:
     print(f"\n== {name}: wall {s['wall_ms_per_call']:.2f} ms/call, self {s['time_kind']} time "
-          f"{s['self_ms_per_call']:.2f} ms, {s['ops_per_call']:.0f} aten ops ({s['top_level_ops_per_call']:.0f} top-level), "
+          f"{s['self_ms_per_call']:.2f} ms, {s['ops_per_call']:.0f} aten ops ({s['top_level_ops_per_call']:.0f} top-level, "
+          f"{s['non_view_ops_per_call']:.0f} of them not views), "
           f"{s['kernels_per_call']:.0f} kernels")
     print("   host syncs per call:", {k: round(v, 1) for k, v in s["host_syncs_per_call"].items()},
           " runtime:", {k: round(v, 1) for k, v in s["runtime_calls_per_call"].items()
@@ -80,15 +88,18 @@ def profile_layer(args, device, dtype, acc) -> dict:
 
     results = {}
     x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
-    for backend in ("loop", "grouped_mm"):
+    # dropless without modality; and as the models call it: capacity 1.25 and a modality tensor
+    setups = {"": (dict(dropless=True), None),
+              "_capacity_modality": (dict(capacity_factor=1.25), torch.zeros((), dtype=torch.long, device=device))}
+    for (backend, (suffix, (kw, modality))) in [(b, s) for b in ("loop", "grouped_mm") for s in setups.items()]:
         if backend == "grouped_mm" and not grouped_mm_supported(x, (args.hidden, args.ffn, args.hidden)):
             continue
         torch.manual_seed(0)
         layer = MoELayer(MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=8, top_k=2,
-                                   dropless=True, expert_backend=backend)).to(device, dtype)
+                                   expert_backend=backend, **kw)).to(device, dtype)
 
         def call():
-            out = layer(x)
+            out = layer(x, modality=modality)
             (out.output.float().square().mean() + out.aux_loss).backward()
             layer.zero_grad(set_to_none=True)
             x.grad = None
@@ -103,9 +114,10 @@ def profile_layer(args, device, dtype, acc) -> dict:
                 call()
             acc.synchronize()
             wall = time.perf_counter() - start
-        results[f"moe_layer_{backend}"] = _summary(prof, args.calls, wall)
-        _print(f"MoE layer E=8 k=2 dropless, {backend}, {args.tokens}x{args.hidden}x{args.ffn} {dtype}",
-               results[f"moe_layer_{backend}"])
+        name = f"moe_layer_{backend}{suffix}"
+        results[name] = _summary(prof, args.calls, wall)
+        _print(f"MoE layer E=8 k=2 {'capacity 1.25, with modality' if suffix else 'dropless'}, {backend}, "
+               f"{args.tokens}x{args.hidden}x{args.ffn} {dtype}", results[name])
     return results
 
 

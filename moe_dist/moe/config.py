@@ -12,6 +12,7 @@ from typing import Tuple
 
 from .dispatch import DROP_PRIORITIES
 from .experts import ACTIVATIONS, EXPERT_BACKENDS
+from .losses import LOSSES
 from .router import ROUTER_NOISE, ROUTERS
 
 # MoEConfig field -> the registry its value must name
@@ -107,7 +108,7 @@ class MoEConfig:
                              "to never drop tokens")
         if self.min_capacity < 0 or self.router_hidden_size < 0 or self.router_noise_eps < 0:
             raise ValueError("MoEConfig.min_capacity, router_hidden_size and router_noise_eps must be >= 0")
-        for name in ("load_balance_coef", "z_loss_coef", "entropy_local_coef", "entropy_global_coef"):
+        for name in (f"{loss}_coef" for loss in LOSSES):
             if getattr(self, name) < 0:
                 raise ValueError(f"MoEConfig.{name}={getattr(self, name)} must be >= 0")
         self.modality_experts = tuple(int(n) for n in self.modality_experts)

@@ -26,7 +26,7 @@ from torch import nn
 from .config import MoEConfig
 from .dispatch import TokenDispatcher, build_capacity_policy
 from .experts import GroupedExperts
-from .losses import summarize
+from .losses import LOSSES, summarize
 from .router import build_router
 
 _DS_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts.{}.{}"
@@ -143,9 +143,7 @@ class MoELayer(_DeepSpeedMoE):
         if self.shared_mlp is not None:
             y_TD = y_TD + self.shared_mlp(x_TD) * routing.token_mask_T[:, None].to(x_TD.dtype)
 
-        cfg = self.config
-        coefs = {"load_balance": cfg.load_balance_coef, "z_loss": cfg.z_loss_coef,
-                 "entropy_local": cfg.entropy_local_coef, "entropy_global": cfg.entropy_global_coef}
+        coefs = {name: getattr(self.config, f"{name}_coef") for name in LOSSES}
         weighted = [name for name, coef in coefs.items() if coef > 0]
         summary = summarize(routing, kept_TK, differentiate=weighted)  # the others are reported, not differentiated
         aux_loss = sum(coefs[name] * summary.losses[name] for name in weighted)

@@ -95,6 +95,7 @@ def summarize(routing: Routing, kept_TK: torch.Tensor, differentiate: Iterable[s
     selected_TE = onehot_TE.scatter_add(1, routing.experts_TK, routing.valid_TK.to(f64))
     counted = [selected_TE]
     if kept_TK is not routing.valid_TK:  # capacity drops: kept is a subset of selected
+        # the out-of-place scatter above left onehot_TE zero: it becomes the kept one-hot
         counted.append(onehot_TE.scatter_add_(1, routing.experts_TK, kept_TK.to(f64)))
     # 2. sums per group; the last group is every real token (also those of a modality not reported)
     if mod_T is None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_dist.moe import MODALITY_NAMES, MoEConfig, MoELayer
+from moe_dist.moe.losses import summarize
 
 LN3 = math.log(3.0)
 
@@ -186,7 +187,7 @@ def test_fused_summary_equals_token_by_token_reference(case, with_modality):
         assert float(out.losses[name]) == pytest.approx(value, rel=1e-12, abs=1e-12), name
     for name, value in want_stats.items():
         got = out.stats[name]
-        if isinstance(value, list) or isinstance(value, int):
+        if isinstance(value, (list, int)):
             assert got.dtype == torch.long and got.tolist() == value, name
         else:
             assert float(got) == pytest.approx(value, rel=1e-12, abs=1e-12), name
@@ -229,8 +230,6 @@ def test_only_weighted_losses_are_differentiated():
     none = MoELayer(MoEConfig(**base, load_balance_coef=0.0, z_loss_coef=0.0)).double()
     out = none(x)
     assert not any(loss.requires_grad for loss in out.losses.values())
+    routing = none.router(x)
     with pytest.raises(ValueError, match="unknown losses"):
-        from moe_dist.moe.losses import summarize
-
-        routing = none.router(x)
         summarize(routing, routing.valid_TK, differentiate=["zloss"])
