@@ -115,8 +115,12 @@ class MoECLIP(ContrastiveModel):
                                     pool_type=t.pool_type)
         place_moe(self.visual.transformer, cfg.vision_moe_blocks(), cfg.moe_config(v.width, v.mlp_ratio),
                   ep_size, "vision")
-        place_moe(self.text.transformer, cfg.text_moe_blocks(), cfg.moe_config(t.width, t.mlp_ratio),
-                  ep_size, "text")
+        text_moe = cfg.moe_config(t.width, t.mlp_ratio)
+        place_moe(self.text.transformer, cfg.text_moe_blocks(), text_moe, ep_size, "text")
+        # cut the text after the batch's last EOS (trim_after_eos), except where every rank must route the
+        # same token count (capacity at ep_size > 1 exchanges fixed-size buffers, moe/dispatch.py); a
+        # whole-model compile turns it off too (configure_blocks: one shape, no host read)
+        self.trim_text = ep_size == 1 or text_moe.dropless
         self._init_logits(cfg)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -126,7 +130,8 @@ class MoECLIP(ContrastiveModel):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        text = trim_after_eos(text, self.text, self.cfg)
+        if self.trim_text:
+            text = trim_after_eos(text, self.text, self.cfg)
         modality = torch.full((), TEXT, device=text.device)
         with routing_context(self.text, modality=modality, padding_mask=text_padding_mask(text, self.cfg)):
             features = run_text_tower(self.text, text, self.cfg)

@@ -50,14 +50,20 @@ class MoEMLP(nn.Module):
         self.last: Optional[MoEOutput] = None
         self.checkpoint = False  # activation checkpointing "moe" (configure_blocks)
 
-    @torch.compiler.disable  # the compile boundary: dispatch shapes are data-dependent (module docstring)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.moe.ep_size > 1:  # the all-to-alls run eager (module docstring)
+            return self._eager(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.checkpoint and torch.is_grad_enabled():
             self.last = checkpoint(self.moe, x, modality=self.modality, padding_mask=self.padding_mask,
                                    use_reentrant=False, early_stop=False)
         else:
             self.last = self.moe(x, modality=self.modality, padding_mask=self.padding_mask)
         return self.last.output
+
+    _eager = torch.compiler.disable(_forward)
 
 
 def place_moe(transformer: nn.Module, blocks: List[int], config: MoEConfig, ep_size: int, prefix: str) -> None:

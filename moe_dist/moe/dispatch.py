@@ -1,17 +1,26 @@
 """Which routed assignments survive capacity, and moving tokens to their experts and back.
 
 Shape legend: T tokens, D hidden, E experts (global), L local experts per rank, R expert-parallel ranks,
-K slots per token, A kept (token, expert) assignments on this rank, N tokens received by this rank's
-experts (sorted by local expert).
+K slots per token, S rows of this rank's send layout, A kept (token, expert) assignments on this rank,
+C capacity, N rows at this rank's experts (sorted by local expert).
 
-This is the only module that communicates. Dispatch outline (ep_size R > 1):
-    1. sort the A assignments by global expert; experts [r*L, (r+1)*L) live on EP rank r;
-    2. all-to-all the per-expert counts, so every rank knows how many rows it will receive (uneven
-       loads, empty experts and ranks with zero tokens all work: every rank always joins both
-       collectives);
-    3. all-to-all the rows (variable split sizes); received rows are grouped (source rank, local
-       expert) and get permuted to (local expert, source rank) for the grouped expert compute;
-    4. combine reverses 3 and 1, then scatter-adds gate-weighted rows into their tokens.
+This is the only module that communicates. Nothing here reads the host at ep_size 1, nor with a
+capacity in training at R > 1: shapes follow from T, the group ends stay on the device
+(``Dispatched.offs_L``), and rows that are not computed carry a zero gate weight.
+
+Dispatch outline:
+    1. sort all T*K assignments by expert (kept ones by token within an expert, the rest last);
+    ep_size 1: 2. gather those rows; combine scatter-adds the gate-weighted outputs into their tokens.
+    ep_size R > 1, fixed exchange (a capacity C):
+       2. place each kept assignment in an [E, C] send buffer (zero rows where an expert has fewer);
+       3. all-to-all [L, C] blocks (equal splits), regroup [R, L, C] -> [L, R, C] for the experts;
+       4. combine reverses 3 and gathers each assignment's row from the returned buffer.
+    ep_size R > 1, counted exchange (dropless, evaluation):
+       2. all-to-all the per-expert counts and read them once (the split sizes; uneven loads, empty
+          experts and ranks with zero tokens all work: every rank always joins both collectives);
+       3. all-to-all the kept rows; received rows are grouped (source rank, local expert) and get
+          permuted to (local expert, source rank) for the experts;
+       4. combine reverses 3, then scatter-adds gate-weighted rows into their tokens.
 """
 
 from __future__ import annotations
@@ -73,10 +82,18 @@ class CapacityPolicy:
     def keep(self, routing: Routing, training: bool) -> torch.Tensor:
         raise NotImplementedError
 
+    def buffer_capacity(self, num_tokens: int) -> Optional[int]:
+        """A bound on any expert's kept assignments in training with ``num_tokens`` tokens (padding
+        included), known before routing; None when there is none (dropless)."""
+        return self.capacity(num_tokens, training=True)
+
 
 class Dropless(CapacityPolicy):
     def keep(self, routing, training):
         return routing.valid_TK
+
+    def buffer_capacity(self, num_tokens):
+        return None
 
 
 class CapacityDrop(CapacityPolicy):
@@ -170,13 +187,16 @@ def _exchange_counts(counts_RL: torch.Tensor, group) -> torch.Tensor:
 
 @dataclass
 class DispatchPlan:
-    """What combine needs to undo dispatch."""
+    """What combine needs to undo dispatch. Rows are this rank's send layout: at ep_size 1 (and in the
+    variable exchange) the assignments sorted by expert; in the fixed exchange all T*K assignments."""
 
-    token_A: torch.Tensor        # [A] token index of each expert-sorted assignment
-    weight_A: torch.Tensor       # [A] gate weight of each expert-sorted assignment
-    send_splits: List[int]       # rows sent to each EP rank
-    recv_splits: List[int]       # rows received from each EP rank
-    local_perm: Optional[torch.Tensor]  # [N] (source, expert) order -> (expert, source) order
+    token_S: torch.Tensor                   # [S] token of each row
+    weight_S: torch.Tensor                  # [S] gate weight, 0 for a row that is not computed
+    send_splits: Optional[List[int]] = None  # variable exchange: rows sent to each EP rank ...
+    recv_splits: Optional[List[int]] = None  # ... and received from each
+    local_perm: Optional[torch.Tensor] = None  # variable exchange: [N] (source, expert) -> (expert, source) order
+    slot_S: Optional[torch.Tensor] = None   # fixed exchange: [S] slot e*C + c of each row in the [E*C] buffer
+    capacity: int = 0                       # fixed exchange: C
 
 
 @dataclass
@@ -184,12 +204,31 @@ class Dispatched:
     """What ``TokenDispatcher.dispatch`` returns: this rank's expert input and how to undo the move."""
 
     rows_ND: torch.Tensor  # rows for this rank's experts, sorted by local expert
-    counts_L: List[int]    # rows per local expert
+    offs_L: torch.Tensor   # [L] int32 cumulative row counts per local expert, on the rows' device
     plan: DispatchPlan
 
 
+def _sort_by_expert(routing: Routing, kept_TK: torch.Tensor, num_experts: int):
+    """Every (token, slot) assignment sorted by expert, token order within one, the ones not kept last.
+
+    Returns (order_S [T*K] flat assignment index in that order, group_S [T*K] its expert (E when not
+    kept), counts_E [E] kept per expert): all on the device, no host read."""
+    group_TK = torch.where(kept_TK, routing.experts_TK, num_experts)
+    order_S = torch.argsort(group_TK.flatten(), stable=True)
+    counts_E = count_per_expert(routing.experts_TK, kept_TK, num_experts)
+    return order_S, group_TK.flatten()[order_S], counts_E
+
+
+def _offsets(counts_L: torch.Tensor) -> torch.Tensor:
+    return counts_L.cumsum(0).to(torch.int32)
+
+
 class TokenDispatcher:
-    """Moves kept assignments to the ranks holding their experts, and the results back.
+    """Moves kept assignments to the ranks holding their experts, and the results back; ep_size 1.
+
+    Every assignment gets a row, T*K of them sorted by expert with the ones not kept last: the shapes
+    are fixed by T, and the experts take the group ends as a device tensor, so dispatch and combine read
+    nothing on the host (a capacity drop or an invalid threshold slot only costs its row).
 
     Args:
         num_experts: E, global.
@@ -202,49 +241,99 @@ class TokenDispatcher:
         self.num_local = num_experts // ep_size
         self.traffic: Optional[Traffic] = None
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing, kept_TK: torch.Tensor) -> Dispatched:
-        """Gather the rows for this rank's experts (x_TD [T, D], kept_TK [T, K] bool)."""
-        K, E = kept_TK.shape[1], self.num_experts
-        # Kept assignments by expert (token order within one), dropped ones last (group E); the counts
-        # are read once, and their sum cuts the order: the layer's one host sync (the experts need
-        # their row counts on the host).
-        group_TK = torch.where(kept_TK, routing.experts_TK, E)
-        order = torch.argsort(group_TK.flatten(), stable=True)
-        counts_E = count_per_expert(routing.experts_TK, kept_TK, E)
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, kept_TK: torch.Tensor,
+                 capacity: Optional[int] = None) -> Dispatched:
+        """Gather the rows for this rank's experts (x_TD [T, D], kept_TK [T, K] bool). ``capacity``, an
+        int bound on every expert's kept assignments, lets an expert-parallel dispatcher exchange
+        fixed-size buffers; None (dropless) needs the counts."""
+        K = kept_TK.shape[1]
+        order_S, group_S, counts_E = _sort_by_expert(routing, kept_TK, self.num_experts)
+        token_S = torch.div(order_S, K, rounding_mode="floor")
+        weight_S = (routing.weights_TK * kept_TK).flatten()[order_S]
+        plan = DispatchPlan(token_S, weight_S)
+        return Dispatched(x_TD.index_select(0, token_S), _offsets(counts_E), plan)
+
+    def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+        """Sum the expert outputs per token, weighted by the gates: [T, D]."""
+        return _weighted_sum(y_ND, plan, num_tokens)
+
+
+def _weighted_sum(y_SD: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+    weighted_SD = y_SD * plan.weight_S.to(y_SD.dtype)[:, None]
+    out_TD = y_SD.new_zeros((num_tokens,) + tuple(y_SD.shape[1:]))
+    return out_TD.index_add_(0, plan.token_S, weighted_SD)  # in place: no copy of the zeros
+
+
+class ExpertParallelDispatcher(TokenDispatcher):
+    """ep_size R > 1: the only place that exchanges tokens (module docstring).
+
+    With a capacity (training with capacity drops) every rank sends every other one a fixed [L, C]
+    block of rows per exchange, padded with zero rows: shapes are known before the routing, so nothing
+    is read on the host. This needs every rank of the group to route the same number of tokens T per
+    call (C derives from T), as the trainer's fixed micro batch and context length give. Without one
+    (dropless, and evaluation) the rows go as they are: their counts are exchanged and read once.
+    """
+
+    def dispatch(self, x_TD, routing, kept_TK, capacity=None):
+        if capacity is None:
+            return self._dispatch_counted(x_TD, routing, kept_TK)
+        return self._dispatch_fixed(x_TD, routing, kept_TK, capacity)
+
+    def _dispatch_fixed(self, x_TD, routing, kept_TK, capacity: int) -> Dispatched:
+        T, K = kept_TK.shape
+        E, R, L, C = self.num_experts, self.ep_size, self.num_local, capacity
+        order_S, group_S, counts_E = _sort_by_expert(routing, kept_TK, E)
+        # slot of each sorted assignment in the [E*C] send buffer: its expert's block, at its rank among
+        # the expert's kept assignments (< C by the policy); the ones not kept go to a spare slot E*C
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_S = torch.arange(T * K, device=x_TD.device) - starts_E.index_select(0, group_S.clamp_max(E - 1))
+        slot_S = torch.where(group_S < E, group_S * C + rank_S, E * C)
+        token_S = torch.div(order_S, K, rounding_mode="floor")
+        weight_S = (routing.weights_TK * kept_TK).flatten()[order_S]
+        buffer_D = x_TD.new_zeros((E * C + 1,) + tuple(x_TD.shape[1:]))
+        send_XD = buffer_D.index_copy(0, slot_S, x_TD.index_select(0, token_S))[:E * C]
+        splits = [L * C] * R
+        recv_XD = _AllToAllV.apply(send_XD, splits, splits, self.group, self.traffic)
+        # received [R source, L expert, C]; the experts want [L, R, C]
+        rows_ND = recv_XD.view(R, L, C, -1).transpose(0, 1).reshape(L * R * C, -1)
+        offs_L = torch.arange(1, L + 1, device=x_TD.device, dtype=torch.int32) * (R * C)
+        plan = DispatchPlan(token_S, weight_S, slot_S=slot_S.clamp_max(E * C - 1), capacity=C)
+        return Dispatched(rows_ND, offs_L, plan)
+
+    def _dispatch_counted(self, x_TD, routing, kept_TK) -> Dispatched:
+        K = kept_TK.shape[1]
         R, L = self.ep_size, self.num_local
-        if R == 1:
-            counts_L = counts_E.tolist()
-            num_kept = sum(counts_L)
-        else:
-            counts_RL = counts_E.view(R, L)
-            recv_RL = _exchange_counts(counts_RL, self.group)
-            if self.traffic is not None:
-                self.traffic.add("counts", counts_RL, [1] * R, self.group)
-            read = torch.cat([counts_RL.sum(1), recv_RL.flatten()]).tolist()  # one host sync for all three
-            send_splits, recv_flat = read[:R], read[R:]
-            recv_splits = [sum(recv_flat[r * L:(r + 1) * L]) for r in range(R)]
-            counts_L = [sum(recv_flat[r * L + l] for r in range(R)) for l in range(L)]
-            num_kept = sum(send_splits)
-        flat_A = order[:num_kept]
+        order_S, _, counts_E = _sort_by_expert(routing, kept_TK, self.num_experts)
+        counts_RL = counts_E.view(R, L)
+        recv_RL = _exchange_counts(counts_RL, self.group)
+        if self.traffic is not None:
+            self.traffic.add("counts", counts_RL, [1] * R, self.group)
+        # the layer's one host read: the split sizes all_to_all needs, all three lists in one copy
+        read = torch.cat([counts_RL.sum(1), recv_RL.flatten()]).tolist()
+        send_splits, recv_flat = read[:R], read[R:]
+        recv_splits = [sum(recv_flat[r * L:(r + 1) * L]) for r in range(R)]
+        flat_A = order_S[:sum(send_splits)]
         token_A = torch.div(flat_A, K, rounding_mode="floor")
         weight_A = routing.weights_TK.flatten()[flat_A]
-        x_AD = x_TD.index_select(0, token_A)
-        if R == 1:
-            return Dispatched(x_AD, counts_L, DispatchPlan(token_A, weight_A, [], [], None))
-        x_ND = _AllToAllV.apply(x_AD, send_splits, recv_splits, self.group, self.traffic)
+        x_ND = _AllToAllV.apply(x_TD.index_select(0, token_A), send_splits, recv_splits, self.group, self.traffic)
         # Received rows come grouped by (source rank, local expert); regroup by local expert.
         segment_N = torch.repeat_interleave(torch.arange(R * L, device=x_ND.device), recv_RL.flatten(),
                                             output_size=x_ND.shape[0])
         local_perm = torch.argsort((segment_N % L) * R + segment_N // L, stable=True)
         plan = DispatchPlan(token_A, weight_A, send_splits, recv_splits, local_perm)
-        return Dispatched(x_ND.index_select(0, local_perm), counts_L, plan)
+        return Dispatched(x_ND.index_select(0, local_perm), _offsets(recv_RL.sum(0)), plan)
 
-    def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+    def combine(self, y_ND, plan, num_tokens):
         """Send expert outputs home and sum them per token, weighted by the gates: [T, D]."""
-        if self.ep_size > 1:
-            y_back = torch.empty_like(y_ND).index_copy(0, plan.local_perm, y_ND)
-            y_ND = _AllToAllV.apply(y_back, plan.recv_splits, plan.send_splits, self.group, self.traffic)
-        weighted_AD = y_ND * plan.weight_A.to(y_ND.dtype)[:, None]
-        out_TD = y_ND.new_zeros((num_tokens,) + tuple(y_ND.shape[1:]))
-        return out_TD.index_add_(0, plan.token_A, weighted_AD)  # in place: no copy of the zeros
+        if plan.slot_S is not None:  # fixed exchange
+            R, L, C = self.ep_size, self.num_local, plan.capacity
+            y_back = y_ND.view(L, R, C, -1).transpose(0, 1).reshape(R * L * C, -1)
+            y_XD = _AllToAllV.apply(y_back, [L * C] * R, [L * C] * R, self.group, self.traffic)
+            return _weighted_sum(y_XD.index_select(0, plan.slot_S), plan, num_tokens)
+        y_back = torch.empty_like(y_ND).index_copy(0, plan.local_perm, y_ND)
+        y_AD = _AllToAllV.apply(y_back, plan.recv_splits, plan.send_splits, self.group, self.traffic)
+        return _weighted_sum(y_AD, plan, num_tokens)
 
+
+def build_dispatcher(num_experts: int, ep_size: int, group) -> TokenDispatcher:
+    return (ExpertParallelDispatcher if ep_size > 1 else TokenDispatcher)(num_experts, ep_size, group)

@@ -3,22 +3,32 @@
 Shape legend: N rows sorted by local expert, D hidden, H expert FFN hidden (2H for SwiGLU's fused
 gate+up projection), L local experts.
 
-Expert f_e(x) = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]. Two interchangeable backends compute all
-experts at once over contiguous, expert-sorted rows:
-    loop:        one matmul per expert on its slice (fastest on CPU, see bench/moe_layer.py);
-    grouped_mm:  torch._grouped_mm, one kernel per projection (float32/bf16/fp16 only).
+Expert f_e(x) = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]. The experts take rows sorted by expert and the
+groups' cumulative ends ``offs_L`` as a device tensor, so nothing about the grouping is read on the host
+by the caller: N is fixed by the layout (T*K rows at ep_size 1), and rows past ``offs_L[-1]`` are
+unused (their output is zero, their input gradient zero). Two interchangeable backends:
+    loop:        one matmul per expert on its slice (fastest on CPU, see bench/moe_layer.py). A custom
+                 operator, opaque to torch.compile, that reads the offsets on the host inside (CPU:
+                 nothing to wait for). Every matmul writes straight into its slice of a preallocated
+                 output or gradient (autograd over per-expert slices would build each weight gradient as
+                 a stack of strided slices, 30% of the layer at E=64). Backward keeps x and the
+                 pre-activation h and, with ``recompute_activation``, recomputes act(h) (16% less
+                 activation memory than a dense FFN per row); without, it also keeps act(h).
+    grouped_mm:  torch._grouped_mm, one kernel per projection, offsets read by the kernel on the
+                 device: no host read at all (float32/bf16/fp16 on CPU, bf16 on CUDA sm90+).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..host_reads import reads_inside
 from .registry import Registry
 
 
@@ -27,14 +37,21 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
+    """d silu(g) u = sigmoid(g) (1 + g (1 - sigmoid(g))) u dg + silu(g) du."""
+    gate, up = h.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    return torch.cat([grad_a * up * sig * (1 + gate * (1 - sig)), grad_a * gate * sig], dim=-1)
+
+
 @dataclass(frozen=True)
 class Activation:
-    """An expert activation and, where a closed form is cheaper than autograd, its backward:
-    ``grad(h, grad_a)`` = d fn(h) / dh applied to ``grad_a``. ``width`` multiplies H for the first
+    """An expert activation and its backward in closed form (the loop backend's operator runs below
+    autograd): ``grad(h, grad_a)`` = d fn(h) / dh applied to ``grad_a``. ``width`` multiplies H for the first
     projection (SwiGLU's fused gate + up projection is 2H wide)."""
 
     fn: Callable[[torch.Tensor], torch.Tensor]
-    grad: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     width: int = 1
     out: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None  # fn(h) written into a given tensor
 
@@ -47,11 +64,7 @@ class Activation:
         return out
 
     def backward(self, h: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
-        if self.grad is not None:
-            return self.grad(h, grad_a)
-        with torch.enable_grad():
-            h = h.detach().requires_grad_()
-            return torch.autograd.grad(self.fn(h), h, grad_a)[0]
+        return self.grad(h, grad_a)
 
 
 ACTIVATIONS: Registry[Activation] = Registry("activation", {
@@ -61,7 +74,7 @@ ACTIVATIONS: Registry[Activation] = Registry("activation", {
                             lambda h, g: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
                             out=lambda h, out: torch.ops.aten.gelu.out(h, approximate="tanh", out=out)),
     "relu": Activation(F.relu, lambda h, g: g * (h > 0), out=lambda h, out: torch.clamp_min(h, 0, out=out)),
-    "swiglu": Activation(_swiglu, width=2),
+    "swiglu": Activation(_swiglu, _swiglu_backward, width=2),
 })
 
 
@@ -85,69 +98,98 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-class _ExpertLoop(torch.autograd.Function):
-    """All local experts over expert-sorted rows, one matmul per expert and projection.
+def _ranges(offs: torch.Tensor):
+    """(expert, row slice) per non-empty group of the ``offs`` cumulative ends: the loop's one host read."""
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            yield e, slice(start, end)
+        start = end
 
-    Autograd over per-expert slices of stacked weights would build each weight gradient as a stack of
-    strided slices (a full extra copy, 30% of the layer time at E=64). Here every matmul writes straight
-    into its slice of a preallocated output or gradient. With ``recompute`` backward keeps only x and
-    the pre-activation h and recomputes act(h) (16% less activation memory than a dense FFN per row);
-    without, it also keeps act(h), as a dense FFN does, and skips that pass (bench/moe_layer.py).
-    """
 
-    @staticmethod
-    def forward(ctx, x_ND, w1, b1, w2, b2, counts, act: Activation, recompute: bool = True):
-        y_ND = x_ND.new_empty(x_ND.shape[0], w2.shape[-1])
-        h_NH = x_ND.new_empty(x_ND.shape[0], w1.shape[-1])
-        a_NA = None if recompute else x_ND.new_empty(x_ND.shape[0], w2.shape[1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-            if b1 is None:
-                torch.mm(x_ND[rows], w1[e], out=h_NH[rows])
-            else:
-                torch.addmm(b1[e], x_ND[rows], w1[e], out=h_NH[rows])
-            a = act.fn(h_NH[rows]) if a_NA is None else act.apply_into(h_NH[rows], a_NA[rows])
-            if b2 is None:
-                torch.mm(a, w2[e], out=y_ND[rows])
-            else:
-                torch.addmm(b2[e], a, w2[e], out=y_ND[rows])
-            start += n
-        ctx.save_for_backward(x_ND, h_NH, a_NA, w1, w2)
-        ctx.counts, ctx.act, ctx.has_bias = counts, act, (b1 is not None, b2 is not None)
-        return y_ND
+# The loop backend is a pair of custom operators: opaque to torch.compile, which then sees fixed output
+# shapes ([N, ...] whatever the offsets) and no data-dependent control flow, and traces no graph break.
+# Inside, the loop reads the offsets on the host: this backend is for CPU, where that waits on nothing.
+@torch.library.custom_op("moe_dist::expert_loop", mutates_args=())
+def _expert_loop(x_ND: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                 b2: Optional[torch.Tensor], offs: torch.Tensor, activation: str,
+                 keep_act: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All local experts over expert-sorted rows, one matmul per expert and projection; returns
+    (y_ND, h_NH, a_NA): the output, the pre-activation and (``keep_act``, else empty) the activation.
+    Rows past ``offs[-1]`` are zero in y."""
+    act = ACTIVATIONS.get(activation)
+    y_ND = x_ND.new_zeros(x_ND.shape[0], w2.shape[-1])
+    h_NH = x_ND.new_empty(x_ND.shape[0], w1.shape[-1])
+    a_NA = x_ND.new_empty(x_ND.shape[0] if keep_act else 0, w2.shape[1])
+    for e, rows in _ranges(offs):
+        if b1 is None:
+            torch.mm(x_ND[rows], w1[e], out=h_NH[rows])
+        else:
+            torch.addmm(b1[e], x_ND[rows], w1[e], out=h_NH[rows])
+        a = act.apply_into(h_NH[rows], a_NA[rows]) if keep_act else act.fn(h_NH[rows])
+        if b2 is None:
+            torch.mm(a, w2[e], out=y_ND[rows])
+        else:
+            torch.addmm(b2[e], a, w2[e], out=y_ND[rows])
+    return y_ND, h_NH, a_NA
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x_ND, h_NH, a_NA, w1, w2 = ctx.saved_tensors
-        act = ctx.act
-        grad_y = grad_y.contiguous()
-        # Every row belongs to one expert, so only the gradients of idle experts need zeroing.
-        grad_x = torch.empty_like(x_ND)
-        grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
-        grad_b1 = w1.new_empty(w1.shape[0], w1.shape[2]) if ctx.has_bias[0] else None
-        grad_b2 = w2.new_empty(w2.shape[0], w2.shape[2]) if ctx.has_bias[1] else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:
-                for grad in (grad_w1, grad_w2, grad_b1, grad_b2):
-                    if grad is not None:
-                        grad[e].zero_()
-                continue
-            rows = slice(start, start + n)
-            h, g_y = h_NH[rows], grad_y[rows]
-            torch.mm((act.fn(h) if a_NA is None else a_NA[rows]).t(), g_y, out=grad_w2[e])
-            g_h = act.backward(h, g_y @ w2[e].t())
-            torch.mm(x_ND[rows].t(), g_h, out=grad_w1[e])
-            torch.mm(g_h, w1[e].t(), out=grad_x[rows])
-            if grad_b1 is not None:
-                torch.sum(g_h, 0, out=grad_b1[e])
-            if grad_b2 is not None:
-                torch.sum(g_y, 0, out=grad_b2[e])
-            start += n
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
+
+@_expert_loop.register_fake
+def _(x_ND, w1, b1, w2, b2, offs, activation, keep_act):
+    N = x_ND.shape[0]
+    return (x_ND.new_empty(N, w2.shape[-1]), x_ND.new_empty(N, w1.shape[-1]),
+            x_ND.new_empty(N if keep_act else 0, w2.shape[1]))
+
+
+@torch.library.custom_op("moe_dist::expert_loop_backward", mutates_args=())
+def _expert_loop_backward(grad_y: torch.Tensor, x_ND: torch.Tensor, h_NH: torch.Tensor, a_NA: torch.Tensor,
+                          w1: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, activation: str,
+                          bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (x, w1, b1, w2, b2) of ``_expert_loop``; the bias ones are empty without ``bias``. The
+    activation is recomputed from h where ``a_NA`` is empty."""
+    act = ACTIVATIONS.get(activation)
+    grad_y = grad_y.contiguous()
+    grad_x = torch.zeros_like(x_ND)  # rows past offs[-1] get no gradient
+    # every other row belongs to one expert, so the weight gradients of idle experts are the only zeros
+    grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
+    grad_b1 = w1.new_zeros(w1.shape[0], w1.shape[2] if bias else 0)
+    grad_b2 = w2.new_zeros(w2.shape[0], w2.shape[2] if bias else 0)
+    for e, rows in _ranges(offs):
+        h, g_y = h_NH[rows], grad_y[rows]
+        torch.mm((a_NA[rows] if a_NA.shape[0] else act.fn(h)).t(), g_y, out=grad_w2[e])
+        g_h = act.backward(h, g_y @ w2[e].t())
+        torch.mm(x_ND[rows].t(), g_h, out=grad_w1[e])
+        torch.mm(g_h, w1[e].t(), out=grad_x[rows])
+        if bias:
+            torch.sum(g_h, 0, out=grad_b1[e])
+            torch.sum(g_y, 0, out=grad_b2[e])
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+@_expert_loop_backward.register_fake
+def _(grad_y, x_ND, h_NH, a_NA, w1, w2, offs, activation, bias):
+    return (torch.empty_like(x_ND), torch.empty_like(w1), w1.new_empty(w1.shape[0], w1.shape[2] if bias else 0),
+            torch.empty_like(w2), w2.new_empty(w2.shape[0], w2.shape[2] if bias else 0))
+
+
+def _expert_loop_setup(ctx, inputs, output):
+    x_ND, w1, b1, w2, b2, offs, activation, keep_act = inputs
+    _, h_NH, a_NA = output
+    ctx.save_for_backward(x_ND, h_NH, a_NA, w1, w2, offs)
+    ctx.activation, ctx.bias = activation, (b1 is not None, b2 is not None)
+
+
+def _expert_loop_grad(ctx, grad_y, grad_h, grad_a):
+    x_ND, h_NH, a_NA, w1, w2, offs = ctx.saved_tensors
+    has_b1, has_b2 = ctx.bias
+    grads = _expert_loop_backward(grad_y, x_ND, h_NH, a_NA, w1, w2, offs, ctx.activation, has_b1 or has_b2)
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = grads
+    return (grad_x, grad_w1, grad_b1 if has_b1 else None, grad_w2, grad_b2 if has_b2 else None, None, None, None)
+
+
+_expert_loop.register_autograd(_expert_loop_grad, setup_context=_expert_loop_setup)
+reads_inside(torch.ops.moe_dist.expert_loop.default)
+reads_inside(torch.ops.moe_dist.expert_loop_backward.default)
 
 
 class _AddExpertBias(torch.autograd.Function):
@@ -172,34 +214,36 @@ class _AddExpertBias(torch.autograd.Function):
         return grad, onehot_LN @ grad, None
 
 
-def _loop_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
+def _loop_backend(experts: "GroupedExperts", x_ND: torch.Tensor, offs_L: torch.Tensor) -> torch.Tensor:
     dtype = x_ND.dtype  # under autocast, run the experts in the autocast dtype
     if torch.is_autocast_enabled(x_ND.device.type):
         dtype = torch.get_autocast_dtype(x_ND.device.type)
     params = [None if p is None else p.to(dtype) for p in (experts.w1, experts.b1, experts.w2, experts.b2)]
     with torch.autocast(x_ND.device.type, enabled=False):
-        return _ExpertLoop.apply(x_ND.to(dtype), *params, list(counts), experts.act, experts.recompute_activation)
+        y_ND, _, _ = _expert_loop(x_ND.to(dtype), *params, offs_L, experts.activation,
+                                  not experts.recompute_activation)
+    return y_ND
 
 
-def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
+def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, offs_L: torch.Tensor) -> torch.Tensor:
     if not _grouped_mm_usable(experts, x_ND):
         raise ValueError(f"expert_backend='grouped_mm' cannot run {x_ND.dtype} on {x_ND.device.type} with "
                          f"hidden sizes {experts.w1.shape[1]}/{experts.w2.shape[1]} (rows must be 16-byte "
                          "aligned); use expert_backend='auto' or 'loop'")
-    counts_L = torch.tensor(counts)
-    if x_ND.device.type != "cpu":  # from pinned memory the copy does not wait for the device
-        counts_L = counts_L.pin_memory().to(x_ND.device, non_blocking=True)
-    offs = counts_L.cumsum(0).to(torch.int32)
-    h = _ContiguousGrad.apply(torch._grouped_mm(x_ND, experts.w1.to(x_ND.dtype), offs=offs))
-    if experts.b1 is not None or experts.b2 is not None:
-        expert_N = torch.repeat_interleave(torch.arange(len(counts), device=x_ND.device), counts_L,
-                                           output_size=x_ND.shape[0])
+    # _grouped_mm leaves the rows past offs[-1] unwritten, in its output and in its input gradient: the
+    # rows are masked on the way in (so no garbage gradient leaves) and on the way out
+    live_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_L[-1])[:, None]
+    x_ND = torch.where(live_N1, x_ND, 0)
+    h = _ContiguousGrad.apply(torch._grouped_mm(x_ND, experts.w1.to(x_ND.dtype), offs=offs_L))
     if experts.b1 is not None:
+        # each row's expert, without a host read: the number of group ends at or before the row
+        expert_N = torch.searchsorted(offs_L, torch.arange(x_ND.shape[0], device=x_ND.device, dtype=offs_L.dtype),
+                                      right=True).clamp_max_(offs_L.shape[0] - 1)
         h = _AddExpertBias.apply(h, experts.b1.to(h.dtype), expert_N)
-    y = _ContiguousGrad.apply(torch._grouped_mm(experts.act.fn(h), experts.w2.to(x_ND.dtype), offs=offs))
+    y = _ContiguousGrad.apply(torch._grouped_mm(experts.act.fn(h), experts.w2.to(x_ND.dtype), offs=offs_L))
     if experts.b2 is not None:
         y = _AddExpertBias.apply(y, experts.b2.to(y.dtype), expert_N)
-    return y
+    return torch.where(live_N1, y, 0)
 
 
 def grouped_mm_supported(x: torch.Tensor, widths) -> bool:
@@ -217,14 +261,14 @@ def _grouped_mm_usable(experts: "GroupedExperts", x_ND: torch.Tensor) -> bool:
     return grouped_mm_supported(x_ND, (experts.w1.shape[1], experts.w1.shape[2], experts.w2.shape[1]))
 
 
-def _auto_backend(experts: "GroupedExperts", x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
+def _auto_backend(experts: "GroupedExperts", x_ND: torch.Tensor, offs_L: torch.Tensor) -> torch.Tensor:
     """grouped_mm where it runs off the CPU; the per-expert loop wins on CPU (bench/moe_layer.py)."""
     if x_ND.device.type != "cpu" and _grouped_mm_usable(experts, x_ND):
-        return _grouped_mm_backend(experts, x_ND, counts)
-    return _loop_backend(experts, x_ND, counts)
+        return _grouped_mm_backend(experts, x_ND, offs_L)
+    return _loop_backend(experts, x_ND, offs_L)
 
 
-ExpertBackend = Callable[["GroupedExperts", torch.Tensor, List[int]], torch.Tensor]
+ExpertBackend = Callable[["GroupedExperts", torch.Tensor, torch.Tensor], torch.Tensor]
 EXPERT_BACKENDS: Registry[ExpertBackend] = Registry("expert_backend", {
     "auto": _auto_backend, "loop": _loop_backend, "grouped_mm": _grouped_mm_backend})
 
@@ -271,6 +315,7 @@ class GroupedExperts(nn.Module):
             if b is not None:
                 b.uniform_(-bound, bound)
 
-    def forward(self, x_ND: torch.Tensor, counts: List[int]) -> torch.Tensor:
-        """Apply expert l to its ``counts[l]`` consecutive rows of ``x_ND``; returns [N, D]."""
-        return self.backend(self, x_ND, counts)
+    def forward(self, x_ND: torch.Tensor, offs_L: torch.Tensor) -> torch.Tensor:
+        """Apply expert l to rows ``[offs_L[l-1], offs_L[l])`` of ``x_ND`` (``offs_L`` [L] int32 cumulative
+        group ends, on x's device); returns [N, D], zero on the rows past ``offs_L[-1]``."""
+        return self.backend(self, x_ND, offs_L)

@@ -24,7 +24,7 @@ from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from torch import nn
 
 from .config import MoEConfig
-from .dispatch import TokenDispatcher, build_capacity_policy
+from .dispatch import build_capacity_policy, build_dispatcher
 from .experts import GroupedExperts
 from .losses import LOSSES, summarize
 from .router import build_router
@@ -104,7 +104,7 @@ class MoELayer(_DeepSpeedMoE):
             width = config.shared_ffn_hidden_size or config.ffn_hidden_size
             self.shared_mlp = nn.Sequential(nn.Linear(config.hidden_size, width), nn.GELU(),
                                             nn.Linear(width, config.hidden_size))
-        self.dispatcher = TokenDispatcher(config.num_experts, ep_size, expert_parallel_group(ep_size))
+        self.dispatcher = build_dispatcher(config.num_experts, ep_size, expert_parallel_group(ep_size))
         self.register_state_dict_post_hook(_experts_to_deepspeed_keys)
         self.register_load_state_dict_pre_hook(_experts_from_deepspeed_keys)
 
@@ -137,8 +137,9 @@ class MoELayer(_DeepSpeedMoE):
 
         routing = self.router(x_TD, modality_T, token_mask_T)
         kept_TK = self.policy.keep(routing, self.training)
-        sent = self.dispatcher.dispatch(x_TD, routing, kept_TK)
-        y_ND = self.experts(sent.rows_ND, sent.counts_L)
+        capacity = self.policy.buffer_capacity(T) if self.training else None  # eval batches may be ragged
+        sent = self.dispatcher.dispatch(x_TD, routing, kept_TK, capacity)
+        y_ND = self.experts(sent.rows_ND, sent.offs_L)
         y_TD = self.dispatcher.combine(y_ND, sent.plan, T)
         if self.shared_mlp is not None:
             y_TD = y_TD + self.shared_mlp(x_TD) * routing.token_mask_T[:, None].to(x_TD.dtype)

@@ -5,13 +5,13 @@ All figures are bytes *sent by one rank to other ranks* (what its links carry), 
 MoE all-to-all (moe/dispatch.py): per MoE layer and micro batch, a rank sends S rows of D values (its kept
 assignments of experts on the other R - 1 ranks of its expert-parallel group) in the dispatch and again in
 the combine's backward, and the Q rows it received for its own experts back in the combine and in the
-dispatch's backward: 2 (S + Q) rows, 3 (S + Q) when a checkpointed forward runs again. The per-expert
-counts (R - 1) L int64 go once per forward.
-    dropless, from token counts:   rows = the kept assignments of experts on other ranks;
+dispatch's backward: 2 (S + Q) rows, 3 (S + Q) when a checkpointed forward runs again.
+    dropless, from token counts:   rows = the kept assignments of experts on other ranks, and the
+                                   per-expert counts (R - 1) L int64 once per forward;
     dropless, planned:             S = Q = T K (R - 1) / R (balanced routing);
-    capacity:                      S = Q = C L (R - 1), C = max(min_capacity, ceil(factor T K / E)): every
-                                   remote expert full (the most a step can send, and what it sends when
-                                   capacity binds).
+    capacity:                      S = Q = C L (R - 1), C = max(min_capacity, ceil(factor T K / E)) with T
+                                   every token, padding included: the fixed [L, C] blocks training
+                                   exchanges whatever the routing (no counts).
 Gradients: ZeRO 0 all-reduces them once per step (ring: 2 (d - 1) / d of the group's bytes); ZeRO 1/2
 reduce-scatter them after every micro batch's backward (DeepSpeed's gradient hooks) and all-gather the
 updated parameters once per step ((d - 1) / d each); non-expert groups over all W ranks, expert groups
@@ -70,7 +70,8 @@ def capacity(facts: ModelFacts, tokens: int) -> int:
 
 
 def all_to_all_bytes(hidden: int, dtype_bytes: int, ep_size: int, num_experts: int, rows: float,
-                     received: Optional[float] = None, recompute: bool = False) -> Dict[str, float]:
+                     received: Optional[float] = None, recompute: bool = False,
+                     counted: bool = True) -> Dict[str, float]:
     """Bytes one rank sends in one MoE layer's all-to-alls for one micro batch.
 
     Args:
@@ -79,6 +80,7 @@ def all_to_all_bytes(hidden: int, dtype_bytes: int, ep_size: int, num_experts: i
         rows: S, kept assignments this rank sends to experts on other ranks.
         received: Q, rows other ranks send to this rank's experts (default: S, balanced).
         recompute: the forward runs twice (activation checkpointing of the MoE layer or its block).
+        counted: the counted exchange (dropless) also sends the per-expert counts; the fixed one does not.
     Returns:
         {"rows": ..., "counts": ..., "total": ...}
     """
@@ -87,7 +89,7 @@ def all_to_all_bytes(hidden: int, dtype_bytes: int, ep_size: int, num_experts: i
     forwards = 2 if recompute else 1
     received = rows if received is None else received
     rows_bytes = (forwards + 1) * (rows + received) * hidden * dtype_bytes
-    counts_bytes = forwards * (ep_size - 1) * (num_experts // ep_size) * 8
+    counts_bytes = forwards * (ep_size - 1) * (num_experts // ep_size) * 8 if counted else 0
     return {"rows": rows_bytes, "counts": counts_bytes, "total": rows_bytes + counts_bytes}
 
 
@@ -105,12 +107,12 @@ def received_rows(kept_by_rank: Sequence[Sequence[int]], ep_rank: int) -> int:
 
 
 def planned_rows(facts: ModelFacts, tokens: int, ep_size: int, dropless: Optional[bool] = None) -> float:
-    """Rows one rank sends per exchange for ``tokens`` tokens: balanced dropless routing, or every
-    remote expert at capacity."""
+    """Rows one rank sends per exchange for ``tokens`` tokens: balanced dropless routing, or the fixed
+    [L, C] block per remote rank of capacity mode."""
     dropless = facts.dropless if dropless is None else dropless
     if dropless:
         return tokens * facts.top_k * (ep_size - 1) / ep_size
-    return min(capacity(facts, tokens), tokens * facts.top_k) * (facts.num_experts // ep_size) * (ep_size - 1)
+    return capacity(facts, tokens) * (facts.num_experts // ep_size) * (ep_size - 1)
 
 
 def moe_all_to_all(facts: ModelFacts, cluster: Cluster, ep_size: int, micro_batch: int, grad_accum: int,
@@ -121,7 +123,8 @@ def moe_all_to_all(facts: ModelFacts, cluster: Cluster, ep_size: int, micro_batc
     for layer in facts.moe_layers:
         tokens = micro_batch * layer.tokens_per_sample
         sent = all_to_all_bytes(layer.hidden, b, ep_size, facts.num_experts,
-                                planned_rows(facts, tokens, ep_size), recompute=checkpointing != "none")
+                                planned_rows(facts, tokens, ep_size), recompute=checkpointing != "none",
+                                counted=facts.dropless)
         per_layer.append({"layer": layer.name, "bytes": int(sent["total"] * grad_accum)})
     total = sum(x["bytes"] for x in per_layer)
     inter = cluster.inter_fraction(ep_size)

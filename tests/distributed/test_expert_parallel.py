@@ -1,9 +1,12 @@
-"""ep_size=2 on 2 ranks equals ep_size=1 on one process: outputs and gradients, fp64.
+"""ep_size=2 on 2 ranks equals ep_size=1 on one process: outputs and gradients, fp64; and the host reads
+per call (forward and backward) are the dispatcher's promise: one for the counted exchange (dropless,
+evaluation), none for the fixed exchange (capacity in training).
 
 The single-process reference runs the full layer (all E experts) on each rank's tokens separately,
 since capacity is per rank (a rank's batch is its routing group). Expert gradients of the EP layer
 collect tokens from every rank, so they are compared with the reference's gradients summed over the
-ranks' token sets.
+ranks' token sets. The fixed exchange needs the same token count on both ranks; uneven counts run it in
+evaluation (counted exchange, eval capacity).
 """
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 from helpers.harness import run_ranks
 from helpers.reference import rel_err
+from moe_dist.host_reads import HostReads
 from moe_dist.moe import MoEConfig, MoELayer
 
 D, H, E = 8, 16, 4
@@ -18,6 +22,7 @@ TOKEN_COUNTS = {
     "uneven": (7, 13),
     "one_token_rank": (1, 9),  # with k=1, rank 0 sends nothing to 3 of the 4 experts
     "empty_rank": (0, 11),
+    "even": (12, 12),
 }
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
 
@@ -47,8 +52,17 @@ def _compare_ep_to_single(rank, world_size, dropless):
             xs = [torch.randn(n, D, generator=gen, dtype=torch.float64) for n in counts]
             weights = [torch.randn(n, D, generator=gen, dtype=torch.float64) for n in counts]
 
+            training = dropless or case == "even"  # capacity in training: the fixed exchange, equal T
+            ref.train(training)
+            ep.train(training)
             x = xs[rank].clone().requires_grad_()
-            out, got = _grads(ep, x, weights[rank])
+            with HostReads() as reads:
+                out, got = _grads(ep, x, weights[rank])
+            # the fixed exchange reads nothing, the counted one its split sizes; fp64 runs the loop backend,
+            # which reads its offsets inside its forward and backward operators (a CPU path)
+            expected_reads = (0 if training and not dropless else 1) + 2
+            if reads.count != expected_reads:
+                failures.append(f"{case} k={k}: {reads.count} host reads {reads.reads}, expected {expected_reads}")
             ref_runs = [_grads(ref, xs[r].clone().requires_grad_(), weights[r]) for r in range(world_size)]
             ref_out, want = ref_runs[rank]
             checks = {"output": (out.output, ref_out.output), "grad_x": (got[0], want[0]),
