@@ -158,7 +158,9 @@ def _build(cfg, rank: int, world_size: int):
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config()
     model = build_model(model_cfg, ep_size=cfg.ep_size)
-    configure_blocks(model, cfg.activation_checkpointing, cfg.compile)
+    from deepspeed.accelerator import get_accelerator
+
+    configure_blocks(model, cfg.activation_checkpointing, cfg.compile, get_accelerator().device_name())
     optimizer = build_optimizer(model, cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_schedule(optimizer, cfg),
                                       config=cfg.deepspeed_config(world_size))

@@ -61,7 +61,13 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
-        return check_type(value, next(a for a in args if a is not type(None)), where)
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return check_type(value, option, where)
+            except ValueError as err:
+                errors.append(err)
+        raise errors[0]
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where}={value!r} must be a list")

@@ -33,6 +33,10 @@ from typing import Any, Dict, Iterator, List, Tuple
 NOTES: Dict[str, str] = {
     "RunConfig.output_dir": "run directory: run_config.json, metrics.jsonl, tensorboard/, checkpoints/",
     "RunConfig.seed": "model init (the same on every rank), per-rank RNGs, data order and augmentation",
+    "RunConfig.compile": ("torch.compile: `none`; `blocks` (each transformer block); `model` (the whole forward as "
+                          "one graph, fullgraph at ep_size 1; not with activation checkpointing); `auto` (`model` "
+                          "on an accelerator, `blocks` there with activation checkpointing, `none` on CPU). "
+                          "`true` means `blocks` (docs/performance.md)"),
     "RunConfig.precision": "DeepSpeed's bf16/fp16 modes; the router, softmax and aux losses stay fp32",
     "RunConfig.zero_stage": "ZeRO stage 0, 1 or 2; 3 is refused (DeepSpeed MoE does not partition experts)",
     "RunConfig.ep_size": ("expert-parallel ranks per expert group; must divide the world size and "

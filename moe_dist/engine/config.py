@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from ..config import from_dict, load_yaml, merge, parse_overrides
 
@@ -173,7 +173,7 @@ class RunConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
     stop_timeout_s: float = 600.0  # after a stop signal, exit anyway if no checkpoint is done by then (0: never)
     activation_checkpointing: str = "none"  # none | blocks (recompute every block) | moe (the MoE layers only)
-    compile: bool = False  # torch.compile every transformer block (the MoE dispatch stays eager)
+    compile: Union[str, bool] = "auto"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     batch: BatchSection = field(default_factory=BatchSection)
@@ -187,11 +187,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         _at_least(self, "", 1, "steps", "max_nonfinite_steps")
         _at_least(self, "", 0, "seed", "grad_clip", "stop_timeout_s")
-        from ..models.moe_blocks import CHECKPOINT_MODES
+        from ..models.moe_blocks import CHECKPOINT_MODES, compile_mode
 
         if self.activation_checkpointing not in CHECKPOINT_MODES:
             raise ValueError(f"activation_checkpointing={self.activation_checkpointing!r} is unknown; use one of "
                              f"{CHECKPOINT_MODES}")
+        if isinstance(self.compile, bool):  # configs written before the modes: true compiled the blocks
+            self.compile = "blocks" if self.compile else "none"
+        compile_mode(self.compile, self.activation_checkpointing)  # an unknown mode or one that cannot trace
 
     def validate(self, world_size: int) -> None:
         """Raise ValueError naming the field and the fix; needs only the world size."""
@@ -207,7 +210,12 @@ class RunConfig:
             raise ValueError(f"ep_size={self.ep_size} must divide the world size {world_size}; use an ep_size "
                              f"among {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
         model = self.model_config()
-        experts = model.moe_config(model.vision.width).num_experts
+        moe = model.moe_config(model.vision.width)
+        experts = moe.num_experts
+        if self.compile == "model" and moe.expert_backend == "grouped_mm" and self.precision != "bf16":
+            raise ValueError(f"compile=model traces model.moe.expert_backend=grouped_mm in bf16 only (the "
+                             f"meta kernel of torch._grouped_mm), not precision={self.precision}; set "
+                             "precision=bf16, or expert_backend=auto or loop")
         if experts % self.ep_size:
             raise ValueError(f"ep_size={self.ep_size} must divide model.moe.num_experts={experts}")
         b = self.batch

@@ -99,7 +99,9 @@ class Trainer:
                 print(f"model.init: {len(report['experts'])} MoE layers upcycled from {cfg.model.init}", flush=True)
         from ..models.moe_blocks import configure_blocks
 
-        configure_blocks(model, cfg.activation_checkpointing, cfg.compile)
+        from deepspeed.accelerator import get_accelerator
+
+        configure_blocks(model, cfg.activation_checkpointing, cfg.compile, get_accelerator().device_name())
         with torch.device("meta"):  # global counts (all experts), whatever this rank holds
             self.params = count_params(build_model(self.model_cfg), self.model_cfg)
         optimizer = build_optimizer(model, cfg)

@@ -14,14 +14,21 @@ name or state-dict key:
         off, so every rank re-runs all of a block's all-to-alls in the same order.
     activation checkpointing "moe": only the MoE layer call is checkpointed (its dispatched rows and
         expert hidden activations are the largest per-token tensors of an MoE block).
-    compile: each block's forward is compiled with torch.compile (inductor; CUDA and CPU alike). The MoE
-        layer, whose dispatch has data-dependent shapes and communicates, stays eager behind
-        ``torch.compiler.disable`` (``MoEMLP.forward``), so attention, norms, residuals and dense MLPs
-        compile into graphs around it. MoE-CLIP's text blocks see the batch's caption length (the tower
-        stops at the last EOS): the second length they meet recompiles them once with a dynamic length.
-        Each kind of block (block list, block class, MLP class) compiles its own copy of the forward, so
-        that no kind shares dynamo's per-code-object cache (and its limit of 8 graphs) with the others.
-        The blocks are every Transformer's ``resblocks`` and a CoCa decoder's ``cross_attn`` blocks.
+    compile (``COMPILE_MODES``):
+        "blocks": each block's forward is compiled with torch.compile (inductor; CUDA and CPU alike),
+            the MoE layer inside it at ep_size 1 (no host read, no data-dependent shape: moe/). With
+            expert parallelism the layer, which communicates, stays eager behind ``torch.compiler.disable``
+            (``MoEMLP.forward``). MoE-CLIP's text blocks see the batch's caption length (the tower
+            stops at the last EOS): the second length they meet recompiles them once with a dynamic
+            length. Each kind of block (block list, block class, MLP class) compiles its own copy of the
+            forward, so that no kind shares dynamo's per-code-object cache (and its limit of 8 graphs)
+            with the others. The blocks are every Transformer's ``resblocks`` and a CoCa decoder's
+            ``cross_attn`` blocks.
+        "model": the whole model's forward is one graph (``fullgraph`` at ep_size 1: a graph break is an
+            error, not a silent slowdown), as open_clip compiles. MoE-CLIP's text keeps its full context
+            length (no trim after the last EOS, which reads the host), so every batch has one shape.
+            Activation checkpointing does not trace and is refused.
+        "auto": "model" on an accelerator ("blocks" with activation checkpointing), nothing on CPU.
 """
 
 from __future__ import annotations
@@ -143,6 +150,25 @@ def collect_moe_outputs(module: nn.Module, like: torch.Tensor) -> MoEAux:
 
 
 CHECKPOINT_MODES = ("none", "blocks", "moe")
+COMPILE_MODES = ("none", "blocks", "model", "auto")
+
+
+def compile_mode(compile, activation_checkpointing: str = "none", device_type: str = "cpu") -> str:
+    """The compile mode to apply: ``compile`` from ``COMPILE_MODES`` (or a bool: True is "blocks"),
+    "auto" resolved for ``device_type``. Raises ValueError for a mode that cannot compile what it is given."""
+    if isinstance(compile, bool):
+        compile = "blocks" if compile else "none"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r} is unknown; use one of {COMPILE_MODES}")
+    if compile == "auto":
+        if device_type == "cpu":
+            return "none"
+        return "model" if activation_checkpointing == "none" else "blocks"
+    if compile == "model" and activation_checkpointing != "none":
+        raise ValueError(f"compile=model cannot trace activation_checkpointing={activation_checkpointing!r} (its "
+                         "recomputation replays the routing context outside the graph); use compile=blocks with "
+                         "it, or activation_checkpointing=none")
+    return compile
 
 
 def _block_lists(module: nn.Module) -> List[nn.ModuleList]:
@@ -157,18 +183,29 @@ def transformer_blocks(module: nn.Module) -> List[nn.Module]:
     return [block for blocks in _block_lists(module) for block in blocks]
 
 
-def configure_blocks(module: nn.Module, activation_checkpointing: str = "none", compile: bool = False) -> None:
-    """Activation checkpointing and/or torch.compile per transformer block (see the module docstring).
+def configure_blocks(module: nn.Module, activation_checkpointing: str = "none", compile="none",
+                     device_type: str = "cpu") -> None:
+    """Activation checkpointing and/or torch.compile (see the module docstring).
 
     Args:
         module: a model (or tower); call once, before ``deepspeed.initialize``.
         activation_checkpointing: "none", "blocks" (every block) or "moe" (the MoE layers only).
-        compile: compile every block's forward (the MoE layer inside stays eager).
+        compile: a mode in ``COMPILE_MODES`` (True is "blocks").
+        device_type: where the model runs ("auto" compiles on accelerators only).
     """
     if activation_checkpointing not in CHECKPOINT_MODES:
         raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is unknown; use one of {CHECKPOINT_MODES}")
+    compile = compile_mode(compile, activation_checkpointing, device_type)
     for m in moe_mlps(module):
         m.checkpoint = activation_checkpointing == "moe"
+    if compile == "model":
+        for m in module.modules():
+            if hasattr(m, "trim_text"):
+                m.trim_text = False
+        expert_parallel = any(m.moe.ep_size > 1 for m in moe_mlps(module))
+        module.compile(fullgraph=not expert_parallel)  # in place: parameter names and state-dict keys stay
+        return
+    compile = compile == "blocks"
     if activation_checkpointing != "blocks" and not compile:
         return
     kinds: Dict[tuple, object] = {}  # (block list, block class, mlp class, forward) -> its copy of the forward

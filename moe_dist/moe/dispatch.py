@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Type
 import torch
 
 from .registry import Registry
-from .router import Routing, count_per_expert
+from .router import Routing
 
 if TYPE_CHECKING:
     from .config import MoEConfig
@@ -208,19 +208,24 @@ class Dispatched:
     plan: DispatchPlan
 
 
-def _sort_by_expert(routing: Routing, kept_TK: torch.Tensor, num_experts: int):
-    """Every (token, slot) assignment sorted by expert, token order within one, the ones not kept last.
+@dataclass
+class _Sorted:
+    """Every (token, slot) assignment sorted by expert, token order within one, the ones not kept last;
+    all on the device."""
 
-    Returns (order_S [T*K] flat assignment index in that order, group_S [T*K] its expert (E when not
-    kept), counts_E [E] kept per expert): all on the device, no host read."""
+    order_S: torch.Tensor   # [T*K] flat assignment index, in that order
+    group_S: torch.Tensor   # [T*K] its expert (E when not kept)
+    starts_E: torch.Tensor  # [E] where each expert's rows begin ...
+    ends_E: torch.Tensor    # [E] ... and end (searchsorted on the sorted experts: no counting buffer)
+
+
+def _sort_by_expert(routing: Routing, kept_TK: torch.Tensor, num_experts: int) -> _Sorted:
     group_TK = torch.where(kept_TK, routing.experts_TK, num_experts)
     order_S = torch.argsort(group_TK.flatten(), stable=True)
-    counts_E = count_per_expert(routing.experts_TK, kept_TK, num_experts)
-    return order_S, group_TK.flatten()[order_S], counts_E
-
-
-def _offsets(counts_L: torch.Tensor) -> torch.Tensor:
-    return counts_L.cumsum(0).to(torch.int32)
+    group_S = group_TK.flatten()[order_S]
+    experts_E = torch.arange(num_experts, device=group_S.device, dtype=group_S.dtype)
+    return _Sorted(order_S, group_S, torch.searchsorted(group_S, experts_E),
+                   torch.searchsorted(group_S, experts_E, right=True))
 
 
 class TokenDispatcher:
@@ -247,11 +252,11 @@ class TokenDispatcher:
         int bound on every expert's kept assignments, lets an expert-parallel dispatcher exchange
         fixed-size buffers; None (dropless) needs the counts."""
         K = kept_TK.shape[1]
-        order_S, group_S, counts_E = _sort_by_expert(routing, kept_TK, self.num_experts)
-        token_S = torch.div(order_S, K, rounding_mode="floor")
-        weight_S = (routing.weights_TK * kept_TK).flatten()[order_S]
+        s = _sort_by_expert(routing, kept_TK, self.num_experts)
+        token_S = torch.div(s.order_S, K, rounding_mode="floor")
+        weight_S = (routing.weights_TK * kept_TK).flatten()[s.order_S]
         plan = DispatchPlan(token_S, weight_S)
-        return Dispatched(x_TD.index_select(0, token_S), _offsets(counts_E), plan)
+        return Dispatched(x_TD.index_select(0, token_S), s.ends_E.to(torch.int32), plan)
 
     def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
         """Sum the expert outputs per token, weighted by the gates: [T, D]."""
@@ -282,14 +287,13 @@ class ExpertParallelDispatcher(TokenDispatcher):
     def _dispatch_fixed(self, x_TD, routing, kept_TK, capacity: int) -> Dispatched:
         T, K = kept_TK.shape
         E, R, L, C = self.num_experts, self.ep_size, self.num_local, capacity
-        order_S, group_S, counts_E = _sort_by_expert(routing, kept_TK, E)
+        s = _sort_by_expert(routing, kept_TK, E)
         # slot of each sorted assignment in the [E*C] send buffer: its expert's block, at its rank among
         # the expert's kept assignments (< C by the policy); the ones not kept go to a spare slot E*C
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        rank_S = torch.arange(T * K, device=x_TD.device) - starts_E.index_select(0, group_S.clamp_max(E - 1))
-        slot_S = torch.where(group_S < E, group_S * C + rank_S, E * C)
-        token_S = torch.div(order_S, K, rounding_mode="floor")
-        weight_S = (routing.weights_TK * kept_TK).flatten()[order_S]
+        rank_S = torch.arange(T * K, device=x_TD.device) - s.starts_E.index_select(0, s.group_S.clamp_max(E - 1))
+        slot_S = torch.where(s.group_S < E, s.group_S * C + rank_S, E * C)
+        token_S = torch.div(s.order_S, K, rounding_mode="floor")
+        weight_S = (routing.weights_TK * kept_TK).flatten()[s.order_S]
         buffer_D = x_TD.new_zeros((E * C + 1,) + tuple(x_TD.shape[1:]))
         send_XD = buffer_D.index_copy(0, slot_S, x_TD.index_select(0, token_S))[:E * C]
         splits = [L * C] * R
@@ -303,8 +307,8 @@ class ExpertParallelDispatcher(TokenDispatcher):
     def _dispatch_counted(self, x_TD, routing, kept_TK) -> Dispatched:
         K = kept_TK.shape[1]
         R, L = self.ep_size, self.num_local
-        order_S, _, counts_E = _sort_by_expert(routing, kept_TK, self.num_experts)
-        counts_RL = counts_E.view(R, L)
+        s = _sort_by_expert(routing, kept_TK, self.num_experts)
+        counts_RL = (s.ends_E - s.starts_E).view(R, L)
         recv_RL = _exchange_counts(counts_RL, self.group)
         if self.traffic is not None:
             self.traffic.add("counts", counts_RL, [1] * R, self.group)
@@ -312,7 +316,7 @@ class ExpertParallelDispatcher(TokenDispatcher):
         read = torch.cat([counts_RL.sum(1), recv_RL.flatten()]).tolist()
         send_splits, recv_flat = read[:R], read[R:]
         recv_splits = [sum(recv_flat[r * L:(r + 1) * L]) for r in range(R)]
-        flat_A = order_S[:sum(send_splits)]
+        flat_A = s.order_S[:sum(send_splits)]
         token_A = torch.div(flat_A, K, rounding_mode="floor")
         weight_A = routing.weights_TK.flatten()[flat_A]
         x_ND = _AllToAllV.apply(x_TD.index_select(0, token_A), send_splits, recv_splits, self.group, self.traffic)
@@ -321,7 +325,7 @@ class ExpertParallelDispatcher(TokenDispatcher):
                                             output_size=x_ND.shape[0])
         local_perm = torch.argsort((segment_N % L) * R + segment_N // L, stable=True)
         plan = DispatchPlan(token_A, weight_A, send_splits, recv_splits, local_perm)
-        return Dispatched(x_ND.index_select(0, local_perm), _offsets(recv_RL.sum(0)), plan)
+        return Dispatched(x_ND.index_select(0, local_perm), recv_RL.sum(0).cumsum(0).to(torch.int32), plan)
 
     def combine(self, y_ND, plan, num_tokens):
         """Send expert outputs home and sum them per token, weighted by the gates: [T, D]."""

@@ -101,14 +101,6 @@ def allowed_experts_mask(cfg: MoEConfig, modality_T: Optional[torch.Tensor], dev
     return (group_E[None, :] == modality_T[:, None]) | shared_E[None, :]
 
 
-def count_per_expert(experts_TK: torch.Tensor, mask_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] long: the (token, slot) assignments where ``mask_TK`` holds, per expert. A scatter-add, not
-    ``bincount(experts_TK[mask_TK])``: the boolean index and bincount's own size check each wait for
-    the device (a host sync)."""
-    counts_E = torch.zeros(num_experts, dtype=torch.long, device=experts_TK.device)
-    return counts_E.index_add_(0, experts_TK.flatten(), mask_TK.flatten().long())
-
-
 class Router(nn.Module):
     """Gate network plus noise, modality masking and forced balancing; subclasses pick experts."""
 
