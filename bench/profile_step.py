@@ -36,7 +36,7 @@ SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")
 VIEW_OPS = {f"aten::{name}" for name in (
     "select", "slice", "unsqueeze", "squeeze", "t", "view", "reshape", "expand", "expand_as", "narrow", "unbind",
     "split", "split_with_sizes", "chunk", "detach", "as_strided", "alias", "transpose", "permute", "_reshape_alias",
-    "lift_fresh")}
+    "lift_fresh", "flatten", "unflatten", "view_as")}
 
 
 def _summary(prof, calls: int, wall_s: float, top: int = 12) -> dict:

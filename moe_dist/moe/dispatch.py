@@ -33,16 +33,18 @@ import torch
 
 from .registry import Registry
 from .router import Routing
+from .tensors import cast
 
 if TYPE_CHECKING:
     from .config import MoEConfig
 
 
 # ----------------------------------------------------------------------------- drop priorities
-# Each maps a routing decision to the priority order of its T tokens: order_T[i] = the token served i-th.
-def _position_order(routing: Routing) -> torch.Tensor:
+# Each maps a routing decision to the priority order of its T tokens (order_T[i] = the token served
+# i-th), or None for token order itself (no operator at all).
+def _position_order(routing: Routing) -> Optional[torch.Tensor]:
     """Token index: earlier tokens win."""
-    return torch.arange(routing.weights_TK.shape[0], device=routing.weights_TK.device)
+    return None
 
 
 def _random_order(routing: Routing) -> torch.Tensor:
@@ -57,7 +59,7 @@ def _score_order(routing: Routing) -> torch.Tensor:
     return torch.sort(-first_T.detach(), stable=True).indices
 
 
-DROP_PRIORITIES: Registry[Callable[[Routing], torch.Tensor]] = Registry(
+DROP_PRIORITIES: Registry[Callable[[Routing], Optional[torch.Tensor]]] = Registry(
     "drop_priority", {"position": _position_order, "random": _random_order, "score": _score_order})
 
 
@@ -69,14 +71,14 @@ class CapacityPolicy:
         self.cfg = cfg
 
     def capacity(self, num_tokens, training: bool):
-        """Per-expert, per-rank capacity for ``num_tokens`` real tokens: an int, or a device tensor (then a
-        long tensor, computed in float64 in Python's order of operations, so the same value without a
-        host sync)."""
+        """Per-expert, per-rank capacity for ``num_tokens`` real tokens, max(min_capacity, ceil(factor *
+        tokens * K / E)): an int; or, for a device tensor, the float64 bound before the ceiling, computed
+        in Python's order of operations (an integer position p is below the capacity exactly when it is
+        below this bound), with no host read."""
         factor = self.cfg.capacity_factor if training else self.cfg.eval_capacity_factor
         k, E = self.cfg.experts_per_token, self.cfg.num_experts
         if torch.is_tensor(num_tokens):
-            raw = torch.ceil(factor * num_tokens.to(torch.float64) * k / E)
-            return raw.clamp_min(self.cfg.min_capacity).long()
+            return (factor * num_tokens.to(torch.float64) * k / E).clamp_min(self.cfg.min_capacity)
         return max(self.cfg.min_capacity, math.ceil(factor * num_tokens * k / E))
 
     def keep(self, routing: Routing, training: bool) -> torch.Tensor:
@@ -100,34 +102,31 @@ class CapacityDrop(CapacityPolicy):
     """Keep at most ``capacity`` assignments per expert, in priority order.
 
     Priority: all slot-0 (first choice) assignments come before slot-1 ones, and so on; within a slot
-    the token order is the ``drop_priority`` entry of ``DROP_PRIORITIES``.
+    the token order is the ``drop_priority`` entry of ``DROP_PRIORITIES``. An assignment's place in its
+    expert's queue is a running count over the [K*T, E] one-hot of the assignments in that order
+    (GShard's cumsum): no sort, a dozen operators, nothing read on the host.
     """
 
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
         self.order = DROP_PRIORITIES.get(cfg.drop_priority)
 
-    def token_rank(self, routing: Routing) -> torch.Tensor:
-        """[T] long: the position of each token in the priority order (0 = served first)."""
-        order_T = self.order(routing)
-        return torch.empty_like(order_T).scatter_(0, order_T, torch.arange(order_T.numel(), device=order_T.device))
-
     def keep(self, routing, training):
-        valid_TK = routing.valid_TK
-        T, K = valid_TK.shape
+        T, K = routing.valid_TK.shape
         E = self.cfg.num_experts
-        device = valid_TK.device
         capacity = self.capacity(routing.token_mask_T.sum(), training)
-        # Every slot sorted by (expert, priority); invalid slots form a last group E. The priority key
-        # k * T + token rank is unique, so no stable sort is needed. Nothing here waits for the device.
-        group_TK = torch.where(valid_TK, routing.experts_TK, E)
-        priority_TK = torch.arange(K, device=device)[None, :] * T + self.token_rank(routing)[:, None]
-        order = torch.argsort((group_TK * (T * K) + priority_TK).flatten())
-        sorted_group = group_TK.flatten()[order]
-        starts = torch.searchsorted(sorted_group, torch.arange(E + 1, device=device))
-        position = torch.arange(T * K, device=device) - starts[sorted_group]
-        kept_sorted = (sorted_group < E) & (position < capacity)
-        return torch.empty(T * K, dtype=torch.bool, device=device).scatter_(0, order, kept_sorted).view(T, K)
+        order_T = self.order(routing)
+        experts_KT, valid_KT = routing.experts_TK.t(), routing.valid_TK.t()  # slot-major: first choices first
+        if order_T is not None:
+            experts_KT, valid_KT = experts_KT[:, order_T], valid_KT[:, order_T]
+        experts_S1 = experts_KT.reshape(-1, 1)
+        onehot_SE = (experts_S1 == torch.arange(E, device=experts_S1.device)) & valid_KT.reshape(-1, 1)
+        # place in the expert's queue (0 = served first); int32 holds any T*K
+        place_S = onehot_SE.cumsum(0, dtype=torch.int32).gather(1, experts_S1)[:, 0] - 1
+        kept_KT = ((place_S < capacity) & valid_KT.reshape(-1)).view(K, T)
+        if order_T is not None:  # back to token order
+            kept_KT = torch.empty_like(kept_KT).scatter_(1, order_T.expand(K, T), kept_KT)
+        return kept_KT.t()
 
 
 POLICIES: Dict[str, Type[CapacityPolicy]] = {"dropless": Dropless, "capacity": CapacityDrop}
@@ -264,7 +263,7 @@ class TokenDispatcher:
 
 
 def _weighted_sum(y_SD: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    weighted_SD = y_SD * plan.weight_S.to(y_SD.dtype)[:, None]
+    weighted_SD = y_SD * cast(plan.weight_S, y_SD.dtype)[:, None]
     out_TD = y_SD.new_zeros((num_tokens,) + tuple(y_SD.shape[1:]))
     return out_TD.index_add_(0, plan.token_S, weighted_SD)  # in place: no copy of the zeros
 

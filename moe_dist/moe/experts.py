@@ -30,6 +30,7 @@ from torch import nn
 
 from ..host_reads import reads_inside
 from .registry import Registry
+from .tensors import cast
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -218,9 +219,9 @@ def _loop_backend(experts: "GroupedExperts", x_ND: torch.Tensor, offs_L: torch.T
     dtype = x_ND.dtype  # under autocast, run the experts in the autocast dtype
     if torch.is_autocast_enabled(x_ND.device.type):
         dtype = torch.get_autocast_dtype(x_ND.device.type)
-    params = [None if p is None else p.to(dtype) for p in (experts.w1, experts.b1, experts.w2, experts.b2)]
+    params = [None if p is None else cast(p, dtype) for p in (experts.w1, experts.b1, experts.w2, experts.b2)]
     with torch.autocast(x_ND.device.type, enabled=False):
-        y_ND, _, _ = _expert_loop(x_ND.to(dtype), *params, offs_L, experts.activation,
+        y_ND, _, _ = _expert_loop(cast(x_ND, dtype), *params, offs_L, experts.activation,
                                   not experts.recompute_activation)
     return y_ND
 
@@ -234,15 +235,15 @@ def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, offs_L: t
     # rows are masked on the way in (so no garbage gradient leaves) and on the way out
     live_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_L[-1])[:, None]
     x_ND = torch.where(live_N1, x_ND, 0)
-    h = _ContiguousGrad.apply(torch._grouped_mm(x_ND, experts.w1.to(x_ND.dtype), offs=offs_L))
+    h = _ContiguousGrad.apply(torch._grouped_mm(x_ND, cast(experts.w1, x_ND.dtype), offs=offs_L))
     if experts.b1 is not None:
         # each row's expert, without a host read: the number of group ends at or before the row
         expert_N = torch.searchsorted(offs_L, torch.arange(x_ND.shape[0], device=x_ND.device, dtype=offs_L.dtype),
                                       right=True).clamp_max_(offs_L.shape[0] - 1)
-        h = _AddExpertBias.apply(h, experts.b1.to(h.dtype), expert_N)
-    y = _ContiguousGrad.apply(torch._grouped_mm(experts.act.fn(h), experts.w2.to(x_ND.dtype), offs=offs_L))
+        h = _AddExpertBias.apply(h, cast(experts.b1, h.dtype), expert_N)
+    y = _ContiguousGrad.apply(torch._grouped_mm(experts.act.fn(h), cast(experts.w2, x_ND.dtype), offs=offs_L))
     if experts.b2 is not None:
-        y = _AddExpertBias.apply(y, experts.b2.to(y.dtype), expert_N)
+        y = _AddExpertBias.apply(y, cast(experts.b2, y.dtype), expert_N)
     return torch.where(live_N1, y, 0)
 
 

@@ -28,6 +28,7 @@ from .dispatch import build_capacity_policy, build_dispatcher
 from .experts import GroupedExperts
 from .losses import LOSSES, summarize
 from .router import build_router
+from .tensors import cast
 
 _DS_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts.{}.{}"
 _DS_EXPERT_RE = re.compile(r"deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
@@ -142,7 +143,7 @@ class MoELayer(_DeepSpeedMoE):
         y_ND = self.experts(sent.rows_ND, sent.offs_L)
         y_TD = self.dispatcher.combine(y_ND, sent.plan, T)
         if self.shared_mlp is not None:
-            y_TD = y_TD + self.shared_mlp(x_TD) * routing.token_mask_T[:, None].to(x_TD.dtype)
+            y_TD = y_TD + self.shared_mlp(x_TD) * cast(routing.token_mask_T[:, None], x_TD.dtype)
 
         coefs = {name: getattr(self.config, f"{name}_coef") for name in LOSSES}
         weighted = [name for name, coef in coefs.items() if coef > 0]
@@ -150,7 +151,7 @@ class MoELayer(_DeepSpeedMoE):
         aux_loss = sum(coefs[name] * summary.losses[name] for name in weighted)
         if not torch.is_tensor(aux_loss):
             aux_loss = routing.probs_TE.sum() * 0.0
-        return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), aux_loss, summary.losses, summary.stats)
+        return MoEOutput(cast(y_TD.reshape(x.shape), x.dtype), aux_loss, summary.losses, summary.stats)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import Registry
+from .tensors import cast
 
 if TYPE_CHECKING:
     from .config import MoEConfig
@@ -62,7 +63,8 @@ class Routing:
     """The router's decision for T tokens.
 
     Attributes:
-        logits_TE: gate logits after modality masking (-inf for forbidden experts), fp32.
+        logits_TE: gate logits after modality masking (the dtype's lowest finite value for forbidden
+            experts: their probability is exactly 0, and p * logit stays finite), fp32.
         lse_T: logsumexp of ``logits_TE`` (the z-loss's, and the softmax's normaliser).
         probs_TE: softmax of ``logits_TE``, as exp(logits - lse).
         experts_TK: chosen expert per slot (long); slots with ``valid_TK`` False are unused.
@@ -116,15 +118,15 @@ class Router(nn.Module):
 
     def gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """fp32 (or fp64) logits [T, E], computed outside autocast with upcast weights."""
-        dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        h = x_TD.to(dtype)
+        dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+        h = cast(x_TD, dtype)
         if self.training:
             h = self.noise.on_input(h, self.cfg.router_noise_eps)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             for layer in (self.proj if isinstance(self.proj, nn.Sequential) else [self.proj]):
                 if isinstance(layer, nn.Linear):
-                    bias = None if layer.bias is None else layer.bias.to(dtype)
-                    h = F.linear(h, layer.weight.to(dtype), bias)
+                    bias = None if layer.bias is None else cast(layer.bias, dtype)
+                    h = F.linear(h, cast(layer.weight, dtype), bias)
                 else:
                     h = layer(h)
         if self.training:
@@ -134,12 +136,13 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor, modality_T: Optional[torch.Tensor] = None,
                 token_mask_T: Optional[torch.Tensor] = None) -> Routing:
         T = x_TD.shape[0]
-        if token_mask_T is None:
+        padded = token_mask_T is not None
+        if not padded:
             token_mask_T = torch.ones(T, dtype=torch.bool, device=x_TD.device)
         logits_TE = self.gate_logits(x_TD)
         allowed_TE = allowed_experts_mask(self.cfg, modality_T, x_TD.device)
         if allowed_TE is not None:
-            logits_TE = logits_TE.masked_fill(~allowed_TE, float("-inf"))
+            logits_TE = logits_TE.masked_fill(~allowed_TE, torch.finfo(logits_TE.dtype).min)
         # exp(logits - lse), not torch.softmax: the z-loss needs lse anyway, and CPU softmax over a last dim
         # of E is slow (hand-timed, 4,160 x 8: 253 us against 117 us for logsumexp and exp together)
         lse_T = torch.logsumexp(logits_TE, dim=-1)
@@ -149,12 +152,16 @@ class Router(nn.Module):
         else:
             experts_TK, valid_TK = self.select(probs_TE)
         weights_TK = probs_TE.gather(1, experts_TK)
-        valid_TK = valid_TK & token_mask_T[:, None]
-        weights_TK = weights_TK * valid_TK
+        if padded:
+            valid_TK = valid_TK & token_mask_T[:, None]
+        if padded or self.may_skip_slots:
+            weights_TK = weights_TK * valid_TK
         if self.cfg.renormalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(weights_TK.dtype).tiny)
         return Routing(logits_TE, lse_T, probs_TE, experts_TK, weights_TK, valid_TK, token_mask_T, modality_T,
                        self.cfg.modalities)
+
+    may_skip_slots = True  # select can leave slots unused (valid_TK False); top-k never does
 
     def select(self, probs_TE: torch.Tensor):
         """Return (experts_TK long, valid_TK bool), slots sorted by decreasing probability."""
@@ -174,6 +181,8 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
+    may_skip_slots = False
+
     def select(self, probs_TE):
         if self.cfg.top_k == 1:  # argmax: 3-5x faster than topk(1) on CPU (hand-timed)
             experts_TK = probs_TE.argmax(dim=-1, keepdim=True)

@@ -224,8 +224,11 @@ def test_only_weighted_losses_are_differentiated():
     logits = only_z.router.gate_logits(x)
     grad_ref = torch.autograd.grad(torch.logsumexp(logits, -1).square().mean(), only_z.router.proj.weight)[0]
     assert torch.allclose(grad_fused, grad_ref, rtol=1e-12, atol=1e-14)
-    # weighting an entropy loss brings its log into the graph (and the test above could see it)
+    # weighting an entropy loss brings the probabilities into the graph (the local one: H = lse - sum p
+    # logit), and the global one its log (so the test above could see them)
     with_entropy = MoELayer(MoEConfig(**base, load_balance_coef=0.0, z_loss_coef=1.0, entropy_local_coef=0.1)).double()
+    assert "ExpBackward0" in _graph_nodes(with_entropy(x, modality=modality).aux_loss)
+    with_entropy = MoELayer(MoEConfig(**base, load_balance_coef=0.0, z_loss_coef=1.0, entropy_global_coef=0.1)).double()
     assert "LogBackward0" in _graph_nodes(with_entropy(x, modality=modality).aux_loss)
     # nothing weighted: no loss carries a graph at all
     none = MoELayer(MoEConfig(**base, load_balance_coef=0.0, z_loss_coef=0.0)).double()
