@@ -2,7 +2,7 @@
 detects (CPU here; the GPU when ``bench/gpu_check.sh`` runs it).
 
     python -m bench.profile_step [--tokens 16384 --hidden 1024 --ffn 4096] [--dtype bf16] [--steps 12]
-                                 [--workers 6] [--out bench/results/profile_step.json]
+                                 [--workers 6] [--compile] [--skip-training] [--out bench/results/profile_step.json]
 
 Three torch.profiler captures, each printed as its top operators by self device time (self CPU time
 on CPU) with the operators that wait for the device (``aten::_local_scalar_dense``: ``.item()``,
@@ -10,11 +10,14 @@ on CPU) with the operators that wait for the device (``aten::_local_scalar_dense
 ``cudaStreamSynchronize`` in the runtime calls counts every wait), kernels and copies launched, and wall
 time per call:
     1. the MoE layer (E=8, k=2), forward + backward, loop and grouped_mm backends: dropless without a
-       modality tensor, and at capacity 1.25 with one (as the models call it);
+       modality tensor, and at capacity 1.25 with one (as the models call it); each also counts its host
+       reads per call (``host_reads_per_call``, moe_dist/host_reads.py) and, with ``--compile``, runs
+       compiled (``graph_breaks``, generated kernels, ``kernels_per_call``; grouped_mm in bf16 only);
     2. one training step of ``moe-dist train`` on bench.train_throughput's dense model;
     3. the same on its MoE model (E=8 top-1 in every other block).
 The training captures wrap DeepSpeed's ``engine.step``: steps ``--steps - 3`` to ``--steps - 1`` are
-recorded, after a warm-up. Writes the per-capture summary (and top operators) as JSON.
+recorded, after a warm-up; the optimizer step and the forward are also timed alone (the device drained
+around each), ``optimizer_vs_forward``. Writes the per-capture summary (and top operators) as JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from moe_dist.host_reads import HostReads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "profile_step.json")
@@ -116,9 +121,48 @@ def profile_layer(args, device, dtype, acc) -> dict:
             wall = time.perf_counter() - start
         name = f"moe_layer_{backend}{suffix}"
         results[name] = _summary(prof, args.calls, wall)
+        with HostReads() as reads:
+            call()
+        results[name]["host_reads_per_call"] = reads.count
         _print(f"MoE layer E=8 k=2 {'capacity 1.25, with modality' if suffix else 'dropless'}, {backend}, "
                f"{args.tokens}x{args.hidden}x{args.ffn} {dtype}", results[name])
+        print(f"   host reads per call: {reads.count} {sorted(set(reads.reads))}")
+        if args.compile and (backend == "loop" or dtype == torch.bfloat16):  # grouped_mm traces in bf16 only
+            results[name + "_compiled"] = profile_compiled_layer(args, layer, x, modality, acc)
     return results
+
+
+def profile_compiled_layer(args, layer, x, modality, acc) -> dict:
+    """The same call under torch.compile (inductor): graph breaks (dynamo's explain), kernels generated for
+    the forward and backward graphs (each runs once per call: straight-line graphs), and the operators
+    still dispatched per call outside them (extern kernels: GEMMs, sorts, our custom operators)."""
+    from torch._inductor import metrics
+
+    def loss_of(x):
+        out = layer(x, modality=modality)
+        return out.output.float().square().mean() + out.aux_loss
+
+    torch._dynamo.reset()
+    graph_breaks = torch._dynamo.explain(loss_of)(x).graph_break_count
+    compiled = torch.compile(loss_of)
+    metrics.reset()
+    for _ in range(3):
+        compiled(x).backward()
+    generated = metrics.generated_kernel_count
+    acc.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])) as prof:
+        start = time.perf_counter()
+        for _ in range(args.calls):
+            compiled(x).backward()
+        acc.synchronize()
+        wall = time.perf_counter() - start
+    s = _summary(prof, args.calls, wall)
+    out = {"graph_breaks": graph_breaks, "generated_kernels": generated,
+           "extern_ops_per_call": s["non_view_ops_per_call"], "wall_ms_per_call": s["wall_ms_per_call"],
+           "kernels_per_call": s["kernels_per_call"] if x.device.type == "cuda" else generated + s["non_view_ops_per_call"]}
+    print(f"   compiled: {graph_breaks} graph breaks, {generated} generated kernels + {out['extern_ops_per_call']:.0f} "
+          f"extern operators per call; {out['kernels_per_call']:.0f} kernels per call, wall {out['wall_ms_per_call']:.2f} ms")
+    return out
 
 
 def profile_training(args, moe: bool, root: str, device) -> dict:
@@ -136,6 +180,20 @@ def profile_training(args, moe: bool, root: str, device) -> dict:
             "eval.every=0"]
     cfg = load_run_config(None, sets)
     trainer = Trainer(cfg, detect_env(), resume="none")
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    forward, optimizer_s, forward_s = trainer._forward, [], []
+
+    def timed_forward(batch):  # forward + loss, the device drained before and after (the optimizer too)
+        acc.synchronize()
+        start = time.perf_counter()
+        out = forward(batch)
+        acc.synchronize()
+        forward_s.append(time.perf_counter() - start)
+        return out
+
+    trainer._forward = timed_forward
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     recorded = 3
     prof = profile(activities=activities, schedule=torch.profiler.schedule(
@@ -144,7 +202,11 @@ def profile_training(args, moe: bool, root: str, device) -> dict:
     marks = []
 
     def step_and_mark(*a, **kw):
-        result = step(*a, **kw)
+        acc.synchronize()
+        start = time.perf_counter()
+        result = step(*a, **kw)  # the optimizer step (fused AdamW), gradient clipping and zeroing
+        acc.synchronize()
+        optimizer_s.append(time.perf_counter() - start)
         marks.append(time.perf_counter())  # before prof.step(): the last one stops the trace
         prof.step()
         return result
@@ -161,6 +223,12 @@ def profile_training(args, moe: bool, root: str, device) -> dict:
     summary = _summary(prof, recorded, wall)
     summary["data_wait_fraction_median"] = sorted(r["perf/data_wait_fraction"] for r in rows[3:])[len(rows[3:]) // 2]
     summary["samples_per_s_median"] = sorted(r["perf/samples_per_s"] for r in rows[3:])[len(rows[3:]) // 2]
+    # what the optimizer step (4x the parameters of a dense model for an E=8 MoE) costs against the forward
+    summary["optimizer_step_ms_median"] = 1e3 * sorted(optimizer_s[3:])[len(optimizer_s[3:]) // 2]
+    summary["forward_ms_median"] = 1e3 * sorted(forward_s[3:])[len(forward_s[3:]) // 2]
+    summary["optimizer_vs_forward"] = summary["optimizer_step_ms_median"] / summary["forward_ms_median"]
+    print(f"   optimizer step {summary['optimizer_step_ms_median']:.1f} ms, forward + loss "
+          f"{summary['forward_ms_median']:.1f} ms: {summary['optimizer_vs_forward']:.2f}x")
     _print(f"training step, {name} model, batch {args.batch}, {args.workers} workers "
            f"(data wait {summary['data_wait_fraction_median']:.2f}, {summary['samples_per_s_median']:.0f} samples/s)",
            summary)
@@ -178,6 +246,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also capture each layer call under torch.compile")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
     if args.steps < 5:

@@ -212,10 +212,14 @@ class _Sorted:
     """Every (token, slot) assignment sorted by expert, token order within one, the ones not kept last;
     all on the device."""
 
-    order_S: torch.Tensor   # [T*K] flat assignment index, in that order
-    group_S: torch.Tensor   # [T*K] its expert (E when not kept)
-    starts_E: torch.Tensor  # [E] where each expert's rows begin ...
-    ends_E: torch.Tensor    # [E] ... and end (searchsorted on the sorted experts: no counting buffer)
+    order_S: torch.Tensor  # [T*K] flat assignment index, in that order
+    group_S: torch.Tensor  # [T*K] its expert (E when not kept)
+    ends_E: torch.Tensor   # [E] int32, where each expert's rows end (searchsorted: no counting buffer)
+
+    def starts(self) -> torch.Tensor:
+        """[E] int32, where each expert's rows begin."""
+        experts_E = torch.arange(self.ends_E.shape[0], device=self.group_S.device, dtype=self.group_S.dtype)
+        return torch.searchsorted(self.group_S, experts_E, out_int32=True)
 
 
 def _sort_by_expert(routing: Routing, kept_TK: torch.Tensor, num_experts: int) -> _Sorted:
@@ -223,8 +227,7 @@ def _sort_by_expert(routing: Routing, kept_TK: torch.Tensor, num_experts: int) -
     order_S = torch.argsort(group_TK.flatten(), stable=True)
     group_S = group_TK.flatten()[order_S]
     experts_E = torch.arange(num_experts, device=group_S.device, dtype=group_S.dtype)
-    return _Sorted(order_S, group_S, torch.searchsorted(group_S, experts_E),
-                   torch.searchsorted(group_S, experts_E, right=True))
+    return _Sorted(order_S, group_S, torch.searchsorted(group_S, experts_E, right=True, out_int32=True))
 
 
 class TokenDispatcher:
@@ -255,7 +258,7 @@ class TokenDispatcher:
         token_S = torch.div(s.order_S, K, rounding_mode="floor")
         weight_S = (routing.weights_TK * kept_TK).flatten()[s.order_S]
         plan = DispatchPlan(token_S, weight_S)
-        return Dispatched(x_TD.index_select(0, token_S), s.ends_E.to(torch.int32), plan)
+        return Dispatched(x_TD.index_select(0, token_S), s.ends_E, plan)
 
     def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
         """Sum the expert outputs per token, weighted by the gates: [T, D]."""
@@ -289,7 +292,7 @@ class ExpertParallelDispatcher(TokenDispatcher):
         s = _sort_by_expert(routing, kept_TK, E)
         # slot of each sorted assignment in the [E*C] send buffer: its expert's block, at its rank among
         # the expert's kept assignments (< C by the policy); the ones not kept go to a spare slot E*C
-        rank_S = torch.arange(T * K, device=x_TD.device) - s.starts_E.index_select(0, s.group_S.clamp_max(E - 1))
+        rank_S = torch.arange(T * K, device=x_TD.device) - s.starts().index_select(0, s.group_S.clamp_max(E - 1))
         slot_S = torch.where(s.group_S < E, s.group_S * C + rank_S, E * C)
         token_S = torch.div(s.order_S, K, rounding_mode="floor")
         weight_S = (routing.weights_TK * kept_TK).flatten()[s.order_S]
@@ -307,7 +310,7 @@ class ExpertParallelDispatcher(TokenDispatcher):
         K = kept_TK.shape[1]
         R, L = self.ep_size, self.num_local
         s = _sort_by_expert(routing, kept_TK, self.num_experts)
-        counts_RL = (s.ends_E - s.starts_E).view(R, L)
+        counts_RL = (s.ends_E - s.starts()).long().view(R, L)
         recv_RL = _exchange_counts(counts_RL, self.group)
         if self.traffic is not None:
             self.traffic.add("counts", counts_RL, [1] * R, self.group)

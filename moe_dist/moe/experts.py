@@ -233,13 +233,13 @@ def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, offs_L: t
                          "aligned); use expert_backend='auto' or 'loop'")
     # _grouped_mm leaves the rows past offs[-1] unwritten, in its output and in its input gradient: the
     # rows are masked on the way in (so no garbage gradient leaves) and on the way out
-    live_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_L[-1])[:, None]
+    rows_N = torch.arange(x_ND.shape[0], device=x_ND.device, dtype=offs_L.dtype)
+    live_N1 = (rows_N < offs_L[-1])[:, None]
     x_ND = torch.where(live_N1, x_ND, 0)
     h = _ContiguousGrad.apply(torch._grouped_mm(x_ND, cast(experts.w1, x_ND.dtype), offs=offs_L))
     if experts.b1 is not None:
-        # each row's expert, without a host read: the number of group ends at or before the row
-        expert_N = torch.searchsorted(offs_L, torch.arange(x_ND.shape[0], device=x_ND.device, dtype=offs_L.dtype),
-                                      right=True).clamp_max_(offs_L.shape[0] - 1)
+        # each row's expert, without a host read: how many of the first L - 1 groups end at or before it
+        expert_N = torch.searchsorted(offs_L[:-1], rows_N, right=True)
         h = _AddExpertBias.apply(h, cast(experts.b1, h.dtype), expert_N)
     y = _ContiguousGrad.apply(torch._grouped_mm(experts.act.fn(h), cast(experts.w2, x_ND.dtype), offs=offs_L))
     if experts.b2 is not None:

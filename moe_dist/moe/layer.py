@@ -15,6 +15,8 @@ load under a different ``ep_size`` picks the right experts on every rank.
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -148,9 +150,8 @@ class MoELayer(_DeepSpeedMoE):
         coefs = {name: getattr(self.config, f"{name}_coef") for name in LOSSES}
         weighted = [name for name, coef in coefs.items() if coef > 0]
         summary = summarize(routing, kept_TK, differentiate=weighted)  # the others are reported, not differentiated
-        aux_loss = sum(coefs[name] * summary.losses[name] for name in weighted)
-        if not torch.is_tensor(aux_loss):
-            aux_loss = routing.probs_TE.sum() * 0.0
+        terms = [coefs[name] * summary.losses[name] for name in weighted]
+        aux_loss = routing.probs_TE.sum() * 0.0 if not terms else functools.reduce(operator.add, terms)
         return MoEOutput(cast(y_TD.reshape(x.shape), x.dtype), aux_loss, summary.losses, summary.stats)
 
     def extra_repr(self) -> str:
