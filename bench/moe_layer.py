@@ -20,6 +20,9 @@ hits them alike; the table reports medians, and each ratio is the median of the 
         R4_vs_floor = R4 / R4_floor (per round), target <= 1.05
     time_vs_experts: T(ours, dropless, E) for E = 8 ... 128 at fixed tokens and k (fixed active FLOPs),
         relative to E=8, with the least-squares slope per doubling of E
+    --compile adds the dense FFN and our E=8 layer (capacity 1.25, the expert backend ``auto`` picks)
+        under torch.compile: R1_compiled = T(ours compiled) / (k * T(dense compiled)), target <= 1.25 on a
+        GPU in bf16; moe_layer_compiled_vs_eager = T(ours compiled) / T(ours eager, same config)
 Each ratio's ``<key>_spread`` is its [min, max] over the rounds. ``page_faults_per_step``: the median
 minor page faults of each variant's round (memory the allocator handed back fresh from the kernel).
 The bench runs under the allocator CPU training uses (tcmalloc when installed; re-executes itself with
@@ -165,6 +168,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--reps", type=int, default=20, help="timed rounds (after 2 warm-up rounds)")
     parser.add_argument("--device", default="", help="default: the accelerator DeepSpeed detects")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="also time the dense FFN and our layer compiled")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     changes = allocator_env(os.environ)  # the allocator CPU ranks train with (MOE_DIST_ALLOCATOR=system: glibc)
@@ -190,7 +194,14 @@ def main(argv=None) -> dict:
         "deepspeed_cf1.25_E64": deepspeed_moe(args, 64),
         **{f"ours_dropless_E{e}": ours(args, e, dropless=True) for e in EXPERT_COUNTS if e not in (8, 64)},
     }
+    if args.compile:
+        variants["ours_capacity1.25_E8_auto"] = ours(args, 8, capacity_factor=1.25)
+        variants["dense_ffn_compiled"] = variants["dense_ffn"]
+        variants["ours_capacity1.25_E8_compiled"] = variants["ours_capacity1.25_E8_auto"]
     variants = {name: module.to(device, dtype) for name, module in variants.items()}
+    if args.compile:  # the same modules (and weights), compiled
+        for name in ("dense_ffn_compiled", "ours_capacity1.25_E8_compiled"):
+            variants[name] = torch.compile(variants[name])
     gemms = {f"gemms_E{e}": RawGemms(args.tokens * args.k, args.hidden, args.ffn, e, device=device, dtype=dtype)
              for e in (8, 64)}
     gemms["experts_alone_E8"] = ExpertsAlone(args.tokens * args.k, args.hidden, args.ffn, 8, device=device, dtype=dtype)
@@ -217,7 +228,8 @@ def main(argv=None) -> dict:
                 times[name].append(elapsed)
                 faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     med = {name: statistics.median(t) for name, t in times.items()}
-    mem = {name: saved_bytes(module, x) for name, module in variants.items()}
+    mem = {name: 0 if name.endswith("_compiled") else saved_bytes(module, x)  # (saved-tensor hooks do not trace)
+           for name, module in variants.items()}
     variants.update(gemms)
     mem.update({name: 0 for name in gemms})
     dense = med["dense_ffn"]
@@ -264,6 +276,11 @@ def main(argv=None) -> dict:
         "memory_vs_k_dense_deepspeed": mem["deepspeed_cf1.25_E8"] / (args.k * mem["dense_ffn"]),
         "memory_vs_k_dense_saved_activation": mem["ours_dropless_E8_saved_act"] / (args.k * mem["dense_ffn"]),
         "time_vs_experts_slope_per_doubling": _slope_per_doubling(EXPERT_COUNTS, times),
+        **({"R1_compiled": ratio("ours_capacity1.25_E8_compiled", "dense_ffn_compiled", args.k),
+            "R1_compiled_spread": _spread(per_round("ours_capacity1.25_E8_compiled", "dense_ffn_compiled", args.k)),
+            "R1_eager_same_config": ratio("ours_capacity1.25_E8_auto", "dense_ffn", args.k),
+            "moe_layer_compiled_vs_eager": ratio("ours_capacity1.25_E8_compiled", "ours_capacity1.25_E8_auto")}
+           if args.compile else {}),
         "median_ms": {name: 1e3 * t for name, t in med.items()},
         "page_faults_per_step": {name: statistics.median(f) for name, f in faults.items()},
         "saved_mb": {name: m / 2 ** 20 for name, m in mem.items()},
@@ -281,7 +298,9 @@ def main(argv=None) -> dict:
                         ("R4", "<= 1.10"), ("R4_floor", ""),
                         ("R4_vs_floor", "<= 1.05"), ("time_vs_experts_slope_per_doubling", ""), ("R1_deepspeed", ""),
                         ("R4_deepspeed", ""), ("memory_vs_k_dense", ""), ("memory_vs_k_dense_deepspeed", ""),
-                        ("memory_vs_k_dense_saved_activation", "")):
+                        ("memory_vs_k_dense_saved_activation", ""),
+                        *((("R1_compiled", "<= 1.25"), ("R1_eager_same_config", ""), ("moe_layer_compiled_vs_eager", ""))
+                          if args.compile else ())):
         spread = results.get(f"{key}_spread")
         rounds = f"rounds {spread[0]:.3f}-{spread[1]:.3f}" if spread else ""
         print(f"{key:34s} {results[key]:6.3f}  {target:8s} {rounds}")

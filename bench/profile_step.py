@@ -175,7 +175,7 @@ def profile_training(args, moe: bool, root: str, device) -> dict:
     name = "moe" if moe else "dense"
     sets = [f"model.name={model_json(root, moe)}", f"data.train={os.path.join(root, 'train')}",
             "data.tokenizer=openclip-bpe", f"data.workers={args.workers}", f"output_dir={root}/run-{name}",
-            f"steps={args.steps}", f"batch.micro_batch={args.batch}", "ep_size=1", "zero_stage=0",
+            f"steps={args.steps}", f"batch.micro_batch={args.batch}", "ep_size=1", "zero_stage=0", "compile=none",
             "logging.progress=false", "logging.tensorboard=false", "schedule.warmup_steps=2",
             "eval.every=0"]
     cfg = load_run_config(None, sets)

@@ -10,8 +10,9 @@ Throughput is the median of per-step samples/s after 5 warm-up steps, from each 
 (open_clip_train's "N/s" field, our metrics.jsonl). Both clip gradients at norm 1.0. Our text
 tower stops at each batch's last EOS (exact; models/clip.py), open_clip's runs the whole context. The MoE variant
 puts E=8 top-1 experts in every other block of both towers: the same active FLOPs as the dense model.
-``--compile`` adds both frameworks with torch.compile (ours ``compile=true``: every block compiled, the
-MoE dispatch eager; open_clip_train ``--torchcompile``: the whole model), and our MoE model compiled. Ratios
+``--compile`` adds both frameworks with torch.compile, the whole model as one graph (ours ``compile=model``;
+open_clip_train ``--torchcompile``), and our MoE model compiled. Our eager runs say ``compile=none`` (the
+default, ``auto``, compiles on an accelerator). Ratios
 are medians of the per-round ratios (the runs of a round share the machine's state).
 Writes bench/results/train_throughput.json with ``dense_vs_open_clip``, ``moe_vs_dense`` and, with
 ``--compile``, ``dense_vs_open_clip_compiled``, ``moe_compiled_vs_eager`` and ``moe_vs_dense_compiled``.
@@ -79,7 +80,7 @@ def model_json(root: str, moe: bool) -> str:
 def run_ours(root: str, moe: bool, steps: int, batch: int, run: int = 0, compile: bool = False,
              workers: int = 1) -> float:
     out = os.path.join(root, f"ours-{'moe' if moe else 'dense'}-{run}{'-compiled' if compile else ''}")
-    sets = {"compile": str(compile).lower(), "model.name": model_json(root, moe),
+    sets = {"compile": "model" if compile else "none", "model.name": model_json(root, moe),
             "data.train": os.path.join(root, "train"),
             "data.tokenizer": "openclip-bpe", "data.workers": workers, "output_dir": out, "steps": steps,
             "batch.micro_batch": batch, "ep_size": 1, "zero_stage": 0, "logging.progress": "false",

@@ -212,10 +212,11 @@ class RunConfig:
         model = self.model_config()
         moe = model.moe_config(model.vision.width)
         experts = moe.num_experts
-        if self.compile == "model" and moe.expert_backend == "grouped_mm" and self.precision != "bf16":
-            raise ValueError(f"compile=model traces model.moe.expert_backend=grouped_mm in bf16 only (the "
-                             f"meta kernel of torch._grouped_mm), not precision={self.precision}; set "
-                             "precision=bf16, or expert_backend=auto or loop")
+        traced = self.compile in ("model", "blocks") and self.ep_size == 1  # the MoE layer inside a graph
+        if traced and moe.expert_backend == "grouped_mm" and self.precision != "bf16":
+            raise ValueError(f"compile={self.compile} traces model.moe.expert_backend=grouped_mm in bf16 only "
+                             f"(the meta kernel of torch._grouped_mm), not precision={self.precision}; set "
+                             "precision=bf16, or expert_backend=auto or loop, or compile=none")
         if experts % self.ep_size:
             raise ValueError(f"ep_size={self.ep_size} must divide model.moe.num_experts={experts}")
         b = self.batch

@@ -120,7 +120,7 @@ class MoECLIP(ContrastiveModel):
         # cut the text after the batch's last EOS (trim_after_eos), except where every rank must route the
         # same token count (capacity at ep_size > 1 exchanges fixed-size buffers, moe/dispatch.py); a
         # whole-model compile turns it off too (configure_blocks: one shape, no host read)
-        self.trim_text = ep_size == 1 or text_moe.dropless
+        self.trim_text = ep_size == 1 or text_moe.dropless or not cfg.text_moe_blocks()
         self._init_logits(cfg)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -288,7 +288,8 @@ class ExpertParallelDispatcher(TokenDispatcher):
 
     def _dispatch_fixed(self, x_TD, routing, kept_TK, capacity: int) -> Dispatched:
         T, K = kept_TK.shape
-        E, R, L, C = self.num_experts, self.ep_size, self.num_local, capacity
+        # C >= 1: with T = 0 and min_capacity = 0 every rank still exchanges (empty) [L, 1] blocks
+        E, R, L, C, D = self.num_experts, self.ep_size, self.num_local, max(1, capacity), x_TD.shape[1]
         s = _sort_by_expert(routing, kept_TK, E)
         # slot of each sorted assignment in the [E*C] send buffer: its expert's block, at its rank among
         # the expert's kept assignments (< C by the policy); the ones not kept go to a spare slot E*C
@@ -301,7 +302,7 @@ class ExpertParallelDispatcher(TokenDispatcher):
         splits = [L * C] * R
         recv_XD = _AllToAllV.apply(send_XD, splits, splits, self.group, self.traffic)
         # received [R source, L expert, C]; the experts want [L, R, C]
-        rows_ND = recv_XD.view(R, L, C, -1).transpose(0, 1).reshape(L * R * C, -1)
+        rows_ND = recv_XD.view(R, L, C, D).transpose(0, 1).reshape(L * R * C, D)
         offs_L = torch.arange(1, L + 1, device=x_TD.device, dtype=torch.int32) * (R * C)
         plan = DispatchPlan(token_S, weight_S, slot_S=slot_S.clamp_max(E * C - 1), capacity=C)
         return Dispatched(rows_ND, offs_L, plan)
@@ -332,8 +333,8 @@ class ExpertParallelDispatcher(TokenDispatcher):
     def combine(self, y_ND, plan, num_tokens):
         """Send expert outputs home and sum them per token, weighted by the gates: [T, D]."""
         if plan.slot_S is not None:  # fixed exchange
-            R, L, C = self.ep_size, self.num_local, plan.capacity
-            y_back = y_ND.view(L, R, C, -1).transpose(0, 1).reshape(R * L * C, -1)
+            R, L, C, D = self.ep_size, self.num_local, plan.capacity, y_ND.shape[1]
+            y_back = y_ND.view(L, R, C, D).transpose(0, 1).reshape(R * L * C, D)
             y_XD = _AllToAllV.apply(y_back, [L * C] * R, [L * C] * R, self.group, self.traffic)
             return _weighted_sum(y_XD.index_select(0, plan.slot_S), plan, num_tokens)
         y_back = torch.empty_like(y_ND).index_copy(0, plan.local_perm, y_ND)

@@ -232,7 +232,8 @@ def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, offs_L: t
                          f"hidden sizes {experts.w1.shape[1]}/{experts.w2.shape[1]} (rows must be 16-byte "
                          "aligned); use expert_backend='auto' or 'loop'")
     # _grouped_mm leaves the rows past offs[-1] unwritten, in its output and in its input gradient: the
-    # rows are masked on the way in (so no garbage gradient leaves) and on the way out
+    # rows are masked on the way in and out of each product (the mask before the activation also keeps
+    # the second product's unwritten input gradient out of b1's gradient), so only zeros cross them
     rows_N = torch.arange(x_ND.shape[0], device=x_ND.device, dtype=offs_L.dtype)
     live_N1 = (rows_N < offs_L[-1])[:, None]
     x_ND = torch.where(live_N1, x_ND, 0)
@@ -241,6 +242,7 @@ def _grouped_mm_backend(experts: "GroupedExperts", x_ND: torch.Tensor, offs_L: t
         # each row's expert, without a host read: how many of the first L - 1 groups end at or before it
         expert_N = torch.searchsorted(offs_L[:-1], rows_N, right=True)
         h = _AddExpertBias.apply(h, cast(experts.b1, h.dtype), expert_N)
+    h = torch.where(live_N1, h, 0)
     y = _ContiguousGrad.apply(torch._grouped_mm(experts.act.fn(h), cast(experts.w2, x_ND.dtype), offs=offs_L))
     if experts.b2 is not None:
         y = _AddExpertBias.apply(y, cast(experts.b2, y.dtype), expert_N)

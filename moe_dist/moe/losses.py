@@ -28,8 +28,8 @@ tokens of each modality in ``MoEConfig.modalities``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, Optional
 
 import torch
@@ -87,6 +87,9 @@ class RoutingStats(Mapping):
     def __len__(self) -> int:
         return len(self._compute())
 
+    def __repr__(self) -> str:
+        return f"RoutingStats({self._compute()!r})"
+
 
 @dataclass
 class RoutingSummary:
@@ -109,8 +112,6 @@ def _sum_dtype(device: torch.device) -> torch.dtype:
     """float64 where the device has it (CPU, CUDA); float32 elsewhere (MPS and HPU have no float64):
     counts then stay exact up to 2^24 tokens per call."""
     return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
-
-
 
 
 def summarize(routing: Routing, kept_TK: torch.Tensor, differentiate: Iterable[str] = LOSSES) -> RoutingSummary:

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 # multimodal decoder (text that cross-attends to image tokens, models/coca.py) CROSS
 IMAGE, TEXT, CROSS = 0, 1, 2
 MODALITY_NAMES = {IMAGE: "image", TEXT: "text", CROSS: "cross"}
+# the logit of an expert a token may not use: its probability underflows to exactly 0 (fp32 and fp64),
+# while p * logit (the entropy, moe/losses.py) and its gradient -logit * upstream stay finite at any loss
+# scale (-inf would give 0 * inf; the dtype's lowest value overflows once the upstream gradient passes 1)
+MASKED_LOGIT = -1e4
 
 
 class RouterNoise:
@@ -63,8 +67,7 @@ class Routing:
     """The router's decision for T tokens.
 
     Attributes:
-        logits_TE: gate logits after modality masking (the dtype's lowest finite value for forbidden
-            experts: their probability is exactly 0, and p * logit stays finite), fp32.
+        logits_TE: gate logits after modality masking (``MASKED_LOGIT`` for forbidden experts), fp32.
         lse_T: logsumexp of ``logits_TE`` (the z-loss's, and the softmax's normaliser).
         probs_TE: softmax of ``logits_TE``, as exp(logits - lse).
         experts_TK: chosen expert per slot (long); slots with ``valid_TK`` False are unused.
@@ -86,21 +89,17 @@ class Routing:
     modalities: Tuple[int, ...] = (IMAGE, TEXT)
 
 
-def allowed_experts_mask(cfg: MoEConfig, modality_T: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
-    """[T, E] bool of the experts each token may use under ``cfg.modality_experts``, or None if all.
+def allowed_experts_table(cfg: MoEConfig) -> torch.Tensor:
+    """[M + 1, E] bool: row m, the experts a token of modality m may use under ``cfg.modality_experts``;
+    the last row, a token of any other modality (the shared experts only).
 
     ``modality_experts`` = (n_image, n_text[, n_cross]) lays the experts out as consecutive groups:
     image-only, text-only, cross-only, then shared. A token of modality m may use its own group and the
     shared experts."""
-    if not cfg.uses_modality:
-        return None
-    if modality_T is None:
-        raise ValueError(f"MoEConfig.modality_experts={cfg.modality_experts} reserves experts per modality, "
-                         "so forward() needs modality= (0 image, 1 text, 2 cross) for every token")
-    bounds = torch.tensor(cfg.modality_experts, device=device).cumsum(0)  # group m ends at bounds[m]
-    group_E = torch.bucketize(torch.arange(cfg.num_experts, device=device), bounds, right=True)
-    shared_E = group_E == len(cfg.modality_experts)
-    return (group_E[None, :] == modality_T[:, None]) | shared_E[None, :]
+    M = len(cfg.modality_experts)
+    group_E = torch.repeat_interleave(torch.arange(M + 1), torch.tensor([*cfg.modality_experts,
+                                                                         cfg.num_experts - sum(cfg.modality_experts)]))
+    return (group_E[None, :] == torch.arange(M + 1)[:, None]) | (group_E == M)[None, :]
 
 
 class Router(nn.Module):
@@ -115,6 +114,8 @@ class Router(nn.Module):
         else:
             self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.noise = ROUTER_NOISE.get(cfg.router_noise)
+        # built once and moved with the module: a per-call table would be a host-to-device copy
+        self.register_buffer("allowed_ME", allowed_experts_table(cfg) if cfg.uses_modality else None, persistent=False)
 
     def gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """fp32 (or fp64) logits [T, E], computed outside autocast with upcast weights."""
@@ -140,9 +141,15 @@ class Router(nn.Module):
         if not padded:
             token_mask_T = torch.ones(T, dtype=torch.bool, device=x_TD.device)
         logits_TE = self.gate_logits(x_TD)
-        allowed_TE = allowed_experts_mask(self.cfg, modality_T, x_TD.device)
+        allowed_TE = None
+        if self.allowed_ME is not None:
+            if modality_T is None:
+                raise ValueError(f"MoEConfig.modality_experts={self.cfg.modality_experts} reserves experts per "
+                                 "modality, so forward() needs modality= (0 image, 1 text, 2 cross) for every token")
+            last = self.allowed_ME.shape[0] - 1
+            allowed_TE = self.allowed_ME.index_select(0, modality_T.clamp(0, last))
         if allowed_TE is not None:
-            logits_TE = logits_TE.masked_fill(~allowed_TE, torch.finfo(logits_TE.dtype).min)
+            logits_TE = logits_TE.masked_fill(~allowed_TE, MASKED_LOGIT)
         # exp(logits - lse), not torch.softmax: the z-loss needs lse anyway, and CPU softmax over a last dim
         # of E is slow (hand-timed, 4,160 x 8: 253 us against 117 us for logsumexp and exp together)
         lse_T = torch.logsumexp(logits_TE, dim=-1)

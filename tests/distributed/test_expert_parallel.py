@@ -77,6 +77,13 @@ def _compare_ep_to_single(rank, world_size, dropless):
             for name in ("tokens_per_expert", "dropped_fraction"):
                 if not torch.equal(out.stats[name], ref_out.stats[name]):
                     failures.append(f"{case} k={k} stats {name}")
+    if not dropless:  # no tokens and min_capacity 0: capacity 0, and still every rank exchanges
+        empty = MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, min_capacity=0), ep_size=2)
+        x = torch.randn(0, D, requires_grad=True)
+        out = empty(x)
+        (out.output.sum() + out.aux_loss).backward()
+        if out.output.shape != (0, D) or x.grad.shape != (0, D):
+            failures.append(f"no tokens, min_capacity 0: output {tuple(out.output.shape)}")
     return failures
 
 

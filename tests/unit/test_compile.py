@@ -78,7 +78,10 @@ def test_what_cannot_compile_is_refused():
         load_run_config(None, ["compile=model", "activation_checkpointing=moe"])
     cfg = load_run_config(None, ["compile=model", "model.moe.expert_backend=grouped_mm", "precision=fp32",
                                  "data.train=x"])
-    with pytest.raises(ValueError, match="grouped_mm in bf16 only.*precision=fp32"):
+    with pytest.raises(ValueError, match="compile=model traces .*grouped_mm in bf16 only.*precision=fp32"):
+        cfg.validate(1)
+    cfg.compile = "blocks"  # blocks trace the layer too at ep_size 1
+    with pytest.raises(ValueError, match="compile=blocks traces .*grouped_mm in bf16 only"):
         cfg.validate(1)
 
 

@@ -121,3 +121,51 @@ def test_all_padding_batch(dropless):
     assert reads.count == 0, reads.reads
     assert float(out.output.abs().max()) == 0.0 and float(x.grad.abs().max()) == 0.0
     assert int(out.stats["tokens_per_expert"].sum()) == 0 and torch.isfinite(out.aux_loss)
+
+
+class _Unwritten(torch.autograd.Function):
+    """torch._grouped_mm whose rows past offs[-1] hold NaN, in its output and in its input gradient: what
+    the kernel's contract allows there (it leaves them unwritten)."""
+
+    @staticmethod
+    def forward(ctx, a, b, offs):
+        ctx.save_for_backward(a, b, offs)
+        return _poison(_REAL_GROUPED_MM(a, b, offs=offs), offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, offs = ctx.saved_tensors
+        with torch.enable_grad():
+            a_, b_ = a.detach().requires_grad_(), b.detach().requires_grad_()
+            grad_a, grad_b = torch.autograd.grad(_REAL_GROUPED_MM(a_, b_, offs=offs), (a_, b_), grad.contiguous())
+        return _poison(grad_a, offs), grad_b, None
+
+
+_REAL_GROUPED_MM = torch._grouped_mm
+
+
+def _poison(t, offs):
+    return t.masked_fill((torch.arange(t.shape[0]) >= offs[-1])[:, None], float("nan"))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_grouped_mm_never_uses_unwritten_rows(monkeypatch, activation):
+    """Capacity drops and padding leave rows past the last group end; whatever _grouped_mm leaves there
+    (NaN here) must not reach the output or any gradient: every expert tensor's gradient equals the loop
+    backend's (which writes zeros)."""
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: _Unwritten.apply(a, b, offs))
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, top_k=2, capacity_factor=0.5, min_capacity=1,
+                    activation=activation, expert_backend="grouped_mm")
+    layers = [MoELayer(cfg), MoELayer(cfg.replace(expert_backend="loop"))]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x, padding = torch.randn(24, D), torch.arange(24) % 4 == 3
+    grads = []
+    for layer in layers:
+        xi = x.clone().requires_grad_()
+        out = layer(xi, padding_mask=padding)
+        assert float(out.stats["dropped_fraction"]) > 0
+        out.output.square().sum().backward()
+        grads.append([out.output, xi.grad] + [getattr(layer.experts, n).grad for n in ("w1", "b1", "w2", "b2")])
+    for got, want in zip(*grads):
+        assert torch.isfinite(got).all() and rel_err(got.double(), want.double()) < 1e-5

@@ -237,3 +237,15 @@ def test_only_weighted_losses_are_differentiated():
     routing = none.router(x)
     with pytest.raises(ValueError, match="unknown losses"):
         summarize(routing, routing.valid_TK, differentiate=["zloss"])
+
+
+def test_entropy_gradient_stays_finite_with_masked_experts_at_a_large_loss_scale():
+    """Forbidden experts get a finite masked logit; the local entropy's p * logit then has gradient
+    -logit * upstream there, which must not overflow under fp16 loss scaling (2^16 here): with the dtype's
+    lowest value as the mask it did, and exp's backward turned 0 * inf into NaN router gradients."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=6, top_k=2, dropless=True,
+                               modality_experts=(2, 2), entropy_local_coef=0.01, entropy_global_coef=0.01))
+    out = layer(torch.randn(16, 8), modality=torch.arange(16) % 2)
+    (out.aux_loss * 2.0 ** 16).backward()
+    assert torch.isfinite(layer.router.proj.weight.grad).all()
