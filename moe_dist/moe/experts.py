@@ -99,13 +99,17 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _ranges(offs: torch.Tensor):
-    """(expert, row slice) per non-empty group of the ``offs`` cumulative ends: the loop's one host read."""
-    start = 0
+def _groups(offs: torch.Tensor):
+    """The ``offs`` cumulative ends read on the host (the loop's one read): ([(expert, row slice)] of the
+    non-empty groups, [idle experts], the end of the last group)."""
+    ranges, idle, start = [], [], 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
-            yield e, slice(start, end)
+            ranges.append((e, slice(start, end)))
+        else:
+            idle.append(e)
         start = end
+    return ranges, idle, start
 
 
 # The loop backend is a pair of custom operators: opaque to torch.compile, which then sees fixed output
@@ -119,10 +123,12 @@ def _expert_loop(x_ND: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor
     (y_ND, h_NH, a_NA): the output, the pre-activation and (``keep_act``, else empty) the activation.
     Rows past ``offs[-1]`` are zero in y."""
     act = ACTIVATIONS.get(activation)
-    y_ND = x_ND.new_zeros(x_ND.shape[0], w2.shape[-1])
+    ranges, _, end = _groups(offs)
+    y_ND = x_ND.new_empty(x_ND.shape[0], w2.shape[-1])
+    y_ND[end:].zero_()  # every other row is written by its expert
     h_NH = x_ND.new_empty(x_ND.shape[0], w1.shape[-1])
     a_NA = x_ND.new_empty(x_ND.shape[0] if keep_act else 0, w2.shape[1])
-    for e, rows in _ranges(offs):
+    for e, rows in ranges:
         if b1 is None:
             torch.mm(x_ND[rows], w1[e], out=h_NH[rows])
         else:
@@ -149,13 +155,19 @@ def _expert_loop_backward(grad_y: torch.Tensor, x_ND: torch.Tensor, h_NH: torch.
     """Gradients (x, w1, b1, w2, b2) of ``_expert_loop``; the bias ones are empty without ``bias``. The
     activation is recomputed from h where ``a_NA`` is empty."""
     act = ACTIVATIONS.get(activation)
+    ranges, idle, end = _groups(offs)
     grad_y = grad_y.contiguous()
-    grad_x = torch.zeros_like(x_ND)  # rows past offs[-1] get no gradient
-    # every other row belongs to one expert, so the weight gradients of idle experts are the only zeros
-    grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
-    grad_b1 = w1.new_zeros(w1.shape[0], w1.shape[2] if bias else 0)
-    grad_b2 = w2.new_zeros(w2.shape[0], w2.shape[2] if bias else 0)
-    for e, rows in _ranges(offs):
+    # every row up to offs[-1] belongs to one expert, which writes its gradients: only the rows past it
+    # and the idle experts' weight gradients are zeros (a full zero fill cost a pass over every weight)
+    grad_x = torch.empty_like(x_ND)
+    grad_x[end:].zero_()
+    grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
+    grad_b1 = w1.new_empty(w1.shape[0], w1.shape[2] if bias else 0)
+    grad_b2 = w2.new_empty(w2.shape[0], w2.shape[2] if bias else 0)
+    for e in idle:
+        for grad in (grad_w1, grad_w2, grad_b1, grad_b2):
+            grad[e].zero_()
+    for e, rows in ranges:
         h, g_y = h_NH[rows], grad_y[rows]
         torch.mm((a_NA[rows] if a_NA.shape[0] else act.fn(h)).t(), g_y, out=grad_w2[e])
         g_h = act.backward(h, g_y @ w2[e].t())

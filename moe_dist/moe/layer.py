@@ -140,7 +140,8 @@ class MoELayer(_DeepSpeedMoE):
 
         routing = self.router(x_TD, modality_T, token_mask_T)
         kept_TK = self.policy.keep(routing, self.training)
-        capacity = self.policy.buffer_capacity(T) if self.training else None  # eval batches may be ragged
+        # a fixed-size exchange at ep_size > 1 in training (eval batches may be ragged); ep_size 1 needs none
+        capacity = self.policy.buffer_capacity(T) if self.training and self.ep_size > 1 else None
         sent = self.dispatcher.dispatch(x_TD, routing, kept_TK, capacity)
         y_ND = self.experts(sent.rows_ND, sent.offs_L)
         y_TD = self.dispatcher.combine(y_ND, sent.plan, T)

@@ -89,9 +89,9 @@ def test_unknown_mode_is_refused():
 
 
 def test_compiled_blocks_equal_eager():
-    """compile=True (inductor, here its CPU C++ backend): the MoE layer stays eager behind the compile
-    boundary, the blocks around it compile; loss, aux losses and gradients equal eager within fp32
-    tolerance. A 1-block LIMoE (an MoE block, both modalities in one pass) keeps compile short."""
+    """compile=True, i.e. "blocks" (inductor, here its CPU C++ backend): each block compiles, the MoE
+    layer inside it (ep_size 1); loss, aux losses and gradients equal eager within fp32 tolerance. A
+    1-block LIMoE (an MoE block, both modalities in one pass) keeps compile short."""
     small = {"vision": {"layers": 1, "moe": {"every": 1}}}
     results = []
     for compile in (False, True):
