@@ -316,7 +316,11 @@ class Trainer:
     def _forward(self, batch) -> StepOutput:
         device = self.engine.device  # asynchronous from pinned memory; the cast runs on the device
         images = batch.images.to(device, non_blocking=True).to(self.dtype)
-        out = self.engine(images, batch.tokens.to(device, non_blocking=True))
+        tokens = batch.tokens.to(device, non_blocking=True)
+        trim = getattr(self.engine.module, "trim_text_batch", None)
+        if trim is not None:  # the length from the host batch (nothing read back), the cut a device view
+            tokens = tokens[:, :trim(batch.tokens).shape[1]]
+        out = self.engine(images, tokens)
         result = self.loss_fn(out)
         return StepOutput(result.total, result.parts, out)
 

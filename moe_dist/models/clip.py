@@ -118,10 +118,18 @@ class MoECLIP(ContrastiveModel):
         text_moe = cfg.moe_config(t.width, t.mlp_ratio)
         place_moe(self.text.transformer, cfg.text_moe_blocks(), text_moe, ep_size, "text")
         # cut the text after the batch's last EOS (trim_after_eos), except where every rank must route the
-        # same token count (capacity at ep_size > 1 exchanges fixed-size buffers, moe/dispatch.py); a
-        # whole-model compile turns it off too (configure_blocks: one shape, no host read)
+        # same token count (capacity at ep_size > 1 exchanges fixed-size buffers, moe/dispatch.py). The
+        # forward cuts it (a host read of the length); a whole-model compile leaves that to the caller,
+        # who cuts batches still on the host (trim_text_batch; the trainer does)
         self.trim_text = ep_size == 1 or text_moe.dropless or not cfg.text_moe_blocks()
+        self.trim_in_forward = True
         self._init_logits(cfg)
+
+    def trim_text_batch(self, text: torch.Tensor) -> torch.Tensor:
+        """``text`` [B, C] without the columns after the batch's last EOS where that is exact and allowed
+        (``trim_after_eos``), for token ids still on the host: the trainer cuts each batch before its copy
+        to the device, so a compiled model gets the short batch without reading anything back."""
+        return trim_after_eos(text, self.text, self.cfg) if self.trim_text else text
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         modality = torch.full((), IMAGE, device=images.device)
@@ -130,7 +138,7 @@ class MoECLIP(ContrastiveModel):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        if self.trim_text:
+        if self.trim_text and self.trim_in_forward:
             text = trim_after_eos(text, self.text, self.cfg)
         modality = torch.full((), TEXT, device=text.device)
         with routing_context(self.text, modality=modality, padding_mask=text_padding_mask(text, self.cfg)):

@@ -25,8 +25,10 @@ name or state-dict key:
             with the others. The blocks are every Transformer's ``resblocks`` and a CoCa decoder's
             ``cross_attn`` blocks.
         "model": the whole model's forward is one graph (``fullgraph`` at ep_size 1: a graph break is an
-            error, not a silent slowdown), as open_clip compiles. MoE-CLIP's text keeps its full context
-            length (no trim after the last EOS, which reads the host), so every batch has one shape.
+            error, not a silent slowdown), as open_clip compiles; module hooks (DeepSpeed's) run outside.
+            MoE-CLIP's forward no longer cuts its text after the batch's last EOS (that reads the length
+            on the host): the trainer cuts each batch before its copy to the device (``trim_text_batch``),
+            and the graph recompiles once for a dynamic length.
             Activation checkpointing does not trace and is refused.
         "auto": "model" on an accelerator ("blocks" with activation checkpointing), nothing on CPU.
 """
@@ -200,10 +202,13 @@ def configure_blocks(module: nn.Module, activation_checkpointing: str = "none", 
         m.checkpoint = activation_checkpointing == "moe"
     if compile == "model":
         for m in module.modules():
-            if hasattr(m, "trim_text"):
-                m.trim_text = False
+            if hasattr(m, "trim_in_forward"):  # a host read; callers cut host batches (trim_text_batch)
+                m.trim_in_forward = False
         expert_parallel = any(m.moe.ep_size > 1 for m in moe_mlps(module))
-        module.compile(fullgraph=not expert_parallel)  # in place: parameter names and state-dict keys stay
+        # the forward, not the module call: hooks stay outside the graph (DeepSpeed's engine times every
+        # forward in a pre-hook, which no graph can hold); an instance attribute, so parameter names and
+        # state-dict keys stay
+        module.forward = torch.compile(module.forward, fullgraph=not expert_parallel)
         return
     compile = compile == "blocks"
     if activation_checkpointing != "blocks" and not compile:

@@ -93,3 +93,30 @@ def test_compile_modes_resolve():
     assert compile_mode("auto", "none", "cuda") == "model"
     assert compile_mode("auto", "blocks", "cuda") == "blocks"
     assert compile_mode("auto", "none", "cpu") == "none"
+
+
+
+def test_compiled_model_takes_host_trimmed_text_of_any_length(monkeypatch):
+    """Under compile=model MoE-CLIP's forward reads nothing on the host; the trainer cuts each host batch
+    after its last EOS (trim_text_batch) instead. Batches of three lengths run through one fullgraph
+    compile (recompiled once, with a dynamic length; AOT autograd's eager backend keeps this short) and
+    give the eager model's loss on the uncut batch."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = create_model("moe-clip-tiny").train()
+    compiled = create_model("moe-clip-tiny").train()
+    compiled.load_state_dict(eager.state_dict())
+    configure_blocks(compiled, compile="model")
+    loss_fn = build_loss(eager.cfg)
+    lengths = set()
+    for seed in (0, 6, 3):
+        images, text = _batch(eager.cfg, seed=seed)
+        cut = compiled.trim_text_batch(text)
+        lengths.add(cut.shape[1])
+        with torch.no_grad():
+            want, got = loss_fn(eager(images, text)).total, loss_fn(compiled(images, cut)).total
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert len(lengths) == 3 and max(lengths) < eager.cfg.text.context_length
