@@ -256,8 +256,8 @@ class TokenDispatcher:
         K = kept_TK.shape[1]
         s = _sort_by_expert(routing, kept_TK, self.num_experts)
         token_S = torch.div(s.order_S, K, rounding_mode="floor")
-        weight_S = (routing.weights_TK * kept_TK).flatten()[s.order_S]
-        plan = DispatchPlan(token_S, weight_S)
+        weights_TK = routing.weights_TK if kept_TK is routing.valid_TK else routing.weights_TK * kept_TK
+        plan = DispatchPlan(token_S, weights_TK.flatten()[s.order_S])  # 0 where not kept (not valid: router)
         return Dispatched(x_TD.index_select(0, token_S), s.ends_E, plan)
 
     def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:

@@ -190,10 +190,14 @@ def _expert_loop_setup(ctx, inputs, output):
     _, h_NH, a_NA = output
     ctx.save_for_backward(x_ND, h_NH, a_NA, w1, w2, offs)
     ctx.activation, ctx.bias = activation, (b1 is not None, b2 is not None)
+    # h and act(h) are outputs only to be saved: no zero-filled [N, H] gradients for them in backward
+    ctx.set_materialize_grads(False)
 
 
 def _expert_loop_grad(ctx, grad_y, grad_h, grad_a):
     x_ND, h_NH, a_NA, w1, w2, offs = ctx.saved_tensors
+    if grad_y is None:  # the output was not used
+        grad_y = x_ND.new_zeros(x_ND.shape[0], w2.shape[-1])
     has_b1, has_b2 = ctx.bias
     grads = _expert_loop_backward(grad_y, x_ND, h_NH, a_NA, w1, w2, offs, ctx.activation, has_b1 or has_b2)
     grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = grads
