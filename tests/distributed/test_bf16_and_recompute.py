@@ -5,6 +5,7 @@ gives the gradients of the plain model; ZeRO-0 fp32 clipping in the trainer equa
 import pytest
 import torch
 
+from helpers.data import model_batch
 from helpers.harness import run_ranks
 
 
@@ -26,17 +27,6 @@ def _engine(world_size, *sets, trainer_clips=False):
     return engine, model.cfg
 
 
-def _batch(cfg, rank, n=8):
-    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
-    images = torch.randn(n, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen)
-    C = cfg.text.context_length
-    lengths = torch.randint(3, C, (n,), generator=gen)
-    text = torch.randint(4, cfg.text.vocab_size, (n, C), generator=gen)
-    positions = torch.arange(C)[None, :]
-    text = torch.where(positions == lengths[:, None], cfg.text.eos_id, text)
-    return images, torch.where(positions > lengths[:, None], cfg.text.pad_id, text)
-
-
 def _bf16_train_resume(rank, world_size, ckpt_dir):
     from moe_dist.models.loss import ContrastiveLoss
     from moe_dist.models.moe_blocks import moe_mlps
@@ -48,7 +38,7 @@ def _bf16_train_resume(rank, world_size, ckpt_dir):
         m.moe.router.register_forward_hook(lambda mod, args, out: router_dtypes.add((out.logits_TE.dtype,
                                                                                      out.weights_TK.dtype)))
     loss_fn = ContrastiveLoss(cfg.loss, rank, world_size)
-    images, text = _batch(cfg, rank)
+    images, text = model_batch(cfg, n=8, seed=100 + rank)  # each rank its own data
 
     def step():
         out = engine(images.to(torch.bfloat16), text)
@@ -90,7 +80,7 @@ def _grads(rank, world_size, mode, capacity):
 
     engine, cfg = _engine(world_size, "zero_stage=0", f"activation_checkpointing={mode}",
                           f"model.moe.dropless={str(not capacity).lower()}")
-    images, text = _batch(cfg, rank)
+    images, text = model_batch(cfg, n=8, seed=100 + rank)  # each rank its own data
     torch.manual_seed(7)
     result = ContrastiveLoss(cfg.loss, rank, world_size)(engine(images, text))
     result.total.backward()  # plain autograd: the gradients before any reduction
@@ -125,7 +115,7 @@ def _clip_both_ways(rank, world_size):
         engine, cfg = _engine(world_size, "zero_stage=0", "grad_clip=0.01", trainer_clips=ours)
         assert engine.gradient_clipping() == (0.0 if ours else 0.01)
         loss_fn = ContrastiveLoss(cfg.loss, rank, world_size)
-        images, text = _batch(cfg, rank)
+        images, text = model_batch(cfg, n=8, seed=100 + rank)  # each rank its own data
         norms = []
         for _ in range(2):
             engine.backward(loss_fn(engine(images, text)).total)

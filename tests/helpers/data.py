@@ -69,3 +69,18 @@ def write_tar(path, samples):
 
 def good_sample(i):
     return {"__key__": f"g{i:05d}", "jpg": jpeg_bytes(i), "txt": f"good {i}".encode()}
+
+
+def model_batch(cfg, n=4, seed=0, dtype=None):
+    """Images [n, 3, S, S] and token ids [n, C] for a model config: each caption a random length with its
+    EOS there and padding after it (text after EOS is never routed)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen, dtype=dtype)
+    C = cfg.text.context_length
+    lengths = torch.randint(3, C, (n,), generator=gen)
+    text = torch.randint(4, cfg.text.vocab_size, (n, C), generator=gen)
+    positions = torch.arange(C)[None, :]
+    text = torch.where(positions == lengths[:, None], cfg.text.eos_id, text)
+    return images, torch.where(positions > lengths[:, None], cfg.text.pad_id, text)

@@ -6,6 +6,7 @@ import functools
 import pytest
 import torch
 
+from helpers.data import model_batch
 from moe_dist.models import build_loss, create_model
 from moe_dist.models.loss import ContrastiveLoss
 from moe_dist.models.moe_blocks import configure_blocks, moe_mlps, transformer_blocks
@@ -15,23 +16,12 @@ from moe_dist.models.moe_blocks import configure_blocks, moe_mlps, transformer_b
 NOISY = {"moe": {"router_noise": "gumbel", "router_noise_eps": 1.0, "drop_priority": "random"}}
 
 
-def _batch(cfg, n=6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen)
-    C = cfg.text.context_length
-    lengths = torch.randint(3, C, (n,), generator=gen)
-    text = torch.randint(4, cfg.text.vocab_size, (n, C), generator=gen)
-    positions = torch.arange(C)[None, :]
-    text = torch.where(positions == lengths[:, None], cfg.text.eos_id, text)
-    return images, torch.where(positions > lengths[:, None], cfg.text.pad_id, text)
-
-
 def _step(name, checkpointing="none", compile=False, saved=None):
     """One forward/backward from fixed weights and RNG: (loss parts, layer stats, grads by name)."""
     torch.manual_seed(0)
     model = create_model(name, overrides=NOISY).train()
     configure_blocks(model, checkpointing, compile)
-    images, text = _batch(model.cfg)
+    images, text = model_batch(model.cfg, n=6)
     torch.manual_seed(1)
     with torch.autograd.graph.saved_tensors_hooks(*_counter(saved)):
         out = model(images, text)
@@ -74,7 +64,7 @@ def test_noise_matters_so_the_replay_is_tested():
     """Without RNG replay the two forwards would route differently: a different seed changes the loss."""
     torch.manual_seed(0)
     model = create_model("moe-clip-tiny", overrides=NOISY).train()
-    images, text = _batch(model.cfg)
+    images, text = model_batch(model.cfg, n=6)
     parts = []
     with torch.no_grad():
         for seed in (1, 2):
@@ -88,28 +78,6 @@ def test_unknown_mode_is_refused():
         configure_blocks(create_model("moe-clip-tiny"), "layers")
 
 
-def test_compiled_blocks_equal_eager():
-    """compile=True, i.e. "blocks" (inductor, here its CPU C++ backend): each block compiles, the MoE
-    layer inside it (ep_size 1); loss, aux losses and gradients equal eager within fp32 tolerance. A
-    1-block LIMoE (an MoE block, both modalities in one pass) keeps compile short."""
-    small = {"vision": {"layers": 1, "moe": {"every": 1}}}
-    results = []
-    for compile in (False, True):
-        torch.manual_seed(0)
-        model = create_model("limoe-tiny", overrides=small).train()
-        configure_blocks(model, compile=compile)
-        images, text = _batch(model.cfg)
-        result = ContrastiveLoss(model.cfg.loss)(model(images, text))
-        result.total.backward()
-        results.append((result.parts, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (parts, grads), (parts_c, grads_c) = results
-    for k in parts:
-        torch.testing.assert_close(parts_c[k].detach(), parts[k].detach(), rtol=1e-5, atol=1e-6, msg=k)
-    assert grads.keys() == grads_c.keys() and any("experts" in n for n in grads)
-    for n in grads:
-        torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-4, atol=1e-5, msg=n)
-
-
 def test_every_kind_of_block_compiles_into_its_own_cache(monkeypatch):
     """torch.compile keeps at most 8 graphs (recompile_limit) per code object, and every open_clip block
     runs the same forward. MoE-CLIP's dense and MoE blocks in two towers, with caption lengths that vary
@@ -121,7 +89,7 @@ def test_every_kind_of_block_compiles_into_its_own_cache(monkeypatch):
     torch.manual_seed(0)
     model = create_model("moe-clip-tiny").train()
     configure_blocks(model, compile=True)
-    batches = [_batch(model.cfg, seed=seed) for seed in range(3)]
+    batches = [model_batch(model.cfg, n=6, seed=seed) for seed in range(3)]
     assert len({int((text != model.cfg.text.pad_id).sum(1).max()) for _, text in batches}) > 1  # lengths vary
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         for images, text in batches:
@@ -146,7 +114,7 @@ def test_coca_cross_attention_blocks_are_checkpointed_and_compiled_too(monkeypat
         model = create_model("coca-tiny", overrides={
             "text": {"tokenizer": "openclip-bpe", "vocab_size": 64, "context_length": 12}}).train()
         configure_blocks(model, mode, compile)
-        images, text = _batch(model.cfg)
+        images, text = model_batch(model.cfg, n=6)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(*_counter(saved)):
             result = build_loss(model.cfg)(model(images, text))

@@ -4,27 +4,17 @@ same loss and gradients as eager, and a clear refusal for what cannot compile.""
 import pytest
 import torch
 
+from helpers.data import model_batch
 from moe_dist.engine.config import load_run_config
 from moe_dist.models import build_loss, create_model
 from moe_dist.models.moe_blocks import configure_blocks
 
 
-def _batch(cfg, n=4, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen, dtype=dtype)
-    C = cfg.text.context_length
-    lengths = torch.randint(3, C, (n,), generator=gen)
-    text = torch.randint(4, cfg.text.vocab_size, (n, C), generator=gen)
-    positions = torch.arange(C)[None, :]
-    text = torch.where(positions == lengths[:, None], cfg.text.eos_id, text)
-    return images, torch.where(positions > lengths[:, None], cfg.text.pad_id, text)
-
-
 def _whole_model(name, dtype, backend):
     model = create_model(name, moe={"expert_backend": backend}).to(dtype).train()
     for m in model.modules():  # what configure_blocks(compile="model") sets, without compiling here
-        if hasattr(m, "trim_text"):
-            m.trim_text = False
+        if hasattr(m, "trim_in_forward"):
+            m.trim_in_forward = False
     return model
 
 
@@ -38,26 +28,26 @@ def test_forward_and_loss_trace_without_graph_breaks(name, dtype, backend):
     torch.manual_seed(0)
     model = _whole_model(name, dtype, backend)
     loss_fn = build_loss(model.cfg)
-    images, text = _batch(model.cfg, dtype=dtype)
+    images, text = model_batch(model.cfg, dtype=dtype)
     explained = torch._dynamo.explain(lambda i, t: loss_fn(model(i, t)).total)(images, text)
     reasons = [str(r.reason)[:200] for r in explained.break_reasons]
     assert explained.graph_break_count == 0 and explained.graph_count == 1, reasons
 
 
-def test_compiled_model_equals_eager():
-    """compile=model with inductor (its CPU C++ backend here): loss parts and every gradient equal eager
-    within fp32 tolerance. A 2-block LIMoE, both blocks MoE (both modalities in one pass; two layers' buffers
-    in one graph, where inductor once mixed up buffers of equal shape) keeps it short."""
+@pytest.mark.parametrize("mode", ["blocks", "model"])
+def test_compiled_equals_eager(mode):
+    """compile=blocks (each block, the MoE layer inside) and compile=model (one graph) with inductor, its
+    CPU C++ backend here: loss parts and every gradient equal eager within fp32 tolerance. A 2-block LIMoE,
+    both blocks MoE (both modalities in one pass; two layers' buffers in one graph, where inductor once
+    mixed up buffers of equal shape: batch 4, 4 experts) keeps it short."""
     small = {"vision": {"layers": 2, "moe": {"every": 1}}}
     results = []
-    for compile in ("none", "model"):
+    for compile in ("none", mode):
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = create_model("limoe-tiny", overrides=small).train()
         configure_blocks(model, compile=compile)
-        loss_fn = build_loss(model.cfg)
-        images, text = _batch(model.cfg)
-        result = loss_fn(model(images, text))
+        result = build_loss(model.cfg)(model(*model_batch(model.cfg)))
         result.total.backward()
         results.append((result.parts, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (parts, grads), (parts_c, grads_c) = results
@@ -113,7 +103,7 @@ def test_compiled_model_takes_host_trimmed_text_of_any_length(monkeypatch):
     loss_fn = build_loss(eager.cfg)
     lengths = set()
     for seed in (0, 6, 3):
-        images, text = _batch(eager.cfg, seed=seed)
+        images, text = model_batch(eager.cfg, seed=seed)
         cut = compiled.trim_text_batch(text)
         lengths.add(cut.shape[1])
         with torch.no_grad():
