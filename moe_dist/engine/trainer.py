@@ -313,13 +313,14 @@ class Trainer:
             raise DataError(errors[0])
         return agreed > 0
 
-    def _forward(self, batch) -> StepOutput:
+    def _forward(self, batch, cut_text: bool = True) -> StepOutput:
+        from ..models.clip import text_to_device
+
         device = self.engine.device  # asynchronous from pinned memory; the cast runs on the device
         images = batch.images.to(device, non_blocking=True).to(self.dtype)
-        tokens = batch.tokens.to(device, non_blocking=True)
-        trim = getattr(self.engine.module, "trim_text_batch", None)
-        if trim is not None:  # the length from the host batch (nothing read back), the cut a device view
-            tokens = tokens[:, :trim(batch.tokens).shape[1]]
+        # text cut after its last EOS from the host batch (nothing read back); a data error's placeholder
+        # keeps its full length (one shape the compiled model has seen, on the way to stopping)
+        tokens = text_to_device(self.engine.module if cut_text else None, batch.tokens, device)
         out = self.engine(images, tokens)
         result = self.loss_fn(out)
         return StepOutput(result.total, result.parts, out)
@@ -383,7 +384,7 @@ class Trainer:
                 t = time.perf_counter()
                 batch, data_error = next(batches)
                 wait += time.perf_counter() - t
-                step_out = self._forward(batch)
+                step_out = self._forward(batch, cut_text=not data_error)
                 self.micro_step += 1
                 if not self._agree_step(step_out.loss, data_error):
                     self._skip_nonfinite()

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 
 from ..data.evalset import EvalBatch, EvalSet, default_eval_transform, eval_batches
+from ..models.clip import text_to_device
 from ..models.moe_blocks import collect_moe_outputs, eval_routing, moe_mlps
 from .collect import BatchOutput, Gathered, PassRecord, gather_records
 from .metrics import retrieval_metrics, zeroshot_metrics
@@ -205,7 +206,8 @@ def _run_pass(model, evalset: EvalSet, tasks: List[str], device, label_key: str,
                      evalset.tokenizer(["."]).to(device), need_text, loss_fn)
             continue
         images = batch.images.to(device=device, dtype=dtype, non_blocking=True)
-        record.add(batch, _forward(model, images, batch.tokens.to(device), need_text, loss_fn), label_key)
+        tokens = text_to_device(model, batch.tokens, device)  # cut after the last EOS on the host
+        record.add(batch, _forward(model, images, tokens, need_text, loss_fn), label_key)
         bar.update(len(batch.keys))
     bar.close()
     return record

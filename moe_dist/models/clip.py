@@ -45,6 +45,15 @@ def text_eos_position(text: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return torch.full(text.shape[:1], text.shape[1] - 1, device=text.device)
 
 
+def text_to_device(model: nn.Module, tokens: torch.Tensor, device) -> torch.Tensor:
+    """A host batch's token ids [B, C] on ``device``, cut after the batch's last EOS where the model
+    allows it (its ``trim_text_batch``): the length comes from the host copy and the cut is a device
+    view, so nothing is read back from the device (models that do not trim get the batch as it is)."""
+    out = tokens.to(device, non_blocking=True)
+    trim = getattr(model, "trim_text_batch", None)
+    return out if trim is None else out[:, :trim(tokens).shape[1]]
+
+
 def _causal_eos_pooled(tower: TextTransformer, cfg: ModelConfig) -> bool:
     return (cfg.text.pool_type in ("argmax", "eos") and tower.attn_mask is not None and tower.cls_emb is None
             and not tower.use_pad_mask)
@@ -118,9 +127,9 @@ class MoECLIP(ContrastiveModel):
         text_moe = cfg.moe_config(t.width, t.mlp_ratio)
         place_moe(self.text.transformer, cfg.text_moe_blocks(), text_moe, ep_size, "text")
         # cut the text after the batch's last EOS (trim_after_eos), except where every rank must route the
-        # same token count (capacity at ep_size > 1 exchanges fixed-size buffers, moe/dispatch.py). The
-        # forward cuts it (a host read of the length); a whole-model compile leaves that to the caller,
-        # who cuts batches still on the host (trim_text_batch; the trainer does)
+        # same token count (capacity at ep_size > 1 exchanges fixed-size buffers, moe/dispatch.py). Callers
+        # with a host batch cut it there (text_to_device: the trainer and evaluation); the forward cuts
+        # text on the CPU, where reading its length waits on nothing, unless a whole-model compile runs it
         self.trim_text = ep_size == 1 or text_moe.dropless or not cfg.text_moe_blocks()
         self.trim_in_forward = True
         self._init_logits(cfg)
@@ -138,7 +147,7 @@ class MoECLIP(ContrastiveModel):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        if self.trim_text and self.trim_in_forward:
+        if self.trim_text and self.trim_in_forward and text.device.type == "cpu":
             text = trim_after_eos(text, self.text, self.cfg)
         modality = torch.full((), TEXT, device=text.device)
         with routing_context(self.text, modality=modality, padding_mask=text_padding_mask(text, self.cfg)):

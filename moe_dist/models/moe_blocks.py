@@ -207,7 +207,8 @@ def configure_blocks(module: nn.Module, activation_checkpointing: str = "none", 
         expert_parallel = any(m.moe.ep_size > 1 for m in moe_mlps(module))
         # the forward, not the module call: hooks stay outside the graph (DeepSpeed's engine times every
         # forward in a pre-hook, which no graph can hold); an instance attribute, so parameter names and
-        # state-dict keys stay
+        # state-dict keys stay (as with "blocks": a deepcopy of the model would still call this one's
+        # forward, and the model no longer pickles; nothing here copies or pickles models)
         module.forward = torch.compile(module.forward, fullgraph=not expert_parallel)
         return
     compile = compile == "blocks"

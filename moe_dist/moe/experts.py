@@ -195,6 +195,8 @@ def _expert_loop_setup(ctx, inputs, output):
 
 
 def _expert_loop_grad(ctx, grad_y, grad_h, grad_a):
+    # h and act(h) are outputs only to be saved for this backward: nothing may differentiate through them
+    assert grad_h is None and grad_a is None, "the loop operator's h and act(h) outputs are not differentiable"
     x_ND, h_NH, a_NA, w1, w2, offs = ctx.saved_tensors
     if grad_y is None:  # the output was not used
         grad_y = x_ND.new_zeros(x_ND.shape[0], w2.shape[-1])

@@ -97,9 +97,10 @@ def allowed_experts_table(cfg: MoEConfig) -> torch.Tensor:
     image-only, text-only, cross-only, then shared. A token of modality m may use its own group and the
     shared experts."""
     M = len(cfg.modality_experts)
-    group_E = torch.repeat_interleave(torch.arange(M + 1), torch.tensor([*cfg.modality_experts,
-                                                                         cfg.num_experts - sum(cfg.modality_experts)]))
-    return (group_E[None, :] == torch.arange(M + 1)[:, None]) | (group_E == M)[None, :]
+    group_E = [m for m, n in enumerate(cfg.modality_experts) for _ in range(n)]
+    group_E += [M] * (cfg.num_experts - len(group_E))  # shared
+    # from Python lists: no operator, so it also builds under torch.device("meta") (parameter counting)
+    return torch.tensor([[g in (m, M) for g in group_E] for m in range(M + 1)], dtype=torch.bool)
 
 
 class Router(nn.Module):

@@ -85,7 +85,6 @@ def test_compile_modes_resolve():
     assert compile_mode("auto", "none", "cpu") == "none"
 
 
-
 def test_compiled_model_takes_host_trimmed_text_of_any_length(monkeypatch):
     """Under compile=model MoE-CLIP's forward reads nothing on the host; the trainer cuts each host batch
     after its last EOS (trim_text_batch) instead. Batches of three lengths run through one fullgraph

@@ -202,3 +202,18 @@ def test_bad_model_config(overrides, words):
 def test_unknown_model_lists_known_ones():
     with pytest.raises(ValueError, match=r"unknown model 'vit-h'.*moe-clip-tiny"):
         create_model("vit-h")
+
+
+def test_text_to_device_cuts_from_the_host_copy():
+    """The trainer and evaluation cut text batches after their last EOS from the host copy: on a meta
+    "device", whose tensors hold no values, the cut still comes out right, so nothing was read back."""
+    from moe_dist.models.clip import text_to_device, trim_after_eos
+
+    model = create_model("moe-clip-tiny")
+    _, text, _ = _batch(model.cfg, n=6)
+    text[:, 20:] = model.cfg.text.pad_id
+    text[:, 19] = model.cfg.text.eos_id
+    assert text_to_device(model, text, "meta").shape == (6, 20)
+    assert torch.equal(text_to_device(model, text, "cpu"), trim_after_eos(text, model.text, model.cfg))
+    limoe = create_model("limoe-tiny")  # a model that does not trim gets the batch as it is
+    assert text_to_device(limoe, text, "meta").shape == text.shape

@@ -1,6 +1,7 @@
 """Bad MoE configs raise ValueError naming the field and the fix."""
 
 import pytest
+import torch
 
 from moe_dist.moe import MoEConfig, MoELayer
 
@@ -41,3 +42,12 @@ def test_modality_experts_need_modality_tensor():
     layer = MoELayer(MoEConfig(**BASE, modality_experts=(1, 1)))
     with pytest.raises(ValueError, match="needs modality="):
         layer(torch.randn(3, 8))
+
+
+def test_modality_experts_build_on_the_meta_device():
+    """Parameter counting and the planner build models under torch.device("meta"); the router's table
+    of allowed experts per modality must build there too (it once used an operator meta cannot run)."""
+    with torch.device("meta"):
+        layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=16, top_k=2,
+                                   modality_experts=(4, 4, 4)))
+    assert layer.router.allowed_ME.shape == (4, 16) and layer.router.allowed_ME.is_meta
