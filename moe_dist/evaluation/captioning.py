@@ -185,9 +185,9 @@ def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: 
                desc=task, dynamic_ncols=True)
     batches = (b for b in eval_batches(evalset, workers) if len(b.keys))
     if cfg.lockstep:  # expert parallelism: every rank calls the model equally often (None: a dummy batch)
-        from .tasks import _lockstep
+        from .collect import lockstep
 
-        batches = _lockstep(batches, model, device)
+        batches = lockstep(batches, model, device)
     for batch in batches:
         if batch is None:
             size = model.cfg.vision.image_size

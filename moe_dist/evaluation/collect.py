@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
 from ..data.evalset import EvalBatch
 from ..data.loader import DataError
+from ..models.moe_blocks import moe_mlps
 
 _SHARD_STRIDE = 1 << 32  # key -> one int64: shard * stride + position (positions stay far below 2^32)
 
@@ -175,3 +176,19 @@ def gather_records(record: PassRecord, world_size: int = 1) -> Gathered:
                     _cat([r.text_emb for r in records], order), strings("captions"), strings("image_ids"),
                     strings("labels"), sorted((loss for r in records for loss in r.losses), key=lambda loss: loss.key),
                     routed, kept, failures)
+
+
+def lockstep(batches: Iterator[EvalBatch], model, device) -> Iterator[Optional[EvalBatch]]:
+    """The batches; under expert parallelism (an all-to-all in every MoE forward) each rank then yields None
+    (run a dummy forward) until every rank has run out, so all ranks call the model equally often."""
+    expert_parallel = torch.distributed.is_initialized() and any(m.moe.ep_size > 1 for m in moe_mlps(model))
+    flag = torch.ones(1, device=device)
+    for batch in batches:
+        if expert_parallel:
+            torch.distributed.all_reduce(flag.fill_(1.0), op=torch.distributed.ReduceOp.MAX)
+        yield batch
+    while expert_parallel:
+        torch.distributed.all_reduce(flag.fill_(0.0), op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return
+        yield None

@@ -26,7 +26,7 @@ import torch
 from ..data.evalset import EvalBatch, EvalSet, default_eval_transform, eval_batches
 from ..models.clip import text_to_device
 from ..models.moe_blocks import collect_moe_outputs, eval_routing, moe_mlps
-from .collect import BatchOutput, Gathered, PassRecord, gather_records
+from .collect import BatchOutput, Gathered, PassRecord, gather_records, lockstep
 from .metrics import retrieval_metrics, zeroshot_metrics
 from .zeroshot import ClassSet, build_classifier, load_classes, resolve_labels
 
@@ -126,8 +126,8 @@ def _generative(model, tokenizer, spec, task, batch_size, rank, world_size, allo
     check_generative(model, f"eval task {task!r}: the model")
     if task == "vqa":
         check_vqa_data(spec, allow_pipe)
-    lockstep = any(m.moe.ep_size > 1 for m in moe_mlps(model))
-    cfg = GenerationConfig(max_new=8 if task == "vqa" else 30, lockstep=lockstep)
+    expert_parallel = any(m.moe.ep_size > 1 for m in moe_mlps(model))
+    cfg = GenerationConfig(max_new=8 if task == "vqa" else 30, lockstep=expert_parallel)
     rows = generate_over(model, tokenizer, spec, task, cfg, batch_size, rank, world_size, allow_pipe)
     scores = caption_scores(rows) if task == "caption" else vqa_scores(rows)
     return {k: v for k, v in scores.items() if k != "per_type"} | {
@@ -160,22 +160,6 @@ def _forward(model, images: torch.Tensor, tokens: torch.Tensor, need_text: bool,
     return BatchOutput(image_emb, None, collect_moe_outputs(model, image_emb))
 
 
-def _lockstep(batches: Iterator[EvalBatch], model, device) -> Iterator[Optional[EvalBatch]]:
-    """The batches; under expert parallelism (an all-to-all in every MoE forward) each rank then yields None
-    (run a dummy forward) until every rank has run out, so all ranks call the model equally often."""
-    expert_parallel = torch.distributed.is_initialized() and any(m.moe.ep_size > 1 for m in moe_mlps(model))
-    flag = torch.ones(1, device=device)
-    for batch in batches:
-        if expert_parallel:
-            torch.distributed.all_reduce(flag.fill_(1.0), op=torch.distributed.ReduceOp.MAX)
-        yield batch
-    while expert_parallel:
-        torch.distributed.all_reduce(flag.fill_(0.0), op=torch.distributed.ReduceOp.MAX)
-        if not flag.item():
-            return
-        yield None
-
-
 def _run_pass(model, evalset: EvalSet, tasks: List[str], device, label_key: str, progress: bool,
               workers: int) -> PassRecord:
     """Step 3 of the outline: this rank's per-sample embeddings and labels, per-batch losses and routing."""
@@ -200,7 +184,7 @@ def _run_pass(model, evalset: EvalSet, tasks: List[str], device, label_key: str,
             if len(batch.keys):
                 yield batch
 
-    for batch in _lockstep(nonempty(), model, device):
+    for batch in lockstep(nonempty(), model, device):
         if batch is None:  # a dummy batch keeps the expert-parallel all-to-alls paired
             _forward(model, torch.zeros(1, 3, size, size, device=device, dtype=dtype),
                      evalset.tokenizer(["."]).to(device), need_text, loss_fn)

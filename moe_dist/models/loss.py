@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict
+from typing import Dict
 
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 
-if TYPE_CHECKING:
-    from .clip import ModelOutput
+# ``ModelOutput`` (models/clip.py) is named in annotations, not imported: the model config imports this
+# file's loss registry, and clip.py the model config.
 
 
 def _clip(rank: int, world_size: int) -> nn.Module:

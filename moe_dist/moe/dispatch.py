@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Type
+from typing import Callable, Dict, List, Optional, Type
 
 import torch
 
@@ -35,8 +35,8 @@ from .registry import Registry
 from .router import Routing
 from .tensors import cast
 
-if TYPE_CHECKING:
-    from .config import MoEConfig
+# ``MoEConfig`` (moe/config.py) is named in annotations, not imported: config.py validates its fields
+# against this file's registries, so an import here would make the two files import each other.
 
 
 # ----------------------------------------------------------------------------- drop priorities

@@ -10,7 +10,7 @@ whatever the parameter or input dtype. Variants differ only in ``select``; regis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple, Type
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,8 @@ from torch import nn
 from .registry import Registry
 from .tensors import cast
 
-if TYPE_CHECKING:
-    from .config import MoEConfig
+# ``MoEConfig`` (moe/config.py) is named in annotations, not imported: config.py validates its fields
+# against this file's registries, so an import here would make the two files import each other.
 
 # modality ids of routed tokens: models tag image tokens IMAGE, text tokens TEXT, and the tokens of a
 # multimodal decoder (text that cross-attends to image tokens, models/coca.py) CROSS
