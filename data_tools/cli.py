@@ -21,6 +21,8 @@ import os
 import sys
 from typing import List, Optional
 
+from moe_dist.config import finite_float
+
 from . import DEFAULT_MAX_CAPTION_CHARS
 
 SPEC_HELP = ("brace pattern, .tar, shard directory, or the --out DIR of shard/synth (its train split; DIR/val for "
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="keep", choices=["keep", "jpg", "webp"], help="re-encode images")
     p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding (default: 90)")
     p.add_argument("--workers", type=int, default=1, help="parallel decode/re-encode processes")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of samples for val/ (by key hash)")
+    p.add_argument("--val-fraction", type=finite_float, default=0.0, help="fraction of samples for val/ (by key hash)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--max-caption-chars", type=int, default=DEFAULT_MAX_CAPTION_CHARS, metavar="N",
                    help=f"longer captions are failed inputs (default: {DEFAULT_MAX_CAPTION_CHARS})")
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
     p.add_argument("--per-shard", type=int, default=250, help="samples per shard (default: 250)")
-    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--val-fraction", type=finite_float, default=0.0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--vqa", action="store_true",
                    help="one VQA sample per question about each scene (text 'question: Q answer: A', json question/"
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_path", metavar="PATH", help="the package: its unpacked directory or .tgz "
                    "(default: npm pack the pinned version)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64, the package's own)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of samples for val/, by key hash "
+    p.add_argument("--val-fraction", type=finite_float, default=0.1, help="fraction of samples for val/, by key hash "
                    "(default: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--per-shard", type=int, default=500, help="samples per shard (default: 500)")

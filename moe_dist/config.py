@@ -1,18 +1,28 @@
 """The one config system: typed dataclasses built from nested dicts (JSON/YAML), merged with
 ``--set a.b=c`` overrides (values parsed as YAML). Model configs and run configs both use it.
 
-Every value is checked against its field's type annotation when the dataclass is built (``from_dict``),
-and YAML files with a key given twice are refused, so a typo never silently becomes a default.
+Every value is checked against its field's type annotation when the dataclass is built (``from_dict``):
+numbers must be finite and integers fit in 64 bits. YAML files with a key given twice are refused, so a
+typo never silently becomes a default. YAML aliases and merge keys (``<<: *base``) work, but what a file
+or a ``--set`` value expands to is bounded (``MAX_CONFIG_NODES``), so an alias bomb is refused instead of
+being written, expanded, into every run config and checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import typing
 from typing import Any, Dict, Iterable, Optional
 
 import yaml
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file larger than this is refused (ours are a few KB)
+MAX_CONFIG_NODES = 100_000  # values (mappings, lists, scalars) a config may expand to, aliases counted each use
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -22,6 +32,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
     seen = {}
     for key_node, _ in node.value:
+        if key_node.tag == _MERGE_TAG:  # "<<: *base": the keys given here override the merged ones (YAML 1.1)
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise ValueError(f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
@@ -33,11 +45,35 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def check_expansion(value: Any, where: str, limit: int = MAX_CONFIG_NODES) -> Any:
+    """``value`` if it holds at most ``limit`` values once every alias is expanded (each use counted);
+    ValueError otherwise. Stops counting at the limit, so a billion-laughs structure costs ``limit`` steps."""
+    stack, seen = [value], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise ValueError(f"{where} expands to more than {limit:,} values (YAML aliases repeating a structure?); "
+                             "a run config is a few hundred values: write it out without the repeated aliases")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return value
+
+
 def load_yaml(path: str) -> Any:
-    """Parse a YAML file safely; ValueError naming the file for a missing file, bad YAML or a repeated key."""
+    """Parse a YAML file safely; ValueError naming the file for a missing, oversized or non-regular file,
+    bad YAML, a repeated key, or more than ``MAX_CONFIG_NODES`` values after alias expansion."""
     try:
-        with open(path) as f:
-            return yaml.load(f, Loader=_UniqueKeyLoader)
+        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or device would block or never end
+            raise ValueError("it is not a regular file")
+        with open(path, "rb") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ValueError(f"it is larger than {MAX_CONFIG_BYTES >> 20} MiB; a run config is a few KB")
+        return check_expansion(yaml.load(text, Loader=_UniqueKeyLoader), "it")
     except FileNotFoundError:
         raise ValueError(f"config file {path!r} does not exist") from None
     except ValueError as err:
@@ -47,6 +83,7 @@ def load_yaml(path: str) -> Any:
 
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+INT_BOUND = 2 ** 63  # integers must fit in int64 (torch, numpy and DeepSpeed take no more)
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -77,13 +114,36 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{where}={value!r} must be a mapping")
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return value
     if hint is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; it is the number a user meant
+        value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; it is the number a user meant
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return _finite(value, where)
     if hint in _TYPE_NAMES:
         if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
             raise ValueError(f"{where}={value!r} must be {_TYPE_NAMES[hint]}")
+    return _finite(value, where) if hint in (int, float) else value
+
+
+def _finite(value: Any, where: str) -> Any:
+    """``value`` (an int or a float) if it is finite and, for an int, fits in int64; ValueError otherwise
+    (NaN passes every ``<``/``>`` range check, and ``1e999`` reads as inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}={value!r} must be a finite number")
+    if isinstance(value, int) and not -INT_BOUND <= value < INT_BOUND:
+        raise ValueError(f"{where}={value} is out of range: integers must lie in [-2**63, 2**63)")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type=`` for a float flag: refuses nan, inf and overflowing values like 1e999."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
 
 
@@ -138,9 +198,11 @@ def parse_overrides(items: Iterable[str], prefix: Optional[str] = None) -> Dict[
         if prefix and key.startswith(prefix):
             key = key[len(prefix):]
         try:
-            value = yaml.safe_load(raw)
+            value = check_expansion(yaml.load(raw, Loader=_UniqueKeyLoader), "the value")
         except yaml.YAMLError as err:
             raise ValueError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+        except ValueError as err:
+            raise ValueError(f"--set {key}: {err}") from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

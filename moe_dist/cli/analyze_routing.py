@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..config import finite_float
+
 
 def analyze(checkpoint: str, data: str, out_dir: str, capacity_factor: float = 1.0, classes: str = "",
             label_key: str = "label", batch_size: int = 64, max_samples: int = 0, allow_pipe: bool = False):
@@ -82,7 +84,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a run's checkpoint root, one step directory, or an export")
     p.add_argument("--data", required=True, help="shard spec to route (brace pattern, tars, shard directories)")
     p.add_argument("--out", required=True, help="directory for routing.json and the PNGs")
-    p.add_argument("--capacity-factor", type=float, default=1.0,
+    p.add_argument("--capacity-factor", type=finite_float, default=1.0,
                    help="report what this capacity factor would drop (routing itself runs dropless; default 1.0)")
     p.add_argument("--classes", default="", help='JSON {"classes": [...]} naming the labels: per-class preference')
     p.add_argument("--label-key", default="label", help="metadata key of a sample's class (default: label)")

@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Iterator, List, Tuple
 
+from ..config import finite_float
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -21,10 +23,10 @@ def add_generation_flags(p: argparse.ArgumentParser, max_length: int) -> None:
     p.add_argument("--max-length", type=int, default=max_length,
                    help=f"most tokens generated after the prompt, EOS included (default {max_length})")
     p.add_argument("--beam-width", type=int, default=4, help="beams per image with --strategy beam (default 4)")
-    p.add_argument("--length-penalty", type=float, default=1.0,
+    p.add_argument("--length-penalty", type=finite_float, default=1.0,
                    help="beam: rank finished beams by logprob / length ** this (default 1.0; 0: no normalisation)")
-    p.add_argument("--top-p", type=float, default=0.9, help="top_p: probability mass sampled from (default 0.9)")
-    p.add_argument("--temperature", type=float, default=1.0, help="top_p: logits divided by this (default 1.0)")
+    p.add_argument("--top-p", type=finite_float, default=0.9, help="top_p: probability mass sampled from (default 0.9)")
+    p.add_argument("--temperature", type=finite_float, default=1.0, help="top_p: logits divided by this (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="top_p: sampling seed (default 0)")
     p.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
 

@@ -17,6 +17,8 @@ import argparse
 import json
 from typing import Dict
 
+from ..config import finite_float
+
 GIB = 2 ** 30
 
 
@@ -120,18 +122,18 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="override a run-config field, e.g. --set precision=bf16 (repeatable)")
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
-    p.add_argument("--gpu-memory-gb", type=float, default=d.gpu_memory_gb,
+    p.add_argument("--gpu-memory-gb", type=finite_float, default=d.gpu_memory_gb,
                    help=f"memory per GPU in GiB (default {d.gpu_memory_gb:g}); the plan fills at most "
                         f"{d.headroom * 100:.0f}%% of it")
     p.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: the run config's)")
     p.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage 0/1/2 (default: the run config's)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="micro batch per GPU (default: the run config's; given, the table keeps it fixed)")
-    p.add_argument("--gpu-tflops", type=float, default=d.gpu_tflops,
+    p.add_argument("--gpu-tflops", type=finite_float, default=d.gpu_tflops,
                    help=f"sustained TFLOP/s per GPU (default {d.gpu_tflops:g}: H100 bf16 at ~40%% of peak)")
-    p.add_argument("--intra-node-gbps", type=float, default=d.intra_node_gbps,
+    p.add_argument("--intra-node-gbps", type=finite_float, default=d.intra_node_gbps,
                    help=f"Gbit/s per GPU inside a node (default {d.intra_node_gbps:g}: NVLink 4)")
-    p.add_argument("--inter-node-gbps", type=float, default=d.inter_node_gbps,
+    p.add_argument("--inter-node-gbps", type=finite_float, default=d.inter_node_gbps,
                    help=f"Gbit/s per GPU between nodes (default {d.inter_node_gbps:g}: one 400G NIC per GPU)")
     p.add_argument("--top", type=int, default=10, help="rows of the layout table to print (default 10)")
     p.add_argument("--json", action="store_true",

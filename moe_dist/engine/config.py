@@ -11,13 +11,14 @@ from typing import Any, Dict, List, Optional, Union
 from ..config import from_dict, load_yaml, merge, parse_overrides
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+SEED_BOUND = 2 ** 32
 
 
 def _at_least(section: object, where: str, minimum: float, *names: str) -> None:
     """ValueError naming the first field of ``section`` below ``minimum``."""
     for name in names:
         value = getattr(section, name)
-        if value < minimum:
+        if not value >= minimum:  # (NaN fails this test too)
             raise ValueError(f"{where}{name}={value} must be >= {minimum}")
 
 
@@ -47,7 +48,7 @@ class DataSection:
 
     def __post_init__(self) -> None:
         _at_least(self, "data.", 0, "workers", "shuffle_buffer", "epoch_samples", "remote_retries", "remote_backoff_s")
-        if self.remote_timeout_s <= 0:
+        if not self.remote_timeout_s > 0:
             raise ValueError(f"data.remote_timeout_s={self.remote_timeout_s} must be > 0")
 
     def loader_config(self, split: str, batch_size: int, image_size: int, seed: int, eval_samples: int = 0):
@@ -86,7 +87,7 @@ class OptimizerSection:
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.eps <= 0:
+        if not (self.lr > 0 and self.eps > 0):
             raise ValueError(f"optimizer.lr={self.lr} and optimizer.eps={self.eps} must be > 0")
         _at_least(self, "optimizer.", 0, "weight_decay")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -160,6 +161,9 @@ class DebugSection:
     raise_rank: int = 0
     pause_in_save_s: float = 0.0  # sleep between writing a checkpoint and committing it (tests)
 
+    def __post_init__(self) -> None:
+        _at_least(self, "debug.", 0, "pause_in_save_s")
+
 
 @dataclass
 class RunConfig:
@@ -187,6 +191,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _at_least(self, "", 1, "steps", "max_nonfinite_steps")
         _at_least(self, "", 0, "seed", "grad_clip", "stop_timeout_s")
+        if self.seed >= SEED_BOUND:  # numpy and the data stream's generators take 32-bit seeds
+            raise ValueError(f"seed={self.seed} must be below 2**32 ({SEED_BOUND})")
         from ..models.moe_blocks import CHECKPOINT_MODES, compile_mode
 
         if self.activation_checkpointing not in CHECKPOINT_MODES:

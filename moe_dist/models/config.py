@@ -49,6 +49,13 @@ class MoEPlacement:
         return sorted(chosen)
 
 
+def _positive(section: object, where: str, *names: str) -> None:
+    """ValueError naming the first field of ``section`` that is not > 0 (sizes divide and multiply)."""
+    for name in names:
+        if not getattr(section, name) > 0:
+            raise ValueError(f"{where}{name}={getattr(section, name)} must be > 0")
+
+
 @dataclass
 class VisionConfig:
     image_size: int = 224
@@ -58,6 +65,9 @@ class VisionConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     moe: MoEPlacement = field(default_factory=MoEPlacement)
+
+    def __post_init__(self) -> None:
+        _positive(self, "model.vision.", "image_size", "patch_size", "width", "layers", "heads", "mlp_ratio")
 
 
 @dataclass
@@ -74,6 +84,13 @@ class TextConfig:
     tokenizer: str = "openclip-bpe"  # or "sentencepiece:<path to .model>" (a run's data.tokenizer overrides it)
     moe: MoEPlacement = field(default_factory=MoEPlacement)
 
+    def __post_init__(self) -> None:
+        _positive(self, "model.text.", "vocab_size", "context_length", "width", "layers", "heads", "mlp_ratio")
+        for name in ("pad_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"model.text.{name}={getattr(self, name)} must be a token id in [0, vocab_size="
+                                 f"{self.vocab_size})")
+
 
 @dataclass
 class DecoderConfig:
@@ -88,6 +105,11 @@ class DecoderConfig:
     caption_loss_weight: float = 2.0  # weight of the next-token captioning loss (open_clip's CoCa default)
     contrastive_loss_weight: float = 1.0  # weight of the contrastive loss
     loss_after: str = ""  # caption loss only after this text's last occurrence ("answer:" for VQA); "": every token
+
+    def __post_init__(self) -> None:
+        _positive(self, "model.decoder.", "mlp_ratio")
+        if self.layers < 0 or self.heads < 0:
+            raise ValueError(f"model.decoder.layers={self.layers} and heads={self.heads} must be >= 0")
 
 
 @dataclass
@@ -104,6 +126,7 @@ class ModelConfig:
     init_logit_bias: Optional[float] = None  # SigLIP uses -10
 
     def __post_init__(self) -> None:
+        _positive(self, "model.", "embed_dim")
         if self.kind not in KINDS:
             raise ValueError(f"model.kind={self.kind!r} is unknown; use one of {KINDS}")
         if self.loss not in CONTRASTIVE_LOSSES:
@@ -139,7 +162,7 @@ class ModelConfig:
         heads = d.heads or self.text.heads
         if self.text.width % heads:
             raise ValueError(f"model.decoder.heads={heads} must divide model.text.width={self.text.width}")
-        if min(d.caption_loss_weight, d.contrastive_loss_weight) < 0:
+        if not min(d.caption_loss_weight, d.contrastive_loss_weight) >= 0:
             raise ValueError("model.decoder.caption_loss_weight and contrastive_loss_weight must be >= 0 (got "
                              f"{d.caption_loss_weight}, {d.contrastive_loss_weight})")
         self.decoder_moe_blocks()
@@ -165,7 +188,9 @@ class ModelConfig:
         if self.kind == "coca":  # three modalities: image, text and the decoder's cross-modal tokens
             reserved = list(fields.get("modality_experts", (0, 0)))
             fields["modality_experts"] = tuple(reserved + [0] * (3 - len(reserved)))
-        return MoEConfig(hidden_size=width, ffn_hidden_size=int(width * mlp_ratio), **fields)
+        # typed like every other section (finite numbers, the right types), named model.moe in errors
+        return from_dict(MoEConfig, {**fields, "hidden_size": width, "ffn_hidden_size": int(width * mlp_ratio)},
+                         "model.moe")
 
 
 def model_config_dirs() -> List[Path]:

@@ -102,14 +102,14 @@ class MoEConfig:
                              f"it is the gate probability an expert needs to be kept")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"MoEConfig.top_p={self.top_p} must lie in (0, 1]")
-        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+        if not (self.capacity_factor > 0 and self.eval_capacity_factor > 0):  # (NaN fails too)
             raise ValueError("MoEConfig.capacity_factor and eval_capacity_factor must be > 0 "
                              f"(got {self.capacity_factor}, {self.eval_capacity_factor}); use dropless=True "
                              "to never drop tokens")
-        if self.min_capacity < 0 or self.router_hidden_size < 0 or self.router_noise_eps < 0:
+        if not min(self.min_capacity, self.router_hidden_size, self.router_noise_eps) >= 0:
             raise ValueError("MoEConfig.min_capacity, router_hidden_size and router_noise_eps must be >= 0")
         for name in (f"{loss}_coef" for loss in LOSSES):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"MoEConfig.{name}={getattr(self, name)} must be >= 0")
         self.modality_experts = tuple(int(n) for n in self.modality_experts)
         if len(self.modality_experts) not in (2, 3) or min(self.modality_experts) < 0:
