@@ -77,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from ..distributed.launch_argv import decode_argv
+
     parser = build_parser()
+    try:  # a multi-node launch over pdsh hands the arguments over as one word (launch/deepspeed.sh)
+        argv = decode_argv(sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        parser.error(str(err))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

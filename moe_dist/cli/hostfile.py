@@ -1,7 +1,9 @@
 """``moe-dist hostfile``: a DeepSpeed hostfile ("host slots=N" per line) from SLURM_JOB_NODELIST or a host list.
 
     moe-dist hostfile --slots 8 [--nodelist 'gpu[01-03,07]' | --hosts a b c] [--out hostfile]
-Without --nodelist/--hosts, $SLURM_JOB_NODELIST is used. Prints to stdout without --out.
+Without --nodelist/--hosts, $SLURM_JOB_NODELIST is used. Prints to stdout without --out. A host name is
+letters, digits, '.', '-' and '_' (moe_dist.distributed.check_host_name); anything else, and a malformed
+node list, is refused with exit 2.
 """
 
 from __future__ import annotations
@@ -12,17 +14,23 @@ import sys
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..distributed import expand_nodelist
+    from ..distributed import check_host_name, expand_nodelist
     from ..files import atomic_write
 
     if args.slots < 1:
         raise ValueError(f"--slots must be >= 1, got {args.slots}")
-    hosts = args.hosts or expand_nodelist(args.nodelist or os.environ.get("SLURM_JOB_NODELIST", ""))
+    # one host per line: a name with a newline, a space, '#' or '=' would add lines or fields
+    hosts = [check_host_name(host, "--hosts") for host in args.hosts or []]
+    hosts = hosts or expand_nodelist(args.nodelist or os.environ.get("SLURM_JOB_NODELIST", ""))
     if not hosts:
         raise ValueError("no hosts: pass --nodelist or --hosts, or run inside a SLURM job (SLURM_JOB_NODELIST)")
     text = "".join(f"{host} slots={args.slots}\n" for host in hosts)
     if args.out:
-        atomic_write(args.out, text, durable=False)
+        try:
+            atomic_write(args.out, text, durable=False)
+        except OSError as err:
+            raise ValueError(f"--out {args.out!r}: cannot write the hostfile there ({err.strerror}); name a file "
+                             "in an existing directory") from None
     else:
         sys.stdout.write(text)
     return 0
@@ -34,6 +42,6 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slots", type=int, required=True, help="processes (GPUs) per host")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--nodelist", help="SLURM compressed host list, e.g. gpu[01-03,07]")
-    group.add_argument("--hosts", nargs="+", help="host names")
+    group.add_argument("--hosts", nargs="+", help="host names (letters, digits, '.', '-', '_')")
     p.add_argument("--out", help="file to write (default: stdout)")
     p.set_defaults(func=_run, needs_stack=False)

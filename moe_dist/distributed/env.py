@@ -25,23 +25,65 @@ class DistEnv:
     launcher: str
 
 
+# A host name as a hostfile line may hold one: DeepSpeed's hostfile parser splits lines on whitespace,
+# launch/deepspeed.sh reads '#' as a comment, the pdsh runner pastes the first host into a shell command
+# and hands the list to pdsh -w (which splits on ',' and expands '[...]'), DeepSpeed's --include splits
+# on ':' and '@', and a leading '-' reads as an option.
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
+
+
+def check_host_name(host: str, source: str) -> str:
+    """``host`` unchanged, or a ``ValueError`` naming it and ``source`` (the option or list it came from).
+
+    Letters, digits, '.', '-' and '_', starting with a letter or digit: a newline or space would add a
+    hostfile line or a ``slots=`` field, and '=', '#', ',', quotes or '$' would be read by a parser or a shell.
+    """
+    if not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"{source}: {host!r} is not a host name; use letters, digits, '.', '-' and '_' "
+                         "(no whitespace, control characters or punctuation such as '=', '#', ',', '$')")
+    return host
+
+
+def _split_outside_brackets(text: str) -> List[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def _expand_item(item: str, nodelist: str) -> List[str]:
+    """One comma-free item of a SLURM host list: text with any number of ``[ranges]`` groups."""
+    match = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](.*)", item)
+    if match is None:
+        if "[" in item or "]" in item:
+            raise ValueError(f"node list {nodelist!r}: unbalanced brackets in {item!r}")
+        return [item]
+    prefix, ranges, rest = match.groups()
+    numbers: List[str] = []
+    for part in ranges.split(","):
+        lo, dash, hi = part.partition("-")
+        if not (lo.isdigit() and (hi.isdigit() or not dash)) or (dash and int(hi) < int(lo)):
+            raise ValueError(f"node list {nodelist!r}: {part!r} in [{ranges}] is not a number or a rising "
+                             "range N-M")
+        numbers += [lo] if not dash else [f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1)]
+    return [prefix + number + tail for number in numbers for tail in _expand_item(rest, nodelist)]
+
+
 def expand_nodelist(nodelist: str) -> List[str]:
-    """SLURM compressed host lists: "gpu[01-03,07],cpu5" -> gpu01 gpu02 gpu03 gpu07 cpu5."""
+    """SLURM compressed host lists: "gpu[01-03,07],cpu5" -> gpu01 gpu02 gpu03 gpu07 cpu5; also
+    "rack[1-2]-n[1-2]" -> rack1-n1 rack1-n2 rack2-n1 rack2-n2.
+
+    Raises:
+        ValueError: unbalanced brackets, a range that is not N-M with N <= M, or a resulting name that is
+            not a host name (``check_host_name``), naming the list.
+    """
     hosts: List[str] = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", nodelist):
-        prefix, ranges = match.group(1), match.group(2)
-        if not prefix:
-            continue
-        if ranges is None:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(prefix + lo)
-                continue
-            for n in range(int(lo), int(hi) + 1):
-                hosts.append(f"{prefix}{n:0{len(lo)}d}")
+    for item in _split_outside_brackets(nodelist.strip()):
+        if item:
+            hosts += [check_host_name(host, f"node list {nodelist!r}") for host in _expand_item(item, nodelist)]
     return hosts
 
 

@@ -111,12 +111,13 @@ def test_two_no_ssh_deepspeed_launchers(synth, tmp_path):
     procs = []
     for node in (0, 1):
         env = dict(clean_env(), HOSTFILE=str(hostfile), NO_SSH="1", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port)
+                   MASTER_PORT=port, NCCL_SECRET_X="s3cret-nccl")  # deepspeed.launcher.launch prints *NCCL*
         procs.append(popen(["bash", "launch/deepspeed.sh", "configs/runs/tiny-synth.yaml"] + args,
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "world size 2" in outputs[0] and (out / "checkpoints" / "step00000003" / "COMPLETE").exists()
+    assert not any("s3cret" in output for output in outputs), "a credential was printed (issue 25, item 2)"
 
 
 def test_render_sbatch_for_4_nodes_x_8_gpus(tmp_path):
@@ -148,10 +149,18 @@ def test_hostfile_from_compressed_nodelist():
     assert res.returncode == 2 and "no hosts" in res.stderr
 
 
-@pytest.mark.parametrize("case", ["missing_hostfile", "no_slots", "ep_size", "no_sbatch"])
+@pytest.mark.parametrize("case", ["missing_hostfile", "no_slots", "host_name", "cwd", "ep_size", "no_sbatch"])
 def test_bad_launch_input_gives_a_clear_message(case, tmp_path):
-    env = dict(os.environ)
-    if case == "missing_hostfile":
+    env, cwd = dict(os.environ), ROOT
+    if case in ("host_name", "cwd"):  # issue 25: what the pdsh runner would paste into the nodes' shell
+        (tmp_path / "hf").write_text("n1 slots=1\n" + ("n2;id slots=1\n" if case == "host_name" else "n2 slots=1\n"))
+        cmd = ["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), os.path.join(ROOT, "configs/runs/tiny-synth.yaml")]
+        env["HOSTFILE"], want = str(tmp_path / "hf"), "line 2 of hostfile"
+        if case == "cwd":
+            cwd = tmp_path / "run $(id)"
+            cwd.mkdir()
+            want = f"the working directory '{cwd}' has characters"
+    elif case == "missing_hostfile":
         cmd = ["bash", "launch/deepspeed.sh", "configs/runs/tiny-synth.yaml"]
         env["HOSTFILE"], want = str(tmp_path / "nope"), "hostfile '%s' does not exist" % (tmp_path / "nope")
     elif case == "no_slots":
@@ -168,14 +177,16 @@ def test_bad_launch_input_gives_a_clear_message(case, tmp_path):
         env["PATH"] = os.path.dirname(shutil.which("moe-dist")) + ":/usr/local/bin:/bin"
         env["PATH"] = ":".join(p for p in env["PATH"].split(":") if not os.path.exists(os.path.join(p, "sbatch")))
         want = "sbatch is not installed"
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     assert want in res.stderr and "Traceback" not in res.stderr
 
 
 def test_deepspeed_env_file_is_private_and_forwards_no_credentials(tmp_path):
     """Issue 10, item 10: .deepspeed_env (what the pdsh runner exports to remote ranks) is 0600, leaves
-    out HF_TOKEN and other credentials unless FORWARD_ENV names them, and no value can add a line."""
+    out HF_TOKEN and other credentials, and no value can add a line. Issue 25, item 2: FORWARD_ENV may not
+    name a credential (the runner would put it on the pdsh command line); test_hardening_launch.py runs
+    the real runner."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "deepspeed").write_text("#!/usr/bin/env bash\nexit 0\n")  # stands in for the runner
@@ -187,22 +198,24 @@ def test_deepspeed_env_file_is_private_and_forwards_no_credentials(tmp_path):
     env_file = work / ".deepspeed_env"
     env_file.write_text("OLD=1\n")
     env_file.chmod(0o644)  # a world-readable file left by an older launch
-    base = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", HOSTFILE=str(hostfile),
-                HF_TOKEN="hf_secret", HUGGING_FACE_HUB_TOKEN="hf_secret2", HF_HOME="/cache/hf", NCCL_DEBUG="INFO",
-                MOE_DIST_NOTE="x\nHF_TOKEN=injected")
-    for forward, token_forwarded in (("", False), ("HF_TOKEN", True)):
-        res = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed.sh"),
-                              os.path.join(ROOT, "configs", "runs", "tiny-synth.yaml")],
-                             capture_output=True, text=True, cwd=work, env=dict(base, FORWARD_ENV=forward), timeout=60)
-        assert res.returncode == 0, res.stderr
-        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-        lines = env_file.read_text().splitlines()
-        assert "NCCL_DEBUG=INFO" in lines and "HF_HOME=/cache/hf" in lines and "OLD=1" not in lines
-        assert [line for line in lines if line.startswith("HF_TOKEN=")] == (["HF_TOKEN=hf_secret"] if token_forwarded
-                                                                             else [])
-        assert not any("secret2" in line or line.startswith("MOE_DIST_NOTE") for line in lines), lines
-        assert "not forwarding MOE_DIST_NOTE" in res.stderr
-        assert sorted(p.name for p in work.iterdir()) == [".deepspeed_env"]  # no temporary file left
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", HOSTFILE=str(hostfile),
+               HF_TOKEN="hf_secret", HUGGING_FACE_HUB_TOKEN="hf_secret2", HF_HOME="/cache/hf", NCCL_DEBUG="INFO",
+               MOE_DIST_NOTE="x\nHF_TOKEN=injected", FORWARD_ENV="")
+    cmd = ["bash", os.path.join(ROOT, "launch", "deepspeed.sh"),
+           os.path.join(ROOT, "configs", "runs", "tiny-synth.yaml")]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    lines = env_file.read_text().splitlines()
+    assert "NCCL_DEBUG=INFO" in lines and "HF_HOME=/cache/hf" in lines and "OLD=1" not in lines
+    assert not any("secret" in line or line.startswith("MOE_DIST_NOTE") for line in lines), lines
+    assert "not forwarding MOE_DIST_NOTE" in res.stderr
+    assert sorted(p.name for p in work.iterdir()) == [".deepspeed_env"]  # no temporary file left
+
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=work,
+                         env=dict(env, FORWARD_ENV="NCCL_DEBUG HF_TOKEN"), timeout=60)
+    assert res.returncode == 2 and "FORWARD_ENV names HF_TOKEN, a credential" in res.stderr, res.stderr
+    assert "hf_secret" not in res.stderr
 
 
 def test_rendered_script_keeps_every_value_through_real_sbatch(slurm, synth, tmp_path):
