@@ -11,28 +11,38 @@ place). Inside, DeepSpeed's model files are:
 so the model weights do not depend on the world size or ep_size that wrote them. ZeRO optimizer shards
 (``*optim_states.pt``) and ``client_rank<r>.pt`` are partitioned by rank and are not model files.
 
+The marker lists every file of the checkpoint with its size and SHA-256 (``files``), so a reader can tell
+that each file belongs to this checkpoint: a file missing, added, truncated or copied in from another run
+or step is refused like a corrupt one (``verify_files``). Checkpoints written before the list load as before.
+
 Every file is read with ``torch.load(weights_only=True)`` and the allow-list below: nothing outside it
 is unpickled. This module sits below ``engine`` and ``models`` so that both can use it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
-from typing import Any, Dict, List
+import stat
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from .files import atomic_write, fsync_dir, remove_stale_temporaries
+from .files import TMP_MARK, atomic_write, fsync_dir, read_small
 
 MARKER = "COMPLETE"
 LATEST = "latest"
+OWNER = "OWNER"  # inside a staging directory: {"run_id": ...} of the run writing it
 STAGING = ".saving"  # step########.saving: a save in progress (or committed but not yet renamed)
 REPLACED = ".replaced"  # step########.replaced.<pid>: a step saved twice, its older copy moved aside
 TAG_RE = re.compile(r"^step(\d{8})$")
+LEFTOVER_RE = re.compile(r"^(step\d{8})(\.saving|\.replaced\.\d+)$")  # what an interrupted save leaves
+LATEST_TMP_RE = re.compile(r"^latest" + re.escape(TMP_MARK) + r"\d+$")
+MAX_METADATA_BYTES = 16 << 20  # COMPLETE, latest, OWNER, *.json of a checkpoint: a few KB each
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_STATES_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 # the model files (non-expert and per-expert, any model-parallel rank): independent of the layout that wrote them
@@ -51,25 +61,109 @@ def complete_tags(root: str) -> List[str]:
     return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
 
 
-def read_marker(tag_dir: str) -> Dict[str, Any]:
-    """The COMPLETE marker's contents ({} when it is missing or unreadable)."""
+def read_json(path: str) -> Dict[str, Any]:
+    """A small JSON object file of a checkpoint ({} when it is missing, not a regular file, too large or
+    not a JSON object)."""
     try:
-        with open(os.path.join(tag_dir, MARKER)) as f:
-            info = json.load(f)
+        info = json.loads(read_small(path, MAX_METADATA_BYTES))
         return info if isinstance(info, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
+def read_marker(tag_dir: str) -> Dict[str, Any]:
+    """The COMPLETE marker's contents ({} when it is missing or unreadable)."""
+    return read_json(os.path.join(tag_dir, MARKER))
+
+
+def owner(directory: str) -> Optional[str]:
+    """The run id a checkpoint or an interrupted save belongs to: its marker's, else the OWNER file a save
+    writes first; None when neither says (a save from before OWNER files, or not ours to judge)."""
+    for name in (MARKER, OWNER):
+        info = read_json(os.path.join(directory, name))
+        if "run_id" in info:
+            return str(info["run_id"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- file lists
+def file_names(tag_dir: str) -> List[str]:
+    """The files of a checkpoint directory (all but its marker), sorted. ValueError for an entry that is
+    not a regular file (a symlink, FIFO, device or directory): a checkpoint holds nothing else."""
+    names = []
+    with os.scandir(tag_dir) as entries:
+        for entry in entries:
+            if entry.name == MARKER:
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                raise ValueError(f"checkpoint {tag_dir}: {entry.name} is not a regular file (a symlink, FIFO, "
+                                 "device or directory); a checkpoint holds only the files its save wrote")
+            names.append(entry.name)
+    return sorted(names)
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_files(tag_dir: str, names: Iterable[str]) -> Dict[str, List[Any]]:
+    """name -> [size in bytes, SHA-256 hex] for the marker's file list."""
+    return {name: [os.path.getsize(os.path.join(tag_dir, name)), sha256(os.path.join(tag_dir, name))]
+            for name in names}
+
+
+def verify_files(tag_dir: str, names: Optional[Iterable[str]] = None, rank: int = 0, world_size: int = 1) -> None:
+    """Refuse a checkpoint whose files are not the ones its save wrote: one missing, one added (a file
+    copied in from another run or step), or one whose size or SHA-256 differs from the marker's list.
+
+    Args:
+        names: check only these files (a reader that opens a few); default all.
+        rank, world_size: this process hashes every ``world_size``-th listed file from ``rank`` (each rank
+            of a resume its share); sizes and the names are checked by every caller.
+    Raises:
+        ValueError: one line naming the checkpoint and the file. Checkpoints without a list pass.
+    """
+    listed = read_marker(tag_dir).get("files")
+    if not isinstance(listed, dict):
+        return  # written before checkpoints listed their files
+    present = set(file_names(tag_dir))
+    extra = sorted(present - set(listed))
+    if extra and names is None:
+        raise ValueError(f"checkpoint {tag_dir} holds files its save did not write ({', '.join(extra[:3])}"
+                         f"{', ...' if len(extra) > 3 else ''}): copied in from another run or step? Remove them, "
+                         "or resume another checkpoint")
+    wanted = sorted(listed) if names is None else sorted(names)
+    for i, name in enumerate(wanted):
+        if name not in listed:
+            raise ValueError(f"checkpoint {tag_dir}: {name} is not one of the files its save wrote")
+        if name not in present:
+            raise ValueError(f"checkpoint {tag_dir} is missing {name}, which its save wrote")
+        size, digest = listed[name]
+        path = os.path.join(tag_dir, name)
+        if os.path.getsize(path) != size:
+            raise ValueError(f"checkpoint {tag_dir}: {name} has {os.path.getsize(path)} bytes, its save wrote "
+                             f"{size}: the file is truncated or corrupt")
+        if i % world_size == rank and sha256(path) != digest:
+            raise ValueError(f"checkpoint {tag_dir}: {name} is not the file its save wrote (its SHA-256 differs): "
+                             "copied in from another run or step, or damaged")
+
+
 def commit(root: str, tag: str, marker: Dict[str, Any]) -> str:
     """Make ``root/<tag>.saving`` (fully written and flushed) the checkpoint ``root/<tag>``; returns its path.
 
-    Outline: 1. COMPLETE goes into the staging directory (durably); 2. an existing ``<tag>`` (a step saved
-    twice) is moved aside to ``<tag>.replaced.<pid>``; 3. one rename publishes the staging directory; 4.
-    the root is flushed, ``latest`` points at the tag, the moved-aside copy is deleted. A crash between 2
-    and 3 leaves two complete copies under other names: ``recover`` puts one back.
+    Outline: 1. COMPLETE, with the list of files (``marker["files"]``, computed here when the caller has
+    not), goes into the staging directory (durably); 2. an existing ``<tag>`` (a step saved twice) is
+    moved aside to ``<tag>.replaced.<pid>``; 3. one rename publishes the staging directory; 4. the root is
+    flushed, ``latest`` points at the tag, the moved-aside copy is deleted. A crash between 2 and 3 leaves
+    two complete copies under other names: ``recover`` puts one back.
     """
     tag_dir, staging = os.path.join(root, tag), os.path.join(root, tag + STAGING)
+    if "files" not in marker:
+        marker = {**marker, "files": describe_files(staging, file_names(staging))}
     atomic_write(os.path.join(staging, MARKER), json.dumps(marker))
     replaced = None
     if os.path.exists(tag_dir):
@@ -83,25 +177,40 @@ def commit(root: str, tag: str, marker: Dict[str, Any]) -> str:
     return tag_dir
 
 
-def recover(root: str) -> List[str]:
-    """Clean up after interrupted saves under ``root``; returns the tags it put back.
-
-    A tag whose directory is missing gets back its committed staging directory (it has COMPLETE), else
-    its complete moved-aside copy; every other staging or moved-aside directory and every temporary
-    file is deleted."""
+def leftovers(root: str) -> Dict[str, Optional[str]]:
+    """What interrupted saves left under ``root``: ``step########.saving`` and
+    ``step########.replaced.<pid>`` directories (exact names, not symlinks) -> the run each belongs to."""
     if not os.path.isdir(root):
-        return []
-    restored = []
-    leftovers = sorted(n for n in os.listdir(root) if n.endswith(STAGING) or REPLACED in n)
-    for name in sorted(leftovers, key=lambda n: not n.endswith(STAGING)):  # a newer committed save first
-        tag = name.split(".")[0]
+        return {}
+    out = {}
+    for name in os.listdir(root):
         path = os.path.join(root, name)
-        if TAG_RE.match(tag) and not os.path.exists(os.path.join(root, tag)) and is_complete(path):
+        if LEFTOVER_RE.match(name) and stat.S_ISDIR(os.lstat(path).st_mode):
+            out[name] = owner(path)
+    return out
+
+
+def recover(root: str, run_id: str) -> List[str]:
+    """Clean up after run ``run_id``'s interrupted saves under ``root``; returns the tags it put back.
+
+    Call it only after checking that the directory is this run's (no other run's checkpoints) and while
+    holding its lock, so that no live save is touched. Only leftovers with exact names that belong to
+    ``run_id`` are touched: a tag whose directory is missing gets back its committed staging directory
+    (it has COMPLETE), else its complete moved-aside copy; the run's other leftovers are deleted, and so
+    are ``latest.tmp.<pid>`` files. Everything else stays, whatever its name."""
+    restored = []
+    ours = [n for n, run in leftovers(root).items() if run == run_id]
+    for name in sorted(ours, key=lambda n: (not n.endswith(STAGING), n)):  # a newer committed save first
+        tag = LEFTOVER_RE.match(name).group(1)
+        path = os.path.join(root, name)
+        if not os.path.exists(os.path.join(root, tag)) and is_complete(path):
             os.replace(path, os.path.join(root, tag))
             restored.append(tag)
         else:
             shutil.rmtree(path, ignore_errors=True)
-    remove_stale_temporaries(root)
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if LATEST_TMP_RE.match(name) and os.path.isfile(os.path.join(root, name)):
+            os.remove(os.path.join(root, name))
     if restored:
         fsync_dir(root)
     return restored

@@ -3,15 +3,19 @@ flush it to disk, rename it over the target, then flush the directory entry.
 
 Every writer in moe_dist that leaves a file for another process (checkpoints and their markers, shard
 manifests, hostfiles, benchmark results) goes through ``atomic_path``. A crash leaves at most a
-``<name>.tmp.<pid>`` file, which ``remove_stale_temporaries`` cleans up.
+``<name>.tmp.<pid>`` file (a checkpoint root's ``latest.tmp.<pid>`` is removed when its run resumes).
+
+``read_small`` reads a file that another process named: only a regular file (never a FIFO, a device or
+a symlink, which could block or read without end), up to a size limit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
+import errno
 import json
 import os
+import stat
 from typing import Any, Iterator, Union
 
 TMP_MARK = ".tmp."
@@ -66,12 +70,25 @@ def atomic_json(path: str, obj: Any, durable: bool = True) -> None:
     atomic_write(path, json.dumps(obj, indent=2) + "\n", durable)
 
 
-def remove_stale_temporaries(directory: str) -> int:
-    """Delete ``*.tmp.<pid>`` files a crashed writer left in ``directory`` (not recursive); returns how many."""
-    removed = 0
-    for path in glob.glob(os.path.join(glob.escape(directory), f"*{TMP_MARK}*")):
-        if os.path.isfile(path) and path.rsplit(TMP_MARK, 1)[1].isdigit():
-            with contextlib.suppress(OSError):
-                os.remove(path)
-                removed += 1
-    return removed
+def read_small(path: str, limit: int) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them.
+
+    Raises:
+        FileNotFoundError (an OSError): there is no such file.
+        ValueError: one line naming the file when it is a symlink, not a regular file (opened without
+            blocking, so a FIFO cannot hang the reader) or larger than ``limit``.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ValueError(f"{path} is a symlink; only a regular file is read here") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file (a FIFO, device or directory)")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit:,} bytes, the most this file may hold")
+    return data

@@ -5,19 +5,26 @@ optimizer shards), ``client_rank<r>.pt`` per rank (step, data-loader state, RNG 
 and the ``COMPLETE`` marker (step, world size, run id); CKPT/latest names the newest complete tag.
 
 Save outline (no directory is ever written while it is marked complete):
-    1. rank 0 removes a leftover staging directory of this step; barrier;
-    2. every rank writes into the fresh staging directory CKPT/step00000100.saving (DeepSpeed's files,
-       its client file), then fsyncs the files there: data reaches the disk before any marker;
+    1. rank 0 replaces a leftover staging directory of this step with a fresh one holding OWNER (this
+       run's id); barrier;
+    2. every rank writes into the staging directory CKPT/step00000100.saving (DeepSpeed's files, its
+       client file; rank 0 the run files), then fsyncs the files there: data reaches the disk before
+       any marker;
     3. barrier: every rank has finished writing;
-    4. rank 0 writes the run files into the staging directory and commits it (``checkpoint_files.commit``:
-       COMPLETE inside, an existing step00000100 moved aside, one rename, ``latest``), then prunes this
-       run's checkpoints beyond ``keep``;
-    5. barrier.
-A kill before the commit leaves only a ``.saving`` directory, which resume ignores and the next run
+    4. every rank hashes its share of the files (SHA-256); rank 0 gathers the list;
+    5. rank 0 commits the staging directory (``checkpoint_files.commit``: COMPLETE with the file list
+       inside, an existing step00000100 moved aside, one rename, ``latest``), then prunes this run's
+       checkpoints beyond ``keep``;
+    6. barrier.
+A kill before the commit leaves only a ``.saving`` directory, which resume ignores and this run's next
 start deletes; a kill inside the commit leaves complete copies that ``recover`` renames back.
 
+A run holds ``CKPT/.lock`` (``lock_root``) from its start to its exit, so two runs never write, recover
+or prune in one checkpoint directory at once.
+
 Resume (``resume_candidates``): ``auto`` tries the complete checkpoints newest first; one whose files do
-not load (truncated, corrupt, or holding objects outside the allow-list) is skipped with a warning.
+not load (truncated, corrupt, holding objects outside the allow-list, or not the files its save wrote)
+is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -28,15 +35,19 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import IO, Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..checkpoint_files import (LATEST, MARKER, STAGING, TAG_RE, commit, complete_tags, is_complete,
-                                load_weights_only, read_marker)
+from ..checkpoint_files import (LATEST, MARKER, OWNER, STAGING, TAG_RE, commit, complete_tags, describe_files,
+                                file_names, is_complete, leftovers, load_weights_only, read_json, read_marker,
+                                verify_files)
 from ..files import atomic_path, atomic_write, fsync_dir, fsync_file
+
+LOCK = ".lock"
 
 
 
@@ -67,12 +78,47 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def run_ids(root: str) -> Dict[str, List[str]]:
-    """Run id -> its complete tags under ``root`` (checkpoints from before run ids count as run "")."""
+def run_ids(root: str, committed_leftovers: bool = False) -> Dict[str, List[str]]:
+    """Run id -> its complete tags under ``root`` (checkpoints from before run ids count as run "");
+    ``committed_leftovers`` adds the complete copies an interrupted commit left under other names."""
     out: Dict[str, List[str]] = {}
     for tag in complete_tags(root):
         out.setdefault(str(read_marker(os.path.join(root, tag)).get("run_id", "")), []).append(tag)
+    if committed_leftovers:
+        for name, run in sorted(leftovers(root).items()):
+            if run is not None and is_complete(os.path.join(root, name)):
+                out.setdefault(run, []).append(name)
     return out
+
+
+def lock_root(root: str) -> IO:
+    """Hold ``root/.lock`` exclusively for as long as the returned file stays open (the process's life):
+    a second run started on the same checkpoint directory, even at the same moment, is refused instead of
+    both passing the ownership check. Where the filesystem has no locks, a warning and no lock.
+
+    Raises:
+        ValueError: another live process holds the lock (its host and pid are named).
+    """
+    import fcntl
+    import warnings
+
+    os.makedirs(root, exist_ok=True)
+    f = open(os.path.join(root, LOCK), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read(300).strip() or "unknown"
+        f.close()
+        raise ValueError(f"checkpoint directory {root} is in use by another live run ({holder}); wait for it to "
+                         "end, or give this run its own output_dir (or checkpoint.dir)") from None
+    except OSError as err:
+        warnings.warn(f"cannot lock checkpoint directory {root} ({err}); make sure no other run uses it")
+        return f
+    f.truncate(0)
+    f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}) + "\n")
+    f.flush()
+    return f
 
 
 def _fsync_tree(directory: str) -> None:
@@ -90,28 +136,36 @@ def save(engine, root: str, step: int, client: Dict[str, Any], keep: int, run_fi
     -> text, from rank 0); returns its directory. Collective: every rank calls it."""
     import deepspeed.comm as dist
 
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     tag = tag_for(step)
     tag_dir, staging = os.path.join(root, tag), os.path.join(root, tag + STAGING)
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        atomic_write(os.path.join(staging, OWNER), json.dumps({"run_id": run_id}))
     dist.barrier()
     # 2. write everything into the staging directory and flush it to disk
     engine.save_checkpoint(root, tag=tag + STAGING, client_state={"step": step}, save_latest=False)
-    os.makedirs(staging, exist_ok=True)
     with atomic_path(os.path.join(staging, f"client_rank{rank}.pt")) as tmp:
         torch.save(client, tmp)
+    if rank == 0:
+        for name, text in run_files.items():
+            atomic_write(os.path.join(staging, name), text)
     if pause_s:
         atomic_write(os.path.join(root, f"saving.rank{rank}"), tag)
         time.sleep(pause_s)
     _fsync_tree(staging)
     dist.barrier()
-    # 4. commit: marker inside, then one rename makes it a checkpoint
+    # 4. every rank hashes its share of the files; 5. commit: marker with the list, one rename
+    names = file_names(staging)
+    files = describe_files(staging, names[rank::world])
+    if world > 1:
+        shares: List[Optional[Dict[str, Any]]] = [None] * world
+        torch.distributed.all_gather_object(shares, files)
+        files = {name: entry for share in shares for name, entry in (share or {}).items()}
     if rank == 0:
-        for name, text in run_files.items():
-            atomic_write(os.path.join(staging, name), text)
-        commit(root, tag, {"step": step, "world_size": dist.get_world_size(), "run_id": run_id, "time": time.time()})
+        commit(root, tag, {"step": step, "world_size": world, "run_id": run_id, "time": time.time(), "files": files})
         _prune(root, keep, run_id)
     for stale in glob.glob(os.path.join(root, f"saving.rank{rank}")):
         os.remove(stale)
@@ -169,6 +223,37 @@ def find_resume(root: str, resume: str) -> Optional[Tuple[str, str]]:
     return path, tags[-1]
 
 
+def continued_run(root: str, resume: str) -> Optional[str]:
+    """The run id a start with ``resume`` continues in checkpoint directory ``root`` (None: a new run),
+    once ``root`` is known to hold no other run's checkpoints; reads only, so a refused start has touched
+    nothing. Complete copies an interrupted commit left count as their run's checkpoints.
+
+    Raises:
+        ValueError: a fresh start into a directory holding a run's checkpoints, or a resume into one
+            holding other runs' checkpoints (one line with what to do).
+    """
+    runs = run_ids(root, committed_leftovers=True)
+    if resume in ("", "none") or (resume == "auto" and not runs):
+        if runs:
+            newest = max(tag for tags in runs.values() for tag in tags)
+            raise ValueError(f"checkpoint directory {root} already holds another run's checkpoints (newest "
+                             f"{newest}); a fresh start there would prune or later resume them. Continue that run "
+                             "with --resume auto, or give this run its own output_dir (or checkpoint.dir)")
+        return None
+    if resume in ("auto", "latest"):
+        if len(runs) > 1:
+            raise ValueError(f"checkpoint directory {root} holds checkpoints of several runs {sorted(runs)}; "
+                             "resume one with --resume PATH into a directory of its own (set checkpoint.dir)")
+        return next(iter(runs), None)
+    src_root, tag = find_resume(root, resume)
+    run = str(read_marker(os.path.join(src_root, tag)).get("run_id", ""))
+    if set(runs) - {run}:
+        raise ValueError(f"checkpoint directory {root} holds checkpoints of runs {sorted(set(runs) - {run})}, not "
+                         f"of the run in {os.path.join(src_root, tag)}; resume into its own directory (set "
+                         "checkpoint.dir)")
+    return run
+
+
 def resume_candidates(root: str, resume: str) -> List[Tuple[str, str]]:
     """What to try, in order: for ``auto`` every complete checkpoint newest first (a broken newest one
     falls back to the one before), otherwise ``find_resume``'s single answer; [] for a fresh start."""
@@ -178,24 +263,24 @@ def resume_candidates(root: str, resume: str) -> List[Tuple[str, str]]:
     return [found] if found else []
 
 
-def verify_safe(tag_dir: str, rank: Optional[int] = None) -> None:
-    """Refuse checkpoint files that are unreadable (truncated, corrupt) or hold arbitrary pickled
-    objects: each must load with ``weights_only=True`` and the allow-list above, before DeepSpeed loads
-    it (unrestricted). With ``rank``, this rank's client file must exist too."""
+def verify_safe(tag_dir: str, rank: Optional[int] = None, world_size: int = 1) -> None:
+    """Refuse checkpoint files that are not the ones its save wrote (``verify_files``: this rank hashes
+    every ``world_size``-th), are unreadable (truncated, corrupt) or hold arbitrary pickled objects: each
+    must load with ``weights_only=True`` and the allow-list above, before DeepSpeed loads it
+    (unrestricted). With ``rank``, this rank's client file must exist too."""
     if rank is not None and not os.path.isfile(os.path.join(tag_dir, f"client_rank{rank}.pt")):
         raise ValueError(f"checkpoint {tag_dir} has no client_rank{rank}.pt: it was written by fewer ranks "
                          "than this run has; resume with the same world size")
+    verify_files(tag_dir, rank=rank or 0, world_size=world_size)
     for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
         load_weights_only(path)
 
 
 def check_compatible(tag_dir: str, world_size: int, ep_size: int) -> None:
     """Refuse to resume ``tag_dir`` under another world size or ep_size (its run_config.json says which)."""
-    saved_path = os.path.join(tag_dir, "run_config.json")
-    if not os.path.isfile(saved_path):
+    saved = read_json(os.path.join(tag_dir, "run_config.json"))
+    if not saved:
         return
-    with open(saved_path) as f:
-        saved = json.load(f)
     now = {"world_size": world_size, "ep_size": ep_size}
     was = {"world_size": saved.get("_world_size"), "ep_size": saved.get("ep_size")}
     if was != now:
@@ -205,9 +290,9 @@ def check_compatible(tag_dir: str, world_size: int, ep_size: int) -> None:
 
 
 def load(engine, root: str, tag: str, rank: int) -> Dict[str, Any]:
-    """Load DeepSpeed state and this rank's client state; raise if anything is missing."""
+    """Load DeepSpeed state and this rank's client state (after ``verify_safe`` passed on every rank);
+    raise if anything is missing."""
     tag_dir = os.path.join(root, tag)
-    verify_safe(tag_dir, rank)
     path, _ = engine.load_checkpoint(root, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
@@ -217,9 +302,9 @@ def load(engine, root: str, tag: str, rank: int) -> Dict[str, Any]:
 def load_weights(engine, root: str, tag: str) -> int:
     """Load only the model weights of a checkpoint written under any world size or ep_size (DeepSpeed
     keeps one file per global expert, and refreshes ZeRO's fp32 copies from them); returns its step.
-    Optimizer state, the LR schedule's state and the data stream are not read."""
+    Optimizer state, the LR schedule's state and the data stream are not read. Call it after
+    ``verify_safe`` passed on every rank."""
     tag_dir = os.path.join(root, tag)
-    verify_safe(tag_dir)
     path, _ = engine.load_checkpoint(root, tag=tag, load_module_only=True, load_optimizer_states=False,
                                      load_lr_scheduler_states=False)
     if path is None:

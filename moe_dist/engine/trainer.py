@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..checkpoint_files import recover
+from ..checkpoint_files import leftovers, recover
 from ..files import atomic_write
 from ..models.pretrained import model_files
 from ..text.tokenizer import sentencepiece_path
@@ -129,6 +129,7 @@ class Trainer:
         self._stream: Optional[Iterator] = None
         self._expert_load = ExpertLoadWindow()
         self._saved_step, self._saved_path = -1, ""
+        self._root_lock = None  # rank 0's lock on the checkpoint directory (resume), held until exit
         self._children_before = {p.pid for p in multiprocessing.active_children()}
 
     def _loader_config(self, split: str, eval_samples: int = 0):
@@ -139,36 +140,49 @@ class Trainer:
     def resume(self, how: str, weights_only: bool = False) -> None:
         """Load the checkpoint ``how`` names (``auto``: the newest complete one that loads on every rank,
         falling back past broken ones), and take over its run id; or start a new run. ``weights_only``
-        loads just the model weights (any world size or ep_size) and keeps the step counter."""
+        loads just the model weights (any world size or ep_size) and keeps the step counter.
+
+        Outline (nothing in the directory is touched before 2 has passed):
+            1. rank 0 locks the checkpoint directory until it exits; a live run holding it refuses this start;
+            2. every rank checks whose checkpoints the directory holds: a fresh start refuses another run's,
+               a resume refuses a directory that also holds other runs' (``checkpoint.continued_run``);
+            3. rank 0 recovers the continued run's own interrupted saves (exact names, its run id only);
+            4. the first candidate every rank can load is resumed.
+        """
         import deepspeed.comm as dist
 
         root = self.cfg.checkpoint_dir
+        problem = ""
         if self.rank == 0:
-            for tag in recover(root):
-                self.log.print(f"recovered checkpoint {tag} from an interrupted save")
+            try:
+                self._root_lock = checkpoint.lock_root(root)
+            except ValueError as err:
+                problem = str(err)
+        problem = self._agree(problem)
+        if problem:
+            raise ValueError(problem)
+        continued = checkpoint.continued_run(root, how)
+        if self.rank == 0:
+            if continued is not None:
+                for tag in recover(root, continued):
+                    self.log.print(f"recovered checkpoint {tag} from an interrupted save")
+            others = sorted(name for name, run in leftovers(root).items() if run != continued)
+            if others:
+                self.log.print(f"warning: left alone in {root}: {', '.join(others)} (interrupted saves of another "
+                               "run, or from before saves recorded their run); delete them once that run is gone")
         dist.barrier()  # every rank sees the same directory from here on
         candidates = checkpoint.resume_candidates(root, how)
         found = self._first_loadable(candidates, fallback=how == "auto", same_layout=not weights_only)
-        if found is not None:
-            self._abandon_newer(root, *found)
-        ours = checkpoint.run_ids(root)
         if found is None:
             if candidates:
                 raise ValueError(f"no checkpoint in {root} could be loaded (see the warnings above); fix or remove "
                                  "them, or resume another checkpoint with --resume PATH")
-            if ours:  # a fresh run must not share a checkpoint directory with another one
-                newest = max(tag for tags in ours.values() for tag in tags)
-                raise ValueError(f"checkpoint directory {root} already holds another run's checkpoints (newest "
-                                 f"{newest}); a fresh start there would prune or later resume them. Continue that run "
-                                 "with --resume auto, or give this run its own output_dir (or checkpoint.dir)")
             self.run_id = self._agree(checkpoint.new_run_id())
             return
+        self._abandon_newer(root, *found)
         src_root, tag = found
         tag_dir = os.path.join(src_root, tag)
         self.run_id = str(checkpoint.read_marker(tag_dir).get("run_id", ""))
-        if set(ours) - {self.run_id}:
-            raise ValueError(f"checkpoint directory {root} holds checkpoints of runs {sorted(set(ours) - {self.run_id})}"
-                             f", not of the run in {tag_dir}; resume into its own directory (set checkpoint.dir)")
         if weights_only:
             self.step = checkpoint.load_weights(self.engine, src_root, tag)
             self.scheduler.last_epoch = self.step - 1
@@ -230,7 +244,7 @@ class Trainer:
             if same_layout:
                 checkpoint.check_compatible(tag_dir, self.world, self.cfg.ep_size)
             try:
-                checkpoint.verify_safe(tag_dir, self.rank if same_layout else None)
+                checkpoint.verify_safe(tag_dir, self.rank if same_layout else None, self.world)
                 problem = ""
             except ValueError as err:
                 problem = str(err)

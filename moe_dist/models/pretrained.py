@@ -36,10 +36,12 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ..checkpoint_files import EXPERT_STATES_RE, MODEL_STATES, TAG_RE, find_checkpoint, load_weights_only, read_marker
+from ..checkpoint_files import (EXPERT_STATES_RE, MAX_METADATA_BYTES, MODEL_STATES, TAG_RE, find_checkpoint,
+                                load_weights_only, read_json, read_marker, verify_files)
+from ..files import read_small
 from ..config import from_dict
 from ..files import atomic_path
-from ..text.tokenizer import SentencePieceTokenizer, get_tokenizer, sentencepiece_path
+from ..text.tokenizer import MAX_TOKENIZER_BYTES, SentencePieceTokenizer, get_tokenizer, sentencepiece_path
 from .config import MODEL_CONFIG_FILE, TOKENIZER_FILE, ModelConfig, load_model_config
 
 EXPORT_FORMAT = "moe_dist.export/1"
@@ -216,20 +218,28 @@ def _read_checkpoint(step_dir: str, model_config: ConfigArg, tokenizer: Optional
     directory), else the one ``model_config`` names (relative to the working directory)."""
     config_path = os.path.join(step_dir, MODEL_CONFIG_FILE)
     saved = None
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            saved = _config_from_json(f.read(), config_path)
+    read = [MODEL_STATES] + sorted(n for n in os.listdir(step_dir) if EXPERT_STATES_RE.match(n))
+    if os.path.lexists(config_path):
+        saved = _config_from_json(read_small(config_path, MAX_METADATA_BYTES).decode("utf-8", "replace"), config_path)
+        read.append(MODEL_CONFIG_FILE)
     elif model_config is None:
         raise _missing_config(step_dir)
     config = _as_config(model_config) if model_config is not None else saved
     if tokenizer is not None:
         spec = _tokenizer_spec(tokenizer, os.getcwd(), "--tokenizer")
     elif saved is not None:
+        name = sentencepiece_path(saved.text.tokenizer)
+        if name and (os.path.basename(name) != name or name in (".", "..")):
+            raise ValueError(f"{config_path} names tokenizer {name!r}, which is not a file of the checkpoint; a "
+                             f"checkpoint's tokenizer is a file in it ({TOKENIZER_FILE}). Pass the tokenizer the model "
+                             "was trained with (--tokenizer PATH, tokenizer= in Python)")
+        read += [name] if name else []
         spec = _tokenizer_spec(saved.text.tokenizer, step_dir, config_path)
     else:
         spec = _tokenizer_spec(config.text.tokenizer, os.getcwd(), f"model config {config.name!r}")
+    verify_files(step_dir, read)  # each file read is one its save wrote (size and SHA-256)
     weights = dict(load_weights_only(os.path.join(step_dir, MODEL_STATES))["module"])
-    for name in sorted(os.listdir(step_dir)):
+    for name in read:
         if EXPERT_STATES_RE.match(name):
             weights.update(load_weights_only(os.path.join(step_dir, name)))
     step = read_marker(step_dir).get("step")
@@ -287,18 +297,17 @@ def _tokenizer_spec(name: str, base: str, where: str) -> TokenizerSpec:
         return OPENCLIP_BPE
     path = os.path.join(base, path)
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        raise ValueError(f"{where} names tokenizer {path}, which cannot be read; pass the sentencepiece model the "
-                         "model was trained with (--tokenizer PATH, tokenizer= in Python)") from None
+        return read_small(path, MAX_TOKENIZER_BYTES)
+    except (OSError, ValueError) as err:
+        reason = str(err) if isinstance(err, ValueError) else "which cannot be read"
+        raise ValueError(f"{where} names tokenizer {path}: {reason}; pass the sentencepiece model the model was "
+                         "trained with (--tokenizer PATH, tokenizer= in Python)") from None
 
 
 def _missing_config(step_dir: str) -> ValueError:
     hint = ""
     try:  # what the run says it trained (run_config.json predates model_config.json)
-        with open(os.path.join(step_dir, "run_config.json")) as f:
-            run = json.load(f)
+        run = read_json(os.path.join(step_dir, "run_config.json"))
         model, tok = run["model"], run["data"].get("tokenizer") or "the model config's"
         overrides = f" with overrides {model['overrides']}" if model.get("overrides") else ""
         hint = f" (its run_config.json names model {model['name']!r}{overrides} and tokenizer {tok})"

@@ -94,6 +94,9 @@ class OpenClipBPETokenizer(_Tokenizer):
         return [self.bpe.encode(t) for t in texts]
 
 
+MAX_TOKENIZER_BYTES = 64 << 20  # a sentencepiece model of a 256k vocabulary is ~5 MB
+
+
 def sentencepiece_path(name: str) -> str:
     """The .model path a tokenizer name refers to, "" for "openclip-bpe"; ValueError for any other form.
 

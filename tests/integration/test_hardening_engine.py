@@ -2,6 +2,7 @@
 newest one falls back; a fresh run never touches another run's checkpoints; a crash or a stuck stop
 ends every rank; a data error on one rank stops all ranks with its message; a stop during setup is clean."""
 
+import json
 import os
 import shutil
 import signal
@@ -86,14 +87,42 @@ def test_resuming_an_older_checkpoint_then_a_kill_while_saving_loses_nothing(syn
 
 
 def test_fresh_run_refuses_a_directory_holding_another_runs_checkpoints(synth, tmp_path):
+    """Issue 25, item 3: a refused start deletes nothing (another run's save in progress, files that only
+    look like leftovers), and a run that holds the directory's lock keeps a second start out."""
     out = tmp_path / "run"
     assert _train(synth, out, steps=4, **ONE_RANK, **{"checkpoint.every": 2}).returncode == 0
+    ckpts = out / "checkpoints"
+    run_id = checkpoint.read_marker(str(ckpts / "step00000004"))["run_id"]
+    (ckpts / "step00000006.saving").mkdir()  # that run's save in progress
+    (ckpts / "step00000006.saving" / checkpoint.OWNER).write_text(json.dumps({"run_id": run_id}))
+    (ckpts / "latest.tmp.77").write_text("step00000006")
+    strangers = ["notes.saving", "my.replaced.txt", "data.tmp.123"]
+    for name in strangers:
+        (ckpts / name).write_text("someone else's")
+    planted = sorted(os.listdir(ckpts))
     res = _train(synth, out, "--resume", "none", steps=2, **ONE_RANK)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert "already holds another run's checkpoints" in res.stderr and "Traceback" not in res.stderr
-    assert _tags(out) == ["step00000002", "step00000004"]
-    markers = {checkpoint.read_marker(str(out / "checkpoints" / t))["run_id"] for t in _tags(out)}
-    assert len(markers) == 1 and "" not in markers
+    assert sorted(os.listdir(ckpts)) == planted  # the old code deleted the save in progress and the strangers
+    markers = {checkpoint.read_marker(str(ckpts / t))["run_id"] for t in _tags(out)}
+    assert markers == {run_id} and _tags(out) == ["step00000002", "step00000004"]
+    # a live run holds the directory: even its own continuation is refused until it ends
+    holder = popen([sys.executable, "-c", "import time; from moe_dist.engine import checkpoint; "
+                    f"lock = checkpoint.lock_root({str(ckpts)!r}); print('held', flush=True); time.sleep(120)"],
+                   stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = _train(synth, out, steps=6, **ONE_RANK, **{"checkpoint.every": 2})
+        assert res.returncode == 2 and "in use by another live run" in res.stderr, res.stderr[-2000:]
+        assert sorted(os.listdir(ckpts)) == planted
+    finally:
+        kill_all([holder])
+        holder.wait()
+    # continuing the run recovers its own leftovers only
+    res = _train(synth, out, steps=6, **ONE_RANK, **{"checkpoint.every": 2})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    left = sorted(n for n in os.listdir(ckpts) if not n.startswith("zero_to_"))  # DeepSpeed's scripts
+    assert left == sorted([".lock", "latest", "step00000004", "step00000006"] + strangers)
 
 
 def test_a_crash_on_one_rank_ends_every_rank_and_its_workers(synth, tmp_path):

@@ -55,7 +55,7 @@ def test_pickled_objects_are_refused_before_loading(tmp_path):
 
 
 def test_recover_puts_back_a_step_interrupted_inside_its_commit(tmp_path):
-    from moe_dist.checkpoint_files import recover
+    from moe_dist.checkpoint_files import OWNER, recover
 
     _tag(tmp_path, 2)
     # killed between "move the old step 4 aside" and "rename the new one into place": two complete copies
@@ -63,13 +63,41 @@ def test_recover_puts_back_a_step_interrupted_inside_its_commit(tmp_path):
     for d, which in ((new, "new"), (old, "old")):
         d.mkdir()
         (d / "which").write_text(which)
-        (d / checkpoint.MARKER).write_text(json.dumps({"step": 4}))
+        (d / checkpoint.MARKER).write_text(json.dumps({"step": 4, "run_id": "r1"}))
     # killed while saving step 6: an unfinished staging directory and a temporary file
     (tmp_path / "step00000006.saving").mkdir()
+    (tmp_path / "step00000006.saving" / OWNER).write_text(json.dumps({"run_id": "r1"}))
     (tmp_path / "latest.tmp.999").write_text("step00000006")
-    assert recover(str(tmp_path)) == ["step00000004"]
+    # not r1's: another run's save in progress, an old save without an owner, and names that only look alike
+    (tmp_path / "step00000008.saving").mkdir()
+    (tmp_path / "step00000008.saving" / OWNER).write_text(json.dumps({"run_id": "r2"}))
+    (tmp_path / "step00000010.saving").mkdir()
+    strangers = ["notes.saving", "my.replaced.txt", "data.tmp.123", "step00000012.saving.bak", "latest.tmp.x"]
+    for name in strangers:
+        (tmp_path / name).write_text("not a checkpoint's")
+    assert recover(str(tmp_path), "r1") == ["step00000004"]
     assert (tmp_path / "step00000004" / "which").read_text() == "new"  # the committed newer save wins
-    assert sorted(os.listdir(tmp_path)) == ["step00000002", "step00000004"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["step00000002", "step00000004", "step00000008.saving",
+                                                   "step00000010.saving"] + strangers)
     # only a moved-aside copy left: it comes back
     (tmp_path / "step00000004").rename(tmp_path / "step00000004.replaced.7")
-    assert recover(str(tmp_path)) == ["step00000004"] and checkpoint.complete_tags(str(tmp_path))[-1] == "step00000004"
+    assert recover(str(tmp_path), "r1") == ["step00000004"]
+    assert checkpoint.complete_tags(str(tmp_path))[-1] == "step00000004"
+    assert recover(str(tmp_path), "r2") == [] and not (tmp_path / "step00000008.saving").exists()
+
+
+def test_a_second_holder_of_the_checkpoint_lock_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    held = subprocess.Popen([sys.executable, "-c", "import sys, time; from moe_dist.engine import checkpoint; "
+                             f"lock = checkpoint.lock_root({str(tmp_path)!r}); print('held', flush=True); "
+                             "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"in use by another live run .*\"pid\": {held.pid}"):
+            checkpoint.lock_root(str(tmp_path))
+    finally:
+        held.kill()
+        held.wait()
+    checkpoint.lock_root(str(tmp_path)).close()  # the holder is gone: the lock is free again
