@@ -11,15 +11,23 @@ Clients (chosen for control over mid-stream faults, not convenience):
                        off so that every retry is ours: counted, logged and resumed at the byte.
 
 Reading outline (``RemoteStream``):
-    1. open the object from byte ``offset`` (an HTTP Range request / S3 GetObject Range);
+    0. the URL rule (``url_problem``): http, https or s3, a host (bucket), a numeric port, no userinfo
+       (credentials come from ~/.netrc, the AWS chain or a presigned query string, never the URL) and no
+       whitespace or control characters; a URL that breaks it is a permanent error, never retried;
+    1. open the object from byte ``offset`` (an HTTP Range request / S3 GetObject Range). HTTP redirects
+       obey the URL rule at every hop, at most ``MAX_REDIRECTS`` of them; a ~/.netrc login is sent only to
+       the host it names, never carried over a redirect. A reply must start at or before ``offset``
+       (Content-Range; a server that ignores Range answers the whole object and the bytes already read are
+       skipped) and describe the same object (size, ETag) as the first reply;
     2. read; on a transient fault (connection reset or refused, timeout, a stream shorter than its
-       Content-Length, HTTP 5xx/408/429, S3 throttling) wait ``backoff_s * 2**attempt`` and reopen at the
-       byte reached, so the reader above (the tar stream) never sees the fault. A server that ignores
-       Range answers the whole object: the bytes already read are skipped;
-    3. after ``retries`` failed reopenings in a row, or at once on 401/403/404/410 (missing object,
-       forbidden, no such bucket) or a host name that does not resolve, raise ``RemoteError`` naming the
-       URL and the error.
-Secrets never appear in messages: URLs are shown without userinfo or query string.
+       Content-Length, HTTP 5xx/408/429, S3 throttling, or a stream slower than ``min_bytes_per_s`` over
+       ``timeout_s`` of waiting) wait ``backoff_s * 2**attempt`` and reopen at the byte reached, so the
+       reader above (the tar stream) never sees the fault;
+    3. after ``retries`` failed reopenings in a row, or at once on a permanent error (any other 4xx: a
+       missing object, forbidden, a bad request; a URL or redirect the rule refuses; a host name that does
+       not resolve; an object that changed while it was read), raise ``RemoteError`` naming the URL and
+       the error.
+Secrets never appear in messages: URLs are shown by ``shown_url`` (no query string, no userinfo).
 """
 
 from __future__ import annotations
@@ -38,9 +46,12 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
+from .urls import SCHEMES, is_remote, shown_spec, shown_url, url_problem  # noqa: F401 (is_remote, SCHEMES: API)
+
 log = logging.getLogger(__name__)
-SCHEMES = ("http", "https", "s3")
-PERMANENT_HTTP = (401, 403, 404, 410)
+TRANSIENT_4XX = (408, 429)  # request timeout, too many requests: the only 4xx a retry may cure
+TRANSIENT_S3 = {"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                "TooManyRequestsException", "InternalError", "ServiceUnavailable"}  # some come with a 400
 PERMANENT_S3 = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                 "AllAccessDisabled", "404", "403", "401"}
 READ_SIZE = 1 << 20
@@ -61,29 +72,27 @@ class RemoteOptions:
 
 
 class RemoteError(OSError):
-    """A remote object that cannot be read; ``permanent`` for missing/forbidden (never retried)."""
+    """A remote object that cannot be read; ``permanent``: retrying cannot help (never retried). The
+    message and ``detail`` show URLs without secrets (``shown_url``); ``url`` is the URL itself."""
 
     def __init__(self, url: str, detail: str, permanent: bool):
+        detail = shown_spec(" ".join(str(detail).split()))  # one line; a library's text may quote a URL
         super().__init__(f"{shown_url(url)}: {detail}")
         self.url, self.detail, self.permanent = url, detail, permanent
 
 
-def is_remote(url: str) -> bool:
-    """An http://, https:// or s3:// URL (``http:name`` without the slashes is not one)."""
-    return url.lower().startswith(tuple(f"{scheme}://" for scheme in SCHEMES))
-
-
-def shown_url(url: str) -> str:
-    """``url`` without userinfo, query or fragment (where presigned URLs and tokens live)."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+def permanent_status(status: int) -> bool:
+    """An HTTP status that a retry cannot cure: every 4xx but 408 and 429 (and a 3xx not followed)."""
+    return 300 <= status < 500 and status not in TRANSIENT_4XX
 
 
 def path_of(url: str) -> str:
-    """The path of ``url`` (no query string: a presigned shard URL still ends in .tar here)."""
-    return urllib.parse.urlsplit(url).path
+    """The path of ``url`` (no query string: a presigned shard URL still ends in .tar here); ``url``
+    itself when it does not parse (the URL rule refuses it later, with a message)."""
+    try:
+        return urllib.parse.urlsplit(url).path
+    except ValueError:
+        return url
 
 
 def join(base: str, name: str) -> str:
@@ -117,7 +126,7 @@ def s3_client(timeout_s: float = 60.0):
 def split_s3(url: str) -> Tuple[str, str]:
     parts = urllib.parse.urlsplit(url)
     if not parts.netloc:
-        raise ValueError(f"{url!r} names no bucket; write s3://BUCKET/KEY")
+        raise ValueError(f"{shown_url(url)!r} names no bucket; write s3://BUCKET/KEY")
     return parts.netloc, parts.path.lstrip("/")
 
 
@@ -128,7 +137,7 @@ def _s3_fault(url: str, err: Exception) -> RemoteError:
     if isinstance(response, dict):
         code = str(response.get("Error", {}).get("Code", ""))
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        permanent = code in PERMANENT_S3 or status in PERMANENT_HTTP
+        permanent = code not in TRANSIENT_S3 and (code in PERMANENT_S3 or permanent_status(status))
         return RemoteError(url, f"S3 {code or status}" + (" (not found)" if status == 404 or "NoSuch" in code else
                                                            " (forbidden)" if status == 403 else ""), permanent)
     return RemoteError(url, f"{type(err).__name__}: {err}", permanent=False)
@@ -142,7 +151,9 @@ def _open_http(url: str, offset: int, timeout_s: float):
     except urllib.error.HTTPError as err:
         err.close()
         reason = "not found" if err.code == 404 else "forbidden" if err.code in (401, 403) else err.reason
-        raise RemoteError(url, f"HTTP {err.code} ({reason})", permanent=err.code in PERMANENT_HTTP) from None
+        raise RemoteError(url, f"HTTP {err.code} ({reason})", permanent=permanent_status(err.code)) from None
+    except (http.client.InvalidURL, ValueError) as err:  # a URL that http.client cannot send: never retried
+        raise RemoteError(url, f"malformed URL ({type(err).__name__})", permanent=True) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
         if isinstance(reason, socket.gaierror):  # a host name that does not resolve: a wrong URL, not a fault
@@ -179,6 +190,9 @@ class RemoteStream(io.RawIOBase):
         super().__init__()
         self.url, self.options, self.on_retry = url, options, on_retry
         self.offset, self.total, self.retries = 0, None, 0
+        problem = url_problem(url)
+        if problem:  # the spec refuses such URLs first; this holds for every other caller
+            raise RemoteError(url, problem, permanent=True)
         self._open = _open_s3 if url.startswith("s3:") else _open_http
         self._body = None
         self._reopen()

@@ -32,6 +32,7 @@ from braceexpand import braceexpand
 
 from . import remote
 from .remote import RemoteError, RemoteOptions, is_remote
+from .urls import shown_spec, url_problem
 
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
@@ -51,7 +52,13 @@ class Shard:
 
 
 def _shown(url: str) -> str:
+    url = shown_spec(url)  # never a password or a query string (a presigned token)
     return repr(url if len(url) <= 80 else url[:77] + "...")  # repr: a newline cannot split the message
+
+
+def _named(source: str) -> str:
+    """A spec or source as messages name it: whole, but without the secrets ``_shown`` leaves out."""
+    return repr(shown_spec(source))
 
 
 def check_url(url: str, allow_pipe: bool = False) -> str:
@@ -61,10 +68,16 @@ def check_url(url: str, allow_pipe: bool = False) -> str:
         url: a final shard URL (after "::" splitting, brace expansion and index files).
         allow_pipe: allow ``pipe:`` URLs (``data.allow_pipe``, ``moe-dist-data --allow-pipe``).
     Raises:
-        ValueError: a pipe: URL without ``allow_pipe``, or a scheme other than http, https and s3.
+        ValueError: a pipe: URL without ``allow_pipe``, a scheme other than http, https and s3, or a remote
+            URL that breaks the URL rule (``urls.url_problem``: userinfo, a malformed host or port, ...).
     """
     match = _SCHEME.match(url)
-    if match is None or is_remote(url):
+    if match is None:
+        return url
+    if is_remote(url):
+        problem = url_problem(url)
+        if problem:
+            raise ValueError(f"shard URL {_shown(url)} {problem}")
         return url
     scheme = match.group(1)
     if scheme == "pipe":
@@ -198,7 +211,7 @@ def _source_dir(source: str) -> str:
     if "train" in splits and (is_remote(source) or os.path.isdir(splits["train"].path)):
         return splits["train"].path
     others = ", ".join(f"{s.path} for the {s.name} split" for s in splits.values())
-    raise ValueError(f"shard spec {source!r} is a dataset directory without a train split, which it would mean; "
+    raise ValueError(f"shard spec {_named(source)} is a dataset directory without a train split, which it would mean; "
                      f"{describe_splits(source, splits)}" + (f": use {others}" if others else ""))
 
 
@@ -218,10 +231,15 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 def _remote_directory(source: str, allow_pipe: bool) -> List[str]:
     """The shard URLs a remote directory's index lists (its train split for a dataset directory)."""
+    check_url(source, allow_pipe)  # before its index is read
+    if "?" in source:
+        raise ValueError(f"shard spec {_named(source)} is a remote directory with a query string, which cannot "
+                         "apply to its index and shards (each object has its own); name the shards (a .tar or a "
+                         "brace pattern of .tar URLs may carry a query)")
     directory = _source_dir(source.rstrip("/"))
     names, _ = read_index(directory)
     if not names:
-        raise ValueError(f"shard spec {source!r} is a remote directory without a manifest.json or sizes.json "
+        raise ValueError(f"shard spec {_named(source)} is a remote directory without a manifest.json or sizes.json "
                          "(remote directories cannot be listed); upload the index beside the shards, or give a "
                          "brace pattern such as https://host/train-{000000..000099}.tar")
     return [check_url(remote.join(directory, n), allow_pipe) for n in sorted(names)]
@@ -264,7 +282,7 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
     if not sources:
         raise ValueError("the shard spec is empty; give a brace pattern, a .tar or a shard directory")
     if weights is not None and len(weights) != len(sources):
-        raise ValueError(f"{len(weights)} sampling weights for {len(sources)} sources in {spec!r}")
+        raise ValueError(f"{len(weights)} sampling weights for {len(sources)} sources in {_named(spec)}")
     expanded = [expand_source(source, allow_pipe) for source in sources]  # check all before any is read
     shards: List[Shard] = []
     for index, (source, urls) in enumerate(zip(sources, expanded)):
@@ -272,7 +290,7 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
         missing = [u for u in local if not os.path.isfile(u)]
         if not urls or (local and len(missing) == len(local)):
             hint = _subdir_hint(source.strip()) if os.path.isdir(source.strip()) else ""
-            raise ValueError(f"shard spec {source!r} matches no shard file; check the path or brace pattern "
+            raise ValueError(f"shard spec {_named(source)} matches no shard file; check the path or brace pattern "
                              f"(e.g. data/train-{{000000..000009}}.tar, a shard directory, or the --out "
                              f"directory of moe-dist-data shard){hint}")
         if missing:

@@ -322,7 +322,14 @@ class RunConfig:
         return int(min(5e8, -(-count // 1024) * 1024))
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as a run records it (run_config.json in the run directory and every checkpoint):
+        shard specs are shown without query strings (presigned tokens), which are never written."""
+        from ..data.urls import shown_spec
+
+        recorded = dataclasses.asdict(self)
+        for name in ("train", "val"):
+            recorded["data"][name] = shown_spec(recorded["data"][name])
+        return recorded
 
 
 def load_run_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
