@@ -32,10 +32,12 @@ Secrets never appear in messages: URLs are shown by ``shown_url`` (no query stri
 
 from __future__ import annotations
 
+import base64
 import http.client
 import io
 import json
 import logging
+import netrc
 import os
 import random
 import socket
@@ -55,6 +57,7 @@ TRANSIENT_S3 = {"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException
 PERMANENT_S3 = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                 "AllAccessDisabled", "404", "403", "401"}
 READ_SIZE = 1 << 20
+MAX_REDIRECTS = 5  # HTTP redirects followed per request (S3 and CDNs use one or two)
 
 
 @dataclass(frozen=True)
@@ -143,11 +146,79 @@ def _s3_fault(url: str, err: Exception) -> RemoteError:
     return RemoteError(url, f"{type(err).__name__}: {err}", permanent=False)
 
 
+def netrc_login(url: str) -> Optional[str]:
+    """The Authorization header for ``url``'s host from $NETRC or ~/.netrc (None without an entry). Only
+    a ``machine`` entry that names the host counts: a ``default`` entry would send a login to any host."""
+    path = os.environ.get("NETRC")
+    if not os.path.isfile(path or os.path.join(os.path.expanduser("~"), ".netrc")):
+        return None
+    try:
+        entry = netrc.netrc(path).hosts.get(urllib.parse.urlsplit(url).hostname or "")
+    except (netrc.NetrcParseError, OSError) as err:  # its message may quote a token: name the file and line
+        where = path or "~/.netrc"
+        raise RemoteError(url, f"cannot use {where} (line {getattr(err, 'lineno', '?')}): it does not parse, or "
+                               "it is readable by other users (chmod 600)", permanent=True) from None
+    if entry is None:
+        return None
+    login, _, password = entry
+    return "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode()
+
+
+def _authorize(request: urllib.request.Request) -> None:
+    """Send ``request``'s host its ~/.netrc login; as an unredirected header, which a redirect never copies."""
+    login = netrc_login(request.full_url)
+    if login:
+        request.add_unredirected_header("Authorization", login)
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Redirects under the URL rule: every target is an http(s) URL that ``url_problem`` accepts, at
+    most ``MAX_REDIRECTS`` per request, to any host; a login goes only to the host its ~/.netrc entry
+    names (``_authorize`` per hop). A refused redirect is a permanent error."""
+
+    max_repeats = max_redirections = MAX_REDIRECTS + 1  # urllib's own loop check: never before ours
+    def http_error_302(self, req, fp, code, msg, headers):
+        location = headers.get("location") or headers.get("uri")
+        if location is not None:
+            target = urllib.parse.urljoin(req.full_url, location)
+            problem = url_problem(target) or ("" if target.lower().startswith(("http://", "https://")) else
+                                              "is not an http(s) URL")
+            if not problem and getattr(req, "hops", 0) >= MAX_REDIRECTS:
+                problem = f"would be redirect {MAX_REDIRECTS + 1}; at most {MAX_REDIRECTS} are followed"
+            if problem:
+                fp.close()
+                raise RemoteError(req.full_url, f"HTTP {code} redirect to {shown_url(target)}, which {problem}",
+                                  permanent=True)
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.hops = getattr(req, "hops", 0) + 1
+            _authorize(new)
+        return new
+
+
+_OPENERS: Dict[int, urllib.request.OpenerDirector] = {}
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """urllib's default handlers (proxies, https) with ``_Redirects``, one per process."""
+    if os.getpid() not in _OPENERS:
+        _OPENERS[os.getpid()] = urllib.request.build_opener(_Redirects)
+    return _OPENERS[os.getpid()]
+
+
 def _open_http(url: str, offset: int, timeout_s: float):
     """(response, total size or None, bytes to skip)."""
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+        _authorize(request)
+        response = _opener().open(request, timeout=timeout_s)
+    except RemoteError as err:  # a refused redirect or netrc file: named by the URL asked for
+        raise RemoteError(url, err.detail, err.permanent) from None
     except urllib.error.HTTPError as err:
         err.close()
         reason = "not found" if err.code == 404 else "forbidden" if err.code in (401, 403) else err.reason

@@ -303,7 +303,7 @@ def _resampled_shards(job: WorkerJob, worker: int) -> Iterator[Shard]:
 
 def unreadable_message(err: RemoteError, skip_hint: bool = True) -> str:
     """One line for a remote shard that cannot be read: the URL, the error, the way on."""
-    way = "check the URL and the credentials (AWS_* variables, ~/.aws) or the server's permissions" \
+    way = "check the URL and the credentials (~/.netrc; AWS_* variables, ~/.aws) or the server's permissions" \
         if err.permanent else "check the server; data.remote_retries and data.remote_timeout_s bound the retries"
     return (f"cannot read shard {shown_url(err.url)}: {err.detail}; {way}"
             + ("; or set data.skip_unreadable_shards=true to skip and count such shards" if skip_hint else ""))

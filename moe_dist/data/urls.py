@@ -20,8 +20,8 @@ SCHEMES = ("http", "https", "s3")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _URL = re.compile(_SCHEME.pattern + r"\S*")  # a URL inside a spec, a pipe: command or a message
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-USERINFO_FIX = ("give credentials another way: the AWS_* variables or ~/.aws for s3://, or a presigned URL (its query "
-                "string is used but never printed or recorded)")
+USERINFO_FIX = ("give credentials another way: ~/.netrc (or $NETRC) for http(s) servers, the AWS_* variables or "
+                "~/.aws for s3://, or a presigned URL (its query string is used but never printed or recorded)")
 
 
 def is_remote(url: str) -> bool:

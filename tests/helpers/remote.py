@@ -4,6 +4,8 @@ injected faults, and moto's standalone S3 server.
     with serve_http(root) as server:            # server.url -> "http://127.0.0.1:PORT"
         server.faults["/train/train-000001.tar"] = [Drop(5000), Status(503)]
         ...                                       # each request of that path takes the next fault
+        server.logins["127.0.0.1:PORT"] = "Basic ..."  # requests with that Host header need it (else 401)
+        server.seen                               # (Host, path, Authorization or None) of every request
     s3 = S3Server(); env = s3.env(); ...; s3.stop() # env: AWS_* variables pointing boto3 at the server
 """
 
@@ -33,16 +35,34 @@ class Status:
     code: int
 
 
+@dataclass
+class Redirect:
+    """Answer 302 with this Location ("{url}" in it is the server's own URL)."""
+
+    location: str
+
+
 class _Handler(SimpleHTTPRequestHandler):
     def log_message(self, *args):  # quiet
         pass
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         server = self.server
+        host, authorization = self.headers.get("Host"), self.headers.get("Authorization")
         with server.lock:
             server.requests.append(self.path)
+            server.seen.append((host, self.path, authorization))
             queue = server.faults.get(self.path)
             fault = queue.pop(0) if queue else None
+        if host in server.logins and authorization != server.logins[host]:
+            self.send_error(401)
+            return
+        if isinstance(fault, Redirect):
+            self.send_response(302)
+            self.send_header("Location", fault.location.format(url=server.url))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if isinstance(fault, Status) or self.path in server.forbidden:
             self.send_error(fault.code if fault else 403)
             return
@@ -87,6 +107,8 @@ def serve_http(root, ranges: bool = True):
     server.faults: Dict[str, List[object]] = {}
     server.forbidden = set()
     server.requests: List[str] = []
+    server.seen: List[tuple] = []
+    server.logins: Dict[str, str] = {}
     server.ranges = ranges
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)

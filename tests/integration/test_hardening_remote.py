@@ -2,8 +2,10 @@
 server with injected faults, tests/helpers/remote.py) and real shards.
 
     item 1   no userinfo in a spec, no secret in a message, a log or a record; permanent errors are not retried
+    item 5   redirects keep to the URL rule, at most MAX_REDIRECTS; a ~/.netrc login never follows a redirect
 """
 
+import base64
 import json
 import logging
 
@@ -11,9 +13,9 @@ import pytest
 
 from data_tools.shard import ShardOptions, shard
 from helpers.data import make_csv
-from helpers.remote import serve_http
+from helpers.remote import Redirect, serve_http
 from moe_dist.data import RemoteError, RemoteOptions
-from moe_dist.data.remote import open_remote
+from moe_dist.data.remote import MAX_REDIRECTS, open_remote
 
 N = 40
 SECRET = "s3cr3t"
@@ -40,6 +42,8 @@ def http(server):
     server.faults.clear()
     server.forbidden.clear()
     server.requests.clear()
+    server.seen.clear()
+    server.logins.clear()
     return server
 
 
@@ -132,3 +136,54 @@ def test_query_strings_never_reach_run_config_json():
     recorded = load_run_config(None, [f"data.train={spec}", f"data.val={spec}"]).to_dict()
     assert SECRET not in json.dumps(recorded)
     assert recorded["data"]["train"] == "https://host/a.tar::https://host/b.tar"
+
+
+# ------------------------------------------------------------------ item 5: redirects
+SHARD = "/out/train/train-000000.tar"
+
+
+@pytest.mark.parametrize("target", ["ftp://127.0.0.1:9/a.tar", "file:///etc/passwd", "s3://bucket/a.tar",
+                                    "http://user:{secret}@127.0.0.1/a.tar", "http://127.0.0.1:99999x/a.tar"])
+def test_a_redirect_is_held_to_the_url_rule(target, http, caplog):
+    """urllib followed a redirect to ftp:// (and retried refused ones, quoting the Location); now every
+    hop passes the rule that the spec's own URLs pass, and a refusal is permanent."""
+    http.faults[SHARD] = [Redirect(target.format(secret=SECRET))]
+    with caplog.at_level(logging.WARNING, logger="moe_dist.data.remote"), pytest.raises(RemoteError) as err:
+        open_remote(http.url + SHARD, FAST)
+    message = str(err.value)
+    assert err.value.permanent and "redirect to" in message and SECRET not in message, message
+    assert http.requests == [SHARD] and not caplog.records
+
+
+def test_redirect_chains_are_bounded(http, data):
+    """MAX_REDIRECTS hops are followed (to any http host: 127.0.0.1 and localhost); one more is refused
+    (urllib followed ten)."""
+    hops = [f"/hop{i}" for i in range(MAX_REDIRECTS + 1)]
+    for i, hop in enumerate(hops[:-1]):
+        host = "localhost" if i % 2 else "127.0.0.1"
+        http.faults[hop] = [Redirect(f"{http.url.replace('127.0.0.1', host)}{hops[i + 1]}")] * 2
+    http.faults[hops[-1]] = [Redirect(SHARD)] * 2
+    with open_remote(http.url + hops[1], FAST) as stream:  # MAX_REDIRECTS hops to the shard
+        assert stream.read() == (data / SHARD.lstrip("/")).read_bytes()
+    with pytest.raises(RemoteError, match=f"at most {MAX_REDIRECTS} are followed") as err:
+        open_remote(http.url + hops[0], FAST)
+    assert err.value.permanent
+
+
+def test_a_netrc_login_is_sent_to_its_host_only(http, data, tmp_path, monkeypatch):
+    """Credentials come from $NETRC (or ~/.netrc) instead of the URL, for the host they name; a redirect to
+    another host (localhost) does not carry them, and a `default` entry is never used."""
+    (tmp_path / "netrc").write_text(f"machine 127.0.0.1 login user password {SECRET}\ndefault login x password y\n")
+    (tmp_path / "netrc").chmod(0o600)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    login = "Basic " + base64.b64encode(f"user:{SECRET}".encode()).decode()
+    host = http.url.split("//")[1]
+    http.logins[host] = login
+    http.faults["/moved.tar"] = [Redirect(http.url.replace("127.0.0.1", "localhost") + SHARD)]
+    expected = (data / SHARD.lstrip("/")).read_bytes()
+    with open_remote(f"{http.url}{SHARD}", FAST) as stream:
+        assert stream.read() == expected
+    with open_remote(f"{http.url}/moved.tar", FAST) as stream:
+        assert stream.read() == expected
+    assert http.seen == [(host, SHARD, login), (host, "/moved.tar", login),
+                         (host.replace("127.0.0.1", "localhost"), SHARD, None)], http.seen
