@@ -24,7 +24,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 from tqdm import tqdm
 
-from moe_dist.data.decode import DEFAULT_MAX_PIXELS, SampleError, decode_caption, decode_image
+from moe_dist.data.decode import DEFAULT_MAX_PIXELS, Oversized, SampleError, decode_caption, decode_image
 from moe_dist.data.remote import is_remote
 from moe_dist.data.spec import resolve_spec
 from moe_dist.data.urls import shown_spec, shown_url, url_problem
@@ -70,7 +70,7 @@ def _caption(raw: object, max_chars: int) -> str:
             raw = raw.encode("utf-8")
         except UnicodeEncodeError as err:  # undecodable bytes kept as surrogates by the table reader
             raise SampleError("caption_not_utf8", str(err)) from None
-    elif raw is not None and not isinstance(raw, bytes):
+    elif raw is not None and not isinstance(raw, (bytes, Oversized)):  # Oversized: decode_caption counts it
         raise SampleError("caption_not_text", f"a {type(raw).__name__}")
     caption = decode_caption(raw)
     if len(caption) > max_chars:

@@ -58,6 +58,9 @@ PERMANENT_S3 = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId
                 "AllAccessDisabled", "404", "403", "401"}
 READ_SIZE = 1 << 20
 MAX_REDIRECTS = 5  # HTTP redirects followed per request (S3 and CDNs use one or two)
+# The most read of a remote index file (manifest.json, sizes.json): ~200,000 shards in our manifest format
+# (with sha256), ~1,000,000 in a sizes.json. A larger one is refused, never read whole.
+MAX_INDEX_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,8 @@ def join(base: str, name: str) -> str:
 
 
 def parent(url: str) -> str:
-    return url.rsplit("/", 1)[0]
+    """The directory of the object ``url`` (without its query string, which may hold a "/")."""
+    return url.split("?", 1)[0].rsplit("/", 1)[0]
 
 
 # ---------------------------------------------------------------- the two clients
@@ -355,14 +359,25 @@ def open_remote(url: str, options: RemoteOptions = RemoteOptions(),
 
 
 def read_json(url: str, options: RemoteOptions = RemoteOptions()) -> Optional[object]:
-    """The JSON object at ``url``, or None when it does not exist (404 / NoSuchKey)."""
+    """The JSON object at ``url``, or None when it does not exist (404 / NoSuchKey).
+
+    Raises:
+        ValueError: more than ``MAX_INDEX_BYTES`` (refused from its size when the server states it, else
+            after reading one byte past the cap), or not JSON.
+        RemoteError: it cannot be read (after ``options.retries``).
+    """
     try:
         with open_remote(url, options) as stream:
-            data = stream.read()
+            size = stream.raw.total
+            data = stream.read(MAX_INDEX_BYTES + 1) if size is None or size <= MAX_INDEX_BYTES else b""
     except RemoteError as err:
         if err.permanent and ("not found" in err.detail or "NoSuch" in err.detail):
             return None
         raise
+    if len(data) > MAX_INDEX_BYTES or (size or 0) > MAX_INDEX_BYTES:
+        raise ValueError(f"{shown_url(url)} holds {size or 'more than ' + str(MAX_INDEX_BYTES)} bytes; an index "
+                         f"file may hold at most {MAX_INDEX_BYTES} (moe_dist.data.remote.MAX_INDEX_BYTES), so it "
+                         "is not read. Split the dataset into directories of fewer shards, joined by '::'")
     try:
         return json.loads(data)
     except ValueError as err:

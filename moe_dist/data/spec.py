@@ -302,7 +302,7 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
             names, index_file = read_index(directory)
             counts.update({_join(directory, k): (v, index_file) for k, v in names.items()})
         for url in urls:
-            count, index_file = counts.get(url, (None, None))
+            count, index_file = counts.get(url.split("?", 1)[0] if is_remote(url) else url, (None, None))
             if count is None and need_counts and remote_counts and is_remote(url):
                 raise ValueError(f"shard {remote.shown_url(url)} has no sample count: its directory holds no "
                                  "manifest.json or sizes.json listing it (a remote tar is not downloaded to count "

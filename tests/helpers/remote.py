@@ -90,7 +90,10 @@ class _Handler(SimpleHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)  # the client sees the stream end before Content-Length
             return
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # a client that stops reading (a size cap, a test)
+            self.close_connection = True
 
 
 @contextlib.contextmanager

@@ -3,16 +3,19 @@ server with injected faults, tests/helpers/remote.py) and real shards.
 
     item 1   no userinfo in a spec, no secret in a message, a log or a record; permanent errors are not retried
     item 5   redirects keep to the URL rule, at most MAX_REDIRECTS; a ~/.netrc login never follows a redirect
+    item 10  remote index files and sample members have a size cap: larger ones are refused or counted, not read
 """
 
 import base64
+import io
 import json
 import logging
+import tarfile
 
 import pytest
 
 from data_tools.shard import ShardOptions, shard
-from helpers.data import make_csv
+from helpers.data import jpeg_bytes, make_csv
 from helpers.remote import Redirect, serve_http
 from moe_dist.data import RemoteError, RemoteOptions
 from moe_dist.data.remote import MAX_REDIRECTS, open_remote
@@ -187,3 +190,81 @@ def test_a_netrc_login_is_sent_to_its_host_only(http, data, tmp_path, monkeypatc
         assert stream.read() == expected
     assert http.seen == [(host, SHARD, login), (host, "/moved.tar", login),
                          (host.replace("127.0.0.1", "localhost"), SHARD, None)], http.seen
+
+
+# ------------------------------------------------------------------ item 10: size caps
+def test_a_remote_index_past_its_cap_is_refused_unread(http, data):
+    """A hostile sizes.json of 32 MiB + 1 was read whole (then failed to parse as counts); now its size is
+    refused from the reply's Content-Length, with the URL and the cap."""
+    from moe_dist.data import resolve_spec
+    from moe_dist.data.remote import MAX_INDEX_BYTES
+
+    (data / "huge").mkdir(exist_ok=True)
+    pad = MAX_INDEX_BYTES - len('{"a.tar": 1, "pad": ""}') + 1
+    (data / "huge" / "sizes.json").write_text(json.dumps({"a.tar": 1, "pad": "x" * pad}))
+    with pytest.raises(ValueError, match=f"huge/sizes.json holds {MAX_INDEX_BYTES + 1} bytes; .* at most "
+                                         f"{MAX_INDEX_BYTES}") as err:
+        resolve_spec(f"{http.url}/huge", need_counts=False)
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def capped(data):
+    """ROOT/caps/caps.tar: 8 samples (jpg, txt, json); sample 3's caption, sample 5's metadata and sample 7's
+    image are one byte past their caps (the image is junk: read, it would fail as undecodable)."""
+    from moe_dist.data.decode import MAX_CAPTION_BYTES, MAX_IMAGE_BYTES, MAX_METADATA_BYTES
+
+    (data / "caps").mkdir()
+    path = data / "caps" / "caps.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(8):
+            members = {"jpg": jpeg_bytes(i), "txt": f"caption number {i}".encode(), "json": b"{}"}
+            members.update({3: {"txt": b"c" * (MAX_CAPTION_BYTES + 1)},
+                            5: {"json": json.dumps({"pad": "m" * MAX_METADATA_BYTES}).encode()},
+                            7: {"jpg": b"\xff" * (MAX_IMAGE_BYTES + 1)}}.get(i, {}))
+            for suffix, payload in members.items():
+                info = tarfile.TarInfo(f"{i:09d}.{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    (data / "caps" / "manifest.json").write_text(json.dumps({"shards": [{"name": "caps.tar", "samples": 8}]}))
+    return path
+
+
+class ZeroTokenizer:
+    """What ShardLoader needs of a tokenizer: encode(texts) -> (tokens, padding_mask)."""
+
+    def encode(self, texts):
+        import torch
+
+        tokens = torch.zeros(len(texts), 8, dtype=torch.long)
+        return tokens, tokens == 0
+
+
+def test_oversized_members_are_counted_failures_never_read(capped, http):
+    """A caption of any size was read and tokenized whole (and an image of any size read whole); now a
+    member past its cap is passed over unread and its sample is a counted failure, under
+    data.max_failure_fraction. ``moe-dist-data validate`` reports the same, and never a URL's query."""
+    import torch
+
+    from moe_dist.data import LoaderConfig, ShardLoader
+    from moe_dist.data.decode import SampleError, decode_metadata
+    from moe_dist.data.stream import SampleCounter, raw_samples
+    from moe_dist.data.spec import resolve_spec
+
+    cfg = LoaderConfig(spec=str(capped), batch_size=2, workers=0, shuffle_buffer=0, max_failure_fraction=0.5)
+    loader = ShardLoader(cfg, ZeroTokenizer(), transform=lambda image: torch.zeros(3, 8, 8))
+    for _ in loader:
+        pass
+    stats = loader.last_epoch_stats
+    assert stats["failures"] == {"caption_too_large": 1, "image_too_large": 1} and stats["good"] == 6, stats
+    reasons = []
+    for sample in raw_samples(iter(resolve_spec(str(capped))), SampleCounter()):
+        try:
+            decode_metadata(sample)
+        except SampleError as err:
+            reasons.append((sample["__key__"], err.reason))
+    assert reasons == [("000000005", "metadata_too_large")]
+    code, text = data_cli("validate", f"{http.url}/caps/caps.tar?token={SECRET}")
+    assert code == 1 and SECRET not in text, text
+    assert f"BROKEN {http.url}/caps/caps.tar key=000000003 reason=caption_too_large" in text, text
+    assert "key=000000007 reason=image_too_large" in text, text
