@@ -143,7 +143,8 @@ class ShardLoader:
 
     def __init__(self, cfg: LoaderConfig, tokenizer, rank: int = 0, world_size: int = 1, transform=None):
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
-        self.shards = resolve_spec(cfg.spec, cfg.weights, cfg.allow_pipe, remote_counts=cfg.mode == "exact")
+        self.shards = resolve_spec(cfg.spec, cfg.weights, cfg.allow_pipe, remote_counts=cfg.mode == "exact",
+                                   options=cfg.remote)
         self.num_workers = max(1, cfg.workers)
         if cfg.mode == "exact" and len(self.shards) < world_size * self.num_workers:
             raise DataError(f"{len(self.shards)} shards cannot feed {world_size} ranks x {self.num_workers} workers "

@@ -129,11 +129,11 @@ def _join(directory: str, name: str) -> str:
     return remote.join(directory, name) if is_remote(directory) else os.path.join(directory, name)
 
 
-def _load_json(path: str) -> Optional[object]:
-    """The JSON at a local path or remote URL; None when there is no such file or object."""
+def _load_json(path: str, options: RemoteOptions = RemoteOptions()) -> Optional[object]:
+    """The JSON at a local path or remote URL (read with ``options``); None when there is no such file or object."""
     if is_remote(path):
         try:
-            return remote.read_json(path)
+            return remote.read_json(path, options)
         except RemoteError as err:
             raise ValueError(f"cannot read {err}") from None
     if not os.path.isfile(path):
@@ -142,13 +142,13 @@ def _load_json(path: str) -> Optional[object]:
         return json.load(f)
 
 
-def read_index(directory: str) -> Tuple[Dict[str, int], Optional[str]]:
+def read_index(directory: str, options: RemoteOptions = RemoteOptions()) -> Tuple[Dict[str, int], Optional[str]]:
     """Sample counts by file name from ``directory``'s manifest.json (ours) or sizes.json (open_clip,
     img2dataset), and the index file's name; ({}, None) when there is neither. ``directory`` may be an
-    http(s):// or s3:// URL."""
+    http(s):// or s3:// URL (read with ``options``)."""
     for index in (MANIFEST, SIZES):
         path = _join(directory, index)
-        data = _load_json(path)
+        data = _load_json(path, options)
         if data is None:
             continue
         entries = [(s["name"], s["samples"]) for s in data.get("shards", [])] if index == MANIFEST \
@@ -167,11 +167,11 @@ class Split:
     samples: int
 
 
-def dataset_splits(directory: str) -> Optional[Dict[str, Split]]:
+def dataset_splits(directory: str, options: RemoteOptions = RemoteOptions()) -> Optional[Dict[str, Split]]:
     """The splits of ``directory`` when ``moe-dist-data shard`` (or ``synth``) wrote it, by name; None for
     any other directory. Such a directory holds a top ``manifest.json`` with ``splits`` and no shards."""
     path = _join(directory, MANIFEST)
-    data = _load_json(path)
+    data = _load_json(path, options)
     if not isinstance(data, dict) or "splits" not in data or "shards" in data:
         return None
     splits = {}
@@ -202,10 +202,10 @@ def _split_hint(source: str) -> Optional[str]:
             f"({describe_splits(head, splits)})")
 
 
-def _source_dir(source: str) -> str:
+def _source_dir(source: str, options: RemoteOptions = RemoteOptions()) -> str:
     """The directory of shards a directory source stands for: itself, or the train split of a
     ``moe-dist-data shard`` output directory."""
-    splits = dataset_splits(source)
+    splits = dataset_splits(source, options)
     if splits is None:
         return source
     if "train" in splits and (is_remote(source) or os.path.isdir(splits["train"].path)):
@@ -229,15 +229,15 @@ def _subdir_hint(source: str) -> str:
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
-def _remote_directory(source: str, allow_pipe: bool) -> List[str]:
+def _remote_directory(source: str, allow_pipe: bool, options: RemoteOptions) -> List[str]:
     """The shard URLs a remote directory's index lists (its train split for a dataset directory)."""
     check_url(source, allow_pipe)  # before its index is read
     if "?" in source:
         raise ValueError(f"shard spec {_named(source)} is a remote directory with a query string, which cannot "
                          "apply to its index and shards (each object has its own); name the shards (a .tar or a "
                          "brace pattern of .tar URLs may carry a query)")
-    directory = _source_dir(source.rstrip("/"))
-    names, _ = read_index(directory)
+    directory = _source_dir(source.rstrip("/"), options)
+    names, _ = read_index(directory, options)
     if not names:
         raise ValueError(f"shard spec {_named(source)} is a remote directory without a manifest.json or sizes.json "
                          "(remote directories cannot be listed); upload the index beside the shards, or give a "
@@ -245,12 +245,12 @@ def _remote_directory(source: str, allow_pipe: bool) -> List[str]:
     return [check_url(remote.join(directory, n), allow_pipe) for n in sorted(names)]
 
 
-def expand_source(source: str, allow_pipe: bool = False) -> List[str]:
+def expand_source(source: str, allow_pipe: bool = False, options: RemoteOptions = RemoteOptions()) -> List[str]:
     """The checked shard URLs of one source: a directory's indexed (or globbed) tars (a shard output
-    directory's train split), or a brace pattern."""
+    directory's train split), or a brace pattern. Remote index files are read with ``options``."""
     source = source.strip()
     if is_remote(source) and "{" not in source and not remote.path_of(source).endswith(TAR_SUFFIXES):
-        return _remote_directory(source, allow_pipe)
+        return _remote_directory(source, allow_pipe, options)
     if os.path.isdir(source):
         source = _source_dir(source)
         names, _ = read_index(source)
@@ -265,7 +265,8 @@ def expand_source(source: str, allow_pipe: bool = False) -> List[str]:
 
 
 def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pipe: bool = False,
-                 need_counts: bool = True, remote_counts: bool = True) -> List[Shard]:
+                 need_counts: bool = True, remote_counts: bool = True,
+                 options: RemoteOptions = RemoteOptions()) -> List[Shard]:
     """Expand a spec into shards with sample counts; every URL is checked before anything is opened.
 
     Args:
@@ -274,6 +275,7 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
         allow_pipe: allow ``pipe:`` URLs.
         need_counts: count the members of local tars no index describes (else their count is 0).
         remote_counts: refuse a remote tar no index describes (exact mode needs every count); else it counts 0.
+        options: retries, timeouts and backoff of remote index reads (``data.remote_*``).
     Raises:
         ValueError: a URL that ``check_url`` refuses, a spec that matches no file, a missing file, an
             index naming something other than a file beside it, or weights that do not match the sources.
@@ -283,7 +285,7 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
         raise ValueError("the shard spec is empty; give a brace pattern, a .tar or a shard directory")
     if weights is not None and len(weights) != len(sources):
         raise ValueError(f"{len(weights)} sampling weights for {len(sources)} sources in {_named(spec)}")
-    expanded = [expand_source(source, allow_pipe) for source in sources]  # check all before any is read
+    expanded = [expand_source(source, allow_pipe, options) for source in sources]  # check all before any is read
     shards: List[Shard] = []
     for index, (source, urls) in enumerate(zip(sources, expanded)):
         local = [u for u in urls if not u.startswith("pipe:") and not is_remote(u)]
@@ -299,7 +301,7 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
         counts: Dict[str, Tuple[int, str]] = {}
         directories = {os.path.dirname(u) for u in local} | {remote.parent(u) for u in urls if is_remote(u)}
         for directory in sorted(directories):
-            names, index_file = read_index(directory)
+            names, index_file = read_index(directory, options)
             counts.update({_join(directory, k): (v, index_file) for k, v in names.items()})
         for url in urls:
             count, index_file = counts.get(url.split("?", 1)[0] if is_remote(url) else url, (None, None))

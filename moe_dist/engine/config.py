@@ -50,14 +50,19 @@ class DataSection:
         if self.remote_timeout_s <= 0:
             raise ValueError(f"data.remote_timeout_s={self.remote_timeout_s} must be > 0")
 
+    def remote_options(self):
+        """``RemoteOptions`` of every remote read of the run: shards, index files, evaluation."""
+        from ..data import RemoteOptions
+
+        return RemoteOptions(self.remote_retries, self.remote_timeout_s, self.remote_backoff_s)
+
     def loader_config(self, split: str, batch_size: int, image_size: int, seed: int, eval_samples: int = 0):
         """The ``LoaderConfig`` of ``split``: "train" streams ``train`` with augmentation; "val" reads
         ``eval_samples`` samples (over all ranks) of ``val`` without augmentation, in one process."""
-        from ..data import LoaderConfig, RemoteOptions
+        from ..data import LoaderConfig
 
-        remote = RemoteOptions(self.remote_retries, self.remote_timeout_s, self.remote_backoff_s)
         common = dict(batch_size=batch_size, image_size=image_size, seed=seed, allow_pipe=self.allow_pipe,
-                      max_failure_fraction=self.max_failure_fraction, remote=remote,
+                      max_failure_fraction=self.max_failure_fraction, remote=self.remote_options(),
                       skip_unreadable_shards=self.skip_unreadable_shards)
         if split == "train":
             return LoaderConfig(spec=self.train, mode=self.mode, weights=list(self.weights) or None,
@@ -246,7 +251,7 @@ class RunConfig:
                 continue
             try:
                 resolve_spec(spec, list(d.weights) or None if name == "data.train" else None, d.allow_pipe,
-                             need_counts=False)
+                             need_counts=False, options=d.remote_options())
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
         text = self.model_config().text
@@ -260,7 +265,7 @@ class RunConfig:
             from ..data.evalset import first_metadata
             from ..evaluation.zeroshot import load_classes, resolve_labels
 
-            label = first_metadata(d.val, d.allow_pipe).get(self.eval.label_key)
+            label = first_metadata(d.val, d.allow_pipe, d.remote_options()).get(self.eval.label_key)
             try:
                 resolve_labels([label], [(0, 0)], load_classes(self.eval.classes), self.eval.label_key)
             except ValueError as err:

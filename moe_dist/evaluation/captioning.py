@@ -163,13 +163,14 @@ def check_vqa_data(spec: str, allow_pipe: bool = False) -> None:
 
 
 def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: int = 32, rank: int = 0,
-                  world_size: int = 1, allow_pipe: bool = False, progress: bool = False, workers: int = 0):
+                  world_size: int = 1, allow_pipe: bool = False, progress: bool = False, workers: int = 0,
+                  remote=None):
     """Generate over every sample of ``spec`` once (this rank's shards); gathered from all ranks in canonical
     order. ``task`` "caption" decodes from an empty prompt, "vqa" from each sample's "question: Q answer:".
 
     Under ``world_size > 1`` with whole models on every rank (``load_pretrained``, ep_size=1) no rank waits
     on another until the final gather; an expert-parallel model needs ``cfg.lockstep``. Returns a list of
-    dicts (key, image_id, caption, metadata, generated)."""
+    dicts (key, image_id, caption, metadata, generated). ``remote``: ``RemoteOptions`` of remote shards."""
     import torch
     from tqdm import tqdm
 
@@ -181,7 +182,7 @@ def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: 
     model = getattr(model, "module", model)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     evalset = EvalSet(spec, default_eval_transform(model.cfg.vision.image_size), tokenizer, batch_size, rank,
-                      world_size, allow_pipe)
+                      world_size, allow_pipe, remote=remote)
     rows = []
     bar = tqdm(total=sum(evalset.shards[i].samples for i in evalset.mine), unit="img", disable=not progress,
                desc=task, dynamic_ncols=True)

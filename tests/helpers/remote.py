@@ -36,6 +36,13 @@ class Status:
 
 
 @dataclass
+class Stall:
+    """Wait ``seconds`` before answering (normally)."""
+
+    seconds: float
+
+
+@dataclass
 class Redirect:
     """Answer 302 with this Location ("{url}" in it is the server's own URL)."""
 
@@ -54,6 +61,8 @@ class _Handler(SimpleHTTPRequestHandler):
             server.seen.append((host, self.path, authorization))
             queue = server.faults.get(self.path)
             fault = queue.pop(0) if queue else None
+        if isinstance(fault, Stall):
+            time.sleep(fault.seconds)
         if host in server.logins and authorization != server.logins[host]:
             self.send_error(401)
             return

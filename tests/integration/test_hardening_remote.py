@@ -4,6 +4,7 @@ server with injected faults, tests/helpers/remote.py) and real shards.
     item 1   no userinfo in a spec, no secret in a message, a log or a record; permanent errors are not retried
     item 5   redirects keep to the URL rule, at most MAX_REDIRECTS; a ~/.netrc login never follows a redirect
     item 10  remote index files and sample members have a size cap: larger ones are refused or counted, not read
+    index    remote index reads honour data.remote_retries and data.remote_timeout_s
 """
 
 import base64
@@ -11,12 +12,13 @@ import io
 import json
 import logging
 import tarfile
+import time
 
 import pytest
 
 from data_tools.shard import ShardOptions, shard
 from helpers.data import jpeg_bytes, make_csv
-from helpers.remote import Redirect, serve_http
+from helpers.remote import Redirect, Stall, Status, serve_http
 from moe_dist.data import RemoteError, RemoteOptions
 from moe_dist.data.remote import MAX_REDIRECTS, open_remote
 
@@ -268,3 +270,28 @@ def test_oversized_members_are_counted_failures_never_read(capped, http):
     assert code == 1 and SECRET not in text, text
     assert f"BROKEN {http.url}/caps/caps.tar key=000000003 reason=caption_too_large" in text, text
     assert "key=000000007 reason=image_too_large" in text, text
+
+
+# ------------------------------------------------------------------ index reads honour data.remote_*
+@pytest.mark.parametrize("fault", [Stall(2.0), Status(503)], ids=["stall", "503"])
+@pytest.mark.parametrize("entry", ["loader", "run_config"])
+def test_index_reads_honour_remote_retries_and_timeout(entry, fault, http):
+    """The index beside remote shards was read with the built-in 60 s timeout and 5 retries whatever the
+    config said: a stalled or failing manifest.json held the run (here a 2 s stall, or a 503 retried
+    after a 1 s backoff, both then answered). With data.remote_retries=0 and remote_timeout_s=0.3 the
+    first fault ends the resolution, in well under a second."""
+    from moe_dist.data import LoaderConfig, ShardLoader
+    from moe_dist.engine import load_run_config
+
+    cfg = LoaderConfig(spec=f"{http.url}/out", batch_size=2, workers=0, remote=RemoteOptions(retries=0, timeout_s=0.3))
+    run_config = load_run_config(None, [f"data.train={http.url}/out", "data.remote_retries=0",
+                                        "data.remote_timeout_s=0.3"])
+    http.faults["/out/manifest.json"] = [fault]
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"cannot read http://127.0.0.1:\d+/out/manifest.json: "
+                                         r"(.*timed out|HTTP 503 \(Service Unavailable\)); gave up after 0 retries"):
+        if entry == "loader":
+            ShardLoader(cfg, ZeroTokenizer(), transform=lambda image: image)
+        else:
+            run_config.check_inputs(resume="none")
+    assert time.monotonic() - start < 1.5 and http.requests == ["/out/manifest.json"], http.requests
