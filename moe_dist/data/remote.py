@@ -68,13 +68,15 @@ class RemoteOptions:
     """How remote shards are read (``data.remote_*`` in the run config)."""
 
     retries: int = 5  # reopenings after a transient fault, in a row, before the shard fails
-    timeout_s: float = 60.0  # per connect / read
+    timeout_s: float = 60.0  # per connect / read; also the window of the throughput floor
     backoff_s: float = 1.0  # first wait; doubled per retry (with jitter), at most 60 s
+    min_bytes_per_s: float = 65536.0  # throughput floor over each timeout_s of waiting (0: none)
 
     def __post_init__(self):
-        if self.retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
+        if self.retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0 or self.min_bytes_per_s < 0:
             raise ValueError(f"remote options retries={self.retries}, timeout_s={self.timeout_s}, "
-                             f"backoff_s={self.backoff_s}: need retries >= 0, timeout_s > 0, backoff_s >= 0")
+                             f"backoff_s={self.backoff_s}, min_bytes_per_s={self.min_bytes_per_s}: need retries >= "
+                             "0, timeout_s > 0, backoff_s >= 0, min_bytes_per_s >= 0")
 
 
 class RemoteError(OSError):
@@ -85,6 +87,10 @@ class RemoteError(OSError):
         detail = shown_spec(" ".join(str(detail).split()))  # one line; a library's text may quote a URL
         super().__init__(f"{shown_url(url)}: {detail}")
         self.url, self.detail, self.permanent = url, detail, permanent
+
+
+class TooSlow(RemoteError):
+    """A stream below ``RemoteOptions.min_bytes_per_s`` over a window: transient, retried in its own count."""
 
 
 def permanent_status(status: int) -> bool:
@@ -254,9 +260,16 @@ class RemoteStream(io.RawIOBase):
     """A forward-only binary stream of one remote object that reopens at the byte after a transient
     fault (see the module outline).
 
+    Every read makes at most one socket read, so no read waits longer than ``timeout_s``. The pace is
+    measured over the time spent inside ``readinto`` (waiting for the server, reopenings and backoff
+    included; a consumer that pauses between reads costs nothing): each window of ``timeout_s`` that
+    brings fewer than ``min_bytes_per_s`` is a transient fault (``TooSlow``), and ``retries`` such
+    windows in a row (no window at the floor between them) end the stream. A server that sends a byte
+    a minute therefore holds a reader about (retries + 1) x 2 x timeout_s at most, plus the backoff.
+
     Args:
         url: http(s):// or s3:// URL.
-        options: retries, timeout, backoff.
+        options: retries, timeout, backoff, throughput floor.
         on_retry: called with (url, attempt, error) before each reopening, e.g. to count retries.
     """
 
@@ -269,7 +282,8 @@ class RemoteStream(io.RawIOBase):
         if problem:  # the spec refuses such URLs first; this holds for every other caller
             raise RemoteError(url, problem, permanent=True)
         self._open = _open_s3 if url.startswith("s3:") else _open_http
-        self._body = None
+        self._body, self._skip = None, 0  # _skip: bytes of the current reply before ``offset`` (to pass over)
+        self._clock, self._window_s, self._window_bytes, self._slow = time.monotonic(), 0.0, 0, 0
         self._reopen()
 
     def readable(self) -> bool:
@@ -278,15 +292,26 @@ class RemoteStream(io.RawIOBase):
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
         attempt = 0
+        self._clock = time.monotonic()  # the pace counts the time spent in here only
         while True:
             try:
+                self._check_pace()
                 if self._body is None:
                     self._reopen_once()
-                n = self._read_some(view)
+                n = self._read_some(view[:self._skip] if self._skip else view)
+                self._window_bytes += n
+                if self._skip:  # a reply that starts before ``offset``: pass over what was delivered already
+                    if not n:
+                        raise RemoteError(self.url, f"connection closed while skipping to byte {self.offset}", False)
+                    self._skip -= n
+                    continue
                 if n or self.total is None or self.offset >= self.total:
                     self.offset += n
+                    self._tick()
                     return n
                 raise RemoteError(self.url, f"connection closed at byte {self.offset} of {self.total}", False)
+            except TooSlow as err:
+                self._slow = self._retry_or_raise(err, self._slow)
             except RemoteError as err:
                 attempt = self._retry_or_raise(err, attempt)
             except (OSError, http.client.HTTPException, ValueError) as err:  # resets, timeouts, short reads
@@ -296,11 +321,32 @@ class RemoteStream(io.RawIOBase):
                 attempt = self._retry_or_raise(_s3_fault(self.url, err), attempt)
 
     def _read_some(self, view: memoryview) -> int:
-        if hasattr(self._body, "readinto"):
-            return self._body.readinto(view)
-        data = self._body.read(len(view))  # botocore's StreamingBody
+        """What one socket read brings (``read1``: http.client's reply, urllib3's under botocore's body);
+        ``readinto`` / ``read`` would wait for the whole buffer, a byte at a time from a slow server."""
+        body = self._body
+        read1 = getattr(body, "read1", None) or getattr(getattr(body, "_raw_stream", None), "read1", None)
+        data = read1(len(view)) if read1 is not None else body.read(len(view))
         view[:len(data)] = data
         return len(data)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self._window_s += now - self._clock
+        self._clock = now
+
+    def _check_pace(self) -> None:
+        """Raise ``TooSlow`` when the window just completed brought fewer than ``min_bytes_per_s``."""
+        self._tick()
+        floor, window = self.options.min_bytes_per_s, self._window_s
+        if not floor or window < self.options.timeout_s:
+            return
+        rate = self._window_bytes / window
+        self._window_s, self._window_bytes = 0.0, 0
+        if rate >= floor:
+            self._slow = 0
+            return
+        raise TooSlow(self.url, f"{rate:.0f} bytes/s over {window:.1f} s at byte {self.offset}, below the floor "
+                                f"data.remote_min_bytes_per_s={floor:g}", permanent=False)
 
     def _retry_or_raise(self, err: RemoteError, attempt: int) -> int:
         self._close_body()
@@ -319,13 +365,8 @@ class RemoteStream(io.RawIOBase):
 
     def _reopen_once(self) -> None:
         body, total, skip = self._open(self.url, self.offset, self.options.timeout_s)
-        self._body = body
+        self._body, self._skip = body, skip  # skip > 0: a server without Range support sent the whole object
         self.total = total if total is not None else self.total
-        while skip:  # a server without Range support: pass over the bytes already delivered
-            data = body.read(min(skip, READ_SIZE))
-            if not data:
-                raise RemoteError(self.url, f"connection closed while skipping to byte {self.offset}", False)
-            skip -= len(data)
 
     def _reopen(self) -> None:
         """Open at ``offset`` with the same retry rule as reads (the first open included)."""

@@ -41,12 +41,14 @@ class DataSection:
     max_failure_fraction: float = 0.1
     allow_pipe: bool = False
     remote_retries: int = 5  # http(s):// and s3:// shards: reopenings in a row after a fault (reset, timeout, 5xx)
-    remote_timeout_s: float = 60.0  # per connect / read
+    remote_timeout_s: float = 60.0  # per connect / read; also the window of remote_min_bytes_per_s
     remote_backoff_s: float = 1.0  # first wait before a retry, doubled per retry (at most 60 s)
+    remote_min_bytes_per_s: float = 65536.0  # a shard slower over remote_timeout_s of waiting is reopened; 0: no floor
     skip_unreadable_shards: bool = False  # a remote shard unreadable after its retries is skipped and counted
 
     def __post_init__(self) -> None:
-        _at_least(self, "data.", 0, "workers", "shuffle_buffer", "epoch_samples", "remote_retries", "remote_backoff_s")
+        _at_least(self, "data.", 0, "workers", "shuffle_buffer", "epoch_samples", "remote_retries", "remote_backoff_s",
+                  "remote_min_bytes_per_s")
         if self.remote_timeout_s <= 0:
             raise ValueError(f"data.remote_timeout_s={self.remote_timeout_s} must be > 0")
 
@@ -54,7 +56,8 @@ class DataSection:
         """``RemoteOptions`` of every remote read of the run: shards, index files, evaluation."""
         from ..data import RemoteOptions
 
-        return RemoteOptions(self.remote_retries, self.remote_timeout_s, self.remote_backoff_s)
+        return RemoteOptions(self.remote_retries, self.remote_timeout_s, self.remote_backoff_s,
+                             self.remote_min_bytes_per_s)
 
     def loader_config(self, split: str, batch_size: int, image_size: int, seed: int, eval_samples: int = 0):
         """The ``LoaderConfig`` of ``split``: "train" streams ``train`` with augmentation; "val" reads

@@ -36,6 +36,15 @@ class Status:
 
 
 @dataclass
+class Drip:
+    """Send the headers of the whole answer, then ``count`` bytes of the body one at a time, one every
+    ``interval`` seconds (a server that is slow but never silent for a whole timeout), then close."""
+
+    interval: float
+    count: int
+
+
+@dataclass
 class Stall:
     """Wait ``seconds`` before answering (normally)."""
 
@@ -93,6 +102,16 @@ class _Handler(SimpleHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
+        if isinstance(fault, Drip):
+            try:
+                for i in range(fault.count):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(fault.interval)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up on it
+                pass
+            self.close_connection = True
+            return
         if isinstance(fault, Drop):
             self.wfile.write(body[:fault.at])
             self.wfile.flush()

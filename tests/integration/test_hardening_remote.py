@@ -5,6 +5,7 @@ server with injected faults, tests/helpers/remote.py) and real shards.
     item 5   redirects keep to the URL rule, at most MAX_REDIRECTS; a ~/.netrc login never follows a redirect
     item 10  remote index files and sample members have a size cap: larger ones are refused or counted, not read
     index    remote index reads honour data.remote_retries and data.remote_timeout_s
+    pace     a server that drips bytes cannot hold a reader: a throughput floor per window of remote_timeout_s
 """
 
 import base64
@@ -18,7 +19,7 @@ import pytest
 
 from data_tools.shard import ShardOptions, shard
 from helpers.data import jpeg_bytes, make_csv
-from helpers.remote import Redirect, Stall, Status, serve_http
+from helpers.remote import Drip, Redirect, Stall, Status, serve_http
 from moe_dist.data import RemoteError, RemoteOptions
 from moe_dist.data.remote import MAX_REDIRECTS, open_remote
 
@@ -295,3 +296,34 @@ def test_index_reads_honour_remote_retries_and_timeout(entry, fault, http):
         else:
             run_config.check_inputs(resume="none")
     assert time.monotonic() - start < 1.5 and http.requests == ["/out/manifest.json"], http.requests
+
+
+# ------------------------------------------------------------------ a throughput floor
+def test_a_dripping_server_cannot_hold_a_reader(http, data, caplog):
+    """A byte every 50 ms never trips a 0.25 s read timeout: the reader waited for the whole drip (and a
+    drip of a million bytes would hold a rank for days). Now each 0.25 s window of waiting that brings
+    fewer than 1000 bytes is a fault, reopened at the byte reached, and retries such windows in a row
+    end the read, in about (retries + 1) windows."""
+    options = RemoteOptions(retries=1, timeout_s=0.25, backoff_s=0.01, min_bytes_per_s=1000)
+    http.faults[SHARD] = [Drip(0.05, 40)] * 3
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="moe_dist.data.remote"), pytest.raises(RemoteError) as err:
+        open_remote(http.url + SHARD, options).read()
+    assert not err.value.permanent and time.monotonic() - start < 1.5, time.monotonic() - start
+    assert "below the floor data.remote_min_bytes_per_s=1000; gave up after 1 retries" in str(err.value), err.value
+    assert [r.getMessage().split(" after ")[1].split(" bytes/s")[0].isdigit() for r in caplog.records] == [True]
+
+
+def test_a_paused_consumer_is_not_a_slow_server(http, data):
+    """Only the time spent waiting for the server counts: a consumer that stops reading for longer than
+    the window (a training step, an evaluation) is no fault."""
+    from moe_dist.data.remote import RemoteStream
+
+    options = RemoteOptions(retries=0, timeout_s=0.25, backoff_s=0.01, min_bytes_per_s=1000)
+    expected = (data / SHARD.lstrip("/")).read_bytes()
+    with RemoteStream(http.url + SHARD, options) as stream:  # unbuffered: each read asks the server
+        parts = [stream.read(1000)]
+        time.sleep(0.4)
+        while parts[-1]:
+            parts.append(stream.read(1000))
+    assert b"".join(parts) == expected and stream.retries == 0
