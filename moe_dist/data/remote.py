@@ -40,6 +40,7 @@ import logging
 import netrc
 import os
 import random
+import re
 import socket
 import time
 import urllib.error
@@ -221,8 +222,29 @@ def _opener() -> urllib.request.OpenerDirector:
     return _OPENERS[os.getpid()]
 
 
-def _open_http(url: str, offset: int, timeout_s: float):
-    """(response, total size or None, bytes to skip)."""
+@dataclass
+class Reply:
+    """An opened object: its body, the byte the body starts at, the object's size (None: unknown) and
+    its version (ETag or Last-Modified, None: unknown)."""
+
+    body: object
+    start: int
+    total: Optional[int]
+    version: Optional[str]
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+
+
+def _content_range(value: Optional[str]) -> Optional[Tuple[int, Optional[int]]]:
+    """(first byte, object size or None) of a Content-Range value; None when it does not parse."""
+    match = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if match is None:
+        return None
+    return int(match.group(1)), None if match.group(2) == "*" else int(match.group(2))
+
+
+def _open_http(url: str, offset: int, timeout_s: float) -> Reply:
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
         _authorize(request)
@@ -240,20 +262,28 @@ def _open_http(url: str, offset: int, timeout_s: float):
         if isinstance(reason, socket.gaierror):  # a host name that does not resolve: a wrong URL, not a fault
             raise RemoteError(url, f"unknown host ({reason})", permanent=True) from None
         raise RemoteError(url, f"{type(err).__name__}: {reason}", permanent=False) from None
-    length = response.headers.get("Content-Length")
-    skip = offset if (offset and response.status == 200) else 0  # the server ignored Range
-    total = (int(length) + (offset - skip)) if length is not None else None
-    return response, total, skip
+    headers = response.headers
+    version = headers.get("ETag") or headers.get("Last-Modified")
+    if response.status != 206:  # 200: the whole object (a server that ignores Range, or offset 0)
+        length = headers.get("Content-Length")
+        return Reply(response, 0, int(length) if length is not None else None, version)
+    span = _content_range(headers.get("Content-Range"))
+    if span is None:
+        response.close()
+        raise RemoteError(url, f"HTTP 206 without a valid Content-Range (asked from byte {offset})", permanent=False)
+    return Reply(response, span[0], span[1], version)
 
 
-def _open_s3(url: str, offset: int, timeout_s: float):
+def _open_s3(url: str, offset: int, timeout_s: float) -> Reply:
     bucket, key = split_s3(url)
     kwargs = {"Range": f"bytes={offset}-"} if offset else {}
     try:
         response = s3_client(timeout_s).get_object(Bucket=bucket, Key=key, **kwargs)
     except Exception as err:  # botocore raises ClientError and many connection types; _s3_fault sorts them
         raise _s3_fault(url, err) from None
-    return response["Body"], offset + int(response["ContentLength"]), 0
+    span = _content_range(response.get("ContentRange"))  # absent: the whole object
+    start, total = span if span is not None else (0, int(response["ContentLength"]))
+    return Reply(response["Body"], start, total, response.get("ETag"))
 
 
 class RemoteStream(io.RawIOBase):
@@ -283,6 +313,7 @@ class RemoteStream(io.RawIOBase):
             raise RemoteError(url, problem, permanent=True)
         self._open = _open_s3 if url.startswith("s3:") else _open_http
         self._body, self._skip = None, 0  # _skip: bytes of the current reply before ``offset`` (to pass over)
+        self._version: Optional[str] = None  # the object's ETag / Last-Modified at the first reply
         self._clock, self._window_s, self._window_bytes, self._slow = time.monotonic(), 0.0, 0, 0
         self._reopen()
 
@@ -364,9 +395,23 @@ class RemoteStream(io.RawIOBase):
         return attempt
 
     def _reopen_once(self) -> None:
-        body, total, skip = self._open(self.url, self.offset, self.options.timeout_s)
-        self._body, self._skip = body, skip  # skip > 0: a server without Range support sent the whole object
-        self.total = total if total is not None else self.total
+        """Open at ``offset``. The reply must start at or before it (a server that ignores Range sends the
+        whole object: the bytes before ``offset`` are passed over) and be the object of the first reply
+        (same size, same ETag / Last-Modified); never are bytes of another place or version spliced in."""
+        reply = self._open(self.url, self.offset, self.options.timeout_s)
+        self._body = reply.body
+        if reply.start > self.offset:  # a misbehaving server or proxy; another try may be answered right
+            raise RemoteError(self.url, f"the server answered from byte {reply.start} when asked from byte "
+                                        f"{self.offset}", permanent=False)
+        changed = (self.total is not None and reply.total is not None and reply.total != self.total) or \
+            (self._version is not None and reply.version is not None and reply.version != self._version)
+        if changed:
+            raise RemoteError(self.url, f"the object changed while it was read (size {self.total}, now "
+                                        f"{reply.total}; version {self._version}, now {reply.version}); reading on "
+                                        "would splice two versions", permanent=True)
+        self._skip = self.offset - reply.start
+        self.total = reply.total if reply.total is not None else self.total
+        self._version = self._version or reply.version
 
     def _reopen(self) -> None:
         """Open at ``offset`` with the same retry rule as reads (the first open included)."""

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 @dataclass
@@ -42,6 +42,15 @@ class Drip:
 
     interval: float
     count: int
+
+
+@dataclass
+class Partial:
+    """Answer 206 from byte ``start`` (None: from the byte asked for, but without a Content-Range header),
+    with a Content-Range that states the object size plus ``grown`` bytes: a broken proxy or server."""
+
+    start: Optional[int]
+    grown: int = 0
 
 
 @dataclass
@@ -92,7 +101,12 @@ class _Handler(SimpleHTTPRequestHandler):
             data = f.read()
         start = 0
         header = self.headers.get("Range")
-        if header and server.ranges:
+        if isinstance(fault, Partial):
+            start = int(header.split("=")[1].split("-")[0]) if fault.start is None else fault.start
+            self.send_response(206)
+            if fault.start is not None or fault.grown:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data) + fault.grown}")
+        elif header and server.ranges:
             start = int(header.split("=")[1].split("-")[0])
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")

@@ -6,6 +6,7 @@ server with injected faults, tests/helpers/remote.py) and real shards.
     item 10  remote index files and sample members have a size cap: larger ones are refused or counted, not read
     index    remote index reads honour data.remote_retries and data.remote_timeout_s
     pace     a server that drips bytes cannot hold a reader: a throughput floor per window of remote_timeout_s
+    206      a resumed read starts where it was asked to (Content-Range), on the same object, or not at all
 """
 
 import base64
@@ -19,7 +20,7 @@ import pytest
 
 from data_tools.shard import ShardOptions, shard
 from helpers.data import jpeg_bytes, make_csv
-from helpers.remote import Drip, Redirect, Stall, Status, serve_http
+from helpers.remote import Drip, Drop, Partial, Redirect, Stall, Status, serve_http
 from moe_dist.data import RemoteError, RemoteOptions
 from moe_dist.data.remote import MAX_REDIRECTS, open_remote
 
@@ -327,3 +328,26 @@ def test_a_paused_consumer_is_not_a_slow_server(http, data):
         while parts[-1]:
             parts.append(stream.read(1000))
     assert b"".join(parts) == expected and stream.retries == 0
+
+
+# ------------------------------------------------------------------ 206 replies are checked
+@pytest.mark.parametrize("reply, retries", [(Partial(start=0), 1), (Partial(start=6000), 2),
+                                            (Partial(start=None), 2)], ids=["earlier", "later", "no-content-range"])
+def test_a_resumed_read_never_splices_wrong_bytes(reply, retries, http, data):
+    """After a drop at byte 5000 the Range request is answered 206 from the wrong byte (or without a
+    Content-Range): the old code appended that body as if it started at 5000. Now a reply from an
+    earlier byte is passed over up to 5000, and one from a later byte (or an unstated one) is a fault,
+    retried; the bytes read are the file's either way."""
+    http.faults[SHARD] = [Drop(5000), reply]
+    with open_remote(http.url + SHARD, FAST) as stream:
+        assert stream.read() == (data / SHARD.lstrip("/")).read_bytes()
+        assert stream.raw.retries == retries
+
+
+def test_an_object_that_changes_while_it_is_read_is_an_error(http):
+    """A resumed reply whose Content-Range states another size is another version of the object: the
+    stream stops (permanent) instead of splicing two versions."""
+    http.faults[SHARD] = [Drop(5000), Partial(start=None, grown=10)]
+    with pytest.raises(RemoteError, match="changed while it was read") as err:
+        open_remote(http.url + SHARD, FAST).read()
+    assert err.value.permanent and len(http.requests) == 2
