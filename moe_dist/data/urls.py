@@ -44,9 +44,16 @@ def shown_url(url: str) -> str:
 
 
 def shown_spec(text: str) -> str:
-    """``text`` (a spec of sources joined by "::", a pipe: command) with every URL in it shown by
-    ``shown_url``."""
-    return "::".join(_URL.sub(lambda m: shown_url(m.group(0)), part) for part in text.split("::"))
+    """``text`` (a spec of sources joined by "::", a pipe: command, a shell-quoted command line) with every
+    URL in it shown by ``shown_url``."""
+    return "::".join(_URL.sub(_shown_match, part) for part in text.split("::"))
+
+
+def _shown_match(match: re.Match) -> str:
+    url = match.group(0)
+    shown = shown_url(url)
+    quote = url[-1] if url[-1] in "'\"" and not shown.endswith(url[-1]) else ""  # 'URL?query' keeps its quote
+    return shown + quote
 
 
 def url_problem(url: str) -> Optional[str]:

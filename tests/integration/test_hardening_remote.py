@@ -7,10 +7,13 @@ server with injected faults, tests/helpers/remote.py) and real shards.
     index    remote index reads honour data.remote_retries and data.remote_timeout_s
     pace     a server that drips bytes cannot hold a reader: a throughput floor per window of remote_timeout_s
     206      a resumed read starts where it was asked to (Content-Range), on the same object, or not at all
+    qs       moe-dist quickstart --data / --val take remote specs, like train, eval and validate
 """
 
+import argparse
 import base64
 import io
+import os
 import json
 import logging
 import tarfile
@@ -351,3 +354,36 @@ def test_an_object_that_changes_while_it_is_read_is_an_error(http):
     with pytest.raises(RemoteError, match="changed while it was read") as err:
         open_remote(http.url + SHARD, FAST).read()
     assert err.value.permanent and len(http.requests) == 2
+
+
+# ------------------------------------------------------------------ quickstart takes remote specs
+@pytest.fixture(scope="module")
+def with_val(data):
+    """ROOT/qs: a moe-dist-data shard --out with train and val splits."""
+    shard(make_csv(data / "qs-input", 40), str(data / "qs"), ShardOptions(per_shard=10, val_fraction=0.25),
+          progress=False)
+    return data / "qs"
+
+
+def test_quickstart_takes_a_remote_spec_like_train_does(with_val, http, tmp_path, capsys):
+    """--data http://... found no val split (only local directories were looked into) and --val SPEC
+    became <cwd>/http:/..., which its validate step could not read. Now both stay URLs, the data steps
+    validate them over HTTP, and what the quickstart records holds the URL (without a query string)."""
+    from moe_dist.cli.quickstart import Runner, _data_steps, plan
+
+    args = argparse.Namespace(out=str(tmp_path), steps=None, model="moe-clip-tiny", ranks=1,
+                              data=f"{http.url}/qs", val=None, classes=None)
+    p = plan(args)
+    assert (p.train, p.val) == (f"{http.url}/qs", f"{http.url}/qs/val")
+    args.val = f"{http.url}/qs/val/val-000000.tar?token={SECRET}"
+    p = plan(args)
+    assert p.val == args.val and f"data.val={args.val}" in p.sets
+    tokenizer = tmp_path / "tokenizer"  # made before: the step reuses it when its record names this spec
+    tokenizer.mkdir()
+    (tokenizer / "tok.model").write_bytes(b"")
+    (tokenizer / "source.json").write_text(json.dumps({"spec": p.train, "vocab_size": 1000, "data": None}))
+    _data_steps(p, Runner(p, dict(os.environ)))
+    printed = capsys.readouterr().out
+    assert f"moe-dist-data validate '{http.url}/qs/val/val-000000.tar'" in printed and SECRET not in printed, printed
+    assert f"reusing {tokenizer / 'tok.model'}" in printed, printed
+    assert f"/qs/val/val-000000.tar?token={SECRET}" in http.requests, http.requests  # read over HTTP, token sent
