@@ -14,6 +14,7 @@ from tqdm import tqdm
 from moe_dist.data.decode import SampleError, decode_caption, decode_image, image_key
 from moe_dist.data.spec import Shard, resolve_spec
 from moe_dist.data.stream import SampleCounter, raw_samples
+from moe_dist.data.urls import shown_url
 
 
 @dataclass
@@ -58,7 +59,7 @@ def validate(spec: str, progress: bool = True, allow_pipe: bool = False) -> Dict
     broken: List[Dict[str, str]] = []
     total = 0
     for read in iter_samples(spec, progress, "validate", allow_pipe):
-        url, sample = read.shard.url, read.sample
+        url, sample = shown_url(read.shard.url), read.sample  # a report: never a query string
         if sample is None:
             reasons = [r for r in read.failures if r != "short_shard"] + [read.mismatch()]
             broken.extend({"shard": url, "key": None, "reason": reason} for reason in reasons if reason)

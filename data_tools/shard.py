@@ -24,9 +24,10 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 from tqdm import tqdm
 
-from moe_dist.data.decode import DEFAULT_MAX_PIXELS, SampleError, decode_caption, decode_image
+from moe_dist.data.decode import DEFAULT_MAX_PIXELS, Oversized, SampleError, decode_caption, decode_image
 from moe_dist.data.remote import is_remote
 from moe_dist.data.spec import resolve_spec
+from moe_dist.data.urls import shown_spec, shown_url, url_problem
 
 from . import DEFAULT_MAX_CAPTION_CHARS
 from . import publish
@@ -69,7 +70,7 @@ def _caption(raw: object, max_chars: int) -> str:
             raw = raw.encode("utf-8")
         except UnicodeEncodeError as err:  # undecodable bytes kept as surrogates by the table reader
             raise SampleError("caption_not_utf8", str(err)) from None
-    elif raw is not None and not isinstance(raw, bytes):
+    elif raw is not None and not isinstance(raw, (bytes, Oversized)):  # Oversized: decode_caption counts it
         raise SampleError("caption_not_text", f"a {type(raw).__name__}")
     caption = decode_caption(raw)
     if len(caption) > max_chars:
@@ -143,7 +144,9 @@ def shard_items(items: Iterator[Item], out: str, opts: ShardOptions, source: str
 def _shard_to_s3(items: Iterator[Item], out: str, opts: ShardOptions, source: str, total: Optional[int],
                  progress: bool, overwrite: bool) -> Dict[str, object]:
     if not out.startswith("s3://"):
-        raise ValueError(f"--out {out}: shards are written to a local directory or an s3:// prefix")
+        raise ValueError(f"--out {shown_url(out)}: shards are written to a local directory or an s3:// prefix")
+    if url_problem(out):
+        raise ValueError(f"--out {shown_url(out)} {url_problem(out)}")
     options = dict(vars(opts))
     publish.check_prefix(out, source, options, overwrite)
     staging = publish.staging_dir()
@@ -216,5 +219,5 @@ def shard(input_path: str, out: str, opts: ShardOptions, kind: Optional[str] = N
     items = read_items(input_path, kind, image_column, caption_column, images_dir, allow_outside, allow_pipe)
     if overwrite and not is_remote(out):
         _refuse_deleting_inputs(input_path, kind, out, allow_pipe)
-    return shard_items(items, out, opts, source=os.path.abspath(input_path) if os.path.exists(input_path)
-                       else input_path, progress=progress, overwrite=overwrite)
+    source = os.path.abspath(input_path) if os.path.exists(input_path) else shown_spec(input_path)  # no token
+    return shard_items(items, out, opts, source=source, progress=progress, overwrite=overwrite)

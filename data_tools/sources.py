@@ -23,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from moe_dist.data.decode import SampleError, decode_metadata, image_key
 from moe_dist.data.spec import Shard, resolve_spec
 from moe_dist.data.stream import SampleCounter, raw_samples
+from moe_dist.data.urls import shown_spec, shown_url
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -206,11 +207,11 @@ def _shard_items(spec: str, shards: List[Shard], allow_pipe: bool) -> Iterator[I
             meta = decode_metadata(sample)
         except SampleError:
             meta = {}
-        yield Item(f"{sample['__url__']}:{sample['__key__']}", sample.get("txt"),
+        yield Item(f"{shown_url(sample['__url__'])}:{sample['__key__']}", sample.get("txt"),
                    data=sample.get(key) if key else None, ext=key or "jpg", meta=meta)
     for reason, count in counter.failures.items():
         for _ in range(count):
-            yield Item(f"{spec}: {reason}", None, failure=reason)
+            yield Item(f"{shown_spec(spec)}: {reason}", None, failure=reason)
 
 
 def read_items(path: str, kind: Optional[str] = None, image_column: str = "image", caption_column: str = "caption",

@@ -21,6 +21,7 @@ def analyze(checkpoint: str, data: str, out_dir: str, capacity_factor: float = 1
     import torch
 
     from ..data.evalset import EvalSet, default_eval_transform, eval_batches
+    from ..data.urls import shown_spec
     from ..evaluation.routing import RoutingProbe, save_plots
     from ..models.moe_blocks import eval_routing
     from ..evaluation.zeroshot import load_classes, resolve_labels
@@ -53,9 +54,9 @@ def analyze(checkpoint: str, data: str, out_dir: str, capacity_factor: float = 1
             model(batch.images[:B], batch.tokens[:B])
             collect_moe_outputs(model, batch.images)  # drop the layers' kept outputs
     if probe.samples == 0:
-        raise ValueError(f"no sample of {data!r} could be read; check it with moe-dist-data validate")
+        raise ValueError(f"no sample of {shown_spec(data)!r} could be read; check it with moe-dist-data validate")
     summary = probe.summary(class_set.names if class_set else ())
-    summary.update(checkpoint=checkpoint, data=data)
+    summary.update(checkpoint=checkpoint, data=shown_spec(data))  # a record: never a token
     os.makedirs(out_dir, exist_ok=True)
     atomic_json(os.path.join(out_dir, "routing.json"), summary, durable=False)
     return summary, save_plots(summary, out_dir)

@@ -25,8 +25,10 @@ def default_tasks(args: argparse.Namespace) -> List[str]:
 
 
 def print_table(result, args: argparse.Namespace, tasks: List[str]) -> None:
+    from ..data.urls import shown_spec
+
     samples = result.groups["samples"]
-    print(f"eval of {args.checkpoint} on {args.data}: {samples['evaluated']} samples "
+    print(f"eval of {args.checkpoint} on {shown_spec(args.data)}: {samples['evaluated']} samples "
           f"({samples['failed']} failed), {samples['ranks']} rank(s), tasks {', '.join(tasks)}, "
           f"{'capacity' if args.capacity else 'dropless'} routing")
     for group, values in result.groups.items():
@@ -46,6 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     from deepspeed.accelerator import get_accelerator
 
+    from ..data.urls import shown_spec
     from ..distributed import detect_env, init_distributed
     from ..evaluation import evaluate, parse_tasks, save_confusion_png
     from ..files import atomic_json
@@ -78,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     print_table(result, args, tasks)
     if args.json:
-        atomic_json(args.json, {"checkpoint": args.checkpoint, "data": args.data, "tasks": tasks,
+        atomic_json(args.json, {"checkpoint": args.checkpoint, "data": shown_spec(args.data), "tasks": tasks,
                                 "dropless": not args.capacity, **result.to_json()}, durable=False)
         print(f"wrote {args.json}")
     if args.confusion_png:

@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -111,21 +112,35 @@ def synth_layout(ranks: int, workers: int, micro_batch: int) -> tuple:
     return n, per_shard
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # a source that is a URL (http://, s3://, pipe:), not a path
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its local sources made absolute (the children run elsewhere); URLs stay as they are."""
+    return "::".join(s if not s.strip() or _URL.match(s.strip()) else os.path.abspath(s) for s in spec.split("::"))
+
+
 def held_out(spec: str) -> str:
-    """The val split beside a train spec that is a shard output dir or its train split, else ''."""
+    """The val split beside a train spec that is a shard output dir or its train split (local, http(s)://
+    or s3://), else ''."""
+    from ..data.remote import is_remote
     from ..data.spec import dataset_splits
 
     path = spec.rstrip("/")
+    if re.search(r"::|[{?]", path):  # several sources, a pattern or a query: no single directory
+        return ""
     for directory in (path, os.path.dirname(path)):
-        splits = dataset_splits(directory) if os.path.isdir(directory) else None
+        splits = dataset_splits(directory) if is_remote(directory) or os.path.isdir(directory) else None
         if splits and "val" in splits and (directory == path or os.path.basename(path) == "train"):
             return splits["val"].path
     return ""
 
 
 def plan(args: argparse.Namespace) -> Plan:
-    """Resolve paths, the run config and the data layout; ValueError before anything runs."""
+    """Resolve paths, the run config and the data layout; ValueError before anything runs. Specs may be
+    local or remote (http(s)://, s3://), as for ``moe-dist train``; local sources are made absolute."""
     from ..data import resolve_spec
+    from ..data.urls import shown_spec
     from ..engine import load_run_config
 
     if args.ranks < 1 or (args.steps is not None and args.steps < 1):
@@ -141,11 +156,12 @@ def plan(args: argparse.Namespace) -> Plan:
     ep_size = 2 if args.ranks % 2 == 0 and experts % 2 == 0 else 1
     notes = []
     if args.data:
-        train = args.data
+        train = absolute_spec(args.data)
         shards = resolve_spec(train, need_counts=False)
-        val = os.path.abspath(args.val) if args.val else held_out(args.data)
+        val = absolute_spec(args.val) if args.val else held_out(train)
         if not val:
-            raise ValueError(f"--data {args.data} has no val split beside it; give held-out shards with --val SPEC")
+            raise ValueError(f"--data {shown_spec(args.data)} has no val split beside it; give held-out shards with "
+                             "--val SPEC")
         classes = os.path.abspath(args.classes) if args.classes else ""
         synth_n = per_shard = 0
         if len(shards) < args.ranks * max(1, base.data.workers):
@@ -176,8 +192,10 @@ class Runner:
         os.makedirs(os.path.join(plan.run, "logs"), exist_ok=True)
 
     def __call__(self, step: int, name: str, shown: str, cmd: List[str]) -> None:
+        from ..data.urls import shown_spec
+
         log_path = os.path.join(self.plan.run, "logs", f"{step}-{name.replace(' ', '-')}.log")
-        print(f"  $ {shown}", flush=True)
+        print(f"  $ {shown_spec(shown)}", flush=True)  # a presigned URL's token is never printed
         start = time.time()
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env)
@@ -215,6 +233,9 @@ def free_port() -> int:
 
 
 def _data_steps(p: Plan, run: Runner) -> None:
+    from ..data.remote import is_remote
+    from ..data.urls import shown_spec
+
     data_cli, data_tool = [sys.executable, "-m", "data_tools.cli"], "moe-dist-data"
     if p.synth_n:
         manifest = _read_json(os.path.join(p.train, "manifest.json"))
@@ -232,8 +253,8 @@ def _data_steps(p: Plan, run: Runner) -> None:
     for spec in (p.train, p.val):
         run(1, "validate", shlex.join([data_tool, "validate", spec]), data_cli + ["validate", spec, "-q"])
     print(f"[2/{STEPS}] tokenizer: sentencepiece on the train captions", flush=True)
-    source = {"spec": os.path.abspath(p.train), "vocab_size": VOCAB_SIZE,
-              "data": _read_json(os.path.join(p.train, "manifest.json")).get("inputs")}
+    manifest = {} if is_remote(p.train) else _read_json(os.path.join(p.train, "manifest.json"))
+    source = {"spec": shown_spec(p.train), "vocab_size": VOCAB_SIZE, "data": manifest.get("inputs")}
     record = os.path.join(os.path.dirname(p.tokenizer), "source.json")
     if os.path.isfile(p.tokenizer) and _read_json(record) == source:
         print(f"  reusing {p.tokenizer}")
@@ -270,6 +291,8 @@ def _train_step(p: Plan, run: Runner, ext_dir: str) -> None:
 
 
 def _eval_steps(p: Plan, run: Runner) -> Dict[str, object]:
+    from ..data.urls import shown_spec
+
     moe_dist = [sys.executable, "-m", "moe_dist"]
     ckpt = os.path.join(p.run, "checkpoints")
     paths = {"eval_json": os.path.join(p.run, "eval.json"), "export": os.path.join(p.run, "model.safetensors"),
@@ -279,7 +302,7 @@ def _eval_steps(p: Plan, run: Runner) -> Dict[str, object]:
     if p.classes:
         paths["confusion_png"] = os.path.join(p.run, "plots", "confusion.png")
         args += ["--classes", p.classes, "--confusion-png", paths["confusion_png"]]
-    print(f"[4/{STEPS}] eval: {tasks} on the held-out split {p.val}", flush=True)
+    print(f"[4/{STEPS}] eval: {tasks} on the held-out split {shown_spec(p.val)}", flush=True)
     run(4, "eval", shlex.join(["moe-dist"] + args), moe_dist + args + ["--no-progress"])
     print(f"[5/{STEPS}] export and routing analysis", flush=True)
     args = ["export", "--checkpoint", ckpt, "--out", paths["export"]]
@@ -291,8 +314,10 @@ def _eval_steps(p: Plan, run: Runner) -> Dict[str, object]:
 
 
 def summarize(p: Plan, paths: Dict[str, object], timings: Dict[str, float]) -> Dict[str, object]:
-    """summary.json: absolute paths of every artefact and the metrics (final training loss, eval)."""
+    """summary.json: absolute paths of every artefact and the metrics (final training loss, eval); the data
+    specs as ``plan`` resolved them (URLs without their query string)."""
     from ..checkpoint_files import find_checkpoint
+    from ..data.urls import shown_spec
 
     with open(os.path.join(p.run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -315,7 +340,7 @@ def summarize(p: Plan, paths: Dict[str, object], timings: Dict[str, float]) -> D
                   "checkpoints": os.path.join(p.run, "checkpoints"), "export": paths["export"],
                   "tensorboard": os.path.join(p.run, "tensorboard"), "metrics": os.path.join(p.run, "metrics.jsonl"),
                   "eval_json": paths["eval_json"], "routing_json": os.path.join(routing, "routing.json"),
-                  "plots": plots, "train_data": os.path.abspath(p.train), "val_data": os.path.abspath(p.val),
+                  "plots": plots, "train_data": shown_spec(p.train), "val_data": shown_spec(p.val),
                   "tokenizer": p.tokenizer, "classes": p.classes or None, "logs": os.path.join(p.run, "logs")},
         "metrics": metrics, "seconds": {k: round(v, 1) for k, v in timings.items()}}
 
@@ -344,6 +369,7 @@ def print_summary(summary: Dict[str, object], total_s: float) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..data.urls import shown_spec
     from ..files import atomic_json
 
     start = time.time()
@@ -355,7 +381,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  note: {note}")
     try:
         what = (f"synth, {p.synth_n} samples, train shards of {p.synth_per_shard} -> {p.train}" if p.synth_n
-                else f"your shards {p.train}, held out {p.val}")
+                else f"your shards {shown_spec(p.train)}, held out {shown_spec(p.val)}")
         print(f"[1/{STEPS}] data: {what}", flush=True)
         _data_steps(p, run)
         print(f"[3/{STEPS}] train: {args.model} on {p.ranks} rank(s) through the deepspeed launcher "

@@ -18,6 +18,7 @@ from .caption import add_generation_flags, generation_config, load_model
 def _run(args: argparse.Namespace) -> int:
     import json
 
+    from ..data.urls import shown_spec
     from ..evaluation.captioning import check_vqa_data, generate_over, vqa_scores
     from ..files import atomic_json, atomic_write
 
@@ -27,14 +28,16 @@ def _run(args: argparse.Namespace) -> int:
     rows = generate_over(model, tokenizer, args.data, "vqa", cfg, args.batch, allow_pipe=args.allow_pipe,
                          progress=sys.stderr.isatty())
     scores = vqa_scores(rows)
-    print(f"vqa of {args.checkpoint} on {args.data}: {scores['questions']} questions, {args.strategy} decoding")
+    print(f"vqa of {args.checkpoint} on {shown_spec(args.data)}: {scores['questions']} questions, "
+          f"{args.strategy} decoding")
     print(f"  {'all':12s} accuracy {scores['accuracy']:.4f}  majority baseline {scores['majority_baseline']:.4f}  "
           f"(one answer for all: {scores['single_answer_baseline']:.4f})")
     for qtype, s in scores["per_type"].items():
         print(f"  {qtype:12s} accuracy {s['accuracy']:.4f}  majority baseline {s['majority_baseline']:.4f}  "
               f"({s['questions']} questions)")
     if args.json:
-        atomic_json(args.json, {"checkpoint": args.checkpoint, "data": args.data, **scores}, durable=False)
+        atomic_json(args.json, {"checkpoint": args.checkpoint, "data": shown_spec(args.data), **scores},
+                    durable=False)
         print(f"wrote {args.json}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

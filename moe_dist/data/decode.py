@@ -2,8 +2,9 @@
 
 Nothing else in a sample is decoded: members such as .pyd, .pickle, .pth or .npy are never
 unpickled, nor even read (the tar readers read only ``USED_KEYS`` and pass the rest over with value
-None); unknown keys are ignored. Every failure has a reason name so that loaders and
-``moe-dist-data validate`` can count them.
+None); unknown keys are ignored. A used member larger than its ``MAX_MEMBER_BYTES`` is not read either
+(it arrives as ``Oversized``, from the size in its tar header), so no sample costs more memory than the
+caps. Every failure has a reason name so that loaders and ``moe-dist-data validate`` can count them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple, Union
 
 from PIL import Image
 
@@ -19,6 +21,12 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 USED_KEYS = frozenset(IMAGE_KEYS + ("txt", "json"))  # the only members a tar reader needs to read
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; a 20000 x 20000 "bomb" is refused before decoding
+# The most a tar reader reads of a used member, by extension; a larger one is a counted failure of its
+# sample (caption_too_large, image_too_large, metadata_too_large), never read into memory.
+MAX_CAPTION_BYTES = 64 << 10  # 64 KiB: 16000 four-byte characters; moe-dist-data shard caps captions at 1000
+MAX_METADATA_BYTES = 1 << 20
+MAX_IMAGE_BYTES = 64 << 20  # an 8000 x 8000 JPEG (DEFAULT_MAX_PIXELS) is ~10-30 MB
+MAX_MEMBER_BYTES = {"txt": MAX_CAPTION_BYTES, "json": MAX_METADATA_BYTES, **{k: MAX_IMAGE_BYTES for k in IMAGE_KEYS}}
 
 
 class SampleError(Exception):
@@ -27,6 +35,23 @@ class SampleError(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Oversized:
+    """A member the tar reader passed over unread: ``size`` bytes, more than its cap."""
+
+    size: int
+    cap: int
+
+    def fail(self, reason: str) -> SampleError:
+        return SampleError(reason, f"{self.size} bytes, more than {self.cap}")
+
+
+def member_value(suffix: str, size: int, read) -> Union[bytes, Oversized]:
+    """What a tar reader keeps of a used member of ``size`` bytes: ``read()``, or ``Oversized`` past its cap."""
+    cap = MAX_MEMBER_BYTES.get(suffix.lower())
+    return Oversized(size, cap) if cap is not None and size > cap else read()
 
 
 def image_key(sample: Dict[str, object]) -> Optional[str]:
@@ -41,8 +66,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
         draft_size: for JPEG, let the decoder downscale by a power of two while both sides stay
             >= draft_size (PIL draft mode): much faster when the training size is small.
     Raises:
-        SampleError: "image_too_large" or "undecodable_image".
+        SampleError: "image_too_large" (pixels, or encoded bytes past MAX_IMAGE_BYTES) or "undecodable_image".
     """
+    if isinstance(data, Oversized):
+        raise data.fail("image_too_large")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -61,9 +88,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
         raise SampleError("undecodable_image", f"{type(err).__name__}: {err}") from None
 
 
-def decode_caption(data: Optional[bytes]) -> str:
+def decode_caption(data: Union[bytes, Oversized, None]) -> str:
     if data is None:
         raise SampleError("missing_caption")
+    if isinstance(data, Oversized):
+        raise data.fail("caption_too_large")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -88,6 +117,8 @@ def decode_metadata(sample: Dict[str, object]) -> Dict[str, object]:
     data = sample.get("json")
     if data is None:
         return {}
+    if isinstance(data, Oversized):
+        raise data.fail("metadata_too_large")
     try:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError) as err:

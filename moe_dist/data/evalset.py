@@ -20,12 +20,13 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import DEFAULT_MAX_PIXELS, SampleError, decode_metadata, decode_sample, image_key
+from .remote import RemoteOptions
 from .spec import Shard, resolve_spec
 from .stream import SampleCounter, raw_samples
 
@@ -67,16 +68,19 @@ class EvalSet(IterableDataset):
         rank, world_size: this rank's share of the shards.
         allow_pipe: allow ``pipe:`` shard URLs.
         max_pixels: refuse larger images (counted as "image_too_large").
+        remote: retries, timeouts and backoff of http(s):// and s3:// shards and index files (None: defaults).
     """
 
     def __init__(self, spec: str, transform: Callable, tokenizer: Callable, batch_size: int = 64, rank: int = 0,
-                 world_size: int = 1, allow_pipe: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 world_size: int = 1, allow_pipe: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 remote: Optional[RemoteOptions] = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"eval batch size {batch_size} must be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.shards = resolve_spec(spec, allow_pipe=allow_pipe)
+        self.remote = remote or RemoteOptions()
+        self.shards = resolve_spec(spec, allow_pipe=allow_pipe, options=self.remote)
         self.mine = split_shards(self.shards, rank, world_size)
         self.transform, self.tokenizer, self.batch_size = transform, tokenizer, batch_size
         self.allow_pipe, self.max_pixels = allow_pipe, max_pixels
@@ -93,7 +97,7 @@ class EvalSet(IterableDataset):
             yield from self._shard_batches(index)
 
     def _shard_batches(self, index: int) -> Iterator[EvalBatch]:
-        counter = SampleCounter()
+        counter = SampleCounter(self.remote)
         reported: Counter = Counter()
         rows: List[tuple] = []
 
@@ -127,10 +131,12 @@ class EvalSet(IterableDataset):
         return EvalBatch(stacked, tokens, captions, metadata, identities, keys, failures)
 
 
-def first_metadata(spec: str, allow_pipe: bool = False) -> Dict[str, object]:
+def first_metadata(spec: str, allow_pipe: bool = False, remote: Optional[RemoteOptions] = None) -> Dict[str, object]:
     """The metadata of the spec's first sample with an image and a caption ({} if none): what the data offers
     (a "label" in it makes zero-shot classification possible)."""
-    for sample in raw_samples(iter(resolve_spec(spec, allow_pipe=allow_pipe)), SampleCounter(), allow_pipe):
+    remote = remote or RemoteOptions()
+    shards = resolve_spec(spec, allow_pipe=allow_pipe, options=remote)
+    for sample in raw_samples(iter(shards), SampleCounter(remote), allow_pipe):
         try:
             if image_key(sample) and sample.get("txt") is not None:
                 return decode_metadata(sample)

@@ -37,6 +37,7 @@ from .decode import DEFAULT_MAX_PIXELS
 from .remote import RemoteOptions
 from .spec import resolve_spec
 from .stream import Chunk, Consumed, WorkerDataset, WorkerJob, epoch_plan
+from .urls import shown_spec
 
 log = logging.getLogger(__name__)
 WORKER_NICENESS = 10
@@ -142,7 +143,8 @@ class ShardLoader:
 
     def __init__(self, cfg: LoaderConfig, tokenizer, rank: int = 0, world_size: int = 1, transform=None):
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
-        self.shards = resolve_spec(cfg.spec, cfg.weights, cfg.allow_pipe, remote_counts=cfg.mode == "exact")
+        self.shards = resolve_spec(cfg.spec, cfg.weights, cfg.allow_pipe, remote_counts=cfg.mode == "exact",
+                                   options=cfg.remote)
         self.num_workers = max(1, cfg.workers)
         if cfg.mode == "exact" and len(self.shards) < world_size * self.num_workers:
             raise DataError(f"{len(self.shards)} shards cannot feed {world_size} ranks x {self.num_workers} workers "
@@ -356,7 +358,7 @@ class ShardLoader:
         if "short_shard" in stats["failures"]:
             reasons += f"; {SHORT_SHARD_HINT}"
         if final and stats["good"] == 0 and not self._recent:
-            raise DataError(f"no sample of {self.cfg.spec!r} could be used on rank {self.rank} "
+            raise DataError(f"no sample of {shown_spec(self.cfg.spec)!r} could be used on rank {self.rank} "
                             f"({seen} failed: {reasons or 'the shards are empty'}); fix the shards "
                             "(moe-dist-data validate SPEC lists the broken samples)")
         if seen >= self.cfg.min_samples_before_failure_check and stats["failed"] > self.cfg.max_failure_fraction * seen:

@@ -32,6 +32,7 @@ from braceexpand import braceexpand
 
 from . import remote
 from .remote import RemoteError, RemoteOptions, is_remote
+from .urls import shown_spec, url_problem
 
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
@@ -51,7 +52,13 @@ class Shard:
 
 
 def _shown(url: str) -> str:
+    url = shown_spec(url)  # never a password or a query string (a presigned token)
     return repr(url if len(url) <= 80 else url[:77] + "...")  # repr: a newline cannot split the message
+
+
+def _named(source: str) -> str:
+    """A spec or source as messages name it: whole, but without the secrets ``_shown`` leaves out."""
+    return repr(shown_spec(source))
 
 
 def check_url(url: str, allow_pipe: bool = False) -> str:
@@ -61,10 +68,16 @@ def check_url(url: str, allow_pipe: bool = False) -> str:
         url: a final shard URL (after "::" splitting, brace expansion and index files).
         allow_pipe: allow ``pipe:`` URLs (``data.allow_pipe``, ``moe-dist-data --allow-pipe``).
     Raises:
-        ValueError: a pipe: URL without ``allow_pipe``, or a scheme other than http, https and s3.
+        ValueError: a pipe: URL without ``allow_pipe``, a scheme other than http, https and s3, or a remote
+            URL that breaks the URL rule (``urls.url_problem``: userinfo, a malformed host or port, ...).
     """
     match = _SCHEME.match(url)
-    if match is None or is_remote(url):
+    if match is None:
+        return url
+    if is_remote(url):
+        problem = url_problem(url)
+        if problem:
+            raise ValueError(f"shard URL {_shown(url)} {problem}")
         return url
     scheme = match.group(1)
     if scheme == "pipe":
@@ -116,11 +129,11 @@ def _join(directory: str, name: str) -> str:
     return remote.join(directory, name) if is_remote(directory) else os.path.join(directory, name)
 
 
-def _load_json(path: str) -> Optional[object]:
-    """The JSON at a local path or remote URL; None when there is no such file or object."""
+def _load_json(path: str, options: RemoteOptions = RemoteOptions()) -> Optional[object]:
+    """The JSON at a local path or remote URL (read with ``options``); None when there is no such file or object."""
     if is_remote(path):
         try:
-            return remote.read_json(path)
+            return remote.read_json(path, options)
         except RemoteError as err:
             raise ValueError(f"cannot read {err}") from None
     if not os.path.isfile(path):
@@ -129,13 +142,13 @@ def _load_json(path: str) -> Optional[object]:
         return json.load(f)
 
 
-def read_index(directory: str) -> Tuple[Dict[str, int], Optional[str]]:
+def read_index(directory: str, options: RemoteOptions = RemoteOptions()) -> Tuple[Dict[str, int], Optional[str]]:
     """Sample counts by file name from ``directory``'s manifest.json (ours) or sizes.json (open_clip,
     img2dataset), and the index file's name; ({}, None) when there is neither. ``directory`` may be an
-    http(s):// or s3:// URL."""
+    http(s):// or s3:// URL (read with ``options``)."""
     for index in (MANIFEST, SIZES):
         path = _join(directory, index)
-        data = _load_json(path)
+        data = _load_json(path, options)
         if data is None:
             continue
         entries = [(s["name"], s["samples"]) for s in data.get("shards", [])] if index == MANIFEST \
@@ -154,11 +167,11 @@ class Split:
     samples: int
 
 
-def dataset_splits(directory: str) -> Optional[Dict[str, Split]]:
+def dataset_splits(directory: str, options: RemoteOptions = RemoteOptions()) -> Optional[Dict[str, Split]]:
     """The splits of ``directory`` when ``moe-dist-data shard`` (or ``synth``) wrote it, by name; None for
     any other directory. Such a directory holds a top ``manifest.json`` with ``splits`` and no shards."""
     path = _join(directory, MANIFEST)
-    data = _load_json(path)
+    data = _load_json(path, options)
     if not isinstance(data, dict) or "splits" not in data or "shards" in data:
         return None
     splits = {}
@@ -189,16 +202,16 @@ def _split_hint(source: str) -> Optional[str]:
             f"({describe_splits(head, splits)})")
 
 
-def _source_dir(source: str) -> str:
+def _source_dir(source: str, options: RemoteOptions = RemoteOptions()) -> str:
     """The directory of shards a directory source stands for: itself, or the train split of a
     ``moe-dist-data shard`` output directory."""
-    splits = dataset_splits(source)
+    splits = dataset_splits(source, options)
     if splits is None:
         return source
     if "train" in splits and (is_remote(source) or os.path.isdir(splits["train"].path)):
         return splits["train"].path
     others = ", ".join(f"{s.path} for the {s.name} split" for s in splits.values())
-    raise ValueError(f"shard spec {source!r} is a dataset directory without a train split, which it would mean; "
+    raise ValueError(f"shard spec {_named(source)} is a dataset directory without a train split, which it would mean; "
                      f"{describe_splits(source, splits)}" + (f": use {others}" if others else ""))
 
 
@@ -216,23 +229,28 @@ def _subdir_hint(source: str) -> str:
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
-def _remote_directory(source: str, allow_pipe: bool) -> List[str]:
+def _remote_directory(source: str, allow_pipe: bool, options: RemoteOptions) -> List[str]:
     """The shard URLs a remote directory's index lists (its train split for a dataset directory)."""
-    directory = _source_dir(source.rstrip("/"))
-    names, _ = read_index(directory)
+    check_url(source, allow_pipe)  # before its index is read
+    if "?" in source:
+        raise ValueError(f"shard spec {_named(source)} is a remote directory with a query string, which cannot "
+                         "apply to its index and shards (each object has its own); name the shards (a .tar or a "
+                         "brace pattern of .tar URLs may carry a query)")
+    directory = _source_dir(source.rstrip("/"), options)
+    names, _ = read_index(directory, options)
     if not names:
-        raise ValueError(f"shard spec {source!r} is a remote directory without a manifest.json or sizes.json "
+        raise ValueError(f"shard spec {_named(source)} is a remote directory without a manifest.json or sizes.json "
                          "(remote directories cannot be listed); upload the index beside the shards, or give a "
                          "brace pattern such as https://host/train-{000000..000099}.tar")
     return [check_url(remote.join(directory, n), allow_pipe) for n in sorted(names)]
 
 
-def expand_source(source: str, allow_pipe: bool = False) -> List[str]:
+def expand_source(source: str, allow_pipe: bool = False, options: RemoteOptions = RemoteOptions()) -> List[str]:
     """The checked shard URLs of one source: a directory's indexed (or globbed) tars (a shard output
-    directory's train split), or a brace pattern."""
+    directory's train split), or a brace pattern. Remote index files are read with ``options``."""
     source = source.strip()
     if is_remote(source) and "{" not in source and not remote.path_of(source).endswith(TAR_SUFFIXES):
-        return _remote_directory(source, allow_pipe)
+        return _remote_directory(source, allow_pipe, options)
     if os.path.isdir(source):
         source = _source_dir(source)
         names, _ = read_index(source)
@@ -247,7 +265,8 @@ def expand_source(source: str, allow_pipe: bool = False) -> List[str]:
 
 
 def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pipe: bool = False,
-                 need_counts: bool = True, remote_counts: bool = True) -> List[Shard]:
+                 need_counts: bool = True, remote_counts: bool = True,
+                 options: RemoteOptions = RemoteOptions()) -> List[Shard]:
     """Expand a spec into shards with sample counts; every URL is checked before anything is opened.
 
     Args:
@@ -256,6 +275,7 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
         allow_pipe: allow ``pipe:`` URLs.
         need_counts: count the members of local tars no index describes (else their count is 0).
         remote_counts: refuse a remote tar no index describes (exact mode needs every count); else it counts 0.
+        options: retries, timeouts and backoff of remote index reads (``data.remote_*``).
     Raises:
         ValueError: a URL that ``check_url`` refuses, a spec that matches no file, a missing file, an
             index naming something other than a file beside it, or weights that do not match the sources.
@@ -264,15 +284,15 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
     if not sources:
         raise ValueError("the shard spec is empty; give a brace pattern, a .tar or a shard directory")
     if weights is not None and len(weights) != len(sources):
-        raise ValueError(f"{len(weights)} sampling weights for {len(sources)} sources in {spec!r}")
-    expanded = [expand_source(source, allow_pipe) for source in sources]  # check all before any is read
+        raise ValueError(f"{len(weights)} sampling weights for {len(sources)} sources in {_named(spec)}")
+    expanded = [expand_source(source, allow_pipe, options) for source in sources]  # check all before any is read
     shards: List[Shard] = []
     for index, (source, urls) in enumerate(zip(sources, expanded)):
         local = [u for u in urls if not u.startswith("pipe:") and not is_remote(u)]
         missing = [u for u in local if not os.path.isfile(u)]
         if not urls or (local and len(missing) == len(local)):
             hint = _subdir_hint(source.strip()) if os.path.isdir(source.strip()) else ""
-            raise ValueError(f"shard spec {source!r} matches no shard file; check the path or brace pattern "
+            raise ValueError(f"shard spec {_named(source)} matches no shard file; check the path or brace pattern "
                              f"(e.g. data/train-{{000000..000009}}.tar, a shard directory, or the --out "
                              f"directory of moe-dist-data shard){hint}")
         if missing:
@@ -281,10 +301,10 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
         counts: Dict[str, Tuple[int, str]] = {}
         directories = {os.path.dirname(u) for u in local} | {remote.parent(u) for u in urls if is_remote(u)}
         for directory in sorted(directories):
-            names, index_file = read_index(directory)
+            names, index_file = read_index(directory, options)
             counts.update({_join(directory, k): (v, index_file) for k, v in names.items()})
         for url in urls:
-            count, index_file = counts.get(url, (None, None))
+            count, index_file = counts.get(url.split("?", 1)[0] if is_remote(url) else url, (None, None))
             if count is None and need_counts and remote_counts and is_remote(url):
                 raise ValueError(f"shard {remote.shown_url(url)} has no sample count: its directory holds no "
                                  "manifest.json or sizes.json listing it (a remote tar is not downloaded to count "

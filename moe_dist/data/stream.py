@@ -34,7 +34,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import tariterators
 
-from .decode import USED_KEYS, SampleError, decode_sample
+from .decode import USED_KEYS, SampleError, decode_sample, member_value
 from .remote import RemoteError, RemoteOptions, shown_url
 from .spec import Shard, check_url, open_shard
 
@@ -228,8 +228,9 @@ def tar_members(shard: Shard, keep: AbstractSet[str], errors: List[Exception], a
                 counter: Optional[SampleCounter] = None) -> Iterator[dict]:
     """webdataset's file stage for one shard ({"fname", "data", "__url__"} per member, then the {}
     end-of-shard marker), except that a member whose extension is not in ``keep`` is passed over
-    without being read (``data`` None): a 300 MB .npy costs no memory. An error stops the shard and
-    goes to ``errors``; the members read before it are kept."""
+    without being read (``data`` None): a 300 MB .npy costs no memory; nor is a used member past its
+    cap (``decode.MAX_MEMBER_BYTES``; ``data`` an ``Oversized``, whose decoding is a counted failure). An
+    error stops the shard and goes to ``errors``; the members read before it are kept."""
     check_url(shard.url, allow_pipe)  # a refused URL is the spec's error, never a broken shard
     counter = counter or SampleCounter()
     try:
@@ -239,8 +240,8 @@ def tar_members(shard: Shard, keep: AbstractSet[str], errors: List[Exception], a
                 if info.isreg() and not _WDS_META.match(info.name):
                     _, suffix = tariterators.base_plus_ext(info.name)
                     used = suffix is not None and suffix.lower() in keep
-                    yield {"fname": info.name, "data": tar.extractfile(info).read() if used else None,
-                           "__url__": shard.url}
+                    data = member_value(suffix, info.size, tar.extractfile(info).read) if used else None
+                    yield {"fname": info.name, "data": data, "__url__": shard.url}
                 tar.members = []  # a streamed tar otherwise keeps every header it has seen
     except Exception as err:  # tarfile, gzip, zlib and pipes fail in many types; all mean the same
         errors.append(_remote_cause(err) or err)
@@ -303,7 +304,7 @@ def _resampled_shards(job: WorkerJob, worker: int) -> Iterator[Shard]:
 
 def unreadable_message(err: RemoteError, skip_hint: bool = True) -> str:
     """One line for a remote shard that cannot be read: the URL, the error, the way on."""
-    way = "check the URL and the credentials (AWS_* variables, ~/.aws) or the server's permissions" \
+    way = "check the URL and the credentials (~/.netrc; AWS_* variables, ~/.aws) or the server's permissions" \
         if err.permanent else "check the server; data.remote_retries and data.remote_timeout_s bound the retries"
     return (f"cannot read shard {shown_url(err.url)}: {err.detail}; {way}"
             + ("; or set data.skip_unreadable_shards=true to skip and count such shards" if skip_hint else ""))

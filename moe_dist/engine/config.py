@@ -42,23 +42,31 @@ class DataSection:
     max_failure_fraction: float = 0.1
     allow_pipe: bool = False
     remote_retries: int = 5  # http(s):// and s3:// shards: reopenings in a row after a fault (reset, timeout, 5xx)
-    remote_timeout_s: float = 60.0  # per connect / read
+    remote_timeout_s: float = 60.0  # per connect / read; also the window of remote_min_bytes_per_s
     remote_backoff_s: float = 1.0  # first wait before a retry, doubled per retry (at most 60 s)
+    remote_min_bytes_per_s: float = 65536.0  # a shard slower over remote_timeout_s of waiting is reopened; 0: no floor
     skip_unreadable_shards: bool = False  # a remote shard unreadable after its retries is skipped and counted
 
     def __post_init__(self) -> None:
-        _at_least(self, "data.", 0, "workers", "shuffle_buffer", "epoch_samples", "remote_retries", "remote_backoff_s")
+        _at_least(self, "data.", 0, "workers", "shuffle_buffer", "epoch_samples", "remote_retries", "remote_backoff_s",
+                  "remote_min_bytes_per_s")
         if not self.remote_timeout_s > 0:
             raise ValueError(f"data.remote_timeout_s={self.remote_timeout_s} must be > 0")
+
+    def remote_options(self):
+        """``RemoteOptions`` of every remote read of the run: shards, index files, evaluation."""
+        from ..data import RemoteOptions
+
+        return RemoteOptions(self.remote_retries, self.remote_timeout_s, self.remote_backoff_s,
+                             self.remote_min_bytes_per_s)
 
     def loader_config(self, split: str, batch_size: int, image_size: int, seed: int, eval_samples: int = 0):
         """The ``LoaderConfig`` of ``split``: "train" streams ``train`` with augmentation; "val" reads
         ``eval_samples`` samples (over all ranks) of ``val`` without augmentation, in one process."""
-        from ..data import LoaderConfig, RemoteOptions
+        from ..data import LoaderConfig
 
-        remote = RemoteOptions(self.remote_retries, self.remote_timeout_s, self.remote_backoff_s)
         common = dict(batch_size=batch_size, image_size=image_size, seed=seed, allow_pipe=self.allow_pipe,
-                      max_failure_fraction=self.max_failure_fraction, remote=remote,
+                      max_failure_fraction=self.max_failure_fraction, remote=self.remote_options(),
                       skip_unreadable_shards=self.skip_unreadable_shards)
         if split == "train":
             return LoaderConfig(spec=self.train, mode=self.mode, weights=list(self.weights) or None,
@@ -252,7 +260,7 @@ class RunConfig:
                 continue
             try:
                 resolve_spec(spec, list(d.weights) or None if name == "data.train" else None, d.allow_pipe,
-                             need_counts=False)
+                             need_counts=False, options=d.remote_options())
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
         text = self.model_config().text
@@ -266,7 +274,7 @@ class RunConfig:
             from ..data.evalset import first_metadata
             from ..evaluation.zeroshot import load_classes, resolve_labels
 
-            label = first_metadata(d.val, d.allow_pipe).get(self.eval.label_key)
+            label = first_metadata(d.val, d.allow_pipe, d.remote_options()).get(self.eval.label_key)
             try:
                 resolve_labels([label], [(0, 0)], load_classes(self.eval.classes), self.eval.label_key)
             except ValueError as err:
@@ -328,7 +336,14 @@ class RunConfig:
         return int(min(5e8, -(-count // 1024) * 1024))
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as a run records it (run_config.json in the run directory and every checkpoint):
+        shard specs are shown without query strings (presigned tokens), which are never written."""
+        from ..data.urls import shown_spec
+
+        recorded = dataclasses.asdict(self)
+        for name in ("train", "val"):
+            recorded["data"][name] = shown_spec(recorded["data"][name])
+        return recorded
 
 
 def load_run_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:

@@ -350,7 +350,7 @@ class Trainer:
         result = evaluate(self.engine.module, self.tokenizer, self.cfg.data.val, e.tasks,
                           batch_size=self.cfg.batch.micro_batch, classes=e.classes or None, rank=self.rank,
                           world_size=self.world, allow_pipe=self.cfg.data.allow_pipe, label_key=e.label_key,
-                          progress=False)
+                          progress=False, remote=self.cfg.data.remote_options())
         self.engine.train()
         return {f"val/{name}": float(value) for name, value in result.scalars().items()}
 

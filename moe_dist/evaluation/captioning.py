@@ -152,34 +152,37 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[str], question_ty
 def check_vqa_data(spec: str, allow_pipe: bool = False) -> None:
     """ValueError unless the spec's first sample carries a question and an answer in its json."""
     from ..data.evalset import first_metadata
+    from ..data.urls import shown_spec
 
     meta = first_metadata(spec, allow_pipe)
     missing = [k for k in ("question", "answer") if not str(meta.get(k, "")).strip()]
     if missing:
-        raise ValueError(f"{spec} is not VQA data: its samples' json lacks {' and '.join(missing)}; make VQA shards "
-                         "with 'moe-dist-data synth --vqa' or 'moe-dist-data shard' of a file with image, question and "
-                         "answer columns")
+        raise ValueError(f"{shown_spec(spec)} is not VQA data: its samples' json lacks {' and '.join(missing)}; "
+                         "make VQA shards with 'moe-dist-data synth --vqa' or 'moe-dist-data shard' of a file with "
+                         "image, question and answer columns")
 
 
 def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: int = 32, rank: int = 0,
-                  world_size: int = 1, allow_pipe: bool = False, progress: bool = False, workers: int = 0):
+                  world_size: int = 1, allow_pipe: bool = False, progress: bool = False, workers: int = 0,
+                  remote=None):
     """Generate over every sample of ``spec`` once (this rank's shards); gathered from all ranks in canonical
     order. ``task`` "caption" decodes from an empty prompt, "vqa" from each sample's "question: Q answer:".
 
     Under ``world_size > 1`` with whole models on every rank (``load_pretrained``, ep_size=1) no rank waits
     on another until the final gather; an expert-parallel model needs ``cfg.lockstep``. Returns a list of
-    dicts (key, image_id, caption, metadata, generated)."""
+    dicts (key, image_id, caption, metadata, generated). ``remote``: ``RemoteOptions`` of remote shards."""
     import torch
     from tqdm import tqdm
 
     from ..data.evalset import EvalSet, default_eval_transform, eval_batches
+    from ..data.urls import shown_spec
     from ..generation import GenerationConfig, generate, vqa_prompt
 
     cfg = cfg or GenerationConfig()
     model = getattr(model, "module", model)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     evalset = EvalSet(spec, default_eval_transform(model.cfg.vision.image_size), tokenizer, batch_size, rank,
-                      world_size, allow_pipe)
+                      world_size, allow_pipe, remote=remote)
     rows = []
     bar = tqdm(total=sum(evalset.shards[i].samples for i in evalset.mine), unit="img", disable=not progress,
                desc=task, dynamic_ncols=True)
@@ -197,8 +200,8 @@ def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: 
         if task == "vqa":
             for meta, key in zip(batch.metadata, batch.keys.tolist()):
                 if not str(meta.get("answer", "")).strip() or not str(meta.get("question", "")).strip():
-                    raise ValueError(f"sample {key} of {spec} has no question or answer in its json; every VQA "
-                                     "sample needs both")
+                    raise ValueError(f"sample {key} of {shown_spec(spec)} has no question or answer in its json; "
+                                     "every VQA sample needs both")
             prompts = [vqa_prompt(str(m["question"])) for m in batch.metadata]
         texts = generate(model, tokenizer, batch.images.to(device=device, dtype=dtype), prompts, cfg)
         for i, text in enumerate(texts):

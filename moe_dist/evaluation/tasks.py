@@ -71,7 +71,7 @@ def parse_tasks(tasks: Union[str, Sequence[str]]) -> List[str]:
 def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequence[str] = CONTRASTIVE_TASKS,
              batch_size: int = 64, classes: Union[None, str, Sequence[str]] = None, templates=None, rank: int = 0,
              world_size: int = 1, dropless: bool = True, allow_pipe: bool = False, label_key: str = "label",
-             progress: bool = True, workers: int = 0) -> EvalResult:
+             progress: bool = True, workers: int = 0, remote=None) -> EvalResult:
     """Evaluate ``model`` on every sample of ``spec`` exactly once over ``world_size`` ranks.
 
     Args:
@@ -90,6 +90,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequ
         label_key: the metadata key holding a sample's class (int index or class name).
         progress: a progress bar on rank 0.
         workers: DataLoader worker processes decoding this rank's shards (0: in this process).
+        remote: ``RemoteOptions`` of http(s):// and s3:// shards and their index files (None: the defaults;
+            training passes ``data.remote_*``).
     Returns:
         EvalResult; ``groups`` holds "zeroshot" (metrics.zeroshot_metrics without "confusion"),
         "retrieval" (metrics.retrieval_metrics), "loss" (batch-size-weighted means of the total loss and
@@ -104,7 +106,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequ
     if world_size > 1 and not torch.distributed.is_initialized():
         raise ValueError(f"world_size={world_size} needs torch.distributed initialised before evaluate()")
     model = getattr(model, "module", model)  # a DeepSpeed engine evaluates its module
-    generated = {t: _generative(model, tokenizer, spec, t, batch_size, rank, world_size, allow_pipe)
+    generated = {t: _generative(model, tokenizer, spec, t, batch_size, rank, world_size, allow_pipe, remote)
                  for t in tasks if t in GENERATIVE_TASKS}
     tasks = [t for t in tasks if t not in GENERATIVE_TASKS]
     if not tasks:
@@ -113,12 +115,12 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequ
                              "failed": 0, "failures": {}, "ranks": world_size}
         return EvalResult(groups)
     result = _evaluate(model, tokenizer, spec, tasks, batch_size, classes, templates, rank, world_size, dropless,
-                       allow_pipe, label_key, progress, workers)
+                       allow_pipe, label_key, progress, workers, remote)
     result.groups.update(generated)
     return result
 
 
-def _generative(model, tokenizer, spec, task, batch_size, rank, world_size, allow_pipe) -> Dict[str, object]:
+def _generative(model, tokenizer, spec, task, batch_size, rank, world_size, allow_pipe, remote) -> Dict[str, object]:
     """Greedy generation over the set and its scores; under expert parallelism every rank decodes in lockstep."""
     from ..generation import GenerationConfig, check_generative
     from .captioning import caption_scores, check_vqa_data, generate_over, vqa_scores
@@ -128,19 +130,19 @@ def _generative(model, tokenizer, spec, task, batch_size, rank, world_size, allo
         check_vqa_data(spec, allow_pipe)
     expert_parallel = any(m.moe.ep_size > 1 for m in moe_mlps(model))
     cfg = GenerationConfig(max_new=8 if task == "vqa" else 30, lockstep=expert_parallel)
-    rows = generate_over(model, tokenizer, spec, task, cfg, batch_size, rank, world_size, allow_pipe)
+    rows = generate_over(model, tokenizer, spec, task, cfg, batch_size, rank, world_size, allow_pipe, remote=remote)
     scores = caption_scores(rows) if task == "caption" else vqa_scores(rows)
     return {k: v for k, v in scores.items() if k != "per_type"} | {
         f"{t}_accuracy": s["accuracy"] for t, s in scores.get("per_type", {}).items()}
 
 
 def _evaluate(model, tokenizer, spec, tasks, batch_size, classes, templates, rank, world_size, dropless,
-              allow_pipe, label_key, progress, workers) -> EvalResult:
+              allow_pipe, label_key, progress, workers, remote) -> EvalResult:
     """The embedding tasks: zeroshot, retrieval, loss (outline steps 1-5)."""
     device = next(model.parameters()).device
     class_set = load_classes(classes, templates) if "zeroshot" in tasks else None
     evalset = EvalSet(spec, default_eval_transform(model.cfg.vision.image_size), tokenizer, batch_size, rank,
-                      world_size, allow_pipe)
+                      world_size, allow_pipe, remote=remote)
     with eval_routing(model, dropless), torch.no_grad():
         classifier_DC = build_classifier(model, tokenizer, class_set, device).cpu() if class_set else None
         if class_set:

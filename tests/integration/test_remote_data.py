@@ -152,10 +152,13 @@ def test_faults_in_worker_processes_are_counted(http, tokenizer):
 
 @pytest.mark.parametrize("fault, expected, requests", [
     (Status(404), "HTTP 404 (not found)", 1), (Status(403), "HTTP 403 (forbidden)", 1),
-    ([Status(503)] * 9, "HTTP 503 (Service Unavailable); gave up after 3 retries", 4)])
+    (Status(400), "HTTP 400 (Bad Request)", 1), (Status(416), "HTTP 416 (Requested Range Not Satisfiable)", 1),
+    ([Status(503)] * 9, "HTTP 503 (Service Unavailable); gave up after 3 retries", 4),
+    ([Status(429)] * 9, "HTTP 429 (Too Many Requests); gave up after 3 retries", 4)])
 def test_missing_forbidden_and_endless_faults_stop_with_one_line(fault, expected, requests, http, tokenizer):
-    """A missing or forbidden object is not retried; endless 503s stop after data.remote_retries. Each
-    stops the epoch with one line naming the URL."""
+    """A missing or forbidden object, or any other 4xx but 408 and 429 (a request that cannot succeed), is
+    not retried; endless 503s or 429s stop after data.remote_retries. Each stops the epoch with one line
+    naming the URL."""
     path = "/out/train/train-000003.tar"
     http.faults[path] = list(fault) if isinstance(fault, list) else [fault]
     with pytest.raises(DataError) as err:
@@ -239,7 +242,7 @@ def test_messages_never_show_the_query_or_userinfo_of_a_url(http, tokenizer):
     """Presigned URLs carry their token in the query string: it never reaches a message or a log line."""
     from moe_dist.data.remote import shown_url
 
-    assert shown_url("https://user:pw@host:8080/a/b.tar?X-Amz-Signature=s3cr3t#f") == "https://host:8080/a/b.tar"
+    assert shown_url("https://user:pw@host:8080/a/b.tar?X-Amz-Signature=s3cr3t#f") == "https://***@host:8080/a/b.tar"
     http.forbidden.add("/out/train/train-000003.tar?X-Amz-Signature=s3cr3t")
     with pytest.raises(DataError) as err:
         list(_loader(f"{http.url}/out/train/train-000003.tar?X-Amz-Signature=s3cr3t", tokenizer, mode="resampled",
