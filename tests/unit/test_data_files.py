@@ -1,0 +1,296 @@
+"""Issue 25, data side: what spec resolution and the loaders open, and what they refuse.
+
+    item 4   shards that count no sample are refused at resolution; an epoch that can yield nothing is an
+             error, never an endless run of empty epochs
+    item 6   the files a spec names are regular files (no FIFO, device or directory), a directory's entries
+             stay inside it, index files have a size limit; nothing blocks on a FIFO
+    item 9   a malformed manifest.json / sizes.json / classes.json is one ValueError line naming the file
+    small    a sample's unparsable .json is a broken sample for validate and resharding; the tokenizer is
+             written atomically
+"""
+
+import json
+import os
+import tarfile
+
+import pytest
+import torch
+
+from data_tools.cli import main as data_cli
+from helpers.data import good_sample, write_tar
+from moe_dist.data import LoaderConfig, ShardLoader, resolve_spec
+from moe_dist.data.spec import Shard
+
+SAMPLES = 5
+
+
+class ZeroTokenizer:
+    """The tokenizer interface ShardLoader needs: encode(texts) -> (tokens, padding_mask)."""
+
+    def encode(self, texts):
+        tokens = torch.zeros(len(texts), 4, dtype=torch.long)
+        return tokens, tokens == 0
+
+
+def tiny_image(image):
+    return torch.zeros(3, 4, 4)
+
+
+def loader(spec, **kw):
+    cfg = dict(spec=str(spec), batch_size=2, workers=0, shuffle_buffer=1)
+    cfg.update(kw)
+    world, rank = cfg.pop("world", 1), cfg.pop("rank", 0)
+    return ShardLoader(LoaderConfig(**cfg), ZeroTokenizer(), rank=rank, world_size=world, transform=tiny_image)
+
+
+def shard_dir(root, names=("a.tar", "b.tar"), samples=SAMPLES):
+    """``root`` with tars of ``samples`` good samples each (no index)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for n, name in enumerate(names):
+        write_tar(root / name, [good_sample(100 * n + i) for i in range(samples)])
+    return root
+
+
+def one_error_line(err):
+    text = str(err)
+    assert "\n" not in text, text
+    return text
+
+
+# ------------------------------------------------------------------ item 9: malformed index files
+SIZES_CASES = {
+    "list_not_object": ([["a.tar", 5], ["b.tar", 5]], "not an object"),
+    "string_count": ({"a.tar": "5", "b.tar": 5}, "not a whole number"),
+    "bool_count": ({"a.tar": True, "b.tar": 5}, "not a whole number"),
+    "float_count": ({"a.tar": 2.5, "b.tar": 5}, "not a whole number"),
+    "whole_float_count": ({"a.tar": 5.0, "b.tar": 5}, "not a whole number"),
+    "null_count": ({"a.tar": None, "b.tar": 5}, "not a whole number"),
+    "nested_count": ({"a.tar": {"samples": 5}, "b.tar": 5}, "not a whole number"),
+    "a_bare_string": ("a.tar", "not an object"),
+}
+MANIFEST_CASES = {
+    "list_not_object": ([{"name": "a.tar", "samples": 5}], "not an object"),
+    "shards_not_a_list": ({"shards": {"a.tar": 5}}, '"shards"'),
+    "entry_not_an_object": ({"shards": ["a.tar", "b.tar"]}, "shards[0]"),
+    "missing_samples": ({"shards": [{"name": "a.tar"}]}, '"samples"'),
+    "missing_name": ({"shards": [{"samples": 5}]}, '"name"'),
+    "neither_shards_nor_splits": ({"format": "webdataset"}, '"shards"'),
+    "number_name": ({"shards": [{"name": 7, "samples": 5}]}, "not a file name"),
+    "nested_name": ({"shards": [{"name": ["a.tar"], "samples": 5}]}, "not a file name"),
+    "string_count": ({"shards": [{"name": "a.tar", "samples": "5"}]}, "not a whole number"),
+    "bool_count": ({"shards": [{"name": "a.tar", "samples": True}]}, "not a whole number"),
+    "float_count": ({"shards": [{"name": "a.tar", "samples": 4.5}]}, "not a whole number"),
+    "duplicate_name": ({"shards": [{"name": "a.tar", "samples": 5}, {"name": "a.tar", "samples": 5}]}, "twice"),
+    "splits_a_list": ({"splits": ["train"]}, '"splits"'),
+    "split_not_an_object": ({"splits": {"train": "train"}}, 'splits["train"]'),
+    "split_path_a_number": ({"splits": {"train": {"path": 5, "shards": 1}}}, "not a file name"),
+    "split_count_a_string": ({"splits": {"train": {"path": "train", "shards": "8", "samples": 1}}}, "whole number"),
+}
+RAW_CASES = {  # bytes of either index file
+    "invalid_json": (b'{"a.tar": 5,', "not valid JSON"),
+    "empty_file": (b"", "not valid JSON"),
+    "not_utf8": (b'{"caf\xe9.tar": 5}', "not UTF-8"),
+}
+INDEX_CASES = [("sizes.json", k, *v) for k, v in SIZES_CASES.items()] + \
+              [("manifest.json", k, *v) for k, v in MANIFEST_CASES.items()] + \
+              [(index, k, *v) for index in ("sizes.json", "manifest.json") for k, v in RAW_CASES.items()]
+
+
+@pytest.mark.parametrize("index, case, content, says", INDEX_CASES,
+                         ids=[f"{index}-{case}" for index, case, _, _ in INDEX_CASES])
+def test_a_malformed_index_is_one_line_naming_the_file(index, case, content, says, tmp_path, capsys):
+    directory = shard_dir(tmp_path / "shards")
+    path = directory / index
+    path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    with pytest.raises(ValueError) as err:
+        resolve_spec(str(directory))
+    message = one_error_line(err.value)
+    assert str(path) in message and says in message, message
+    # the command line: exit 2 with that one line, no traceback
+    assert data_cli(["validate", str(directory), "-q"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"moe-dist-data validate: error: {message}"]
+
+
+def test_a_malformed_remote_index_names_its_url(tmp_path):
+    from helpers.remote import serve_http
+
+    directory = shard_dir(tmp_path / "shards")
+    (directory / "sizes.json").write_text(json.dumps([["a.tar", 5]]))
+    with serve_http(tmp_path) as server:
+        with pytest.raises(ValueError, match=rf"{server.url}/shards/sizes.json .*not an object"):
+            resolve_spec(f"{server.url}/shards/")
+
+
+def test_a_well_formed_index_still_gives_the_counts(tmp_path):
+    directory = shard_dir(tmp_path / "shards")
+    (directory / "sizes.json").write_text(json.dumps({"a.tar": 3, "b.tar": 4}))
+    assert [(os.path.basename(s.url), s.samples, s.index) for s in resolve_spec(str(directory))] == \
+        [("a.tar", 3, "sizes.json"), ("b.tar", 4, "sizes.json")]
+
+
+@pytest.mark.parametrize("manifest", [["a list"], {"shards": "all"}, {"shards": [["train-000000.tar", 5], {"x": 1}]}],
+                         ids=["list", "shards_a_string", "entries_of_garbage"])
+def test_a_malformed_manifest_in_an_s3_prefix_is_refused_or_ignored(manifest, monkeypatch, tmp_path):
+    """Sibling readers: resuming an upload reads the prefix's manifests. A top manifest that is not ours is
+    refused in one line; split manifest entries of the wrong shape are not trusted (their shards are uploaded
+    again) instead of raising AttributeError / KeyError."""
+    from data_tools import publish
+
+    monkeypatch.setattr(publish.remote, "read_json", lambda url, *a, **k: manifest)
+    assert publish.S3Publisher("s3://bucket/prefix", str(tmp_path)).existing == {}
+    if isinstance(manifest, list):
+        with pytest.raises(ValueError, match=r"s3://bucket/prefix/manifest.json is not a JSON object.*--overwrite"):
+            publish.check_prefix("s3://bucket/prefix", "src", {}, overwrite=False)
+
+
+
+CLASS_CASES = {
+    "invalid_json": (b'{"classes": [', "not valid JSON"),
+    "not_utf8": (b'{"classes": ["caf\xe9"]}', "not UTF-8"),
+    "list_not_object": (b'["cat", "dog"]', '"classes"'),
+    "nested_class": (b'{"classes": ["cat", {"name": "dog"}]}', "classes[1]"),
+    "bool_class": (b'{"classes": ["cat", true]}', "classes[1]"),
+    "template_not_a_string": (b'{"classes": ["cat"], "templates": [3]}', "template"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLASS_CASES))
+def test_a_malformed_class_file_is_one_line_naming_it(case, tmp_path):
+    from moe_dist.evaluation.zeroshot import load_classes
+
+    content, says = CLASS_CASES[case]
+    path = tmp_path / "classes.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_classes(str(path))
+    message = one_error_line(err.value)
+    assert str(path) in message and says in message, message
+
+
+# ------------------------------------------------------------------ item 6: what a spec may make us open
+@pytest.mark.timeout(60, method="signal")
+@pytest.mark.parametrize("name", ["a.tar", "manifest.json", "sizes.json"])
+def test_a_fifo_in_a_shard_directory_is_refused_without_blocking(name, tmp_path):
+    directory = shard_dir(tmp_path / "shards", names=("b.tar", "c.tar"))
+    os.mkfifo(directory / name)
+    if name == "a.tar":
+        (directory / "sizes.json").write_text(json.dumps({"a.tar": 5, "b.tar": 5, "c.tar": 5}))
+    with pytest.raises(ValueError, match=rf"{directory / name}' is a FIFO \(named pipe\), not a regular file"):
+        resolve_spec(str(directory))
+
+
+@pytest.mark.timeout(60, method="signal")
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_a_shard_must_be_a_regular_file(kind, tmp_path):
+    """A FIFO named by the spec, a device, a directory that *.tar matches: refused by what they are, never
+    opened (a FIFO would block), and never called "missing"."""
+    directory = shard_dir(tmp_path / "shards", names=("b.tar",))
+    spec = {"fifo": tmp_path / "s.tar", "device": "/dev/null", "directory": directory}[kind]
+    if kind == "fifo":
+        os.mkfifo(spec)
+    elif kind == "directory":
+        (directory / "x.tar").mkdir()
+    with pytest.raises(ValueError, match=r"is a (FIFO|character device|directory).*not a regular file"):
+        resolve_spec(str(spec))
+
+
+@pytest.mark.timeout(60, method="signal")
+def test_reading_a_shard_never_blocks_on_a_fifo(tmp_path):
+    """A shard replaced by a FIFO after resolution (the worker opens it later) is a broken shard, counted."""
+    from moe_dist.data.stream import SampleCounter, raw_samples
+
+    os.mkfifo(tmp_path / "a.tar")
+    counter = SampleCounter()
+    assert list(raw_samples(iter([Shard(str(tmp_path / "a.tar"), 5, 0, "sizes.json")]), counter)) == []
+    assert dict(counter.failures) == {"broken_tar": 1, "short_shard": 5}
+
+
+@pytest.mark.parametrize("listed_by", ["manifest.json", "sizes.json", "glob"])
+def test_a_directory_entry_may_not_link_outside_it(listed_by, tmp_path):
+    outside = shard_dir(tmp_path / "elsewhere", names=("x.tar",))
+    directory = shard_dir(tmp_path / "shards", names=("b.tar",))
+    (directory / "a.tar").symlink_to(outside / "x.tar")
+    (directory / "c.tar").symlink_to("b.tar")  # a link that stays inside is fine
+    counts = {"a.tar": 5, "b.tar": 5, "c.tar": 5}
+    if listed_by == "manifest.json":
+        entries = [{"name": k, "samples": v} for k, v in counts.items()]
+        (directory / listed_by).write_text(json.dumps({"shards": entries}))
+    elif listed_by == "sizes.json":
+        (directory / listed_by).write_text(json.dumps(counts))
+    real = os.path.realpath(outside / "x.tar")
+    found = r"a.tar' \((listed in|found in) .*\)"
+    with pytest.raises(ValueError, match=rf"{found} is a symlink to {real}, outside {directory}"):
+        resolve_spec(str(directory))
+    (directory / "a.tar").unlink()
+    if listed_by == "glob":
+        assert len(resolve_spec(str(directory))) == 2
+    assert len(resolve_spec(str(directory / "c.tar"))) == 1  # named by the spec itself: a link is the user's own
+
+
+def test_an_index_may_not_link_outside_its_directory(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "sizes.json").write_text(json.dumps({"a.tar": 5, "b.tar": 5}))
+    directory = shard_dir(tmp_path / "shards")
+    (directory / "sizes.json").symlink_to(tmp_path / "elsewhere" / "sizes.json")
+    with pytest.raises(ValueError, match=r"sizes.json' \(the index of .*\) is a symlink to .*, outside"):
+        resolve_spec(str(directory))
+
+
+def test_a_split_directory_may_not_link_outside_its_dataset(tmp_path):
+    outside = shard_dir(tmp_path / "elsewhere")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train").symlink_to(outside)
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"splits": {"train": {"path": "train", "shards": 2}}}))
+    with pytest.raises(ValueError, match=r"train' \(listed in .*manifest.json\) is a symlink to .*, outside"):
+        resolve_spec(str(tmp_path / "data"))
+    assert len(resolve_spec(str(outside))) == 2
+
+
+def test_an_index_has_a_size_limit(tmp_path, monkeypatch):
+    from moe_dist.data import localfiles
+
+    directory = shard_dir(tmp_path / "shards")
+    (directory / "sizes.json").write_text(json.dumps({"a.tar": 5, "b.tar": 5, "pad": "x" * 2000}))
+    monkeypatch.setattr(localfiles, "INDEX_MAX_BYTES", 1 << 10)
+    with pytest.raises(ValueError, match=rf"index {directory / 'sizes.json'} is larger than"):
+        resolve_spec(str(directory))
+
+
+@pytest.mark.timeout(60, method="signal")
+def test_a_class_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    from moe_dist.evaluation.zeroshot import load_classes
+
+    os.mkfifo(tmp_path / "classes.json")
+    with pytest.raises(ValueError, match="is a FIFO"):
+        load_classes(str(tmp_path / "classes.json"))
+
+
+# ------------------------------------------------------------------ item 4: nothing to read is an error
+def _empty_tar(path):
+    with tarfile.open(path, "w"):
+        pass
+
+
+EMPTY_CASES = {
+    "sizes_zero": ("sizes.json", {"a.tar": 0, "b.tar": 5}, "a.tar' with 0 samples"),
+    "sizes_negative": ("sizes.json", {"a.tar": 5, "b.tar": -2}, "b.tar' with -2 samples"),
+    "manifest_zero": ("manifest.json", {"shards": [{"name": "a.tar", "samples": 0}]}, "a.tar' with 0 samples"),
+    "empty_tar_no_index": (None, "empty", "a.tar' holds no sample"),
+    "garbage_tar_no_index": (None, "garbage", "a.tar' holds no sample"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMPTY_CASES))
+def test_shards_that_count_no_sample_are_refused(case, tmp_path):
+    index, content, says = EMPTY_CASES[case]
+    directory = shard_dir(tmp_path / "shards")
+    if index:
+        (directory / index).write_text(json.dumps(content))
+    elif content == "empty":
+        _empty_tar(directory / "a.tar")
+    else:
+        (directory / "a.tar").write_bytes(os.urandom(3000))
+    with pytest.raises(ValueError) as err:
+        loader(directory, world=2, rank=1)
+    message = one_error_line(err.value)
+    assert says in message and ("remove" in message or "rebuild" in message), message
