@@ -36,8 +36,10 @@ class ShardRead:
 
 def iter_samples(spec: str, progress: bool = True, desc: str = "read", allow_pipe: bool = False) -> Iterator[ShardRead]:
     """Every readable sample of ``spec``, shard by shard, and after each shard its ShardRead summary.
-    The spec is resolved (and refused) here, before the first sample is asked for."""
-    return _scan(resolve_spec(spec, allow_pipe=allow_pipe), progress, desc, allow_pipe)
+    The spec is resolved (and refused) here, before the first sample is asked for. Tars no index
+    describes are not counted first: the scan reads them anyway, and reports an empty or broken one
+    (``empty_shard``, ``broken_tar``) where training refuses it."""
+    return _scan(resolve_spec(spec, allow_pipe=allow_pipe, need_counts=False), progress, desc, allow_pipe)
 
 
 def _scan(shards: List[Shard], progress: bool, desc: str, allow_pipe: bool) -> Iterator[ShardRead]:
@@ -87,7 +89,7 @@ def stats(spec: str, progress: bool = True, allow_pipe: bool = False) -> Dict[st
     tars, "missing" the samples indexes list but shards lack."""
     from PIL import Image
 
-    shards = resolve_spec(spec, allow_pipe=allow_pipe)
+    shards = resolve_spec(spec, allow_pipe=allow_pipe, need_counts=False)
     out = {"shards": len(shards), "samples": 0, "bytes": 0, "image_longest_side": collections.Counter(),
            "caption_words": collections.Counter(), "key_sets": collections.Counter(), "unreadable": 0,
            "missing": 0}

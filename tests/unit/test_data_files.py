@@ -18,7 +18,7 @@ import torch
 
 from data_tools.cli import main as data_cli
 from helpers.data import good_sample, write_tar
-from moe_dist.data import LoaderConfig, ShardLoader, resolve_spec
+from moe_dist.data import DataError, LoaderConfig, ShardLoader, resolve_spec
 from moe_dist.data.spec import Shard
 
 SAMPLES = 5
@@ -294,3 +294,81 @@ def test_shards_that_count_no_sample_are_refused(case, tmp_path):
         loader(directory, world=2, rank=1)
     message = one_error_line(err.value)
     assert says in message and ("remove" in message or "rebuild" in message), message
+
+
+def test_exact_mode_refuses_shards_of_unknown_size(tmp_path):
+    """A pipe: shard cannot be counted without running it: exact mode planned it as 0 samples, so every
+    epoch had no step and training looped on empty epochs."""
+    directory = shard_dir(tmp_path / "shards", names=("a.tar",))
+    with pytest.raises(ValueError, match=r"pipe:cat .*a.tar'.* no known sample count.*data.mode=resampled"):
+        loader(f"pipe:cat {directory / 'a.tar'}", allow_pipe=True)
+    assert len(list(loader(f"pipe:cat {directory / 'a.tar'}", allow_pipe=True, mode="resampled",
+                           epoch_samples=4))) == 2
+
+
+def test_an_epoch_with_no_step_is_an_error_unless_a_resume_finished_it(tmp_path):
+    from moe_dist.data import merge_states
+
+    directory = shard_dir(tmp_path / "shards")
+    empty = loader(directory)
+    empty.shards = [Shard(s.url, 0, s.source, s.index) for s in empty.shards]  # what resolution now refuses
+    with pytest.raises(DataError, match="epoch 0 .* no sample to deliver"):
+        list(empty)
+    # an elastic resume whose saved state had delivered the whole epoch: nothing left, the next epoch follows
+    first = loader(directory)
+    batches = list(first)
+    assert len(batches) == 5 and first.epoch == 1
+    done = loader(directory)
+    for _ in done:  # read epoch 0 whole without the iterator's epoch change: the state of its last step
+        if done._step == done.steps_per_epoch:
+            state = done.state_dict()
+            break
+    resumed = loader(directory, world=2, rank=0)  # another layout: an elastic resume
+    resumed.load_state_dict(merge_states([state]))
+    assert list(resumed) == [] and resumed.epoch == 1
+    assert len(list(resumed)) == 3  # epoch 1 at 2 ranks: one shard of 5 samples, batches of 2
+
+
+def test_an_elastic_resume_that_leaves_a_rank_no_shard_keeps_the_ranks_in_step(tmp_path):
+    """Guard: the one way a fresh plan gives a rank nothing now that every shard counts >= 1. Rank 1 repeats
+    recent samples for as many steps as rank 0 reads, instead of stopping, and nothing is delivered twice."""
+    from moe_dist.data import merge_states
+
+    directory = shard_dir(tmp_path / "shards")
+    first = loader(directory)
+    batches = iter(first)
+    head = [next(batches).tokens for _ in range(3)]  # 6 of the 10 samples: one shard whole, one begun
+    state = merge_states([first.state_dict()])
+    ranks = [loader(directory, world=2, rank=r) for r in range(2)]
+    for rank in ranks:
+        rank.load_state_dict(state)
+    assert [len(list(rank)) for rank in ranks] == [2, 2] and len(head) == 3
+    assert [r.last_epoch_stats["good"] for r in ranks] == [4, 0] and ranks[1].last_epoch_stats["padded"] == 4
+
+
+@pytest.mark.timeout(120, method="signal")
+def test_resampled_mode_stops_on_shards_that_hold_nothing(tmp_path):
+    """Shards of unknown size (no index, a pipe: or a remote URL) that are empty: every draw read nothing, and
+    the worker drew forever without a message."""
+    _empty_tar(tmp_path / "empty.tar")
+    endless = loader(f"pipe:cat {tmp_path / 'empty.tar'}", allow_pipe=True, mode="resampled", epoch_samples=4)
+    with pytest.raises(DataError, match=r"none of the 1 shards held a sample on rank 0 \(each was read: empty_shard"):
+        list(endless)
+
+
+@pytest.mark.timeout(120, method="signal")
+def test_resampled_mode_stops_when_nothing_decodes(tmp_path):
+    """Every sample fails: the worker never filled a chunk, so the loader never saw a failure to count, and waited
+    forever."""
+    write_tar(tmp_path / "bad.tar", [{"__key__": f"k{i}", "jpg": b"<html/>", "txt": b"x"} for i in range(5)])
+    endless = loader(tmp_path / "bad.tar", mode="resampled", epoch_samples=4, workers=1)
+    with pytest.raises(DataError, match=r"64 of 64 samples failed on rank 0 \(undecodable_image: 64\)"):
+        list(endless)
+
+
+def test_validate_reports_an_empty_shard(tmp_path, capsys):
+    directory = shard_dir(tmp_path / "shards", names=("b.tar",))
+    _empty_tar(directory / "a.tar")
+    assert data_cli(["validate", str(directory), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert f"BROKEN {directory / 'a.tar'} key=None reason=empty_shard" in out, out
