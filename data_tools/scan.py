@@ -11,7 +11,7 @@ from typing import Dict, Iterator, List, Optional
 
 from tqdm import tqdm
 
-from moe_dist.data.decode import SampleError, decode_caption, decode_image, image_key
+from moe_dist.data.decode import SampleError, decode_caption, decode_image, decode_metadata, image_key
 from moe_dist.data.spec import Shard, resolve_spec
 from moe_dist.data.stream import SampleCounter, raw_samples
 
@@ -55,8 +55,9 @@ def _scan(shards: List[Shard], progress: bool, desc: str, allow_pipe: bool) -> I
 
 
 def validate(spec: str, progress: bool = True, allow_pipe: bool = False) -> Dict[str, object]:
-    """Decode every sample and compare each shard with its index; returns {"samples", "ok", "broken":
-    [{"shard", "key", "reason"}]} (key None for a shard-level problem)."""
+    """Decode every sample (image, caption and the .json member, which evaluation reads) and compare each
+    shard with its index; returns {"samples", "ok", "broken": [{"shard", "key", "reason"}]} (key None for a
+    shard-level problem)."""
     broken: List[Dict[str, str]] = []
     total = 0
     for read in iter_samples(spec, progress, "validate", allow_pipe):
@@ -72,6 +73,7 @@ def validate(spec: str, progress: bool = True, allow_pipe: bool = False) -> Dict
                 raise SampleError("missing_image")
             decode_caption(sample.get("txt"))
             decode_image(sample[key])
+            decode_metadata(sample)
         except SampleError as err:
             broken.append({"shard": url, "key": sample["__key__"], "reason": err.reason})
     return {"samples": total, "ok": total - sum(1 for b in broken if b["key"] is not None), "broken": broken}

@@ -11,13 +11,15 @@
 
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import pytest
 import torch
 
 from data_tools.cli import main as data_cli
-from helpers.data import good_sample, write_tar
+from helpers.data import good_sample, jpeg_bytes, write_tar
 from moe_dist.data import DataError, LoaderConfig, ShardLoader, resolve_spec
 from moe_dist.data.spec import Shard
 
@@ -142,6 +144,28 @@ def test_a_malformed_manifest_in_an_s3_prefix_is_refused_or_ignored(manifest, mo
         with pytest.raises(ValueError, match=r"s3://bucket/prefix/manifest.json is not a JSON object.*--overwrite"):
             publish.check_prefix("s3://bucket/prefix", "src", {}, overwrite=False)
 
+
+@pytest.mark.parametrize("content, says", [(b'{"images": [', "not UTF-8 JSON"), (b'\xff\xfe', "not UTF-8 JSON"),
+                                           (b'[{"images": []}]', "not a COCO captions file"),
+                                           (b'{"images": {}, "annotations": []}', "not a COCO captions file")],
+                         ids=["invalid_json", "not_utf8", "a_list", "images_not_a_list"])
+def test_a_malformed_coco_file_is_one_line_naming_it(content, says, tmp_path, capsys):
+    (tmp_path / "captions.json").write_bytes(content)
+    assert data_cli(["shard", str(tmp_path / "captions.json"), "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "captions.json") in err[0] and says in err[0], err
+
+
+def test_coco_entries_of_the_wrong_shape_are_failed_inputs(tmp_path):
+    from data_tools.shard import ShardOptions, shard
+
+    (tmp_path / "0.jpg").write_bytes(jpeg_bytes(0))
+    images = [{"id": 0, "file_name": "0.jpg"}, "not an image entry"]
+    anns = [{"id": 1, "image_id": 0, "caption": "a caption"}, {"id": 2, "caption": "no image id"}, ["garbage"]]
+    (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    manifest = shard(str(tmp_path / "captions.json"), str(tmp_path / "out"), ShardOptions(), progress=False)
+    assert (manifest["written"], manifest["failed_count"]) == (1, 2)
+    assert [f["reason"] for f in manifest["failed"]] == ["invalid_coco_entry"] * 2
 
 
 CLASS_CASES = {
@@ -372,3 +396,55 @@ def test_validate_reports_an_empty_shard(tmp_path, capsys):
     assert data_cli(["validate", str(directory), "-q"]) == 1
     out = capsys.readouterr().out
     assert f"BROKEN {directory / 'a.tar'} key=None reason=empty_shard" in out, out
+
+
+# ------------------------------------------------------------------ small items
+def _bad_json_shard(path):
+    samples = [dict(good_sample(i), json=b'{"label": 1}') for i in range(3)]
+    samples.append({"__key__": "badjson", "jpg": jpeg_bytes(9), "txt": b"bad json", "json": b'{"label": '})
+    write_tar(path, samples)
+
+
+def test_validate_counts_an_unparsable_json_member(tmp_path, capsys):
+    _bad_json_shard(tmp_path / "a.tar")
+    assert data_cli(["validate", str(tmp_path / "a.tar"), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "key=badjson reason=bad_json" in out and "4 samples, 3 ok, 1 broken" in out, out
+
+
+def test_resharding_counts_an_unparsable_json_member(tmp_path):
+    from data_tools.shard import ShardOptions, shard
+
+    _bad_json_shard(tmp_path / "a.tar")
+    manifest = shard(str(tmp_path / "a.tar"), str(tmp_path / "out"), ShardOptions(), progress=False)
+    assert (manifest["written"], manifest["failed_count"]) == (3, 1)
+    assert [f["reason"] for f in manifest["failed"]] == ["bad_json"]
+
+
+def test_a_folder_sidecar_json_that_does_not_parse_is_counted(tmp_path):
+    from data_tools.shard import ShardOptions, shard
+
+    for i, meta in enumerate(['{"url": "x"}', '{"url": ']):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+        (tmp_path / "in" / f"{i}.txt").write_text(f"caption {i}")
+        (tmp_path / "in" / f"{i}.json").write_text(meta)
+    manifest = shard(str(tmp_path / "in"), str(tmp_path / "out"), ShardOptions(), progress=False)
+    assert (manifest["written"], manifest["failed_count"]) == (1, 1)
+    assert [f["reason"] for f in manifest["failed"]] == ["bad_json"]
+
+
+def test_the_tokenizer_is_written_atomically(tmp_path):
+    """A write that fails half-way (here: the file-size limit, as a full disk would) keeps the old model whole."""
+    write_tar(tmp_path / "a.tar", [dict(good_sample(i), txt=f"caption number {i} of many".encode())
+                                    for i in range(60)])
+    out = tmp_path / "tok.model"
+    assert data_cli(["tokenizer", str(tmp_path / "a.tar"), "--out", str(out), "--vocab-size", "40", "-q"]) == 0
+    old = out.read_bytes()
+    limit_kb = len(old) // 1024 - 8  # the new model (same size or larger) cannot be written whole
+    script = (f"ulimit -f {limit_kb}; exec {sys.executable} -m data_tools.cli tokenizer {tmp_path / 'a.tar'} "
+              f"--out {out} --vocab-size 60 -q")
+    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0, f"the file-size limit was not hit\n{res.stdout}\n{res.stderr}"
+    assert out.read_bytes() == old, "a failed write left a partial tokenizer in place of the old one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "tok.model"]
