@@ -140,9 +140,10 @@ def _tokenizer(args) -> int:
 
     model = train_sentencepiece(captions(args.spec, progress=not args.quiet, allow_pipe=args.allow_pipe),
                                 args.vocab_size, args.model_type, args.max_sentences, args.seed)
+    from moe_dist.files import atomic_write
+
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "wb") as f:
-        f.write(model)
+    atomic_write(args.out, model)  # a failed write leaves the previous model whole
     tok = SentencePieceTokenizer(args.out)
     print(f"wrote {args.out}: {args.model_type} model, {tok.vocab_size} pieces (pad=0 unk=1 bos=2 eos=3)")
     return 0

@@ -35,8 +35,10 @@ class S3Publisher:
         self.existing: Dict[str, Dict[str, object]] = {}
         for split in SPLITS:
             manifest = remote.read_json(remote.join(self.out, f"{split}/{MANIFEST}")) or {}
-            for entry in manifest.get("shards", []):
-                self.existing[f"{split}/{entry['name']}"] = entry
+            shards = manifest.get("shards") if isinstance(manifest, dict) else None
+            for entry in shards if isinstance(shards, list) else []:
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str):  # else: uploaded again
+                    self.existing[f"{split}/{entry['name']}"] = entry
 
     def __call__(self, path: str, entry: Optional[Dict[str, object]] = None) -> None:
         """Publish the completed local file ``path`` (a shard with its manifest ``entry``, or a manifest)."""
@@ -55,9 +57,13 @@ class S3Publisher:
 def check_prefix(out: str, source: str, options: Dict[str, object], overwrite: bool) -> None:
     """Refuse an s3:// prefix that holds another dataset (its top manifest names another source or other
     options) unless ``overwrite``; the same dataset is resumed (complete shards are not uploaded again)."""
-    top = remote.read_json(remote.join(out, MANIFEST))
+    url = remote.join(out, MANIFEST)
+    top = remote.read_json(url)
     if top is None or overwrite:
         return
+    if not isinstance(top, dict):
+        raise ValueError(f"--out {out} holds a {MANIFEST} that is not a dataset's ({remote.shown_url(url)} is not a "
+                         "JSON object); pass --overwrite to replace it, or choose another prefix")
     if top.get("source") != source or top.get("options") != options:
         raise ValueError(f"--out {out} already holds a dataset of another input or options (its manifest.json "
                          f"names source {top.get('source')!r}); pass --overwrite to replace it, or choose another "

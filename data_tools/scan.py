@@ -11,7 +11,7 @@ from typing import Dict, Iterator, List, Optional
 
 from tqdm import tqdm
 
-from moe_dist.data.decode import SampleError, decode_caption, decode_image, image_key
+from moe_dist.data.decode import SampleError, decode_caption, decode_image, decode_metadata, image_key
 from moe_dist.data.spec import Shard, resolve_spec
 from moe_dist.data.stream import SampleCounter, raw_samples
 from moe_dist.data.urls import shown_url
@@ -37,8 +37,10 @@ class ShardRead:
 
 def iter_samples(spec: str, progress: bool = True, desc: str = "read", allow_pipe: bool = False) -> Iterator[ShardRead]:
     """Every readable sample of ``spec``, shard by shard, and after each shard its ShardRead summary.
-    The spec is resolved (and refused) here, before the first sample is asked for."""
-    return _scan(resolve_spec(spec, allow_pipe=allow_pipe), progress, desc, allow_pipe)
+    The spec is resolved (and refused) here, before the first sample is asked for. Tars no index
+    describes are not counted first: the scan reads them anyway, and reports an empty or broken one
+    (``empty_shard``, ``broken_tar``) where training refuses it."""
+    return _scan(resolve_spec(spec, allow_pipe=allow_pipe, need_counts=False), progress, desc, allow_pipe)
 
 
 def _scan(shards: List[Shard], progress: bool, desc: str, allow_pipe: bool) -> Iterator[ShardRead]:
@@ -54,8 +56,9 @@ def _scan(shards: List[Shard], progress: bool, desc: str, allow_pipe: bool) -> I
 
 
 def validate(spec: str, progress: bool = True, allow_pipe: bool = False) -> Dict[str, object]:
-    """Decode every sample and compare each shard with its index; returns {"samples", "ok", "broken":
-    [{"shard", "key", "reason"}]} (key None for a shard-level problem)."""
+    """Decode every sample (image, caption and the .json member, which evaluation reads) and compare each
+    shard with its index; returns {"samples", "ok", "broken": [{"shard", "key", "reason"}]} (key None for a
+    shard-level problem)."""
     broken: List[Dict[str, str]] = []
     total = 0
     for read in iter_samples(spec, progress, "validate", allow_pipe):
@@ -71,6 +74,7 @@ def validate(spec: str, progress: bool = True, allow_pipe: bool = False) -> Dict
                 raise SampleError("missing_image")
             decode_caption(sample.get("txt"))
             decode_image(sample[key])
+            decode_metadata(sample)
         except SampleError as err:
             broken.append({"shard": url, "key": sample["__key__"], "reason": err.reason})
     return {"samples": total, "ok": total - sum(1 for b in broken if b["key"] is not None), "broken": broken}
@@ -88,7 +92,7 @@ def stats(spec: str, progress: bool = True, allow_pipe: bool = False) -> Dict[st
     tars, "missing" the samples indexes list but shards lack."""
     from PIL import Image
 
-    shards = resolve_spec(spec, allow_pipe=allow_pipe)
+    shards = resolve_spec(spec, allow_pipe=allow_pipe, need_counts=False)
     out = {"shards": len(shards), "samples": 0, "bytes": 0, "image_longest_side": collections.Counter(),
            "caption_words": collections.Counter(), "key_sets": collections.Counter(), "unreadable": 0,
            "missing": 0}

@@ -144,18 +144,28 @@ def _table_items(path: str, image_column: str, caption_column: str, reader: Read
 
 
 def read_coco(path: str, images_dir: Optional[str], allow_outside: bool = False) -> Iterator[Item]:
-    """One Item per caption of a COCO captions file; images are looked up in ``images_dir``."""
-    with open(path) as f:
-        data = json.load(f)
-    if "annotations" not in data or "images" not in data:
-        raise ValueError(f"{path} is not a COCO captions file (needs 'images' and 'annotations')")
+    """One Item per caption of a COCO captions file; images are looked up in ``images_dir``. A file that is
+    not UTF-8 JSON with an "images" and an "annotations" list is one ValueError line naming it; an image or
+    annotation entry of the wrong shape is a failed input ("invalid_coco_entry")."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as err:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not UTF-8 JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) or \
+            not isinstance(data.get("images"), list):
+        raise ValueError(f"{path} is not a COCO captions file (needs an 'images' and an 'annotations' list)")
     reader = Reader(images_dir or os.path.dirname(os.path.abspath(path)), allow_outside)
     return _coco_items(path, data, reader)
 
 
 def _coco_items(path: str, data: dict, reader: Reader) -> Iterator[Item]:
-    files = {img["id"]: img["file_name"] for img in data["images"]}
-    for ann in data["annotations"]:
+    files = {img.get("id"): img.get("file_name") for img in data["images"] if isinstance(img, dict)}
+    for n, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or isinstance(ann["image_id"], (dict, list)):
+            yield Item(f"{path}:annotations[{n}]", None, failure="invalid_coco_entry")
+            continue
         name = files.get(ann["image_id"])
         ref = f"{path}:annotation {ann.get('id', '?')}"
         meta = {"coco_image_id": ann["image_id"], "coco_caption_id": ann.get("id")}
@@ -164,14 +174,12 @@ def _coco_items(path: str, data: dict, reader: Reader) -> Iterator[Item]:
 
 
 def _sidecar_meta(path: str) -> Dict[str, object]:
+    """The sidecar .json of a folder image as metadata ({} when there is none); SampleError "bad_json" when it
+    does not parse, as for a sample's .json member."""
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {"value": meta}
+    with open(path, "rb") as f:
+        return decode_metadata({"json": f.read()})
 
 
 def read_folder(path: str, allow_outside: bool = False) -> Iterator[Item]:
@@ -191,6 +199,8 @@ def read_folder(path: str, allow_outside: bool = False) -> Iterator[Item]:
                     item.meta = _sidecar_meta(meta_path)
                 except OSError:
                     item = Item(image, None, failure="unreadable_sidecar_file")
+                except SampleError as err:
+                    item = Item(image, None, failure=err.reason)
             yield item
 
 
@@ -203,11 +213,13 @@ def _shard_items(spec: str, shards: List[Shard], allow_pipe: bool) -> Iterator[I
     counter = SampleCounter()
     for sample in raw_samples(iter(shards), counter, allow_pipe):
         key = image_key(sample)
+        ref = f"{shown_url(sample['__url__'])}:{sample['__key__']}"
         try:
             meta = decode_metadata(sample)
-        except SampleError:
-            meta = {}
-        yield Item(f"{shown_url(sample['__url__'])}:{sample['__key__']}", sample.get("txt"),
+        except SampleError as err:  # a broken sample, as evaluation and validate count it
+            yield Item(ref, None, failure=err.reason)
+            continue
+        yield Item(ref, sample.get("txt"),
                    data=sample.get(key) if key else None, ext=key or "jpg", meta=meta)
     for reason, count in counter.failures.items():
         for _ in range(count):

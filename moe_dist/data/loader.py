@@ -2,7 +2,9 @@
 
 Loader outline:
     1. resolve the shard spec (spec.py) and fix steps per epoch, the same on every rank:
-       exact: ceil(samples of the fullest rank / batch); resampled: epoch_samples / (world x batch);
+       exact: ceil(samples of the fullest rank / batch); resampled: epoch_samples / (world x batch).
+       Exact mode needs every shard's count (>= 1, which resolution enforces): a fresh epoch without a
+       step is a DataError on every rank, never an empty epoch after which the next one starts;
     2. DataLoader workers run stream.worker_stream and send chunks in any order;
     3. the main process re-orders them canonically: one sample per worker in turn (skipping
        finished workers), independent of chunking and timing, so the batch sequence is a pure
@@ -146,6 +148,11 @@ class ShardLoader:
         self.shards = resolve_spec(cfg.spec, cfg.weights, cfg.allow_pipe, remote_counts=cfg.mode == "exact",
                                    options=cfg.remote)
         self.num_workers = max(1, cfg.workers)
+        unknown = [s for s in self.shards if s.samples < 1]
+        if cfg.mode == "exact" and unknown:  # planned as 0 samples, such shards would make epochs without a step
+            raise ValueError(f"shard {unknown[0].url!r} ({len(unknown)} of {len(self.shards)} shards) has no known "
+                             "sample count: a pipe: URL is not run to count it. Exact mode plans each epoch by the "
+                             "shards' counts: use data.mode=resampled, or name the tars themselves")
         if cfg.mode == "exact" and len(self.shards) < world_size * self.num_workers:
             raise DataError(f"{len(self.shards)} shards cannot feed {world_size} ranks x {self.num_workers} workers "
                             "in exact mode: every worker needs at least one shard. Reshard into more shards "
@@ -255,6 +262,12 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         steps = self.steps_per_epoch
+        if steps == 0 and self._step == 0 and not (self._base.done or self._base.partial):
+            # a fresh epoch with nothing planned (an elastic resume may find its epoch delivered already): every
+            # rank computes the same plan, so all stop here, at the same step, instead of looping on empty epochs
+            raise DataError(f"epoch {self.epoch} of {self.cfg.spec!r} has no sample to deliver: its shards count "
+                            f"{sum(s.samples for s in self.shards)} samples in all; fix the shards or their index "
+                            "(moe-dist-data validate SPEC)")
         chunks = self._chunks() if self._step < steps else iter(())
         try:
             while self._step < steps:

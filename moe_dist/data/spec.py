@@ -30,7 +30,8 @@ from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 from braceexpand import braceexpand
 
-from . import remote
+from . import localfiles, remote
+from .localfiles import check_inside, check_regular, open_regular, shown_value
 from .remote import RemoteError, RemoteOptions, is_remote
 from .urls import shown_spec, url_problem
 
@@ -102,13 +103,13 @@ def open_shard(url: str, allow_pipe: bool = False, options: RemoteOptions = Remo
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
-    return open(url, "rb")
+    return open_regular(url, "shard")
 
 
 def _count_tar_samples(path: str) -> int:
     keys = set()
     try:
-        with tarfile.open(path) as tar:
+        with open_regular(path, "shard") as f, tarfile.open(fileobj=f) as tar:
             for member in tar:
                 if member.isfile() and "." in os.path.basename(member.name):
                     keys.add(member.name.split(".", 1)[0])
@@ -117,12 +118,20 @@ def _count_tar_samples(path: str) -> int:
     return len(keys)
 
 
-def _index_name(name: str, index: str) -> str:
+def _index_name(name: object, index: str, where: str) -> str:
+    """``name`` when it is a plain file name; ``where`` says where ``index`` holds it, for the message."""
+    if not isinstance(name, str):
+        raise ValueError(f"{_shown_path(index)}: {where} is {shown_value(name)}, not a file name; an index "
+                         "lists the shards beside it by file name. Fix or remove the index")
     if name in ("", ".", "..") or name != os.path.basename(name) or "\\" in name or _SCHEME.match(name):
-        raise ValueError(f"{index} lists shard {_shown(name)}, which is not a file name in its directory; an "
-                         "index may only name the shards beside it (no directories, '..', absolute paths or "
+        raise ValueError(f"{_shown_path(index)} lists shard {_shown(name)}, which is not a file name in its directory; "
+                         "an index may only name the shards beside it (no directories, '..', absolute paths or "
                          "URLs). Fix or remove the index")
     return name
+
+
+def _shown_path(path: str) -> str:
+    return remote.shown_url(path) if is_remote(path) else path
 
 
 def _join(directory: str, name: str) -> str:
@@ -130,30 +139,87 @@ def _join(directory: str, name: str) -> str:
 
 
 def _load_json(path: str, options: RemoteOptions = RemoteOptions()) -> Optional[object]:
-    """The JSON at a local path or remote URL (read with ``options``); None when there is no such file or object."""
+    """The JSON at a local path or remote URL (read with ``options``); None when there is no such file or
+    object. A local index must be a regular file inside its directory, within ``localfiles.INDEX_MAX_BYTES``."""
     if is_remote(path):
         try:
             return remote.read_json(path, options)
         except RemoteError as err:
             raise ValueError(f"cannot read {err}") from None
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    directory = os.path.dirname(path) or "."
+    if os.path.lexists(path):
+        check_inside(path, directory, f"the index of {directory}")
+    return localfiles.read_json_file(path, "index")
+
+
+def _count(value: object, path: str, where: str, name: str) -> int:
+    """A shard's sample count from an index: a whole number of at least 1 (a JSON true is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{_shown_path(path)}: {where} is {shown_value(value)}, not a whole number of samples; fix "
+                         "the index, or remove it to have the tars counted")
+    if value < 1:
+        raise ValueError(f"{_shown_path(path)} lists shard {_shown(name)} with {value} samples, but a listed shard "
+                         "holds at least 1: correct the count, or remove the entry (and an empty tar); moe-dist-data "
+                         "shard rebuilds shards with a correct manifest.json")
+    return value
+
+
+def _not_object(path: str, data: object, expected: str) -> ValueError:
+    return ValueError(f"{_shown_path(path)} holds {shown_value(data, 40)}, not an object {expected}; fix or "
+                      "remove it")
+
+
+def index_counts(data: object, path: str) -> Dict[str, int]:
+    """Sample counts by file name from the parsed ``manifest.json`` or ``sizes.json`` at ``path``, checked
+    whole: ValueError (one line naming the file) for a wrong shape or type, a name that is not a file
+    beside it, a name listed twice or a count below 1. A dataset directory's manifest (``splits``, no
+    ``shards``) lists no shard: {}."""
+    if os.path.basename(remote.path_of(path) if is_remote(path) else path) == SIZES:
+        if not isinstance(data, dict):
+            raise _not_object(path, data, '{"shard.tar": samples, ...}')
+        entries = [(name, "a name", value, f"the count of {_shown(name)}") for name, value in data.items()]
+    else:
+        if not isinstance(data, dict):
+            raise _not_object(path, data, '{"shards": [{"name": ..., "samples": N}, ...]}')
+        if "shards" not in data:
+            if "splits" in data:
+                return {}
+            raise ValueError(f'{_shown_path(path)} has no "shards" list (a shard directory\'s manifest) and no '
+                             '"splits" (a dataset directory\'s); fix or remove it')
+        shards = data["shards"]
+        if not isinstance(shards, list):
+            raise ValueError(f'{_shown_path(path)}: "shards" is {shown_value(shards)}, not a list of '
+                             '{"name": ..., "samples": N}; fix or remove the index')
+        entries = []
+        for i, entry in enumerate(shards):
+            if not isinstance(entry, dict) or "name" not in entry or "samples" not in entry:
+                raise ValueError(f'{_shown_path(path)}: shards[{i}] is {shown_value(entry)}, not an object with "name" '
+                                 'and "samples"; fix or remove the index')
+            entries.append((entry["name"], f'shards[{i}]["name"]', entry["samples"], f'shards[{i}]["samples"]'))
+    counts: Dict[str, int] = {}
+    for name, name_at, value, value_at in entries:
+        name = _index_name(name, path, name_at)
+        if name in counts:
+            raise ValueError(f"{_shown_path(path)} lists shard {_shown(name)} twice; fix or remove the index")
+        counts[name] = _count(value, path, value_at, name)
+    return counts
 
 
 def read_index(directory: str, options: RemoteOptions = RemoteOptions()) -> Tuple[Dict[str, int], Optional[str]]:
     """Sample counts by file name from ``directory``'s manifest.json (ours) or sizes.json (open_clip,
     img2dataset), and the index file's name; ({}, None) when there is neither. ``directory`` may be an
-    http(s):// or s3:// URL (read with ``options``)."""
+    http(s):// or s3:// URL (read with ``options``).
+
+    Raises:
+        ValueError: an index that is malformed (``index_counts``), not a regular file inside ``directory``,
+            too large, not UTF-8 or not JSON.
+    """
     for index in (MANIFEST, SIZES):
         path = _join(directory, index)
         data = _load_json(path, options)
         if data is None:
             continue
-        entries = [(s["name"], s["samples"]) for s in data.get("shards", [])] if index == MANIFEST \
-            else list(data.items())
-        return {_index_name(str(name), path): int(samples) for name, samples in entries}, index
+        return index_counts(data, path), index
     return {}, None
 
 
@@ -169,16 +235,35 @@ class Split:
 
 def dataset_splits(directory: str, options: RemoteOptions = RemoteOptions()) -> Optional[Dict[str, Split]]:
     """The splits of ``directory`` when ``moe-dist-data shard`` (or ``synth``) wrote it, by name; None for
-    any other directory. Such a directory holds a top ``manifest.json`` with ``splits`` and no shards."""
+    any other directory. Such a directory holds a top ``manifest.json`` with ``splits`` and no shards.
+
+    Raises:
+        ValueError: ``splits`` of a wrong shape or type (one line naming the manifest).
+    """
     path = _join(directory, MANIFEST)
     data = _load_json(path, options)
     if not isinstance(data, dict) or "splits" not in data or "shards" in data:
         return None
+    if not isinstance(data["splits"], dict):
+        raise ValueError(f'{_shown_path(path)}: "splits" is {shown_value(data["splits"])}, not an object '
+                         '{"train": {"path": ..., "shards": N, "samples": N}, ...}; fix or remove it')
     splits = {}
     for name, entry in sorted(data["splits"].items()):
-        sub = _index_name(str(entry.get("path", name)), path)  # a split is a directory beside the manifest
-        splits[name] = Split(name, _join(directory, sub), int(entry.get("shards", 0)),
-                             int(entry.get("samples", 0)))
+        where = f"splits[{json.dumps(name)}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f'{_shown_path(path)}: {where} is {shown_value(entry)}, not an object '
+                             '{"path": ..., "shards": N, "samples": N}; fix or remove the manifest')
+        sub = _index_name(entry.get("path", name), path, f'{where}["path"]')  # a directory beside the manifest
+        counts = []
+        for key in ("shards", "samples"):
+            value = entry.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f'{_shown_path(path)}: {where}["{key}"] is {shown_value(value)}, not a whole number '
+                                 "of at least 0; fix or remove the manifest")
+            counts.append(value)
+        if not is_remote(directory) and os.path.lexists(os.path.join(directory, sub)):
+            check_inside(os.path.join(directory, sub), directory, f"listed in {path}")
+        splits[name] = Split(name, _join(directory, sub), *counts)
     return splits
 
 
@@ -253,9 +338,12 @@ def expand_source(source: str, allow_pipe: bool = False, options: RemoteOptions 
         return _remote_directory(source, allow_pipe, options)
     if os.path.isdir(source):
         source = _source_dir(source)
-        names, _ = read_index(source)
+        names, index_file = read_index(source)
         urls = [os.path.join(source, n) for n in sorted(names)] if names else sorted(
             glob.glob(os.path.join(glob.escape(source), "*.tar")))
+        found = f"listed in {os.path.join(source, index_file)}" if names else f"found in {source}"
+        for url in urls:  # what an index or *.tar finds lies in the directory, never behind a link out of it
+            check_inside(url, source, found)
     else:
         hint = None if os.path.exists(source) else _split_hint(source)
         if hint:
@@ -273,12 +361,15 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
         spec: sources joined by "::" (brace patterns, .tar files, shard directories).
         weights: per-source sampling weights, one per source (resampled mode).
         allow_pipe: allow ``pipe:`` URLs.
-        need_counts: count the members of local tars no index describes (else their count is 0).
+        need_counts: count the members of local tars no index describes, and refuse one that holds no
+            sample (else their count is 0: unknown).
         remote_counts: refuse a remote tar no index describes (exact mode needs every count); else it counts 0.
         options: retries, timeouts and backoff of remote index reads (``data.remote_*``).
     Raises:
-        ValueError: a URL that ``check_url`` refuses, a spec that matches no file, a missing file, an
-            index naming something other than a file beside it, or weights that do not match the sources.
+        ValueError: a URL that ``check_url`` refuses, a spec that matches no file, a missing file, a shard
+            that is not a regular file (a FIFO, a device, a directory), a malformed index or one naming
+            something other than a file beside it, a shard an index or ``*.tar`` found that links out of
+            its directory, a shard counted to no sample, or weights that do not match the sources.
     """
     sources = [s for s in spec.split("::") if s.strip()]
     if not sources:
@@ -289,6 +380,9 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
     shards: List[Shard] = []
     for index, (source, urls) in enumerate(zip(sources, expanded)):
         local = [u for u in urls if not u.startswith("pipe:") and not is_remote(u)]
+        for url in local:  # a FIFO, a device or a directory is refused by what it is, and never opened
+            if os.path.exists(url):
+                check_regular(url, "shard")
         missing = [u for u in local if not os.path.isfile(u)]
         if not urls or (local and len(missing) == len(local)):
             hint = _subdir_hint(source.strip()) if os.path.isdir(source.strip()) else ""
@@ -309,7 +403,11 @@ def resolve_spec(spec: str, weights: Optional[Sequence[float]] = None, allow_pip
                 raise ValueError(f"shard {remote.shown_url(url)} has no sample count: its directory holds no "
                                  "manifest.json or sizes.json listing it (a remote tar is not downloaded to count "
                                  "it); upload the index that moe-dist-data shard writes, or use data.mode=resampled")
-            if count is None:
-                count = _count_tar_samples(url) if (need_counts and url in local) else 0
-            shards.append(Shard(url, count, index, index_file))
+            if count is None and need_counts and url in local:
+                count = _count_tar_samples(url)
+                if count == 0:  # planned as 0 samples; were all of them so, no epoch would have a step
+                    raise ValueError(f"shard {_shown(url)} holds no sample (an empty tar, or not a tar at all); "
+                                     "remove it, or rebuild the shards (moe-dist-data validate SPEC lists what is "
+                                     "broken)")
+            shards.append(Shard(url, count or 0, index, index_file))
     return shards

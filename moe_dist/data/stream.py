@@ -9,15 +9,18 @@ Worker outline (exact mode):
        decodes; remote shards through remote.py, which retries at the byte) and a sample shuffle
        buffer seeded with (seed, epoch, rank, worker); every sample is named by its id (shard, ordinal
        in the shard); a broken tar is counted and skipped, and so is each sample a shard's manifest
-       lists but the shard lacks; a remote shard that cannot be read ends the stream with an error
-       chunk (or, with ``skip_unreadable``, is counted and skipped);
+       lists but the shard lacks, and a shard no index describes that holds nothing ("empty_shard"); a
+       remote shard that cannot be read ends the stream with an error chunk (or, with
+       ``skip_unreadable``, is counted and skipped);
     3. each raw sample gets a position in that shuffled stream; on resume the worker skips the
        positions already consumed without decoding them;
     4. survivors are decoded (decode.py), transformed (torch RNG seeded per sample position) and
        tokenized, and sent in chunks tagged with (worker, position, id) plus the ids of failed samples,
-       the shards whose reading ended, and the worker's cumulative counters. A final chunk says "done".
+       the shards whose reading ended, and the worker's cumulative counters; failures alone also fill a
+       chunk, so the loader's failure threshold is checked while nothing decodes. A final chunk says "done".
 Resampled mode draws shards with replacement (weighted by source) from an RNG seeded with
-(seed, epoch, rank, worker, resume generation), forever.
+(seed, epoch, rank, worker, resume generation), forever; once it has read every shard without finding a
+sample, the stream ends with an error chunk.
 """
 
 from __future__ import annotations
@@ -200,6 +203,7 @@ class SampleCounter:
 
     def __init__(self, remote: RemoteOptions = RemoteOptions(), skip_unreadable: bool = False):
         self.good, self.failures, self.retries = 0, Counter(), 0
+        self.read = 0  # raw samples the shards held (decodable or not)
         self.remote, self.skip_unreadable = remote, skip_unreadable
 
     def count_retry(self, url: str, attempt: int, err: RemoteError) -> None:
@@ -208,7 +212,10 @@ class SampleCounter:
     def end_shard(self, shard: Shard, read: int, errors: Sequence[Exception]) -> None:
         """Count a shard whose reading stopped with an error once as "broken_tar", and each sample its
         index promised but it did not hold as "short_shard" (a truncated copy must not pass as padding).
+        A shard no index describes that held no sample at all counts once as "empty_shard" (shards of
+        unknown size: a resampled stream of only such shards would otherwise draw forever).
         A remote read error is raised, or counted as "unreadable_shard" with ``skip_unreadable``."""
+        self.read += read
         unreadable = next((e for e in errors if isinstance(e, RemoteError)), None)
         if unreadable is not None:
             if not self.skip_unreadable:
@@ -217,6 +224,8 @@ class SampleCounter:
             return
         if errors:
             self.failures["broken_tar"] += 1
+        elif read == 0 and shard.index is None:
+            self.failures["empty_shard"] += 1
         if shard.shortfall(read):
             self.failures["short_shard"] += shard.shortfall(read)
 
@@ -287,7 +296,13 @@ def _exact_samples(job: WorkerJob, worker: int, counter: SampleCounter, ended: D
         ended[work.shard] = read
 
 
-def _resampled_shards(job: WorkerJob, worker: int) -> Iterator[Shard]:
+class StreamError(Exception):
+    """The worker's stream cannot go on: the loader raises its message as a DataError."""
+
+
+def _resampled_shards(job: WorkerJob, worker: int, counter: SampleCounter) -> Iterator[Shard]:
+    """Shards drawn with replacement, forever; a StreamError once every shard was drawn and none held a
+    sample (shards of unknown size can all be empty; no draw would ever end that stream)."""
     rng = random.Random(_seed(job.plan_seed, job.epoch, job.rank, worker))
     # Each shard of source s is drawn with probability proportional to w_s / (samples in s), so the
     # expected share of *samples* from s is w_s (shard count when sample counts are unknown).
@@ -298,8 +313,16 @@ def _resampled_shards(job: WorkerJob, worker: int) -> Iterator[Shard]:
     if not all(sizes.values()):
         sizes = Counter(s.source for s in job.shards)
     shard_weights = [weights[s.source] / sizes[s.source] for s in job.shards]
+    drawn = set()
     while True:
-        yield rng.choices(job.shards, weights=shard_weights)[0]
+        index = rng.choices(range(len(job.shards)), weights=shard_weights)[0]
+        yield job.shards[index]  # resumed once the shard was read whole
+        if counter.read == 0:
+            drawn.add(index)
+            if len(drawn) == len(job.shards):
+                reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counter.failures.items()))
+                raise StreamError(f"none of the {len(job.shards)} shards held a sample on rank {job.rank} (each was "
+                                  f"read: {reasons}); fix the shards (moe-dist-data validate SPEC lists them)")
 
 
 def unreadable_message(err: RemoteError, skip_hint: bool = True) -> str:
@@ -314,7 +337,7 @@ def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
     counter = SampleCounter(job.remote, job.skip_unreadable)
     ended: Dict[int, int] = {}
     raw = _exact_samples(job, worker, counter, ended) if job.mode == "exact" else \
-        raw_samples(_resampled_shards(job, worker), counter, job.allow_pipe)
+        raw_samples(_resampled_shards(job, worker, counter), counter, job.allow_pipe)
     rng = random.Random(_seed(job.seed, job.epoch, job.rank, worker, SHUFFLE_STREAM))
     if job.shuffle_buffer > 1:
         raw = wds.filters.shuffle(bufsize=job.shuffle_buffer, initial=min(100, job.shuffle_buffer), rng=rng)(raw)
@@ -329,8 +352,18 @@ def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
         return chunk
 
     start = job.start_positions[worker]
+    reported = 0  # failures the last chunk carried
+
+    def failing() -> bool:
+        """Enough new failures for a chunk of their own: the loader checks its failure threshold per chunk,
+        and a stream where nothing decodes (resampled mode never ends) must still reach it."""
+        return sum(counter.failures.values()) - reported >= job.chunk_size
+
     try:
         for position, sample in enumerate(raw):
+            if failing():
+                reported = sum(counter.failures.values())
+                yield flush()
             if position < start:
                 continue
             try:
@@ -352,9 +385,13 @@ def worker_stream(job: WorkerJob, worker: int) -> Iterator[Chunk]:
             images.append(job.transform(image))
             tokens.append(token_ids)
             if len(positions) >= job.chunk_size:
+                reported = sum(counter.failures.values())
                 yield flush()
     except RemoteError as err:
         yield flush(done=True, error=unreadable_message(err))
+        return
+    except StreamError as err:
+        yield flush(done=True, error=str(err))
         return
     yield flush(done=True)
 

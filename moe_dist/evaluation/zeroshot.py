@@ -8,7 +8,6 @@ names, or a class-name string.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -57,20 +56,32 @@ def load_classes(classes: Union[None, str, Sequence[str]] = None,
     return ClassSet(names, chosen, source)
 
 
+CLASS_FILE_MAX_BYTES = 16 << 20
+
+
 def _read_classes_file(path: str) -> Tuple[List[str], Optional[List[Template]]]:
+    """The names and templates of a class file, checked whole: one ValueError line naming the file for
+    anything else than a regular UTF-8 JSON file (at most 16 MiB) of that shape."""
+    from ..data.localfiles import read_json_file, shown_value
+
+    shape = '{"classes": ["cat", "dog"], "templates": ["a photo of a {}."]}'
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read the class file {path!r} ({err}); give a JSON file "
-                         '{"classes": [...], "templates": [...]}') from None
+        data = read_json_file(path, "class file", CLASS_FILE_MAX_BYTES)
+    except OSError as err:
+        raise ValueError(f"cannot read the class file {path!r} ({err}); give a JSON file {shape}") from None
+    if data is None:
+        raise ValueError(f"class file {path!r} does not exist; give a JSON file {shape}")
     if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
-        raise ValueError(f"class file {path!r} has no \"classes\" list; write it as "
-                         '{"classes": ["cat", "dog"], "templates": ["a photo of a {}."]}')
+        raise ValueError(f"class file {path!r} has no \"classes\" list; write it as {shape}")
+    for i, name in enumerate(data["classes"]):
+        if not isinstance(name, str):
+            raise ValueError(f"class file {path!r}: classes[{i}] is {shown_value(name)}, not a class name (a string); "
+                             f"write it as {shape}")
     templates = data.get("templates")
-    if templates is not None and not isinstance(templates, list):
-        raise ValueError(f"class file {path!r}: \"templates\" must be a list of strings with '{{}}'")
-    return [str(c) for c in data["classes"]], templates
+    if templates is not None and (not isinstance(templates, list) or not all(isinstance(t, str) for t in templates)):
+        raise ValueError(f"class file {path!r}: \"templates\" must be a list of strings with '{{}}', not "
+                         f"{shown_value(templates)}")
+    return list(data["classes"]), templates
 
 
 def resolve_labels(raw: Sequence[object], where: Sequence[Tuple[int, int]], classes: ClassSet,
