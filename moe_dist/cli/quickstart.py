@@ -267,11 +267,13 @@ def _data_steps(p: Plan, run: Runner) -> None:
 
 
 def _read_json(path: str) -> dict:
+    """The JSON object in ``path``; {} when it is missing, unreadable or not an object."""
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _train_step(p: Plan, run: Runner, ext_dir: str) -> None:

@@ -183,17 +183,20 @@ def _authorize(request: urllib.request.Request) -> None:
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
-    """Redirects under the URL rule: every target is an http(s) URL that ``url_problem`` accepts, at
-    most ``MAX_REDIRECTS`` per request, to any host; a login goes only to the host its ~/.netrc entry
+    """Redirects under the URL rule: every target is an http(s) URL that ``url_problem`` accepts (never
+    from https down to http), at most ``MAX_REDIRECTS`` per request, to any host; a login goes only to the host its ~/.netrc entry
     names (``_authorize`` per hop). A refused redirect is a permanent error."""
 
     max_repeats = max_redirections = MAX_REDIRECTS + 1  # urllib's own loop check: never before ours
+
     def http_error_302(self, req, fp, code, msg, headers):
         location = headers.get("location") or headers.get("uri")
         if location is not None:
             target = urllib.parse.urljoin(req.full_url, location)
             problem = url_problem(target) or ("" if target.lower().startswith(("http://", "https://")) else
                                               "is not an http(s) URL")
+            if not problem and req.full_url.lower().startswith("https://") and target.lower().startswith("http://"):
+                problem = "would leave https for plain http"
             if not problem and getattr(req, "hops", 0) >= MAX_REDIRECTS:
                 problem = f"would be redirect {MAX_REDIRECTS + 1}; at most {MAX_REDIRECTS} are followed"
             if problem:

@@ -269,7 +269,8 @@ class RunConfig:
         except ValueError as err:
             raise ValueError(f"data.tokenizer: {err}") from None
         if self.eval.classes and not os.path.isfile(self.eval.classes):
-            raise ValueError(f"eval.classes: {self.eval.classes!r} does not exist")
+            what = "is not a regular file" if os.path.exists(self.eval.classes) else "does not exist"
+            raise ValueError(f"eval.classes: {self.eval.classes!r} {what}")
         if "zeroshot" in self.eval.tasks and d.val:  # labels that do not fit the classes fail now, not at the end
             from ..data.evalset import first_metadata
             from ..evaluation.zeroshot import load_classes, resolve_labels

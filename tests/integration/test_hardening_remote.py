@@ -387,3 +387,25 @@ def test_quickstart_takes_a_remote_spec_like_train_does(with_val, http, tmp_path
     assert f"moe-dist-data validate '{http.url}/qs/val/val-000000.tar'" in printed and SECRET not in printed, printed
     assert f"reusing {tokenizer / 'tok.model'}" in printed, printed
     assert f"/qs/val/val-000000.tar?token={SECRET}" in http.requests, http.requests  # read over HTTP, token sent
+
+
+def test_a_redirect_never_leaves_https_for_plain_http():
+    """The redirect rule on an https request (no TLS test server here: the handler itself, as urllib calls
+    it): a Location on plain http is a permanent error; one on another https host becomes the next request."""
+    import email.message
+    import urllib.request
+
+    from moe_dist.data import remote
+
+    def location(url):
+        headers = email.message.Message()
+        headers["Location"] = url
+        return headers
+
+    request = urllib.request.Request("https://bucket.example/data/a.tar?X-Amz-Signature=" + SECRET)
+    with pytest.raises(RemoteError, match="leave https for plain http") as err:
+        remote._Redirects().http_error_302(request, io.BytesIO(), 302, "Found", location("http://bucket.example/a"))
+    assert err.value.permanent and SECRET not in str(err.value)
+    target = "https://cdn.example/a.tar"
+    following = remote._Redirects().redirect_request(request, io.BytesIO(), 302, "Found", location(target), target)
+    assert following.full_url == target and following.hops == 1
