@@ -116,6 +116,30 @@ def describe_files(tag_dir: str, names: Iterable[str]) -> Dict[str, List[Any]]:
             for name in names}
 
 
+def listed_files(tag_dir: str) -> Optional[Dict[str, List[Any]]]:
+    """The marker's file list (name -> [size, SHA-256]); None for a checkpoint written before the list.
+
+    Raises:
+        ValueError: a marker that is not a regular file of JSON, or a list of the wrong shape.
+    """
+    path = os.path.join(tag_dir, MARKER)
+    try:
+        info = json.loads(read_small(path, MAX_METADATA_BYTES, "marker"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"checkpoint {tag_dir}: its {MARKER} marker cannot be read ({str(err)[:200]})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"checkpoint {tag_dir}: its {MARKER} marker is not a JSON object")
+    if "files" not in info:
+        return None
+    listed = info["files"]
+    if not isinstance(listed, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
+            for v in listed.values()):
+        raise ValueError(f"checkpoint {tag_dir}: the file list in its {MARKER} marker is not "
+                         '{"name": [size, "sha256"], ...}; the marker is damaged')
+    return listed
+
+
 def verify_files(tag_dir: str, names: Optional[Iterable[str]] = None, rank: int = 0, world_size: int = 1) -> None:
     """Refuse a checkpoint whose files are not the ones its save wrote: one missing, one added (a file
     copied in from another run or step), or one whose size or SHA-256 differs from the marker's list.
@@ -125,31 +149,35 @@ def verify_files(tag_dir: str, names: Optional[Iterable[str]] = None, rank: int 
         rank, world_size: this process hashes every ``world_size``-th listed file from ``rank`` (each rank
             of a resume its share); sizes and the names are checked by every caller.
     Raises:
-        ValueError: one line naming the checkpoint and the file. Checkpoints without a list pass.
+        ValueError: one line naming the checkpoint and the file, also for a file that cannot be read (a
+            disk error, a file removed meanwhile). Checkpoints without a list pass.
     """
-    listed = read_marker(tag_dir).get("files")
-    if not isinstance(listed, dict):
+    listed = listed_files(tag_dir)
+    if listed is None:
         return  # written before checkpoints listed their files
-    present = set(file_names(tag_dir))
-    extra = sorted(present - set(listed))
-    if extra and names is None:
-        raise ValueError(f"checkpoint {tag_dir} holds files its save did not write ({', '.join(extra[:3])}"
-                         f"{', ...' if len(extra) > 3 else ''}): copied in from another run or step? Remove them, "
-                         "or resume another checkpoint")
-    wanted = sorted(listed) if names is None else sorted(names)
-    for i, name in enumerate(wanted):
-        if name not in listed:
-            raise ValueError(f"checkpoint {tag_dir}: {name} is not one of the files its save wrote")
-        if name not in present:
-            raise ValueError(f"checkpoint {tag_dir} is missing {name}, which its save wrote")
-        size, digest = listed[name]
-        path = os.path.join(tag_dir, name)
-        if os.path.getsize(path) != size:
-            raise ValueError(f"checkpoint {tag_dir}: {name} has {os.path.getsize(path)} bytes, its save wrote "
-                             f"{size}: the file is truncated or corrupt")
-        if i % world_size == rank and sha256(path) != digest:
-            raise ValueError(f"checkpoint {tag_dir}: {name} is not the file its save wrote (its SHA-256 differs): "
-                             "copied in from another run or step, or damaged")
+    try:
+        present = set(file_names(tag_dir))
+        extra = sorted(present - set(listed))
+        if extra and names is None:
+            raise ValueError(f"checkpoint {tag_dir} holds files its save did not write ({', '.join(extra[:3])}"
+                             f"{', ...' if len(extra) > 3 else ''}): copied in from another run or step? Remove "
+                             "them, or resume another checkpoint")
+        wanted = sorted(listed) if names is None else sorted(names)
+        for i, name in enumerate(wanted):
+            if name not in listed:
+                raise ValueError(f"checkpoint {tag_dir}: {name} is not one of the files its save wrote")
+            if name not in present:
+                raise ValueError(f"checkpoint {tag_dir} is missing {name}, which its save wrote")
+            size, digest = listed[name]
+            path = os.path.join(tag_dir, name)
+            if os.path.getsize(path) != size:
+                raise ValueError(f"checkpoint {tag_dir}: {name} has {os.path.getsize(path)} bytes, its save wrote "
+                                 f"{size}: the file is truncated or corrupt")
+            if i % world_size == rank and sha256(path) != digest:
+                raise ValueError(f"checkpoint {tag_dir}: {name} is not the file its save wrote (its SHA-256 "
+                                 "differs): copied in from another run or step, or damaged")
+    except OSError as err:
+        raise ValueError(f"checkpoint {tag_dir}: cannot read its files ({type(err).__name__}: {err})") from None
 
 
 def commit(root: str, tag: str, marker: Dict[str, Any]) -> str:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import typing
 from typing import Any, Dict, Iterable, Optional
 
 import yaml
+
+from .files import read_small
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file larger than this is refused (ours are a few KB)
@@ -67,15 +68,15 @@ def load_yaml(path: str) -> Any:
     """Parse a YAML file safely; ValueError naming the file for a missing, oversized or non-regular file,
     bad YAML, a repeated key, or more than ``MAX_CONFIG_NODES`` values after alias expansion."""
     try:
-        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or device would block or never end
-            raise ValueError("it is not a regular file")
-        with open(path, "rb") as f:
-            text = f.read(MAX_CONFIG_BYTES + 1)
-        if len(text) > MAX_CONFIG_BYTES:
-            raise ValueError(f"it is larger than {MAX_CONFIG_BYTES >> 20} MiB; a run config is a few KB")
-        return check_expansion(yaml.load(text, Loader=_UniqueKeyLoader), "it")
+        text = read_small(path, MAX_CONFIG_BYTES, "config file", follow_symlinks=True)  # never a FIFO
     except FileNotFoundError:
         raise ValueError(f"config file {path!r} does not exist") from None
+    except OSError as err:
+        raise ValueError(f"config file {path!r} cannot be read ({err.strerror})") from None
+    try:
+        return check_expansion(yaml.load(text, Loader=_UniqueKeyLoader), "it")
+    except TypeError as err:  # a mapping key YAML builds as a list or mapping ("? [1, 2]")
+        raise ValueError(f"config file {path!r}: a key is not a name ({err})") from None
     except ValueError as err:
         raise ValueError(f"config file {path!r}: {err}") from None
     except yaml.YAMLError as err:
@@ -200,8 +201,8 @@ def parse_overrides(items: Iterable[str], prefix: Optional[str] = None) -> Dict[
         try:
             value = check_expansion(yaml.load(raw, Loader=_UniqueKeyLoader), "the value")
         except yaml.YAMLError as err:
-            raise ValueError(f"--set {item!r}: the value is not valid YAML ({err})") from None
-        except ValueError as err:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+        except (TypeError, ValueError) as err:  # TypeError: a key YAML builds as a list or mapping
             raise ValueError(f"--set {key}: {err}") from None
         node = out
         parts = key.split(".")

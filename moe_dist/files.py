@@ -5,8 +5,9 @@ Every writer in moe_dist that leaves a file for another process (checkpoints and
 manifests, hostfiles, benchmark results) goes through ``atomic_path``. A crash leaves at most a
 ``<name>.tmp.<pid>`` file (a checkpoint root's ``latest.tmp.<pid>`` is removed when its run resumes).
 
-``read_small`` reads a file that another process named: only a regular file (never a FIFO, a device or
-a symlink, which could block or read without end), up to a size limit.
+``open_regular`` and ``read_small`` open a file that someone else named (a spec, an index, a
+checkpoint, a config): only a regular file (never a FIFO or a device, which could block or read without
+end; optionally never a symlink), and ``read_small`` up to a size limit.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import errno
 import json
 import os
 import stat
-from typing import Any, Iterator, Union
+from typing import Any, BinaryIO, Iterator, Union
 
 TMP_MARK = ".tmp."
 
@@ -70,25 +71,67 @@ def atomic_json(path: str, obj: Any, durable: bool = True) -> None:
     atomic_write(path, json.dumps(obj, indent=2) + "\n", durable)
 
 
-def read_small(path: str, limit: int) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit`` of them.
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink"))
+
+
+def _not_regular(path: str, what: str, mode: int) -> ValueError:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return ValueError(f"{what} {path!r} is {kind}, not a regular file; name a regular file (a FIFO or a device is "
+                      "never read, so that nothing waits on it forever)")
+
+
+def check_regular(path: str, what: str = "file", follow_symlinks: bool = True) -> None:
+    """ValueError (one line naming the file and what it is) unless ``path`` is a regular file, checked
+    without opening it; FileNotFoundError when it is missing."""
+    mode = (os.stat if follow_symlinks else os.lstat)(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, what, mode)
+
+
+def open_regular(path: str, what: str = "file", follow_symlinks: bool = True) -> BinaryIO:
+    """``open(path, "rb")`` for a regular file only: a FIFO is never waited on (the type is checked
+    before opening and again on the descriptor, opened non-blocking), a device never read, and with
+    ``follow_symlinks=False`` a symlink is refused too.
+
+    Args:
+        what: how messages name the file ("shard", "index", "class file", "config file").
+    Raises:
+        FileNotFoundError (an OSError): there is no such file.
+        ValueError: one line naming the file and what it is instead.
+    """
+    check_regular(path, what, follow_symlinks)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags if follow_symlinks else flags | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # swapped for a FIFO or a device since the check
+            raise _not_regular(path, what, mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_small(path: str, limit: int, what: str = "file", follow_symlinks: bool = False) -> bytes:
+    """The bytes of the regular file ``path`` (``open_regular``; symlinks refused unless
+    ``follow_symlinks``), at most ``limit`` of them.
 
     Raises:
         FileNotFoundError (an OSError): there is no such file.
-        ValueError: one line naming the file when it is a symlink, not a regular file (opened without
-            blocking, so a FIFO cannot hang the reader) or larger than ``limit``.
+        ValueError: one line naming the file when it is not a regular file or is larger than ``limit``.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags)
+        f = open_regular(path, what, follow_symlinks)
     except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise ValueError(f"{path} is a symlink; only a regular file is read here") from None
+        if err.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink created since the check
+            raise _not_regular(path, what, stat.S_IFLNK) from None
         raise
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"{path} is not a regular file (a FIFO, device or directory)")
+    with f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"{path} is larger than {limit:,} bytes, the most this file may hold")
+        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit:,} bytes"
+        raise ValueError(f"{what} {path} is larger than {size}, more than such a file may be; check that it is "
+                         "the right file")
     return data

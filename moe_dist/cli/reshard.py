@@ -82,25 +82,18 @@ def reshard(checkpoint: str, out: str, ep_size: int, world_size: int = 0, model_
 def _layout_files(src: str, ep_size: int, world_size: int) -> Dict[str, str]:
     """run_config.json and deepspeed_config.json of ``src`` rewritten for the new layout (absent ones stay absent)."""
     files = {}
-    run = _read_json(os.path.join(src, "run_config.json"))
+    from ..checkpoint_files import read_json
+
+    run = read_json(os.path.join(src, "run_config.json"))
     if run:
         run.update(ep_size=ep_size, _world_size=world_size)
         files["run_config.json"] = json.dumps(run, indent=2)
-    ds = _read_json(os.path.join(src, "deepspeed_config.json"))
+    ds = read_json(os.path.join(src, "deepspeed_config.json"))
     if ds:
         per_rank = ds.get("train_micro_batch_size_per_gpu", 1) * ds.get("gradient_accumulation_steps", 1)
         ds["train_batch_size"] = per_rank * world_size
         files["deepspeed_config.json"] = json.dumps(ds, indent=2)
     return files
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -16,49 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import stat
-from typing import BinaryIO, Optional
+from typing import Optional
+
+from ..files import check_regular, open_regular, read_small  # noqa: F401 (check_regular, open_regular: used by spec.py)
 
 INDEX_MAX_BYTES = 128 << 20  # a manifest.json of about 600,000 shards; sizes.json is smaller per shard
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
-def _refuse(path: str, what: str, mode: int) -> ValueError:
-    return ValueError(f"{what} {path!r} is {_kind(mode)}, not a regular file; name a regular file (a FIFO or a "
-                      "device is never read, so that no rank waits on it forever)")
-
-
-def check_regular(path: str, what: str = "file") -> None:
-    """ValueError unless ``path`` (symlinks followed) is a regular file; FileNotFoundError when it is missing.
-
-    Args:
-        what: how messages name the file ("shard", "index", "class file").
-    """
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise _refuse(path, what, mode)
-
-
-def open_regular(path: str, what: str = "file") -> BinaryIO:
-    """``open(path, "rb")`` for a regular file only (rule 1): never blocks on a FIFO, never reads a device."""
-    check_regular(path, what)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # swapped for a FIFO or a device since the check
-            raise _refuse(path, what, mode)
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def check_inside(path: str, directory: str, found: str) -> str:
     """``path`` when it stays inside ``directory`` with symlinks resolved (rule 2); else a ValueError.
 
@@ -83,15 +45,9 @@ def read_json_file(path: str, what: str = "file", max_bytes: Optional[int] = Non
         ValueError: not a regular file, larger than ``max_bytes``, not UTF-8 or not JSON; the message names
             ``path``.
     """
-    max_bytes = max_bytes or INDEX_MAX_BYTES
     if not os.path.exists(path):
         return None
-    with open_regular(path, what) as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        limit = f"{max_bytes >> 20} MiB" if max_bytes >= 1 << 20 else f"{max_bytes} bytes"
-        raise ValueError(f"{what} {path} is larger than {limit}, more than such a file may be; check that it is "
-                         "the right file")
+    data = read_small(path, max_bytes or INDEX_MAX_BYTES, what, follow_symlinks=True)
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:

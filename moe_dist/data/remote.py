@@ -49,6 +49,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
+from .localfiles import INDEX_MAX_BYTES
 from .urls import SCHEMES, is_remote, shown_spec, shown_url, url_problem  # noqa: F401 (is_remote, SCHEMES: API)
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ READ_SIZE = 1 << 20
 MAX_REDIRECTS = 5  # HTTP redirects followed per request (S3 and CDNs use one or two)
 # The most read of a remote index file (manifest.json, sizes.json): ~200,000 shards in our manifest format
 # (with sha256), ~1,000,000 in a sizes.json. A larger one is refused, never read whole.
-MAX_INDEX_BYTES = 32 << 20
+MAX_INDEX_BYTES = INDEX_MAX_BYTES  # a remote manifest.json / sizes.json: the cap of a local one
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ import torch
 from ..checkpoint_files import (LATEST, MARKER, OWNER, STAGING, TAG_RE, commit, complete_tags, describe_files,
                                 file_names, is_complete, leftovers, load_weights_only, read_json, read_marker,
                                 verify_files)
-from ..files import atomic_path, atomic_write, fsync_dir, fsync_file
+from ..files import atomic_path, atomic_write, fsync_dir, fsync_file, read_small
 
 LOCK = ".lock"
 
@@ -92,29 +92,42 @@ def run_ids(root: str, committed_leftovers: bool = False) -> Dict[str, List[str]
 
 
 def lock_root(root: str) -> IO:
-    """Hold ``root/.lock`` exclusively for as long as the returned file stays open (the process's life):
-    a second run started on the same checkpoint directory, even at the same moment, is refused instead of
-    both passing the ownership check. Where the filesystem has no locks, a warning and no lock.
+    """Hold ``root/.lock`` exclusively until the returned file is closed or the process ends: a second
+    run started on the same checkpoint directory, even at the same moment, is refused instead of both
+    passing the ownership check. A POSIX record lock (``fcntl.lockf``): forked data workers do not
+    inherit it, so it ends with the process that took it, and it works on NFS. Where the filesystem
+    has no locks, a warning and no lock.
 
     Raises:
-        ValueError: another live process holds the lock (its host and pid are named).
+        ValueError: another live process holds the lock (its host and pid are named), or ``.lock`` is
+            not a regular file or cannot be opened (one line).
     """
+    import errno
     import fcntl
+    import stat
     import warnings
 
-    os.makedirs(root, exist_ok=True)
-    f = open(os.path.join(root, LOCK), "a+")
+    path = os.path.join(root, LOCK)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
+        os.makedirs(root, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as err:  # ELOOP: a symlink, which would have been followed and overwritten
+        raise ValueError(f"cannot open the lock file {path} ({err}); it must be a regular file this user may "
+                         "write") from None
+    f = os.fdopen(fd, "r+")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise ValueError(f"the lock file {path} is not a regular file; remove it")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            warnings.warn(f"cannot lock checkpoint directory {root} ({err}); make sure no other run uses it")
+            return f
         holder = f.read(300).strip() or "unknown"
         f.close()
         raise ValueError(f"checkpoint directory {root} is in use by another live run ({holder}); wait for it to "
                          "end, or give this run its own output_dir (or checkpoint.dir)") from None
-    except OSError as err:
-        warnings.warn(f"cannot lock checkpoint directory {root} ({err}); make sure no other run uses it")
-        return f
     f.truncate(0)
     f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}) + "\n")
     f.flush()
@@ -157,14 +170,20 @@ def save(engine, root: str, step: int, client: Dict[str, Any], keep: int, run_fi
         time.sleep(pause_s)
     _fsync_tree(staging)
     dist.barrier()
-    # 4. every rank hashes its share of the files; 5. commit: marker with the list, one rename
-    names = file_names(staging)
-    files = describe_files(staging, names[rank::world])
+    # 4. rank 0 lists the files once (a node's view of a shared directory may lag), every rank hashes
+    #    its share; 5. commit: marker with the list, one rename
+    names = [file_names(staging) if rank == 0 else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(names, src=0)
+    files = describe_files(staging, names[0][rank::world])
     if world > 1:
         shares: List[Optional[Dict[str, Any]]] = [None] * world
         torch.distributed.all_gather_object(shares, files)
         files = {name: entry for share in shares for name, entry in (share or {}).items()}
     if rank == 0:
+        if sorted(files) != file_names(staging):
+            raise RuntimeError(f"checkpoint {staging}: the files hashed ({len(files)}) are not the files there now "
+                               f"({len(file_names(staging))}); something else writes into the checkpoint directory")
         commit(root, tag, {"step": step, "world_size": world, "run_id": run_id, "time": time.time(), "files": files})
         _prune(root, keep, run_id)
     for stale in glob.glob(os.path.join(root, f"saving.rank{rank}")):
@@ -201,8 +220,8 @@ def find_resume(root: str, resume: str) -> Optional[Tuple[str, str]]:
         return (root, tags[-1]) if tags else None
     if resume == "latest":
         try:
-            tag = open(os.path.join(root, LATEST)).read().strip()
-        except OSError:
+            tag = read_small(os.path.join(root, LATEST), 256, "latest").decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
             raise ValueError(f"--resume latest: {os.path.join(root, LATEST)} does not exist") from None
         if not TAG_RE.match(tag) or not is_complete(os.path.join(root, tag)):
             raise ValueError(f"--resume latest: {root}/latest names {tag!r}, which is not a complete checkpoint; "
@@ -263,15 +282,16 @@ def resume_candidates(root: str, resume: str) -> List[Tuple[str, str]]:
     return [found] if found else []
 
 
-def verify_safe(tag_dir: str, rank: Optional[int] = None, world_size: int = 1) -> None:
-    """Refuse checkpoint files that are not the ones its save wrote (``verify_files``: this rank hashes
-    every ``world_size``-th), are unreadable (truncated, corrupt) or hold arbitrary pickled objects: each
-    must load with ``weights_only=True`` and the allow-list above, before DeepSpeed loads it
-    (unrestricted). With ``rank``, this rank's client file must exist too."""
+def verify_safe(tag_dir: str, rank: Optional[int] = None, hash_share: Tuple[int, int] = (0, 1)) -> None:
+    """Refuse checkpoint files that are not the ones its save wrote (``verify_files``; this process hashes
+    the listed files of ``hash_share`` = (index, of how many), a rank its share), are unreadable
+    (truncated, corrupt) or hold arbitrary pickled objects: each must load with ``weights_only=True`` and
+    the allow-list above, before DeepSpeed loads it (unrestricted). With ``rank``, this rank's client
+    file must exist too."""
     if rank is not None and not os.path.isfile(os.path.join(tag_dir, f"client_rank{rank}.pt")):
         raise ValueError(f"checkpoint {tag_dir} has no client_rank{rank}.pt: it was written by fewer ranks "
                          "than this run has; resume with the same world size")
-    verify_files(tag_dir, rank=rank or 0, world_size=world_size)
+    verify_files(tag_dir, rank=hash_share[0], world_size=hash_share[1])
     for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
         load_weights_only(path)
 

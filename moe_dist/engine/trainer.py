@@ -143,7 +143,8 @@ class Trainer:
         loads just the model weights (any world size or ep_size) and keeps the step counter.
 
         Outline (nothing in the directory is touched before 2 has passed):
-            1. rank 0 locks the checkpoint directory until it exits; a live run holding it refuses this start;
+            1. (``_lock``, before anything is written) rank 0 locks the checkpoint directory until it exits;
+               a live run holding it refuses this start;
             2. every rank checks whose checkpoints the directory holds: a fresh start refuses another run's,
                a resume refuses a directory that also holds other runs' (``checkpoint.continued_run``);
             3. rank 0 recovers the continued run's own interrupted saves (exact names, its run id only);
@@ -152,15 +153,6 @@ class Trainer:
         import deepspeed.comm as dist
 
         root = self.cfg.checkpoint_dir
-        problem = ""
-        if self.rank == 0:
-            try:
-                self._root_lock = checkpoint.lock_root(root)
-            except ValueError as err:
-                problem = str(err)
-        problem = self._agree(problem)
-        if problem:
-            raise ValueError(problem)
         continued = checkpoint.continued_run(root, how)
         if self.rank == 0:
             if continued is not None:
@@ -196,6 +188,19 @@ class Trainer:
         self.loader.load_state_dict(client["loader"])
         checkpoint.set_rng_state(client["rng"])
         self.log.print(f"resumed from {tag_dir} at step {self.step}")
+
+    def _lock(self) -> None:
+        """Rank 0 takes the checkpoint directory's lock, held until ``close`` or exit; every rank raises
+        its refusal (a live run holds it) before the run writes anything."""
+        problem = ""
+        if self.rank == 0:
+            try:
+                self._root_lock = checkpoint.lock_root(self.cfg.checkpoint_dir)
+            except ValueError as err:
+                problem = str(err)
+        problem = self._agree(problem)
+        if problem:
+            raise ValueError(problem)
 
     def _continue_stream(self, tag_dir: str) -> str:
         """After a weights-only resume: continue the checkpoint's exact-mode epoch at this run's layout
@@ -244,7 +249,7 @@ class Trainer:
             if same_layout:
                 checkpoint.check_compatible(tag_dir, self.world, self.cfg.ep_size)
             try:
-                checkpoint.verify_safe(tag_dir, self.rank if same_layout else None, self.world)
+                checkpoint.verify_safe(tag_dir, self.rank if same_layout else None, (self.rank, self.world))
                 problem = ""
             except ValueError as err:
                 problem = str(err)
@@ -373,11 +378,15 @@ class Trainer:
                 pass
         if self.log is not None:
             self.log.close()
+        if self._root_lock is not None:  # the checkpoint directory is free for the next run
+            self._root_lock.close()
+            self._root_lock = None
         self.stop.close()
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: str = "auto", weights_only: bool = False) -> int:
         cfg = self.cfg
+        self._lock()  # before the logger writes into output_dir: a refused start writes nothing
         self.log = MetricsLogger(cfg.output_dir, self.rank, cfg.steps, 0, cfg.logging.tensorboard,
                                  cfg.logging.progress)
         self.resume(resume, weights_only)

@@ -220,7 +220,8 @@ def _read_checkpoint(step_dir: str, model_config: ConfigArg, tokenizer: Optional
     saved = None
     read = [MODEL_STATES] + sorted(n for n in os.listdir(step_dir) if EXPERT_STATES_RE.match(n))
     if os.path.lexists(config_path):
-        saved = _config_from_json(read_small(config_path, MAX_METADATA_BYTES).decode("utf-8", "replace"), config_path)
+        text = read_small(config_path, MAX_METADATA_BYTES, "model config").decode("utf-8", "replace")
+        saved = _config_from_json(text, config_path)
         read.append(MODEL_CONFIG_FILE)
     elif model_config is None:
         raise _missing_config(step_dir)
@@ -234,7 +235,7 @@ def _read_checkpoint(step_dir: str, model_config: ConfigArg, tokenizer: Optional
                              f"checkpoint's tokenizer is a file in it ({TOKENIZER_FILE}). Pass the tokenizer the model "
                              "was trained with (--tokenizer PATH, tokenizer= in Python)")
         read += [name] if name else []
-        spec = _tokenizer_spec(saved.text.tokenizer, step_dir, config_path)
+        spec = _tokenizer_spec(saved.text.tokenizer, step_dir, config_path, in_checkpoint=True)
     else:
         spec = _tokenizer_spec(config.text.tokenizer, os.getcwd(), f"model config {config.name!r}")
     verify_files(step_dir, read)  # each file read is one its save wrote (size and SHA-256)
@@ -290,14 +291,15 @@ def _config_from_json(text: str, where: str) -> ModelConfig:
     return from_dict(ModelConfig, data, where)
 
 
-def _tokenizer_spec(name: str, base: str, where: str) -> TokenizerSpec:
-    """A tokenizer name as bytes (sentencepiece; a relative path is taken from ``base``) or "openclip-bpe"."""
+def _tokenizer_spec(name: str, base: str, where: str, in_checkpoint: bool = False) -> TokenizerSpec:
+    """A tokenizer name as bytes (sentencepiece; a relative path is taken from ``base``) or "openclip-bpe".
+    A regular file of at most MAX_TOKENIZER_BYTES; ``in_checkpoint``: a file of the checkpoint, never a symlink."""
     path = sentencepiece_path(name)
     if not path:
         return OPENCLIP_BPE
     path = os.path.join(base, path)
     try:
-        return read_small(path, MAX_TOKENIZER_BYTES)
+        return read_small(path, MAX_TOKENIZER_BYTES, "tokenizer", follow_symlinks=not in_checkpoint)
     except (OSError, ValueError) as err:
         reason = str(err) if isinstance(err, ValueError) else "which cannot be read"
         raise ValueError(f"{where} names tokenizer {path}: {reason}; pass the sentencepiece model the model was "

@@ -200,11 +200,14 @@ def test_a_netrc_login_is_sent_to_its_host_only(http, data, tmp_path, monkeypatc
 
 
 # ------------------------------------------------------------------ item 10: size caps
-def test_a_remote_index_past_its_cap_is_refused_unread(http, data):
-    """A hostile sizes.json of 32 MiB + 1 was read whole (then failed to parse as counts); now its size is
-    refused from the reply's Content-Length, with the URL and the cap."""
-    from moe_dist.data import resolve_spec
-    from moe_dist.data.remote import MAX_INDEX_BYTES
+def test_a_remote_index_past_its_cap_is_refused_unread(http, data, monkeypatch):
+    """A hostile sizes.json past the cap was read whole (then failed to parse as counts); now its size is
+    refused from the reply's Content-Length, with the URL and the cap (here lowered to 1 MiB, from
+    128 MiB, to keep the test small)."""
+    from moe_dist.data import remote, resolve_spec
+
+    MAX_INDEX_BYTES = 1 << 20
+    monkeypatch.setattr(remote, "MAX_INDEX_BYTES", MAX_INDEX_BYTES)
 
     (data / "huge").mkdir(exist_ok=True)
     pad = MAX_INDEX_BYTES - len('{"a.tar": 1, "pad": ""}') + 1

@@ -101,3 +101,49 @@ def test_a_second_holder_of_the_checkpoint_lock_is_refused(tmp_path):
         held.kill()
         held.wait()
     checkpoint.lock_root(str(tmp_path)).close()  # the holder is gone: the lock is free again
+
+
+def test_the_lock_ends_with_its_process_not_with_forked_workers(tmp_path):
+    """A POSIX lock: a data worker forked by rank 0 does not keep it after rank 0 is killed, so a restart
+    is not refused by an orphan (an flock would have been inherited)."""
+    import signal
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import os, time; from moe_dist.engine import checkpoint; "
+                               f"lock = checkpoint.lock_root({str(tmp_path)!r}); child = os.fork(); "
+                               "time.sleep(30) if child == 0 else None; print(child, flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    worker = int(holder.stdout.readline())
+    try:
+        with pytest.raises(ValueError, match="in use by another live run"):
+            checkpoint.lock_root(str(tmp_path))
+        holder.kill()
+        holder.wait()
+        os.kill(worker, 0)  # the forked worker is still alive
+        checkpoint.lock_root(str(tmp_path)).close()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "ckpt").mkdir()
+    os.symlink(victim, tmp_path / "ckpt" / checkpoint.LOCK)
+    with pytest.raises(ValueError, match="cannot open the lock file"):
+        checkpoint.lock_root(str(tmp_path / "ckpt"))
+    assert victim.read_text() == "precious"  # open("a+") followed the link and truncate() emptied it
+
+
+@pytest.mark.parametrize("marker", ['{"step": 4, "files": {"a.pt": null}}', '{"step": 4, "files": [1]}', "[1, 2]",
+                                    "not json"])
+def test_a_damaged_marker_is_refused_not_taken_for_an_old_checkpoint(tmp_path, marker):
+    from moe_dist.checkpoint_files import verify_files
+
+    d = _tag(tmp_path, 4)
+    (d / checkpoint.MARKER).write_text(marker)
+    with pytest.raises(ValueError, match="marker"):
+        verify_files(str(d))
+    (d / checkpoint.MARKER).write_text('{"step": 4}')  # written before file lists: passes
+    verify_files(str(d))
