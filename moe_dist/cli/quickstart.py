@@ -351,7 +351,8 @@ def print_summary(summary: Dict[str, object], total_s: float) -> None:
     m, paths = summary["metrics"], summary["paths"]
     t = m["train"]
     print("=" * 72)
-    print(f"moe-dist quickstart done in {total_s / 60:.1f} min ({summary['ranks']} ranks, ep_size={summary['ep_size']})")
+    print(f"moe-dist quickstart done in {total_s / 60:.1f} min ({summary['ranks']} ranks, "
+          f"ep_size={summary['ep_size']})")
     print(f"  train loss        {t['first_loss']:.3f} -> {t['final_loss']:.3f} after {t['steps']} steps")
     if "zeroshot" in m:
         z = m["zeroshot"]
@@ -407,7 +408,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="directory for the data, tokenizer and runs (default: runs/quickstart); a re-run reuses the "
                         "data and tokenizer and trains a fresh run in DIR/runs/<time>")
     p.add_argument("--steps", type=int, default=None, help=f"training steps (default: configs/runs/{RUN_CONFIG}'s)")
-    p.add_argument("--model", default="moe-clip-tiny", help="model name (configs/models) or JSON (default: moe-clip-tiny)")
+    p.add_argument("--model", default="moe-clip-tiny",
+                   help="model name (configs/models) or JSON (default: moe-clip-tiny)")
     p.add_argument("--ranks", type=int, default=2, help="ranks started by the deepspeed launcher (default: 2)")
     p.add_argument("--data", metavar="SPEC", help="your own train shards instead of synth (e.g. the --out DIR of "
                                                   "moe-dist-data shard); the tokenizer is trained on them")

@@ -150,9 +150,9 @@ class ShardLoader:
         self.num_workers = max(1, cfg.workers)
         unknown = [s for s in self.shards if s.samples < 1]
         if cfg.mode == "exact" and unknown:  # planned as 0 samples, such shards would make epochs without a step
-            raise ValueError(f"shard {shown_url(unknown[0].url)!r} ({len(unknown)} of {len(self.shards)} shards) has no "
-                             "known sample count: a pipe: URL is not run to count it. Exact mode plans each epoch by the "
-                             "shards' counts: use data.mode=resampled, or name the tars themselves")
+            raise ValueError(f"shard {shown_url(unknown[0].url)!r} ({len(unknown)} of {len(self.shards)} shards) "
+                             "has no known sample count: a pipe: URL is not run to count it. Exact mode plans each "
+                             "epoch by the shards' counts: use data.mode=resampled, or name the tars themselves")
         if cfg.mode == "exact" and len(self.shards) < world_size * self.num_workers:
             raise DataError(f"{len(self.shards)} shards cannot feed {world_size} ranks x {self.num_workers} workers "
                             "in exact mode: every worker needs at least one shard. Reshard into more shards "
@@ -265,9 +265,9 @@ class ShardLoader:
         if steps == 0 and self._step == 0 and not (self._base.done or self._base.partial):
             # a fresh epoch with nothing planned (an elastic resume may find its epoch delivered already): every
             # rank computes the same plan, so all stop here, at the same step, instead of looping on empty epochs
-            raise DataError(f"epoch {self.epoch} of {shown_spec(self.cfg.spec)!r} has no sample to deliver: its shards "
-                            f"count {sum(s.samples for s in self.shards)} samples in all; fix the shards or their index "
-                            "(moe-dist-data validate SPEC)")
+            raise DataError(f"epoch {self.epoch} of {shown_spec(self.cfg.spec)!r} has no sample to deliver: its "
+                            f"shards count {sum(s.samples for s in self.shards)} samples in all; fix the shards or "
+                            "their index (moe-dist-data validate SPEC)")
         chunks = self._chunks() if self._step < steps else iter(())
         try:
             while self._step < steps:

@@ -185,8 +185,8 @@ def _authorize(request: urllib.request.Request) -> None:
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
     """Redirects under the URL rule: every target is an http(s) URL that ``url_problem`` accepts (never
-    from https down to http), at most ``MAX_REDIRECTS`` per request, to any host; a login goes only to the host its ~/.netrc entry
-    names (``_authorize`` per hop). A refused redirect is a permanent error."""
+    from https down to http), at most ``MAX_REDIRECTS`` per request, to any host; a login goes only to
+    the host its ~/.netrc entry names (``_authorize`` per hop). A refused redirect is a permanent error."""
 
     max_repeats = max_redirections = MAX_REDIRECTS + 1  # urllib's own loop check: never before ours
 

@@ -63,7 +63,8 @@ def test_a_file_from_another_step_or_an_added_file_is_refused(trained, tmp_path)
     assert "skipping checkpoint" in res.stdout and "SHA-256" in res.stdout, res.stdout[-3000:]
     assert res.stdout.split("resumed from")[1].split()[0].endswith("step00000002")
     # a file added to a checkpoint (an expert of a larger model, say) is not one its save wrote
-    shutil.copyfile(ckpts / "step00000006" / EXPERT, ckpts / "step00000006" / "layer_0_expert_99_mp_rank_00_model_states.pt")
+    added = "layer_0_expert_99_mp_rank_00_model_states.pt"
+    shutil.copyfile(ckpts / "step00000006" / EXPERT, ckpts / "step00000006" / added)
     with pytest.raises(ValueError, match="did not write .*layer_0_expert_99"):
         checkpoint.verify_safe(str(ckpts / "step00000006"), rank=0)
     with pytest.raises(ValueError, match="layer_0_expert_99.* is not one of the files its save wrote"):
@@ -89,7 +90,8 @@ def test_files_a_checkpoint_names_stay_inside_it_and_are_regular(trained, tmp_pa
     shutil.copyfile(step / "tokenizer.model", outside)
     if case in ("parent", "absolute"):
         config = json.loads((step / "model_config.json").read_text())
-        config["text"]["tokenizer"] = "sentencepiece:" + ("../../../outside.model" if case == "parent" else str(outside))
+        name = "../../../outside.model" if case == "parent" else str(outside)
+        config["text"]["tokenizer"] = "sentencepiece:" + name
         (step / "model_config.json").write_text(json.dumps(config))
         expected = "not a file of the checkpoint"
     elif case == "fifo":
