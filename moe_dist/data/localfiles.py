@@ -18,7 +18,7 @@ import json
 import os
 from typing import Optional
 
-from ..files import check_regular, open_regular, read_small  # noqa: F401 (check_regular, open_regular: used by spec.py)
+from ..files import read_small
 
 INDEX_MAX_BYTES = 128 << 20  # a manifest.json of about 600,000 shards; sizes.json is smaller per shard
 def check_inside(path: str, directory: str, found: str) -> str:

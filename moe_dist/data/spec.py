@@ -30,8 +30,9 @@ from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 from braceexpand import braceexpand
 
+from ..files import check_regular, open_regular
 from . import localfiles, remote
-from .localfiles import check_inside, check_regular, open_regular, shown_value
+from .localfiles import check_inside, shown_value
 from .remote import RemoteError, RemoteOptions, is_remote
 from .urls import shown_spec, url_problem
 

@@ -1,7 +1,7 @@
 """``moe-dist train``: the DeepSpeed engine with ZeRO and expert parallelism on the shard pipeline.
 
-The loop (``Trainer.train``) reads top to bottom; setup, checkpoints, metrics, evaluation and
-signals (stop.py) are collaborators. Exit codes: 0 done, EXIT_PREEMPTED after a signal-triggered
+The loop (``Trainer.train``) reads top to bottom; setup, the start on the checkpoint directory
+(resume.py), checkpoints, metrics, evaluation and signals (stop.py) are collaborators. Exit codes: 0 done, EXIT_PREEMPTED after a signal-triggered
 checkpoint (or a stop requested before the first step), 1 a data error or repeated non-finite losses
 (every rank stops with the same message), 2 a configuration error.
 """
@@ -16,17 +16,18 @@ import random
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional
 
 import torch
 
-from ..checkpoint_files import leftovers, recover
 from ..files import atomic_write
 from ..models.pretrained import model_files
 from ..text.tokenizer import sentencepiece_path
 from . import checkpoint
+from .collectives import all_gather_text, all_reduce
 from .config import RunConfig
 from .metrics import ExpertLoadWindow, MetricsLogger, memory_mb, read_scalars, summary
+from .resume import Resumer
 from .stop import DebugFaults, GracefulStop
 
 EXIT_PREEMPTED = 75  # "checkpoint saved after SIGTERM/SIGUSR1; requeue me" (EX_TEMPFAIL)
@@ -43,32 +44,6 @@ class StepOutput:
     loss: torch.Tensor
     parts: Dict[str, torch.Tensor]
     model: object  # models.ModelOutput
-
-
-def _all_gather_text(text: str) -> List[str]:
-    """Every rank's ``text`` (an error path only: it pickles)."""
-    import torch.distributed
-
-    out: List[Optional[str]] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, text)
-    return [t or "" for t in out]
-
-
-def _all_reduce(value, op: str) -> float:
-    """``value`` (a float, or a one-element tensor on any device) reduced over all ranks and read back
-    with one host sync; a single rank needs no collective (and a float no sync at all)."""
-    import deepspeed.comm as dist
-    from deepspeed.accelerator import get_accelerator
-
-    if dist.get_world_size() == 1:
-        return float(value)
-    device = get_accelerator().device_name()
-    if torch.is_tensor(value):
-        t = value.detach().reshape(1).to(device=device, dtype=torch.float32, copy=True)  # reduced in place
-    else:
-        t = torch.tensor([value], dtype=torch.float32, device=device)
-    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
-    return float(t.item())
 
 
 class Trainer:
@@ -129,7 +104,7 @@ class Trainer:
         self._stream: Optional[Iterator] = None
         self._expert_load = ExpertLoadWindow()
         self._saved_step, self._saved_path = -1, ""
-        self._root_lock = None  # rank 0's lock on the checkpoint directory (resume), held until exit
+        self.resumer = Resumer(cfg, self.rank, self.world)  # the checkpoint directory's lock, resume
         self._children_before = {p.pid for p in multiprocessing.active_children()}
 
     def _loader_config(self, split: str, eval_samples: int = 0):
@@ -137,140 +112,6 @@ class Trainer:
                                            self.cfg.seed, eval_samples)
 
     # ------------------------------------------------------------------ collaborators
-    def resume(self, how: str, weights_only: bool = False) -> None:
-        """Load the checkpoint ``how`` names (``auto``: the newest complete one that loads on every rank,
-        falling back past broken ones), and take over its run id; or start a new run. ``weights_only``
-        loads just the model weights (any world size or ep_size) and keeps the step counter.
-
-        Outline (nothing in the directory is touched before 2 has passed):
-            1. (``_lock``, before anything is written) rank 0 locks the checkpoint directory until it exits;
-               a live run holding it refuses this start;
-            2. every rank checks whose checkpoints the directory holds: a fresh start refuses another run's,
-               a resume refuses a directory that also holds other runs' (``checkpoint.continued_run``);
-            3. rank 0 recovers the continued run's own interrupted saves (exact names, its run id only);
-            4. the first candidate every rank can load is resumed.
-        """
-        import deepspeed.comm as dist
-
-        root = self.cfg.checkpoint_dir
-        continued = checkpoint.continued_run(root, how)
-        if self.rank == 0:
-            if continued is not None:
-                for tag in recover(root, continued):
-                    self.log.print(f"recovered checkpoint {tag} from an interrupted save")
-            others = sorted(name for name, run in leftovers(root).items() if run != continued)
-            if others:
-                self.log.print(f"warning: left alone in {root}: {', '.join(others)} (interrupted saves of another "
-                               "run, or from before saves recorded their run); delete them once that run is gone")
-        dist.barrier()  # every rank sees the same directory from here on
-        candidates = checkpoint.resume_candidates(root, how)
-        found = self._first_loadable(candidates, fallback=how == "auto", same_layout=not weights_only)
-        if found is None:
-            if candidates:
-                raise ValueError(f"no checkpoint in {root} could be loaded (see the warnings above); fix or remove "
-                                 "them, or resume another checkpoint with --resume PATH")
-            self.run_id = self._agree(checkpoint.new_run_id())
-            return
-        self._abandon_newer(root, *found)
-        src_root, tag = found
-        tag_dir = os.path.join(src_root, tag)
-        self.run_id = str(checkpoint.read_marker(tag_dir).get("run_id", ""))
-        if weights_only:
-            self.step = checkpoint.load_weights(self.engine, src_root, tag)
-            self.scheduler.last_epoch = self.step - 1
-            self.scheduler.step()  # the LR schedule continues at the step counter
-            stream = self._continue_stream(tag_dir)
-            self.log.print(f"warning: weights-only resume from {tag_dir} at step {self.step}: the model weights "
-                           f"are loaded; the optimizer state (Adam moments) starts afresh; {stream}")
-            return
-        client = checkpoint.load(self.engine, src_root, tag, self.rank)
-        self.step, self.skipped, self.micro_step = client["step"], client["skipped"], client["micro_step"]
-        self.loader.load_state_dict(client["loader"])
-        checkpoint.set_rng_state(client["rng"])
-        self.log.print(f"resumed from {tag_dir} at step {self.step}")
-
-    def _lock(self) -> None:
-        """Rank 0 takes the checkpoint directory's lock, held until ``close`` or exit; every rank raises
-        its refusal (a live run holds it) before the run writes anything."""
-        problem = ""
-        if self.rank == 0:
-            try:
-                self._root_lock = checkpoint.lock_root(self.cfg.checkpoint_dir)
-            except ValueError as err:
-                problem = str(err)
-        problem = self._agree(problem)
-        if problem:
-            raise ValueError(problem)
-
-    def _continue_stream(self, tag_dir: str) -> str:
-        """After a weights-only resume: continue the checkpoint's exact-mode epoch at this run's layout
-        (every rank's loader state merged, so no sample of the epoch is repeated or skipped over both
-        parts); where that cannot be (resampled mode, a reshard output, another spec) the stream starts
-        afresh. Returns what happened, for the log."""
-        from ..data import merge_states
-
-        states = checkpoint.loader_states(tag_dir)
-        if not states or self.cfg.data.mode != "exact":
-            return "the data stream starts afresh"
-        try:
-            self.loader.load_state_dict(merge_states(states))
-        except (ValueError, KeyError) as err:
-            return f"the data stream starts afresh ({err})"
-        return (f"the data stream continues epoch {states[0]['epoch']} where the {len(states)} rank(s) of "
-                "the checkpoint left it")
-
-    def _abandon_newer(self, root: str, src_root: str, tag: str) -> None:
-        """Resuming a checkpoint that is not its run's newest in this directory: the newer ones are of a
-        branch this run leaves; they are renamed ``step########.abandoned`` (kept, but never resumed or
-        pruned), so that pruning and a later ``--resume auto`` follow the resumed branch."""
-        import deepspeed.comm as dist
-
-        if os.path.abspath(src_root) != os.path.abspath(root):
-            return
-        run_id = checkpoint.read_marker(os.path.join(root, tag)).get("run_id", "")
-        newer = [t for t in checkpoint.run_ids(root).get(run_id, []) if t > tag]
-        if newer and self.rank == 0:
-            for t in newer:
-                os.replace(os.path.join(root, t), os.path.join(root, f"{t}.abandoned.{int(time.time())}"))
-            self.log.print(f"warning: resuming {tag}, so the newer checkpoints {newer} of this run will not be "
-                           "resumed or pruned: renamed to *.abandoned (delete them when you no longer need them)")
-        dist.barrier()
-
-    def _first_loadable(self, candidates: List[Tuple[str, str]], fallback: bool,
-                        same_layout: bool = True) -> Optional[Tuple[str, str]]:
-        """The first candidate whose files every rank can read; with ``fallback`` a broken one is skipped
-        with a warning, otherwise its error is raised. ``same_layout`` also requires this run's world
-        size and ep_size (a full resume re-reads ZeRO shards and per-rank client files)."""
-        for root, tag in candidates:
-            tag_dir = os.path.join(root, tag)
-            if same_layout and checkpoint.read_marker(tag_dir).get("weights_only"):
-                raise ValueError(f"checkpoint {tag_dir} holds model weights only (a moe-dist reshard output); "
-                                 "resume it with --resume PATH --weights-only")
-            if same_layout:
-                checkpoint.check_compatible(tag_dir, self.world, self.cfg.ep_size)
-            try:
-                checkpoint.verify_safe(tag_dir, self.rank if same_layout else None, (self.rank, self.world))
-                problem = ""
-            except ValueError as err:
-                problem = str(err)
-            problems = [p for p in _all_gather_text(problem) if p] if self.world > 1 else [p for p in [problem] if p]
-            if not problems:
-                return root, tag
-            if not fallback:
-                raise ValueError(problems[0])
-            self.log.print(f"warning: skipping checkpoint {tag_dir}: {problems[0]}; trying the one before")
-        return None
-
-    def _agree(self, value: str) -> str:
-        """Rank 0's ``value`` on every rank."""
-        if self.world == 1:
-            return value
-        import torch.distributed
-
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
     def save(self) -> str:
         if self._saved_step == self.step:  # e.g. a checkpoint.every step that a stop request also asks for
             return self._saved_path
@@ -324,11 +165,11 @@ class Trainer:
         """One all-reduce per micro step: True when the loss is finite on every rank. A data error on any
         rank stops every rank with that rank's message."""
         status = -1.0 if data_error else torch.isfinite(loss.detach()).all()  # stays on the device
-        agreed = _all_reduce(status, "MIN")
+        agreed = all_reduce(status, "MIN")
         if agreed < 0:
             from ..data import DataError
 
-            errors = [e for e in (_all_gather_text(data_error) if self.world > 1 else [data_error]) if e]
+            errors = [e for e in all_gather_text(data_error, self.world) if e]
             raise DataError(errors[0])
         return agreed > 0
 
@@ -378,24 +219,23 @@ class Trainer:
                 pass
         if self.log is not None:
             self.log.close()
-        if self._root_lock is not None:  # the checkpoint directory is free for the next run
-            self._root_lock.close()
-            self._root_lock = None
+        self.resumer.release()
         self.stop.close()
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: str = "auto", weights_only: bool = False) -> int:
         cfg = self.cfg
-        self._lock()  # before the logger writes into output_dir: a refused start writes nothing
+        self.resumer.lock()  # before the logger writes into output_dir: a refused start writes nothing
         self.log = MetricsLogger(cfg.output_dir, self.rank, cfg.steps, 0, cfg.logging.tensorboard,
                                  cfg.logging.progress)
-        self.resume(resume, weights_only)
+        at = self.resumer.resume(resume, weights_only, self.engine, self.scheduler, self.loader, self.log.print)
+        self.run_id, self.step, self.skipped, self.micro_step = at.run_id, at.step, at.skipped, at.micro_step
         self._write_run_files()
         self.log.print(summary(cfg, self.env, self.model_cfg, self.params, self.ds_config))
         if self.step >= cfg.steps:
             self.log.print(f"nothing to do: the checkpoint is at step {self.step} of {cfg.steps}")
             return 0
-        if _all_reduce(float(self.stop.requested), "MAX") > 0:  # a signal during setup or resume
+        if all_reduce(float(self.stop.requested), "MAX") > 0:  # a signal during setup or resume
             self.log.print(f"stop requested before step {self.step + 1}; nothing new to save")
             return EXIT_PREEMPTED
         batches = self._stream = self._batches()
@@ -423,7 +263,7 @@ class Trainer:
             # evaluation error never costs the checkpoint before it)
             elapsed = time.perf_counter() - start
             self._log_step(step_out, elapsed, wait)
-            if _all_reduce(float(self.stop.requested), "MAX") > 0:
+            if all_reduce(float(self.stop.requested), "MAX") > 0:
                 path = self.save()
                 self.log.print(f"stopped by signal at step {self.step}; checkpoint {path}")
                 return EXIT_PREEMPTED
