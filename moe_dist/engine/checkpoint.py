@@ -309,6 +309,35 @@ def check_compatible(tag_dir: str, world_size: int, ep_size: int) -> None:
                          "stream; resume with the same layout")
 
 
+def check_same_model(tag_dir: str, model_cfg) -> None:
+    """Refuse to resume ``tag_dir`` into another model: its ``model_config.json`` must build the same
+    parameters (names and shapes) as ``model_cfg``. Options that change no parameter (a capacity factor,
+    loss weights, the router's noise) may differ. Checkpoints without the file pass."""
+    from ..config import from_dict
+    from ..models import build_model
+    from ..models.config import MODEL_CONFIG_FILE, ModelConfig
+
+    path = os.path.join(tag_dir, MODEL_CONFIG_FILE)
+    saved = read_json(path)
+    if not saved:
+        return
+    try:
+        saved_cfg = from_dict(ModelConfig, saved, path)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {tag_dir}: {MODEL_CONFIG_FILE} is not a model config this version reads "
+                         f"({err})") from None
+    with torch.device("meta"):
+        was, now = ({k: tuple(v.shape) for k, v in build_model(c).state_dict().items()} for c in (saved_cfg, model_cfg))
+    if was == now:
+        return
+    differ = [f"{k} {was.get(k, 'absent')} -> {now.get(k, 'absent')}" for k in sorted(set(was) | set(now))
+              if was.get(k) != now.get(k)]
+    raise ValueError(f"checkpoint {tag_dir} holds another model than this run's config ({len(differ)} parameters "
+                     f"differ: {'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}); resume with the model "
+                     "it was trained with (model.name and model.overrides of its run_config.json), or start a new "
+                     "run in its own output_dir (model.init upcycles from a checkpoint)")
+
+
 def load(engine, root: str, tag: str, rank: int) -> Dict[str, Any]:
     """Load DeepSpeed state and this rank's client state (after ``verify_safe`` passed on every rank);
     raise if anything is missing."""

@@ -40,8 +40,8 @@ class Resumed:
 class Resumer:
     """Steps 1-5 above for one run. ``print`` logs on rank 0 (the trainer's ``MetricsLogger.print``)."""
 
-    def __init__(self, cfg, rank: int, world: int):
-        self.cfg, self.rank, self.world = cfg, rank, world
+    def __init__(self, cfg, model_cfg, rank: int, world: int):
+        self.cfg, self.model_cfg, self.rank, self.world = cfg, model_cfg, rank, world
         self.root = cfg.checkpoint_dir
         self._lock: Optional[IO] = None
 
@@ -106,7 +106,8 @@ class Resumer:
                         print: Callable[[str], None]) -> Optional[Tuple[str, str]]:
         """4. The first candidate whose files every rank can read; with ``fallback`` a broken one is
         skipped with a warning, otherwise its error is raised. ``same_layout`` also requires this run's
-        world size and ep_size (a full resume re-reads ZeRO shards and per-rank client files)."""
+        world size and ep_size (a full resume re-reads ZeRO shards and per-rank client files). A checkpoint
+        of another model (other experts, widths, ...) is refused at once, before anything is renamed."""
         for root, tag in candidates:
             tag_dir = os.path.join(root, tag)
             if same_layout and checkpoint.read_marker(tag_dir).get("weights_only"):
@@ -114,6 +115,7 @@ class Resumer:
                                  "resume it with --resume PATH --weights-only")
             if same_layout:
                 checkpoint.check_compatible(tag_dir, self.world, self.cfg.ep_size)
+            checkpoint.check_same_model(tag_dir, self.model_cfg)  # another model is no broken checkpoint
             try:
                 checkpoint.verify_safe(tag_dir, self.rank if same_layout else None, (self.rank, self.world))
                 problem = ""

@@ -1,9 +1,10 @@
 """``moe-dist train``: the DeepSpeed engine with ZeRO and expert parallelism on the shard pipeline.
 
 The loop (``Trainer.train``) reads top to bottom; setup, the start on the checkpoint directory
-(resume.py), checkpoints, metrics, evaluation and signals (stop.py) are collaborators. Exit codes: 0 done, EXIT_PREEMPTED after a signal-triggered
-checkpoint (or a stop requested before the first step), 1 a data error or repeated non-finite losses
-(every rank stops with the same message), 2 a configuration error.
+(resume.py), checkpoints, metrics, evaluation and signals (stop.py) are collaborators. Exit codes: 0
+done, EXIT_PREEMPTED after a signal-triggered checkpoint (or a stop requested before the first step), 1
+a data error or repeated non-finite losses (every rank stops with the same message), 2 a configuration
+error.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Trainer:
         self._stream: Optional[Iterator] = None
         self._expert_load = ExpertLoadWindow()
         self._saved_step, self._saved_path = -1, ""
-        self.resumer = Resumer(cfg, self.rank, self.world)  # the checkpoint directory's lock, resume
+        self.resumer = Resumer(cfg, self.model_cfg, self.rank, self.world)  # the checkpoint directory: lock, resume
         self._children_before = {p.pid for p in multiprocessing.active_children()}
 
     def _loader_config(self, split: str, eval_samples: int = 0):

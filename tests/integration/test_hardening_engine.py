@@ -182,3 +182,24 @@ def test_a_stop_requested_during_setup_is_a_clean_exit(synth, tmp_path):
     assert res.returncode == 75, res.stderr[-3000:]
     assert "stop requested before step 1; nothing new to save" in res.stdout
     assert not (tmp_path / "run" / "checkpoints").exists() or not _tags(tmp_path / "run")
+
+
+def test_a_resume_into_another_model_is_refused_and_touches_nothing(synth, tmp_path):
+    """Issue 26, bad input: a checkpoint of another model (other expert count, other width) is refused
+    before the first step with what differs, and the checkpoint directory is left as it was; an option
+    that changes no parameter (the capacity factor) may change on resume."""
+    out = tmp_path / "run"
+    assert _train(synth, out, steps=2, **ONE_RANK, **{"checkpoint.every": 2}).returncode == 0
+    ckpts = out / "checkpoints"
+    def files():  # (the lock records who holds it: not the checkpoints)
+        return {p: os.path.getmtime(p) for p in ckpts.rglob("*") if p.name != checkpoint.LOCK}
+
+    before = files()
+    for override, differs in (("model.overrides.moe.num_experts=8", "experts"), ("model.overrides.embed_dim=32", "")):
+        res = _train(synth, out, steps=4, **ONE_RANK, **{override.split("=")[0]: override.split("=")[1]})
+        assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "holds another model" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert differs in res.stderr
+        assert files() == before
+    res = _train(synth, out, steps=3, **ONE_RANK, **{"model.overrides.moe.capacity_factor": 2.0})
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
