@@ -100,8 +100,9 @@ def _run(args: argparse.Namespace) -> int:
     target = reshard(args.checkpoint, args.out, args.ep_size, args.world_size, args.model_config, args.tokenizer)
     world = args.world_size or args.ep_size
     print(f"wrote {target}: weights only (no optimizer state), for ep_size={args.ep_size}, world size {world}; "
-          f"resume with: moe-dist train --config RUN.yaml --set ep_size={args.ep_size} --resume {target} "
-          "--weights-only")
+          f"resume with: moe-dist train --config RUN.yaml --set ep_size={args.ep_size} --set output_dir=NEW_DIR "
+          f"--resume {target} --weights-only (a run directory of its own: the old one holds the checkpoints "
+          "of the layout it leaves)")
     return 0
 
 
