@@ -84,3 +84,23 @@ def model_batch(cfg, n=4, seed=0, dtype=None):
     positions = torch.arange(C)[None, :]
     text = torch.where(positions == lengths[:, None], cfg.text.eos_id, text)
     return images, torch.where(positions > lengths[:, None], cfg.text.pad_id, text)
+
+
+class ZeroTokenizer:
+    """What ShardLoader needs of a tokenizer: encode(texts) -> (tokens, padding_mask), all zeros."""
+
+    def __init__(self, length: int = 8):
+        self.length = length
+
+    def encode(self, texts):
+        import torch
+
+        tokens = torch.zeros(len(texts), self.length, dtype=torch.long)
+        return tokens, tokens == 0
+
+
+def blank_transform(size: int = 8):
+    """An image transform for loader tests that need no pixels: every image becomes zeros [3, size, size]."""
+    import torch
+
+    return lambda image: torch.zeros(3, size, size)

@@ -155,6 +155,13 @@ def serve_http(root, ranges: bool = True):
     server.seen: List[tuple] = []
     server.logins: Dict[str, str] = {}
     server.ranges = ranges
+
+    def reset():  # no faults, refusals or records left over from another test
+        for record in (server.faults, server.forbidden, server.requests, server.seen, server.logins):
+            record.clear()
+        return server
+
+    server.reset = reset
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

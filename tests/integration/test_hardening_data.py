@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from helpers import proc
+from helpers.data import ZeroTokenizer, blank_transform
 from helpers.train import RUN_CONFIG, make_synth, overrides, run
 
 DATA_CLI = "moe-dist-data"
@@ -248,23 +248,11 @@ def test_validate_reports_a_manifest_mismatch(short_shards):
     assert "manifest" in (res.stdout + res.stderr).lower(), tail(res)
 
 
-class ZeroTokenizer:
-    """The tokenizer interface ShardLoader needs: encode(texts) -> (tokens, padding_mask)."""
-
-    def encode(self, texts):
-        tokens = torch.zeros(len(texts), 8, dtype=torch.long)
-        return tokens, tokens == 0
-
-
-def tiny_image(image):
-    return torch.zeros(3, 8, 8)
-
-
 def test_loader_raises_on_a_short_shard_instead_of_padding(short_shards):
     from moe_dist.data import DataError, LoaderConfig, ShardLoader
 
     cfg = LoaderConfig(spec=str(short_shards), batch_size=16, mode="exact", workers=0, max_failure_fraction=0.0)
-    loader = ShardLoader(cfg, ZeroTokenizer(), transform=tiny_image)
+    loader = ShardLoader(cfg, ZeroTokenizer(), transform=blank_transform())
     with pytest.raises(DataError, match=r"(?i)short|fewer|manifest|truncat|missing"):
         for _ in loader:
             pass

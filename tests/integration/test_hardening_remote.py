@@ -22,7 +22,7 @@ import time
 import pytest
 
 from data_tools.shard import ShardOptions, shard
-from helpers.data import jpeg_bytes, make_csv
+from helpers.data import ZeroTokenizer, blank_transform, jpeg_bytes, make_csv
 from helpers.remote import Drip, Drop, Partial, Redirect, Stall, Status, serve_http
 from moe_dist.data import RemoteError, RemoteOptions
 from moe_dist.data.remote import MAX_REDIRECTS, open_remote
@@ -49,12 +49,7 @@ def server(data):
 @pytest.fixture
 def http(server):
     """The module's server with no faults left over from another test."""
-    server.faults.clear()
-    server.forbidden.clear()
-    server.requests.clear()
-    server.seen.clear()
-    server.logins.clear()
-    return server
+    return server.reset()
 
 
 def data_cli(*args):
@@ -240,29 +235,17 @@ def capped(data):
     return path
 
 
-class ZeroTokenizer:
-    """What ShardLoader needs of a tokenizer: encode(texts) -> (tokens, padding_mask)."""
-
-    def encode(self, texts):
-        import torch
-
-        tokens = torch.zeros(len(texts), 8, dtype=torch.long)
-        return tokens, tokens == 0
-
-
 def test_oversized_members_are_counted_failures_never_read(capped, http):
     """A caption of any size was read and tokenized whole (and an image of any size read whole); now a
     member past its cap is passed over unread and its sample is a counted failure, under
     data.max_failure_fraction. ``moe-dist-data validate`` reports the same, and never a URL's query."""
-    import torch
-
     from moe_dist.data import LoaderConfig, ShardLoader
     from moe_dist.data.decode import SampleError, decode_metadata
     from moe_dist.data.stream import SampleCounter, raw_samples
     from moe_dist.data.spec import resolve_spec
 
     cfg = LoaderConfig(spec=str(capped), batch_size=2, workers=0, shuffle_buffer=0, max_failure_fraction=0.5)
-    loader = ShardLoader(cfg, ZeroTokenizer(), transform=lambda image: torch.zeros(3, 8, 8))
+    loader = ShardLoader(cfg, ZeroTokenizer(), transform=blank_transform())
     for _ in loader:
         pass
     stats = loader.last_epoch_stats

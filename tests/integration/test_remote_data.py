@@ -56,10 +56,7 @@ def server(data):
 @pytest.fixture
 def http(server):
     """The module's server with no faults left over from another test."""
-    server.faults.clear()
-    server.forbidden.clear()
-    server.requests.clear()
-    return server
+    return server.reset()
 
 
 def _loader(spec, tokenizer, rank=0, world=1, **kw):

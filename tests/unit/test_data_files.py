@@ -16,33 +16,20 @@ import sys
 import tarfile
 
 import pytest
-import torch
 
 from data_tools.cli import main as data_cli
-from helpers.data import good_sample, jpeg_bytes, write_tar
+from helpers.data import ZeroTokenizer, blank_transform, good_sample, jpeg_bytes, write_tar
 from moe_dist.data import DataError, LoaderConfig, ShardLoader, resolve_spec
 from moe_dist.data.spec import Shard
 
 SAMPLES = 5
 
 
-class ZeroTokenizer:
-    """The tokenizer interface ShardLoader needs: encode(texts) -> (tokens, padding_mask)."""
-
-    def encode(self, texts):
-        tokens = torch.zeros(len(texts), 4, dtype=torch.long)
-        return tokens, tokens == 0
-
-
-def tiny_image(image):
-    return torch.zeros(3, 4, 4)
-
-
 def loader(spec, **kw):
     cfg = dict(spec=str(spec), batch_size=2, workers=0, shuffle_buffer=1)
     cfg.update(kw)
     world, rank = cfg.pop("world", 1), cfg.pop("rank", 0)
-    return ShardLoader(LoaderConfig(**cfg), ZeroTokenizer(), rank=rank, world_size=world, transform=tiny_image)
+    return ShardLoader(LoaderConfig(**cfg), ZeroTokenizer(4), rank=rank, world_size=world, transform=blank_transform(4))
 
 
 def shard_dir(root, names=("a.tar", "b.tar"), samples=SAMPLES):
