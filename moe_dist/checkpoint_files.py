@@ -167,7 +167,10 @@ def verify_files(tag_dir: str, names: Optional[Iterable[str]] = None, rank: int 
             if name not in listed:
                 raise ValueError(f"checkpoint {tag_dir}: {name} is not one of the files its save wrote")
             if name not in present:
-                raise ValueError(f"checkpoint {tag_dir} is missing {name}, which its save wrote")
+                hint = (" (optimizer state only: --weights-only resumes the weights with fresh Adam moments)"
+                        if "optim_states" in name else "")
+                raise ValueError(f"checkpoint {tag_dir} is missing {name}, which its save wrote; resume an earlier "
+                                 f"checkpoint{hint}")
             size, digest = listed[name]
             path = os.path.join(tag_dir, name)
             if os.path.getsize(path) != size:

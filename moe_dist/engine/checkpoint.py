@@ -296,19 +296,6 @@ def verify_safe(tag_dir: str, rank: Optional[int] = None, hash_share: Tuple[int,
         load_weights_only(path)
 
 
-def check_compatible(tag_dir: str, world_size: int, ep_size: int) -> None:
-    """Refuse to resume ``tag_dir`` under another world size or ep_size (its run_config.json says which)."""
-    saved = read_json(os.path.join(tag_dir, "run_config.json"))
-    if not saved:
-        return
-    now = {"world_size": world_size, "ep_size": ep_size}
-    was = {"world_size": saved.get("_world_size"), "ep_size": saved.get("ep_size")}
-    if was != now:
-        raise ValueError(f"checkpoint {tag_dir} was written with {was}, this run has {now}. Resuming with a "
-                         "different world size or ep_size would re-partition ZeRO optimizer state and the data "
-                         "stream; resume with the same layout")
-
-
 def check_same_model(tag_dir: str, model_cfg) -> None:
     """Refuse to resume ``tag_dir`` into another model: its ``model_config.json`` must build the same
     parameters (names and shapes) as ``model_cfg``. Options that change no parameter (a capacity factor,

@@ -9,9 +9,13 @@ Outline (nothing in the directory is touched before 2 has passed):
     3. rank 0 recovers the continued run's own interrupted saves (exact names, its run id only);
     4. the first candidate every rank can load is chosen (``auto`` falls back past broken ones); a
        checkpoint that is not its run's newest leaves the newer ones behind as ``*.abandoned``;
-    5. it is loaded: all of it (DeepSpeed state, counters, data-loader state, RNG), or with
-       ``weights_only`` the model weights (any world size or ep_size), the LR schedule at the step
-       counter, and the data stream continued where the checkpoint's ranks left it.
+    5. it is loaded, one of three ways:
+       - the same layout (world size, ep_size, ZeRO stage, precision): all of it through DeepSpeed
+         (optimizer state, counters, data-loader state, RNG), bit for bit;
+       - another layout: the weights, Adam's master weights, moments and step per parameter
+         (``optim_state``), the counters, the LR schedule at the step, and the data stream continued
+         where the checkpoint's ranks left it;
+       - ``weights_only`` (any layout): the weights, the LR schedule and the data stream; Adam starts afresh.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import IO, Callable, List, Optional, Tuple
 from ..checkpoint_files import leftovers, recover
 from . import checkpoint
 from .collectives import all_gather_text, rank0_value
+from .optim_state import LAYOUT_FREE_FILE, OptimizerStates, checkpoint_layout, load_into
 
 
 @dataclass
@@ -43,6 +48,8 @@ class Resumer:
     def __init__(self, cfg, model_cfg, rank: int, world: int):
         self.cfg, self.model_cfg, self.rank, self.world = cfg, model_cfg, rank, world
         self.root = cfg.checkpoint_dir
+        self.layout = {"world_size": world, "ep_size": cfg.ep_size, "zero_stage": cfg.zero_stage,
+                       "precision": cfg.precision}
         self._lock: Optional[IO] = None
 
     def lock(self) -> None:
@@ -78,16 +85,18 @@ class Resumer:
                       "or from before saves recorded their run); delete them once that run is gone")
         dist.barrier()  # every rank sees the same directory from here on
         candidates = checkpoint.resume_candidates(self.root, how)
-        found = self._first_loadable(candidates, how == "auto", not weights_only, print)
+        found = self._first_loadable(candidates, how == "auto", weights_only, print)
         if found is None:
             if candidates:
                 raise ValueError(f"no checkpoint in {self.root} could be loaded (see the warnings above); fix or "
                                  "remove them, or resume another checkpoint with --resume PATH")
             return Resumed(rank0_value(checkpoint.new_run_id(), self.world))
-        self._abandon_newer(*found, print)
-        src_root, tag = found
+        src_root, tag, states = found
+        self._abandon_newer(src_root, tag, print)
         tag_dir = os.path.join(src_root, tag)
         run_id = str(checkpoint.read_marker(tag_dir).get("run_id", ""))
+        if states is not None:
+            return self._across_layouts(tag_dir, run_id, states, engine, scheduler, loader, print)
         if weights_only:
             step = checkpoint.load_weights(engine, src_root, tag)
             scheduler.last_epoch = step - 1
@@ -102,32 +111,54 @@ class Resumer:
         print(f"resumed from {tag_dir} at step {client['step']}")
         return Resumed(run_id, client["step"], client["skipped"], client["micro_step"], tag_dir)
 
-    def _first_loadable(self, candidates: List[Tuple[str, str]], fallback: bool, same_layout: bool,
-                        print: Callable[[str], None]) -> Optional[Tuple[str, str]]:
+    def _first_loadable(self, candidates: List[Tuple[str, str]], fallback: bool, weights_only: bool,
+                        print: Callable[[str], None]) -> Optional[Tuple[str, str, Optional[OptimizerStates]]]:
         """4. The first candidate whose files every rank can read; with ``fallback`` a broken one is
-        skipped with a warning, otherwise its error is raised. ``same_layout`` also requires this run's
-        world size and ep_size (a full resume re-reads ZeRO shards and per-rank client files). A checkpoint
-        of another model (other experts, widths, ...) is refused at once, before anything is renamed."""
+        skipped with a warning, otherwise its error is raised. A checkpoint of this run's layout is read
+        by DeepSpeed (each rank its own files); one of another layout is indexed here (every rank reads
+        every optimizer file's index), so that a missing shard is refused before anything is renamed.
+        Returns (root, tag, the optimizer state index, or None for DeepSpeed's own load or weights only).
+        A checkpoint of another model (other experts, widths, ...) is refused at once."""
         for root, tag in candidates:
             tag_dir = os.path.join(root, tag)
-            if same_layout and checkpoint.read_marker(tag_dir).get("weights_only"):
-                raise ValueError(f"checkpoint {tag_dir} holds model weights only (a moe-dist reshard output); "
-                                 "resume it with --resume PATH --weights-only")
-            if same_layout:
-                checkpoint.check_compatible(tag_dir, self.world, self.cfg.ep_size)
+            if not weights_only and checkpoint.read_marker(tag_dir).get("weights_only"):
+                raise ValueError(f"checkpoint {tag_dir} holds model weights only (a moe-dist reshard output without "
+                                 "--with-optimizer); resume it with --resume PATH --weights-only")
             checkpoint.check_same_model(tag_dir, self.model_cfg)  # another model is no broken checkpoint
+            across = not weights_only and (checkpoint_layout(tag_dir) != self.layout
+                                           or os.path.isfile(os.path.join(tag_dir, LAYOUT_FREE_FILE)))
+            own_files = not weights_only and not across
+            states, problem = None, ""
             try:
-                checkpoint.verify_safe(tag_dir, self.rank if same_layout else None, (self.rank, self.world))
-                problem = ""
+                checkpoint.verify_safe(tag_dir, self.rank if own_files else None, (self.rank, self.world))
+                if across:
+                    states = OptimizerStates.from_checkpoint(tag_dir, self.model_cfg)
             except ValueError as err:
                 problem = str(err)
             problems = [p for p in all_gather_text(problem, self.world) if p]
             if not problems:
-                return root, tag
+                return root, tag, states
             if not fallback:
                 raise ValueError(problems[0])
             print(f"warning: skipping checkpoint {tag_dir}: {problems[0]}; trying the one before")
         return None
+
+    def _across_layouts(self, tag_dir: str, run_id: str, states: OptimizerStates, engine, scheduler, loader,
+                        print: Callable[[str], None]) -> Resumed:
+        """5, another layout: weights, then Adam's state per parameter, then the schedule and the stream."""
+        root, tag = os.path.split(tag_dir)
+        step = checkpoint.load_weights(engine, root, tag)
+        load_into(engine, states)
+        scheduler.last_epoch = step - 1
+        scheduler.step()  # the LR schedule continues at the step counter
+        stream = self._continue_stream(tag_dir, loader)
+        client = os.path.join(tag_dir, "client_rank0.pt")
+        counters = checkpoint.load_weights_only(client) if os.path.isfile(client) else {}
+        was = ", ".join(f"{k} {v}" for k, v in states.layout.items())
+        now = ", ".join(f"{k} {v}" for k, v in self.layout.items())
+        print(f"resumed from {tag_dir} at step {step} on another layout ({was} -> {now}): the weights, Adam's "
+              f"moments and step count ({states.step:g}) carried over; {stream}")
+        return Resumed(run_id, step, int(counters.get("skipped", 0)), int(counters.get("micro_step", 0)), tag_dir)
 
     def _abandon_newer(self, src_root: str, tag: str, print: Callable[[str], None]) -> None:
         """Resuming a checkpoint that is not its run's newest in this directory: the newer ones are of a

@@ -1,5 +1,5 @@
-"""A checkpoint written by 2 ranks with ep_size=2 trains on as 1 process with --weights-only (its data
-epoch continued from the two ranks' global position), and the
+"""A checkpoint written by 2 ranks with ep_size=2 trains on as 1 process, with its Adam state or with
+--weights-only (its data epoch continued from the two ranks' global position either way), and the
 expert load TensorBoard shows is summed over all ranks and micro-batches of the logging window."""
 
 import os
@@ -42,8 +42,6 @@ def test_weights_only_resume_on_another_world_size_trains_on(synth, two_rank_run
     out = tmp_path / "one"
     cmd = ["moe-dist", "train", "--config", RUN_CONFIG, "--resume", str(step_dir)]
     sets = overrides(synth, out, steps=6, ep_size=1, **{"data.workers": 0})
-    refused = run(cmd + sets)
-    assert refused.returncode == 2 and "resume with the same layout" in refused.stderr, refused.stderr[-2000:]
     res = run(cmd + sets + ["--weights-only"])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "weights-only resume from" in res.stdout and "at step 4" in res.stdout
@@ -63,3 +61,45 @@ def test_weights_only_resume_on_another_world_size_trains_on(synth, two_rank_run
     grown = {s for s, _ in ids(before)} <= {s for s, _ in ids(after)} and len(ids(after)) > 0
     assert grown and all(s in after.done or o <= after.partial.get(s, set())
                          for s, o in before.partial.items()), (before, after)
+
+
+def test_a_full_resume_on_another_layout_carries_the_optimizer_state(synth, two_rank_run, tmp_path):
+    step_dir = two_rank_run / "checkpoints" / "step00000004"
+    res = run(["moe-dist", "train", "--config", RUN_CONFIG, "--resume", str(step_dir)]
+              + overrides(synth, tmp_path / "one", steps=5, ep_size=1, zero_stage=1, **{"data.workers": 0}))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert ("on another layout (world_size 2, ep_size 2, zero_stage 2, precision fp32 -> world_size 1, ep_size 1, "
+            "zero_stage 1, precision fp32): the weights, Adam's moments and step count (4) carried over") in res.stdout
+    assert "the data stream continues epoch 0 where the 2 rank(s) of the checkpoint left it" in res.stdout
+    assert [m["step"] for m in metrics(tmp_path / "one") if "loss/total" in m] == [5]
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["file-list", "no-file-list"])
+def test_a_missing_optimizer_shard_is_refused_before_the_first_step(synth, two_rank_run, tmp_path, listed):
+    """Rank 1's ZeRO file gone: the resume on another layout names it and what to do, and touches nothing.
+    Checkpoints that list their files are refused by the list; older ones (no list) by the optimizer index."""
+    import json
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(two_rank_run / "checkpoints", root)
+    step_dir = root / "step00000004"
+    (step_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    if not listed:
+        marker = json.loads((step_dir / "COMPLETE").read_text())
+        marker.pop("files")
+        (step_dir / "COMPLETE").write_text(json.dumps(marker))
+    before = _tree(root)
+    res = run(["moe-dist", "train", "--config", RUN_CONFIG, "--resume", str(step_dir)]
+              + overrides(synth, tmp_path / "one", steps=5, ep_size=1, **{"data.workers": 0}))
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    error = res.stderr.strip().splitlines()[-1]
+    want = ("zero_pp_rank_1_mp_rank_00_optim_states.pt" if listed else
+            "rank 1's ZeRO optimizer file (zero_pp_rank_1_mp_rank_00_optim_states.pt) is missing")
+    assert want in error and ("--weights-only" in error or not listed), error
+    assert _tree(root) == before
+    assert not list((tmp_path / "one" / "checkpoints").glob("step*"))  # only the new run's lock file

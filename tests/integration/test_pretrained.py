@@ -141,6 +141,35 @@ def test_reshard_two_to_one_to_two_keeps_every_tensor(ep2, tmp_path, cli):
     assert _equal(_features(*load_pretrained(str(two))), _features(*load_pretrained(str(ep2))))
 
 
+def test_reshard_with_optimizer_carries_adam_state_and_resumes_on_one_process(ep2, synth, tmp_path, cli):
+    """2 ranks, ep_size 2, ZeRO-2 -> one layout-free file -> 1 process, ep_size 1, ZeRO-0: the file holds
+    exactly the moments and masters the ZeRO partitions held, and the resume continues them."""
+    from moe_dist.engine.optim_state import KEYS_READ, OptimizerStates
+
+    out = tmp_path / "one"
+    code, stdout, _ = cli("reshard", "--checkpoint", ep2, "--ep-size", 1, "--with-optimizer", "--out", out)
+    step = out / "step00000004"
+    assert code == 0 and "weights and optimizer state" in stdout and "--weights-only" not in stdout
+    marker = json.loads((step / "COMPLETE").read_text())
+    assert marker["optimizer"] == "layout-free" and "weights_only" not in marker
+    assert sorted(n for n in os.listdir(step) if n.startswith("client_rank")) == ["client_rank0.pt", "client_rank1.pt"]
+    from moe_dist.config import from_dict
+    from moe_dist.models.config import ModelConfig
+
+    model_cfg = from_dict(ModelConfig, json.loads((ep2 / "model_config.json").read_text()), "model_config.json")
+    zero = OptimizerStates.from_checkpoint(str(ep2), model_cfg)
+    free = OptimizerStates.from_checkpoint(str(step), model_cfg)
+    assert zero.step == free.step == 4.0 and sorted(zero.shapes) == sorted(free.pieces)
+    for name in zero.shapes:
+        for key in KEYS_READ:
+            assert torch.equal(zero.read(name, key), free.read(name, key)), (name, key)
+    res = run([sys.executable, "-m", "moe_dist", "train", "--config", RUN_CONFIG, "--resume", str(step)]
+              + overrides(synth, tmp_path / "run", steps=5, ep_size=1, zero_stage=0, **{"data.workers": 0}))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "at step 4 on another layout" in res.stdout and "step count (4) carried over" in res.stdout
+    assert "the data stream continues epoch 0 where the 2 rank(s) of the checkpoint left it" in res.stdout
+
+
 def _ep2_rank(rank, world_size, step_dir):
     model, tokenizer = load_pretrained(step_dir, ep_size=2)
     moe = model.visual.transformer.resblocks[1].mlp.moe
