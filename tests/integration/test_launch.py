@@ -248,3 +248,62 @@ def test_rendered_script_keeps_every_value_through_real_sbatch(slurm, synth, tmp
     argv = record.read_bytes().decode().split("\0")[:-1]
     assert [v for flag, v in zip(argv, argv[1:]) if flag == "--set"] == sets, argv
     assert not marker.exists(), "a value ran a command substitution"
+
+
+def _kill_node(job, node):
+    """SIGKILL every process of ``job`` on ``node`` (the launcher srun started there and its ranks): a node
+    lost. Both simulated nodes share this machine, so they are told apart by SLURMD_NODENAME."""
+    killed = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if env.get(b"SLURM_JOB_ID") == job.encode() and env.get(b"SLURMD_NODENAME") == node.encode() \
+                and b"SLURM_STEP_ID" in env and env.get(b"SLURM_STEP_ID") != b"batch":
+            try:
+                os.kill(int(pid), 9)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def test_a_node_lost_mid_run_resumes_on_another_layout_with_the_optimizer_state(slurm, synth, tmp_path):
+    """Issue 26, item 4: an 8-rank job (4 per node, ep_size 4, ZeRO-2) loses node n2 mid-run; the job
+    submitted again on 2 ranks per node (world size 4) resumes the newest complete checkpoint with its Adam
+    state (a layout change, so optim_state carries it) and the step counter and data stream go on. SLURM
+    keeps a requeued job's environment, so a layout change is a new submission into the same output_dir."""
+    out, log1, log2 = tmp_path / "run", tmp_path / "job1.out", tmp_path / "job2.out"
+    sets = dict(steps=8, ep_size=4, zero_stage=2, **{"checkpoint.every": 2, "batch.micro_batch": 4,
+                                                     "logging.tensorboard": "false", "eval.every": 0})
+    first = _sbatch(dict(slurm, GPUS_PER_NODE="4"), synth, out, log1, **sets)
+    assert first.returncode == 0, first.stderr
+    job = first.stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step00000002" / "COMPLETE").exists():
+        assert time.time() < deadline, log1.read_text()[-3000:] if log1.exists() else "job never started"
+        assert _job(slurm, job).get("JobState") in ("PENDING", "RUNNING"), log1.read_text()[-3000:]
+        time.sleep(0.2)
+    assert _kill_node(job, "n2"), "no process of the job on n2"
+    while _job(slurm, job).get("JobState") in ("PENDING", "RUNNING", "COMPLETING"):
+        assert time.time() < deadline, _job(slurm, job)
+        time.sleep(0.5)
+    assert _job(slurm, job)["JobState"] == "FAILED", log1.read_text()[-3000:]
+    done = [m["step"] for m in metrics(out) if "loss/total" in m]
+    assert 2 <= max(done) < 8 and "world size 8: data-parallel 8, expert-parallel 4" in log1.read_text()
+    second = _sbatch(dict(slurm, GPUS_PER_NODE="2"), synth, out, log2, wait=True,
+                     **dict(sets, **{"batch.micro_batch": 8}))
+    text = log2.read_text()
+    assert second.returncode == 0, second.stderr + text[-3000:]
+    resumed = [line for line in text.splitlines() if line.startswith("resumed from")]
+    assert len(resumed) == 1, text[-3000:]
+    step = int(resumed[0].split(" at step ")[1].split()[0])
+    assert step >= 2 and step % 2 == 0
+    assert ("(world_size 8, ep_size 4, zero_stage 2, precision fp32 -> world_size 4, ep_size 4, zero_stage 2, "
+            f"precision fp32): the weights, Adam's moments and step count ({step}) carried over") in resumed[0]
+    assert "the data stream continues epoch 0 where the 8 rank(s) of the checkpoint left it" in resumed[0]
+    after = [m["step"] for m in metrics(out) if "loss/total" in m]
+    assert after[len(done):] == list(range(step + 1, 9)), after
+    assert (out / "checkpoints" / "step00000008" / "COMPLETE").exists()
