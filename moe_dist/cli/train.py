@@ -20,9 +20,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config field, e.g. --set batch.micro_batch=16 --set model.moe.top_k=2")
     p.add_argument("--resume", default="auto",
-                   help="auto (newest complete checkpoint, else fresh), latest, none, or a checkpoint path")
+                   help="auto (newest complete checkpoint, else fresh), latest, none, or a checkpoint path. A "
+                        "checkpoint of another world size, ep_size, ZeRO stage or precision resumes with its Adam "
+                        "state and data position too")
     p.add_argument("--weights-only", action="store_true",
-                   help="with --resume PATH: load only the model weights, so a checkpoint of another world size or "
-                        "ep_size trains on (fresh optimizer state and data stream; the step counter and LR "
-                        "schedule continue)")
+                   help="with --resume PATH: load only the model weights (fresh Adam moments; the step counter, LR "
+                        "schedule and an exact-mode data stream continue)")
     p.set_defaults(func=_run)
