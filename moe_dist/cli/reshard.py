@@ -10,10 +10,11 @@ What a layout binds, and what it does not:
   - the model weights: DeepSpeed writes one file per MoE layer and *global* expert plus one non-expert
     file, whatever the world size and ep_size, and every ep_size reads them (each rank picks its
     experts). They are copied bit for bit.
-  - the ZeRO optimizer shards (partitioned by data-parallel rank), the per-rank client files (data-loader
-    position, RNG) and, at ZeRO 0, the per-expert-rank optimizer files are bound to the layout that wrote
-    them: they are not carried over. (At ZeRO 0 the non-expert file also holds DeepSpeed's non-expert
-    optimizer state; a weights-only load ignores it.)
+  - DeepSpeed's optimizer files (ZeRO shards by data-parallel rank; at ZeRO 0 one per expert-parallel
+    rank) are bound to the layout that wrote them and are not copied; ``--with-optimizer`` writes their
+    content per global parameter instead (``optim_state.OptimizerStates``).
+  - the per-rank client files (counters, data-loader position, RNG) merge at any layout (the RNG is not
+    used elsewhere); ``--with-optimizer`` copies them.
 
 DIR2/step######## is a complete checkpoint of the same step: the model files, a COMPLETE marker with
 world_size W, run_config.json with the new ep_size and _world_size, deepspeed_config.json with the global
@@ -26,6 +27,7 @@ DIR2/step########`` at any layout continues with the moments and the data stream
 
 Outline:
     1. read the source and check it: every tensor of the model config with its shape, the tokenizer fits;
+       with --with-optimizer every file against the marker's list, and the optimizer state indexed;
     2. check the layout: N divides every layer's expert count and W (W defaults to N);
     3. write DIR2/step########.saving (copies, run files, then the marker), flush it, rename it into
        place, point DIR2/latest at it: a crash leaves no half-written checkpoint.

@@ -289,8 +289,8 @@ def verify_safe(tag_dir: str, rank: Optional[int] = None, hash_share: Tuple[int,
     the allow-list above, before DeepSpeed loads it (unrestricted). With ``rank``, this rank's client
     file must exist too."""
     if rank is not None and not os.path.isfile(os.path.join(tag_dir, f"client_rank{rank}.pt")):
-        raise ValueError(f"checkpoint {tag_dir} has no client_rank{rank}.pt: it was written by fewer ranks "
-                         "than this run has; resume with the same world size")
+        raise ValueError(f"checkpoint {tag_dir} has no client_rank{rank}.pt (this rank's counters, data position "
+                         "and RNG); resume an earlier checkpoint, or this one with --weights-only")
     verify_files(tag_dir, rank=hash_share[0], world_size=hash_share[1])
     for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
         load_weights_only(path)
