@@ -208,10 +208,11 @@ def test_adam_state_survives_a_layout_change(synth, tmp_path, before, after):
     assert fresh_by[len(fresh_by) // 2] > 1e-2, fresh_by
 
 
-def test_bf16_master_weights_and_moments_survive_zero2_to_zero0(synth, tmp_path):
+def test_bf16_master_weights_and_moments_survive_w4_ep2_zero2_to_w2_ep1_zero0(synth, tmp_path):
     """bf16: the fp32 master copy (finer than the bf16 weights) carries over too, from ZeRO-2's partitions
-    into ZeRO-0's FP16_Optimizer (one flat master per group), at ep_size 2 -> 1."""
-    first = run_ranks(_phase, 2, args=(_sets(synth, tmp_path / "a", 2, 2, 2, "bf16"), "none", False,
+    (4 ranks at ep_size 2: each expert's state split over its 2 expert-data-parallel ranks) into ZeRO-0's
+    FP16 optimizer (an fp32 master per parameter) on 2 ranks at ep_size 1."""
+    first = run_ranks(_phase, 4, args=(_sets(synth, tmp_path / "a", 4, 2, 2, "bf16"), "none", False,
                                        STEPS_BEFORE, STEPS_BEFORE), timeout=400)
     moved = run_ranks(_phase, 2, args=(_sets(synth, tmp_path / "b", 2, 1, 0, "bf16"), first[0]["checkpoint"],
                                        False, 0, 0), timeout=400)
