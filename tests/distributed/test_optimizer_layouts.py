@@ -181,29 +181,32 @@ def _max_rel(a, b):
     return max(((x - y).norm() / y.norm().clamp_min(1e-12)).item() for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("before, after", [
-    ((4, 4, 2), (2, 2, 1)),  # 4 ranks ep4 ZeRO-2 -> 2 ranks ep2 ZeRO-1 (the case)
-    ((2, 2, 0), (4, 1, 2)),  # 2 -> 4 ranks, ep 2 -> 1, ZeRO 0 -> 2
+@pytest.mark.parametrize("before, after, control", [
+    ((4, 4, 2), (2, 2, 1), True),  # 4 ranks ep4 ZeRO-2 -> 2 ranks ep2 ZeRO-1 (the case)
+    ((2, 2, 0), (4, 1, 2), False),  # 2 -> 4 ranks, ep 2 -> 1, ZeRO 0 -> 2 (no fresh-moments control run)
 ], ids=["w4-ep4-z2_to_w2-ep2-z1", "w2-ep2-z0_to_w4-ep1-z2"])
-def test_adam_state_survives_a_layout_change(synth, tmp_path, before, after):
+def test_adam_state_survives_a_layout_change(synth, tmp_path, before, after, control):
     (w0, ep0, z0), (w1, ep1, z1) = before, after
     first = run_ranks(_phase, w0, args=(_sets(synth, tmp_path / "a", w0, ep0, z0), "none", False,
                                         STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER), timeout=400)
     checkpoint = first[0]["checkpoint"]
     moved = run_ranks(_phase, w1, args=(_sets(synth, tmp_path / "b", w1, ep1, z1), checkpoint, False, 0,
                                         STEPS_AFTER), timeout=400)
-    fresh = run_ranks(_phase, w1, args=(_sets(synth, tmp_path / "c", w1, ep1, z1), checkpoint, True, 0,
-                                        STEPS_AFTER), timeout=400)
     _assert_carried(first, moved)
     # 2. K more steps on the same global batches: the same parameters as the run that stayed
-    stayed, went, restarted = (_global(r, "final") for r in (first, moved, fresh))
+    stayed, went = _global(first, "final"), _global(moved, "final")
     names = sorted(stayed)
     # fp32 tolerance: summation order differs between layouts (1e-7 relative per gradient), and Adam
     # divides by sqrt(v): where the true gradient is zero (the key part of attention's in_proj_bias: the
     # softmax ignores it) it turns rounding noise into lr-sized steps; that part sets the bound (2.7e-5)
     went_by = {n: _max_rel([went[n]], [stayed[n]]) for n in names}
     assert max(went_by.values()) < 1e-4, sorted(went_by.items(), key=lambda item: -item[1])[:3]
+    if not control:
+        return
     # 3. ... and fresh moments end elsewhere (the median tensor 6% apart after two steps): (2) can fail
+    fresh = run_ranks(_phase, w1, args=(_sets(synth, tmp_path / "c", w1, ep1, z1), checkpoint, True, 0,
+                                        STEPS_AFTER), timeout=400)
+    restarted = _global(fresh, "final")
     fresh_by = sorted(_max_rel([restarted[n]], [stayed[n]]) for n in names)
     assert fresh_by[len(fresh_by) // 2] > 1e-2, fresh_by
 
