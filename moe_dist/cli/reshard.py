@@ -79,6 +79,10 @@ def reshard(checkpoint: str, out: str, ep_size: int, world_size: int = 0, model_
 
     states = None
     if with_optimizer:  # read (and checked against the marker's file list) before anything is written
+        if read_marker(src).get("weights_only"):
+            raise ValueError(f"--checkpoint {src} holds model weights only (a reshard output without "
+                             "--with-optimizer): there is no optimizer state to carry; reshard the checkpoint it "
+                             "came from, or leave out --with-optimizer")
         verify_files(src)
         states = OptimizerStates.from_checkpoint(src, state.config)
     files: Dict[str, Union[str, bytes]] = dict(model_files(state.config, state.tokenizer))  # 3.

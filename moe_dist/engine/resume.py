@@ -28,7 +28,7 @@ from typing import IO, Callable, List, Optional, Tuple
 from ..checkpoint_files import leftovers, recover
 from . import checkpoint
 from .collectives import all_gather_text, rank0_value
-from .optim_state import LAYOUT_FREE_FILE, OptimizerStates, checkpoint_layout, load_into
+from .optim_state import LAYOUT_FREE_FILE, OptimizerStates, check_engine, checkpoint_layout, load_into
 
 
 @dataclass
@@ -92,6 +92,8 @@ class Resumer:
                                  "remove them, or resume another checkpoint with --resume PATH")
             return Resumed(rank0_value(checkpoint.new_run_id(), self.world))
         src_root, tag, states = found
+        if states is not None:
+            check_engine(engine)  # an optimizer the layout change cannot fill: refused before any rename
         self._abandon_newer(src_root, tag, print)
         tag_dir = os.path.join(src_root, tag)
         run_id = str(checkpoint.read_marker(tag_dir).get("run_id", ""))
@@ -125,7 +127,8 @@ class Resumer:
                 raise ValueError(f"checkpoint {tag_dir} holds model weights only (a moe-dist reshard output without "
                                  "--with-optimizer); resume it with --resume PATH --weights-only")
             checkpoint.check_same_model(tag_dir, self.model_cfg)  # another model is no broken checkpoint
-            across = not weights_only and (checkpoint_layout(tag_dir) != self.layout
+            layout = checkpoint_layout(tag_dir)  # None: too old to say; DeepSpeed's own load decides
+            across = not weights_only and (layout is not None and layout != self.layout
                                            or os.path.isfile(os.path.join(tag_dir, LAYOUT_FREE_FILE)))
             own_files = not weights_only and not across
             states, problem = None, ""

@@ -48,7 +48,6 @@ def _global_batch(model_cfg, step):
 
 def _full_state(trainer):
     """name -> {key: this rank's rows (fp32)}, plus the step, read back through DeepSpeed's getters."""
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -60,20 +59,11 @@ def _full_state(trainer):
         _link_fragments(opt)
     if isinstance(opt, FP16_UnfusedOptimizer):
         masters = {id(p): m for lp, fp in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(lp, fp)}
-    if isinstance(opt, FP16_Optimizer):
-        where = {id(p): (g, off) for g, group in enumerate(opt.fp16_groups)
-                 for off, p in zip(_offsets(group), group)}
     for name, p in named:
         if hasattr(p, "_hp_mapping"):  # ZeRO 1/2: collective over the parameter's data-parallel group
             out[name] = {"fp32": safe_get_full_fp32_param(p).float(),
                          **{k: safe_get_full_optimizer_state(p, k).float() for k in KEYS[1:]}}
             steps |= {float(s["step"]) for s in opt.optimizer.state.values()}
-        elif isinstance(opt, FP16_Optimizer):
-            g, off = where[id(p)]
-            flat, state = opt.fp32_groups_flat[g], opt.optimizer.state[opt.fp32_groups_flat[g]]
-            out[name] = {"fp32": flat[off:off + p.numel()].view_as(p).clone(),
-                         **{k: state[k][off:off + p.numel()].view_as(p).clone() for k in KEYS[1:]}}
-            steps.add(float(state["step"]))
         elif isinstance(opt, FP16_UnfusedOptimizer):
             master = masters[id(p)]
             state = opt.optimizer.state[master]
@@ -84,14 +74,6 @@ def _full_state(trainer):
             out[name] = {"fp32": p.detach().float().clone(), **{k: state[k].clone() for k in KEYS[1:]}}
             steps.add(float(state["step"]))
     return {"params": out, "steps": sorted(steps)}
-
-
-def _offsets(group):
-    offsets, at = [], 0
-    for p in group:
-        offsets.append(at)
-        at += p.numel()
-    return offsets
 
 
 def _phase(rank, world, sets, resume, weights_only, save_after, steps):
@@ -113,6 +95,8 @@ def _phase(rank, world, sets, resume, weights_only, save_after, steps):
                                     print=lambda line: None)
         trainer.run_id, trainer.step = at.run_id, at.step
         result = {"resumed": _full_state(trainer) if at.step and not weights_only else None, "step": at.step}
+        if save_after == 0:  # the state as resumed, saved again at this layout
+            result["checkpoint"] = trainer.save()
         B = cfg.batch.micro_batch
         for i in range(steps):
             images, tokens = _global_batch(trainer.model_cfg, trainer.step)
@@ -150,6 +134,8 @@ def _global(results, field):
         by_ep = {}
         for r in sorted(results):
             by_ep.setdefault(results[r]["ep_rank"], get(r))
+            if ".experts." not in name:  # replicated: every rank holds the same (ZeRO-0 ranks >= 1 too)
+                assert _equal(get(r), by_ep[0]), (name, r)
         if ".experts." in name:
             if isinstance(by_ep[0], dict):
                 merged[name] = {k: torch.cat([by_ep[e][k] for e in sorted(by_ep)]) for k in by_ep[0]}
@@ -177,20 +163,32 @@ def _assert_carried(first, moved):
     assert first[0]["saved"]["steps"] == moved[0]["resumed"]["steps"] == [float(STEPS_BEFORE)]
 
 
+def _equal(a, b):
+    if isinstance(a, dict):
+        return all(torch.equal(a[k], b[k]) for k in a)
+    return torch.equal(a, b)
+
+
 def _max_rel(a, b):
     return max(((x - y).norm() / y.norm().clamp_min(1e-12)).item() for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("before, after, control", [
-    ((4, 4, 2), (2, 2, 1), True),  # 4 ranks ep4 ZeRO-2 -> 2 ranks ep2 ZeRO-1 (the issue's case)
-    ((2, 2, 0), (4, 1, 2), False),  # 2 -> 4 ranks, ep 2 -> 1, ZeRO 0 -> 2 (no fresh-moments control run)
-], ids=["w4-ep4-z2_to_w2-ep2-z1", "w2-ep2-z0_to_w4-ep1-z2"])
-def test_adam_state_survives_a_layout_change(synth, tmp_path, before, after, control):
+@pytest.mark.parametrize("before, after, control, via_reshard", [
+    # 4 ranks ep4 ZeRO-2 -> 2 ranks ep2 ZeRO-1 (the issue's case), with a fresh-moments control run
+    ((4, 4, 2), (2, 2, 1), True, False),
+    # 2 -> 4 ranks, ep 2 -> 1, ZeRO 0 (fp32 master from the model files) -> 2, through reshard --with-optimizer
+    ((2, 2, 0), (4, 1, 2), False, True),
+], ids=["w4-ep4-z2_to_w2-ep2-z1", "w2-ep2-z0_to_reshard_to_w4-ep1-z2"])
+def test_adam_state_survives_a_layout_change(synth, tmp_path, before, after, control, via_reshard):
     (w0, ep0, z0), (w1, ep1, z1) = before, after
     first = run_ranks(_phase, w0, args=(_sets(synth, tmp_path / "a", w0, ep0, z0), "none", False,
                                         STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER), timeout=400)
     checkpoint = first[0]["checkpoint"]
-    moved = run_ranks(_phase, w1, args=(_sets(synth, tmp_path / "b", w1, ep1, z1), checkpoint, False, 0,
+    if via_reshard:
+        from moe_dist.cli.reshard import reshard
+
+        checkpoint = reshard(checkpoint, str(tmp_path / "resharded"), ep1, w1, with_optimizer=True)
+    moved = run_ranks(_phase, w1, args=(_sets(synth, tmp_path / "b", w1, ep1, z1), checkpoint, False, -1,
                                         STEPS_AFTER), timeout=400)
     _assert_carried(first, moved)
     # 2. K more steps on the same global batches: the same parameters as the run that stayed
@@ -204,7 +202,7 @@ def test_adam_state_survives_a_layout_change(synth, tmp_path, before, after, con
     if not control:
         return
     # 3. ... and fresh moments end elsewhere (the median tensor 6% apart after two steps): (2) can fail
-    fresh = run_ranks(_phase, w1, args=(_sets(synth, tmp_path / "c", w1, ep1, z1), checkpoint, True, 0,
+    fresh = run_ranks(_phase, w1, args=(_sets(synth, tmp_path / "c", w1, ep1, z1), checkpoint, True, -1,
                                         STEPS_AFTER), timeout=400)
     restarted = _global(fresh, "final")
     fresh_by = sorted(_max_rel([restarted[n]], [stayed[n]]) for n in names)
@@ -214,7 +212,8 @@ def test_adam_state_survives_a_layout_change(synth, tmp_path, before, after, con
 def test_bf16_master_weights_and_moments_survive_w4_ep2_zero2_to_w2_ep1_zero0(synth, tmp_path):
     """bf16: the fp32 master copy (finer than the bf16 weights) carries over too, from ZeRO-2's partitions
     (4 ranks at ep_size 2: each expert's state split over its 2 expert-data-parallel ranks) into ZeRO-0's
-    FP16 optimizer (an fp32 master per parameter) on 2 ranks at ep_size 1."""
+    FP16 optimizer (an fp32 master per parameter) on 2 ranks at ep_size 1; saved there, its files read back
+    (the ZeRO-0 bf16 reader) give the same state again."""
     first = run_ranks(_phase, 4, args=(_sets(synth, tmp_path / "a", 4, 2, 2, "bf16"), "none", False,
                                        STEPS_BEFORE, STEPS_BEFORE), timeout=400)
     moved = run_ranks(_phase, 2, args=(_sets(synth, tmp_path / "b", 2, 1, 0, "bf16"), first[0]["checkpoint"],
@@ -224,3 +223,11 @@ def test_bf16_master_weights_and_moments_survive_w4_ep2_zero2_to_w2_ep1_zero0(sy
     weights = _global(moved, "final")  # the bf16 weights are the master rounded
     assert all(torch.equal(weights[n], saved[n]["fp32"].bfloat16().float()) for n in saved)
     assert any(not torch.equal(saved[n]["fp32"], weights[n]) for n in saved)  # so the master is not them
+    from moe_dist.engine.optim_state import OptimizerStates
+    from moe_dist.models import load_model_config
+
+    again = OptimizerStates.from_checkpoint(moved[0]["checkpoint"], load_model_config("moe-clip-tiny", {}))
+    assert again.step == STEPS_BEFORE
+    for name in saved:
+        for key in KEYS:
+            assert torch.equal(again.read(name, key), saved[name][key]), (name, key)

@@ -99,7 +99,7 @@ def test_a_missing_optimizer_shard_is_refused_before_the_first_step(synth, two_r
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
     error = res.stderr.strip().splitlines()[-1]
     want = ("zero_pp_rank_1_mp_rank_00_optim_states.pt" if listed else
-            "rank 1's ZeRO optimizer file (zero_pp_rank_1_mp_rank_00_optim_states.pt) is missing")
+            "rank 1's ZeRO optimizer file (of 2) (zero_pp_rank_1_mp_rank_00_optim_states.pt) is missing")
     assert want in error and ("--weights-only" in error or not listed), error
     assert _tree(root) == before
     assert not list((tmp_path / "one" / "checkpoints").glob("step*"))  # only the new run's lock file

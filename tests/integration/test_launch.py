@@ -277,7 +277,8 @@ def test_a_node_lost_mid_run_resumes_on_another_layout_with_the_optimizer_state(
     keeps a requeued job's environment, so a layout change is a new submission into the same output_dir."""
     out, log1, log2 = tmp_path / "run", tmp_path / "job1.out", tmp_path / "job2.out"
     sets = dict(steps=8, ep_size=4, zero_stage=2, **{"checkpoint.every": 2, "batch.micro_batch": 4,
-                                                     "logging.tensorboard": "false", "eval.every": 0})
+                                                     "logging.tensorboard": "false", "eval.every": 0,
+                                                     "debug.pause_in_save_s": 1})  # the kill lands mid-run
     first = _sbatch(dict(slurm, GPUS_PER_NODE="4"), synth, out, log1, **sets)
     assert first.returncode == 0, first.stderr
     job = first.stdout.strip().split(";")[0]
