@@ -12,6 +12,7 @@ from moe_dist.cli import main
 from moe_dist.engine.config import load_run_config
 from moe_dist.planner import Cluster, Hardware, Layout, ParamGroup, activation_bytes, model_facts, state_bytes
 from moe_dist.planner import comm
+from moe_dist.planner.params import planned_bucket_elements
 
 TINY = "configs/runs/tiny-synth.yaml"
 
@@ -39,6 +40,24 @@ def test_state_bytes_hand_worked():
     # bf16, ZeRO 1: 2-byte params and gradients, fp32 master and moments
     s = state_bytes(groups, 4, 2, 1, "bf16", rank=1, bucket_elements=10)
     assert (s.parameters, s.gradients, s.optimizer) == (2 * 16, 2 * 11, 12 * 6 + 8)
+
+
+def test_planned_bucket_elements():
+    # 1/16 of the parameters when that exceeds the largest tensor: 16 tensors of 1,000 -> 1,000; 3 more of
+    # 10,000 make 46,000 / 16 = 2,875 < 10,000, the largest; 40 of 10,000 -> 25,000
+    assert planned_bucket_elements([1000] * 16) == 1000
+    assert planned_bucket_elements([1000] * 16 + [10_000] * 3) == 10_000
+    assert planned_bucket_elements([10_000] * 40) == 25_000
+    assert planned_bucket_elements([7, 5]) == 8  # rounded up to a multiple of 2 (DeepSpeed's alignment)
+    # at most DeepSpeed's default 5e8, unless one tensor is larger
+    assert planned_bucket_elements([10 ** 8] * 100) == 500_000_000
+    assert planned_bucket_elements([6 * 10 ** 8, 10]) == 600_000_000
+    # the run config and the planner's memory model use one number: a set value, else the choice per ep_size
+    for sets in ([], ["ep_size=2"], ["zero_bucket_elements=1000"]):
+        cfg = load_run_config(TINY, sets)
+        planned = model_facts(cfg).bucket(cfg.ep_size)
+        assert cfg.deepspeed_config(2)["zero_optimization"]["reduce_bucket_size"] == planned
+    assert model_facts(load_run_config(TINY, ["zero_bucket_elements=1000"])).bucket(2) == 1000
 
 
 def test_all_to_all_and_gradient_formulas():
