@@ -22,9 +22,17 @@ Per rank: ``peak_bytes`` (the highest live total during the training steps: para
 optimizer states, activations, communication buffers), ``init_peak_bytes`` (the highest during
 ``deepspeed.initialize``, which makes flat copies), ``states_bytes`` (live at the start of the last step:
 parameters, optimizer states, and whatever gradient buffers ZeRO keeps between steps), ``step_bytes``
-(= peak of the last step - states_bytes: activations, gradients, transient buffers), ``param_bytes``
+(= peak of the last step - states_bytes: activations, gradients, transient buffers), ``phase_peak_bytes``
+(the same for its forward, backward and optimizer step), ``param_bytes``
 (this rank's parameter tensors, counted from the module), ``max_rss_bytes``. The first step allocates
 the Adam moments, so ``steps`` >= 2 gives a steady-state last step.
+
+What each step sends and computes, per rank (none of it allocates tensors the tracker would count):
+``losses`` (the total loss of each step), ``all_to_all_bytes`` (per step: what the MoE dispatchers'
+``Traffic`` counters saw), ``comm`` (per step and phase (forward, backward, step): the bytes DeepSpeed's
+collectives sent, by operation, as ``bench/comm_count.py`` counts them). With ``same_init`` every rank
+starts from the ep_size-1 model of the run's seed (rank r of an expert-parallel group holds its experts
+[rL, (r+1)L)), so runs of different ep_size train the same model on the same batches.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ MARK = "moe_dist.bench.memory."
 
 
 def measure(config_path: str, overrides: Sequence[str] = (), world_size: int = 2, steps: int = 2,
-            timeout: float = 900.0) -> dict:
+            timeout: float = 900.0, same_init: bool = False) -> dict:
     """Peak memory per rank of ``steps`` training steps of a run config (see the module docstring).
 
     Args:
@@ -54,11 +62,13 @@ def measure(config_path: str, overrides: Sequence[str] = (), world_size: int = 2
             "activation_checkpointing=blocks"]``).
         world_size: ranks to start (ep_size must divide it).
         steps: optimizer steps (>= 2 for a steady state; the first allocates the optimizer states).
+        same_init: start from the ep_size-1 model's weights (see the module docstring).
 
     Returns:
         {"config", "overrides", "world_size", "steps", "device", "method",
          "per_rank": [{"rank", "peak_bytes", "init_peak_bytes", "states_bytes", "step_bytes",
-         "param_bytes", "max_rss_bytes"}, ...]}. Raises RuntimeError with the failing rank's traceback.
+         "param_bytes", "max_rss_bytes", "losses", "all_to_all_bytes", "comm"}, ...]}. Raises
+        RuntimeError with the failing rank's traceback.
     """
     from moe_dist.distributed import free_port
     from moe_dist.engine.config import load_run_config
@@ -69,7 +79,8 @@ def measure(config_path: str, overrides: Sequence[str] = (), world_size: int = 2
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, config_path, list(overrides), steps, results),
+    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, config_path, list(overrides), steps, same_init,
+                                                     results),
                          daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
@@ -97,7 +108,7 @@ def measure(config_path: str, overrides: Sequence[str] = (), world_size: int = 2
             "per_rank": [per_rank[r] for r in range(world_size)]}
 
 
-def _rank_entry(rank, world_size, port, config_path, overrides, steps, results):
+def _rank_entry(rank, world_size, port, config_path, overrides, steps, same_init, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     try:
@@ -107,46 +118,88 @@ def _rank_entry(rank, world_size, port, config_path, overrides, steps, results):
 
         torch.set_num_threads(1)
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
-        results.put((rank, True, _measure_rank(rank, world_size, config_path, overrides, steps)))
+        results.put((rank, True, _measure_rank(rank, world_size, config_path, overrides, steps, same_init)))
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
 
 
-def _measure_rank(rank: int, world_size: int, config_path: str, overrides: List[str], steps: int) -> dict:
+def _measure_rank(rank: int, world_size: int, config_path: str, overrides: List[str], steps: int,
+                  same_init: bool) -> dict:
     import torch
     from deepspeed.accelerator import get_accelerator
 
+    from bench.comm_count import CommCounter
     from moe_dist.engine.config import load_run_config
+    from moe_dist.models.moe_blocks import moe_mlps
+    from moe_dist.moe.dispatch import Traffic
 
     cfg = load_run_config(config_path, overrides)
     accelerator = get_accelerator()
     on_cpu = accelerator.device_name() == "cpu"
+    reference = _ep1_weights(cfg, rank) if same_init else None  # before tracking: its bytes are not the run's
     tracker = _CpuTracker() if on_cpu else _AcceleratorTracker(accelerator)
+    losses, all_to_all, comm = [], [], []
     with tracker:
         with tracker.phase("init"):
-            engine, loss_fn, dtype, model_cfg = _build(cfg, rank, world_size)
+            engine, loss_fn, dtype, model_cfg = _build(cfg, rank, world_size, reference)
+        dispatchers = [m.moe.dispatcher for m in moe_mlps(engine.module)]
         gen = torch.Generator().manual_seed(1000 + rank)
         for step in range(steps):
             images, text = _random_batch(model_cfg, cfg.batch.micro_batch, gen)
-            with tracker.phase(f"step{step}"):
-                out = engine(images.to(engine.device, dtype=dtype), text.to(engine.device))
-                loss = loss_fn(out).total
-                engine.backward(loss)
-                engine.step()
+            for d in dispatchers:
+                d.traffic = Traffic()
+            with tracker.phase(f"step{step}"), CommCounter() as counter:
+                counter.phase = "forward"
+                with tracker.phase(f"step{step}/forward"):
+                    out = engine(images.to(engine.device, dtype=dtype), text.to(engine.device))
+                    loss = loss_fn(out).total
+                counter.phase = "backward"
+                with tracker.phase(f"step{step}/backward"):
+                    engine.backward(loss)
+                counter.phase = "step"
+                with tracker.phase(f"step{step}/step"):
+                    engine.step()
+                losses.append(loss.item())
                 del out, loss
+            all_to_all.append(sum(d.traffic.rows + d.traffic.counts for d in dispatchers))
+            comm.append(counter.report())
     last = tracker.phases[f"step{steps - 1}"]
     return {"rank": rank, "peak_bytes": max(tracker.phases[f"step{s}"]["peak"] for s in range(steps)),
             "init_peak_bytes": tracker.phases["init"]["peak"], "states_bytes": last["start"],
             "step_bytes": last["peak"] - last["start"],
             "param_bytes": sum(p.numel() * p.element_size() for p in engine.module.parameters()),
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "phase_peak_bytes": {p: tracker.phases[f"step{steps - 1}/{p}"]["peak"] - last["start"]
+                                 for p in ("forward", "backward", "step")},
+            "losses": losses, "all_to_all_bytes": all_to_all, "comm": comm,
             "device": accelerator.device_name()}
 
 
-def _build(cfg, rank: int, world_size: int):
-    """The model, optimizer and engine as ``engine/trainer.py`` builds them."""
+def _ep1_weights(cfg, rank: int) -> Dict[str, object]:
+    """This rank's share of the ep_size-1 model of ``cfg.seed``: every non-expert tensor, and experts
+    [rL, (r+1)L) of each expert tensor for expert-parallel rank r = rank % ep_size (consecutive groups)."""
+    import torch
+
+    from moe_dist.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model_config())
+    ep_rank = rank % cfg.ep_size
+    weights = {}
+    for name, p in model.named_parameters():
+        if getattr(p, "allreduce", True) is False:  # stacked [E, ...]: keep this rank's L experts
+            local = p.shape[0] // cfg.ep_size
+            weights[name] = p.detach()[ep_rank * local:(ep_rank + 1) * local].clone()
+        else:
+            weights[name] = p.detach().clone()
+    return weights
+
+
+def _build(cfg, rank: int, world_size: int, reference=None):
+    """The model, optimizer and engine as ``engine/trainer.py`` builds them (weights from ``reference``
+    when given)."""
     import deepspeed
     import torch
 
@@ -158,6 +211,10 @@ def _build(cfg, rank: int, world_size: int):
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config()
     model = build_model(model_cfg, ep_size=cfg.ep_size)
+    if reference is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(reference[name])
     from deepspeed.accelerator import get_accelerator
 
     configure_blocks(model, cfg.activation_checkpointing, cfg.compile, get_accelerator().device_name())

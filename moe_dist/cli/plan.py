@@ -59,9 +59,9 @@ def _print(report: Dict[str, object], top: int) -> None:
     for layer in a2a["per_layer"]:
         print(f"    {layer['layer']:20s} {_human(layer['bytes'], 'B'):>12s}")
     g = report["gradient_bytes"]
-    for key in ("all_reduce", "reduce_scatter", "param_all_gather"):
+    for key in ("all_reduce", "bucket_all_reduce", "param_all_gather"):
         if g[key]:
-            print(f"  gradient {key:13s} {_human(g[key], 'B'):>12s}")
+            print(f"  gradient {key:17s} {_human(g[key], 'B'):>8s}")
     print(f"  contrastive all-gather {_human(report['contrastive_bytes']['all_gather'], 'B'):>12s}")
     f, t = report["flops"], report["step_time"]
     print(f"FLOPs per sample: forward {_human(f['forward_per_sample'])}, training {_human(f['train_per_sample'])}")

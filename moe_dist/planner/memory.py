@@ -15,6 +15,11 @@ expert-data-parallel group of W / ep_size ranks, which strides by ep_size, so ra
     transient buffers:  ZeRO 1/2's reduce bucket (the run's reduce_bucket_size, in the model dtype) and the
                         fp32 gradient partition built for the optimizer step; ZeRO 0's flattened
                         all-reduce bucket (and FP16_Optimizer's fp32 gradient copy).
+    the peak:           ZeRO 1/2 free the gradient partition after each step and allocate it whole at the
+                        first bucket's reduction; with a bucket smaller than the rank's parameters that is
+                        early in the backward, so the activations, the gradients and the bucket are held
+                        together (bench/memory.py's phase peaks: the backward peak at W = 4 rose by the
+                        gradients over the forward's end, whatever the micro batch).
 
 Activations are an estimate, per micro batch, of what autograd saves (measured per block on CPU with
 ``torch.autograd.graph.saved_tensors_hooks``): a transformer block saves about 16 N D values for N
@@ -46,6 +51,9 @@ class StateBytes:
     backward_buffers: int   # live with the activations: ZeRO 1/2's reduce bucket
     step_buffers: int       # live with the full gradients: the step's fp32 gradient partition (ZeRO 1/2),
     #                         the flattened all-reduce bucket (ZeRO 0) and FP16_Optimizer's fp32 gradients
+    gradients_early: bool = False  # ZeRO 1/2 with a bucket smaller than the rank's parameters: the first
+    #                         full bucket is reduced early in the backward, and DeepSpeed then allocates the
+    #                         whole gradient partition while (nearly) every activation is still held
 
     @property
     def buffers(self) -> int:
@@ -57,16 +65,19 @@ class StateBytes:
 
     def peak(self, activations: int) -> int:
         """Peak bytes of a step: the activations are all held when the backward starts (with the reduce
-        bucket); the gradients are all held when it ends (the bucket is freed after the gradient
-        partition is filled, then the step's buffers come)."""
-        return self.parameters + self.optimizer + max(
-            max(activations, self.gradients) + self.backward_buffers, self.gradients + self.step_buffers)
+        bucket, and with the gradient partition when it comes early); the gradients are all held when it
+        ends (the bucket is freed after the gradient partition is filled, then the step's buffers come)."""
+        held = activations + self.gradients if self.gradients_early else max(activations, self.gradients)
+        return self.parameters + self.optimizer + max(held + self.backward_buffers,
+                                                      self.gradients + self.step_buffers)
 
     def as_dict(self) -> Dict[str, int]:
-        return {**asdict(self), "buffers": self.buffers}
+        out = {**asdict(self), "buffers": self.buffers}
+        del out["gradients_early"]
+        return out
 
 
-def _partition(group: ParamGroup, dp: int):
+def zero_partition(group: ParamGroup, dp: int):
     """(padded numel, partition size) of a ZeRO-1/2 flat group over ``dp`` ranks."""
     align = 2 * dp  # DeepSpeed's nccl_start_alignment_factor x the group size
     padded = math.ceil(group.numel / align) * align
@@ -108,12 +119,13 @@ def state_bytes(groups: Iterable[ParamGroup], world: int, ep_size: int, zero_sta
     for g in groups:
         dp = world // ep_size if g.expert else world
         member = rank // ep_size if g.expert else rank
-        padded, size = _partition(g, dp)
+        padded, size = zero_partition(g, dp)
         params += b * padded
         grads += b * _grads_in_partition(g, size, member)
         optimizer += 12 * size + 4
         step_grads += 4 * size
-    return StateBytes(params, grads, optimizer, b * bucket_elements, step_grads)
+    local = sum(g.numel for g in groups)
+    return StateBytes(params, grads, optimizer, b * bucket_elements, step_grads, bucket_elements < local)
 
 
 # ----------------------------------------------------------------------------- activations

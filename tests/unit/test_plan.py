@@ -21,8 +21,9 @@ def test_state_bytes_hand_worked():
     # one non-expert group of tensors [5, 3] (8 elements) and one expert group [6] at ep_size 2, W = 4
     groups = [ParamGroup("decay", False, (5, 3)), ParamGroup("experts", True, (6,))]
     # ZeRO 0, fp32: params 4 x 14, grads 4 x 14, moments 8 x 14 + a 4-byte step per tensor (3)
-    assert state_bytes(groups, 4, 2, 0, "fp32").__dict__ == {"parameters": 56, "gradients": 56, "optimizer": 124,
-                                                             "backward_buffers": 0, "step_buffers": 4 * 8}
+    assert state_bytes(groups, 4, 2, 0, "fp32").as_dict() == {"parameters": 56, "gradients": 56, "optimizer": 124,
+                                                              "backward_buffers": 0, "step_buffers": 4 * 8,
+                                                              "buffers": 32}
     # ZeRO 2, fp32, rank 1. Non-expert: 8 padded to a multiple of 2 x 4 = 8, partition 2 = elements [2, 4),
     # inside the first tensor (5). Expert: d = W / R = 2, 6 -> 8 (multiple of 4), partition 4; rank 1 is
     # member 0 -> [0, 4), inside the only tensor (6).
@@ -31,9 +32,12 @@ def test_state_bytes_hand_worked():
     assert s.gradients == 4 * (5 + 6)            # the overlapping tensors, whole
     assert s.optimizer == 12 * (2 + 4) + 4 * 2   # master + 2 moments per partition element, a step per group
     assert (s.backward_buffers, s.step_buffers) == (4 * 10, 4 * (2 + 4))  # reduce bucket; fp32 grad partition
-    # the peak: activations and the bucket when backward starts, or all gradients with the bucket (backward's
-    # end) or with the step's partition
-    assert s.peak(1000) == 64 + 80 + 1000 + 40 and s.peak(0) == 64 + 80 + 44 + 40
+    # the peak: a bucket of 10 < the rank's 14 elements fills before the backward ends, so the gradient
+    # partition (44 B) comes while the activations are held: params + optimizer + activations + 44 + bucket
+    assert s.peak(1000) == 64 + 80 + 1000 + 44 + 40 and s.peak(0) == 64 + 80 + 44 + 40
+    # a bucket of all 14 elements is reduced at the backward's end: activations or gradients, with the bucket
+    late = state_bytes(groups, 4, 2, 2, "fp32", rank=1, bucket_elements=14)
+    assert late.peak(1000) == 64 + 80 + 1000 + 56 and late.peak(0) == 64 + 80 + 44 + 56
     # rank 3: non-expert partition [6, 8) holds tensor 2 (3 elements); expert member 1 -> [4, 8): the
     # tensor (6) plus 2 elements of padding
     assert state_bytes(groups, 4, 2, 2, "fp32", rank=3).gradients == 4 * (3 + 6 + 2)
