@@ -22,7 +22,7 @@ def grid_overrides(ep: int, zero: int, precision: str, micro_batch: int) -> List
 
 
 def measured_gradient_bytes(comm_step: Dict[str, dict]) -> Dict[str, int]:
-    """Gradient bytes of one step from ``bench.comm_count``'s report: reductions (all-reduce, reduce,
+    """Gradient bytes of one step from ``moe_dist.distributed.comm_count``'s report: reductions (all-reduce, reduce,
     reduce-scatter) in forward, backward and step, the parameter all-gather, and the scalars apart."""
     out = {"reduce": 0, "param_all_gather": 0, "scalars": 0}
     for phase in comm_step.values():

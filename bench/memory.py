@@ -2,6 +2,8 @@
 
     python -m bench.memory [--steps 2] [--models tiny,small] [--micro-batch 8] [--checkpointing none,blocks]
                            [--zero 0,1,2] [--world-size 2] [--set KEY=VALUE ...]
+    python -m bench.memory --layouts 2:1,4:1,4:2,8:1,8:2,8:4 [--zero 0,1,2] [--precision fp32]
+                           [--set zero_bucket_elements=N] [--out bench/results/memory_layouts.json]
     from bench.memory import measure; measure("configs/runs/tiny-synth.yaml", ["zero_stage=1"], world_size=2)
 
 What is measured (``measure``): ``world_size`` real ranks (spawned processes, the accelerator's
@@ -30,7 +32,7 @@ the Adam moments, so ``steps`` >= 2 gives a steady-state last step.
 What each step sends and computes, per rank (none of it allocates tensors the tracker would count):
 ``losses`` (the total loss of each step), ``all_to_all_bytes`` (per step: what the MoE dispatchers'
 ``Traffic`` counters saw), ``comm`` (per step and phase (forward, backward, step): the bytes DeepSpeed's
-collectives sent, by operation, as ``bench/comm_count.py`` counts them). With ``same_init`` every rank
+collectives sent, by operation, as ``moe_dist/distributed/comm_count.py`` counts them). With ``same_init`` every rank
 starts from the ep_size-1 model of the run's seed (rank r of an expert-parallel group holds its experts
 [rL, (r+1)L)), so runs of different ep_size train the same model on the same batches.
 """
@@ -48,6 +50,7 @@ from typing import Dict, List, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "memory.json")
+LAYOUTS = os.path.join(ROOT, "bench", "results", "memory_layouts.json")
 TINY = os.path.join(ROOT, "configs", "runs", "tiny-synth.yaml")
 MARK = "moe_dist.bench.memory."
 
@@ -130,7 +133,7 @@ def _measure_rank(rank: int, world_size: int, config_path: str, overrides: List[
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    from bench.comm_count import CommCounter
+    from moe_dist.distributed.comm_count import CommCounter
     from moe_dist.engine.config import load_run_config
     from moe_dist.models.moe_blocks import moe_mlps
     from moe_dist.moe.dispatch import Traffic
@@ -178,23 +181,13 @@ def _measure_rank(rank: int, world_size: int, config_path: str, overrides: List[
 
 
 def _ep1_weights(cfg, rank: int) -> Dict[str, object]:
-    """This rank's share of the ep_size-1 model of ``cfg.seed``: every non-expert tensor, and experts
-    [rL, (r+1)L) of each expert tensor for expert-parallel rank r = rank % ep_size (consecutive groups)."""
+    """This rank's share of the ep_size-1 model of ``cfg.seed`` (``expert_parallel_share``)."""
     import torch
 
-    from moe_dist.models import build_model
+    from moe_dist.models import build_model, expert_parallel_share
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model_config())
-    ep_rank = rank % cfg.ep_size
-    weights = {}
-    for name, p in model.named_parameters():
-        if getattr(p, "allreduce", True) is False:  # stacked [E, ...]: keep this rank's L experts
-            local = p.shape[0] // cfg.ep_size
-            weights[name] = p.detach()[ep_rank * local:(ep_rank + 1) * local].clone()
-        else:
-            weights[name] = p.detach().clone()
-    return weights
+    return expert_parallel_share(build_model(cfg.model_config()), cfg.ep_size, rank % cfg.ep_size)
 
 
 def _build(cfg, rank: int, world_size: int, reference=None):
@@ -311,6 +304,50 @@ def _mib(n: int) -> str:
     return f"{n / 2 ** 20:9.1f}"
 
 
+def planned(overrides: Sequence[str], world_size: int) -> dict:
+    """The planner's estimate (``moe_dist.planner.estimate``) of TINY + ``overrides`` on one node of
+    ``world_size`` GPUs."""
+    from moe_dist.engine.config import load_run_config
+    from moe_dist.planner import Cluster, Hardware, Layout, estimate, model_facts
+
+    cfg = load_run_config(TINY, list(overrides))
+    layout = Layout(cfg.ep_size, cfg.zero_stage, cfg.batch.micro_batch)
+    return estimate(model_facts(cfg), cfg, Cluster(1, world_size), Hardware(), layout)
+
+
+def layout_table(layouts: Sequence[str], zeros: Sequence[str], precision: str, micro_batch: int, steps: int,
+                 sets: Sequence[str], out: str) -> None:
+    """``--layouts``: moe-clip-tiny at each W:ep layout and ZeRO stage. Per layout: the largest peak and
+    states (bytes live between steps: parameters and optimizer states) over the ranks, the planner's
+    (states: parameters + optimizer), and each ZeRO stage's states over those of the same ep_size at the
+    smallest W measured (how they fall with the data-parallel size), measured and planned."""
+    from bench._results import save
+
+    rows, base = [], {}
+    print(f"{'W':>2} {'ep':>2} {'edp':>3} {'Z':>1} {'peak MiB':>8} {'planned':>8} {'ratio':>5} {'states':>8} "
+          f"{'planned':>8} {'ratio':>5} {'states/W0 meas':>14} {'planned':>7}")
+    for layout, zero in itertools.product(layouts, zeros):
+        W, ep = (int(x) for x in layout.split(":"))
+        overrides = ["model.name=moe-clip-tiny", f"ep_size={ep}", f"zero_stage={zero}", f"precision={precision}",
+                     "activation_checkpointing=none", f"batch.micro_batch={micro_batch}", *sets]
+        run = measure(TINY, overrides, world_size=W, steps=steps)
+        plan = planned(overrides, W)["per_gpu_bytes"]
+        peak, states = (max(r[k] for r in run["per_rank"]) for k in ("peak_bytes", "states_bytes"))
+        states_plan = plan["parameters"] + plan["optimizer"]
+        first = base.setdefault((ep, zero), (states, states_plan))
+        row = {"world_size": W, "ep_size": ep, "expert_data_parallel": W // ep, "zero_stage": int(zero),
+               "precision": precision, "peak_bytes": peak, "planned_peak_bytes": plan["total"],
+               "states_bytes": states, "planned_states_bytes": states_plan,
+               "states_over_first": states / first[0], "planned_states_over_first": states_plan / first[1],
+               "overrides": overrides, "run": run}
+        rows.append(row)
+        save(out, {"precision": precision, "micro_batch": micro_batch, "steps": steps, "rows": rows})
+        print(f"{W:2d} {ep:2d} {W // ep:3d} {zero:>1} {peak / 2 ** 20:8.2f} {plan['total'] / 2 ** 20:8.2f} "
+              f"{plan['total'] / peak:5.2f} {states / 2 ** 20:8.2f} {states_plan / 2 ** 20:8.2f} "
+              f"{states_plan / states:5.2f} {row['states_over_first']:14.3f} {row['planned_states_over_first']:7.3f}",
+              flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Peak memory per rank (model states + activations) of the tiny and "
                                             "small configs, with and without activation checkpointing, ZeRO 0/1/2; "
@@ -322,10 +359,19 @@ def main(argv=None) -> None:
     p.add_argument("--zero", default="0,1,2", help="comma list of ZeRO stages")
     p.add_argument("--world-size", type=int, default=2, help="ranks (one GPU: 1, with --set ep_size=1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more run-config overrides")
-    p.add_argument("--out", default=RESULTS, help="results JSON")
+    p.add_argument("--layouts", default="", help="comma list of W:ep_size (e.g. 2:1,4:1,4:2,8:1,8:2,8:4): the "
+                                                 "per-layout table of moe-clip-tiny instead (bench/results/"
+                                                 "memory_layouts.json unless --out)")
+    p.add_argument("--precision", default="fp32", help="--layouts: precision")
+    p.add_argument("--out", default="", help="results JSON")
     args = p.parse_args(argv)
     from bench._results import save
 
+    if args.layouts:
+        layout_table(args.layouts.split(","), args.zero.split(","), args.precision, args.micro_batch, args.steps,
+                     args.set, args.out or LAYOUTS)
+        return
+    args.out = args.out or RESULTS
     models = {"tiny": "moe-clip-tiny", "small": "moe-clip-small"}
     rows = []
     print(f"{'model':8} {'ckpt':6} {'zero':4} {'rank':4} {'peak MiB':>9} {'states':>9} {'step':>9} "

@@ -16,7 +16,7 @@ The layout grid (``--grid``, issue 26): moe-clip-tiny with 8 experts (so that ep
 layout: the largest loss difference to the ep_size-1 run of the same ZeRO stage and precision (every
 rank, every step); the all-to-all bytes each rank sent in the last step (the dispatchers' ``Traffic``)
 against ``planner.comm.moe_all_to_all``; the gradient bytes DeepSpeed's collectives sent (all-reduce in
-backward, parameter all-gather in the step: ``bench/comm_count.py``) against
+backward, parameter all-gather in the step: ``moe_dist/distributed/comm_count.py``) against
 ``planner.comm.gradient_bytes``; every rank's peak against the planner's. Results: the ``grid`` of
 bench/results/plan_memory.json (each mode keeps the other's part of the file).
 """
@@ -29,24 +29,14 @@ import json
 import os
 
 from bench.grid import run_grid
-from bench.memory import ROOT, TINY, measure
+from bench.memory import ROOT, TINY, measure, planned
 
 RESULTS = os.path.join(ROOT, "bench", "results", "plan_memory.json")
 MODELS = {"tiny": "moe-clip-tiny", "small": "moe-clip-small"}
 
 
-def predicted(overrides, world_size: int = 2) -> dict:
-    """The planner's estimate of a run config (TINY + ``overrides``) on one node of ``world_size`` GPUs."""
-    from moe_dist.engine.config import load_run_config
-    from moe_dist.planner import Cluster, Hardware, Layout, estimate, model_facts
-
-    cfg = load_run_config(TINY, list(overrides))
-    layout = Layout(cfg.ep_size, cfg.zero_stage, cfg.batch.micro_batch)
-    return estimate(model_facts(cfg), cfg, Cluster(1, world_size), Hardware(), layout)
-
-
 def predicted_peak(overrides) -> dict:
-    return predicted(overrides)["per_gpu_bytes"]
+    return planned(overrides, 2)["per_gpu_bytes"]
 
 
 def _measured_runs(path: str) -> dict:
@@ -84,7 +74,7 @@ def main(argv=None) -> None:
     kept = _load(args.out)
     if args.grid:
         grid = run_grid(args.world_size, [int(e) for e in args.ep.split(",")], [int(z) for z in args.zero.split(",")],
-                        args.precision.split(","), args.micro_batch, args.steps, predicted)
+                        args.precision.split(","), args.micro_batch, args.steps, planned)
         key = ("world_size", "ep_size", "zero_stage", "precision")  # rows of other layouts are kept
         done = {tuple(r[k] for k in key) for r in grid["rows"]}
         grid["rows"] = [r for r in kept.get("grid", {}).get("rows", []) if tuple(r[k] for k in key) not in done] + \

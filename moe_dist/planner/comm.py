@@ -17,7 +17,7 @@ all-reduce them too, bucket by bucket after every micro batch's backward (DeepSp
 hooks with its default use_multi_rank_bucket_allreduce: each bucket is one all_reduce, and every rank
 keeps the slice of its partition; not a reduce-scatter), and all-gather the updated parameters once per
 step ((d - 1) / d of the padded flat group); non-expert groups over all W ranks, expert groups over the
-W / R expert-data-parallel ranks. bench/comm_count.py counts DeepSpeed's calls.
+W / R expert-data-parallel ranks. moe_dist/distributed/comm_count.py counts DeepSpeed's calls.
 Contrastive loss (open_clip ClipLoss, gather_with_grad): every rank all-gathers the image and text
 embeddings of the others, and the backward reduce-scatters their gradients.
 

@@ -1,4 +1,5 @@
-"""Bytes one rank's DeepSpeed collectives send, counted by instrumenting ``deepspeed.comm`` (bench only).
+"""Bytes one rank's DeepSpeed collectives send, counted by instrumenting ``deepspeed.comm`` (for
+bench/memory.py and the planner's tests; training never enters it).
 
     with CommCounter() as comm:
         comm.phase = "backward"; engine.backward(loss)
