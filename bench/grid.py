@@ -37,26 +37,33 @@ def layout_row(run: dict, plan: dict, reference: Optional[dict] = None) -> dict:
     ``plan``, and its losses against the ep_size-1 ``reference`` run (None: this is the reference)."""
     ranks = run["per_rank"]
     grads = [measured_gradient_bytes(r["comm"][-1]) for r in ranks]
-    g = plan["gradient_bytes"]
     loss_delta = 0.0
     if reference is not None:
         loss_delta = max(abs(a - b) for r, ref in zip(ranks, reference["per_rank"])
                          for a, b in zip(r["losses"], ref["losses"]))
-    peaks = [r["peak_bytes"] for r in ranks]
+    row = {"losses_rank0": ranks[0]["losses"], "loss_delta_vs_ep1": loss_delta,
+           "all_to_all_bytes": {"measured": [r["all_to_all_bytes"][-1] for r in ranks]},
+           "gradient_bytes": {"measured_reduce": [x["reduce"] for x in grads],
+                              "measured_param_all_gather": [x["param_all_gather"] for x in grads],
+                              "scalars": max(x["scalars"] for x in grads)},
+           "peak_bytes": {"measured": [r["peak_bytes"] for r in ranks]},
+           "states_bytes": {"measured": [r["states_bytes"] for r in ranks]},
+           "phase_peak_bytes": [r["phase_peak_bytes"] for r in ranks]}
+    return with_plan(row, plan)
+
+
+def with_plan(row: dict, plan: dict) -> dict:
+    """``row`` with the planner's figures (``plan``: ``planner.estimate``) beside its measured ones."""
+    g, peaks = plan["gradient_bytes"], row["peak_bytes"]["measured"]
     predicted_peak = plan["per_gpu_bytes"]["total"]
-    return {"losses_rank0": ranks[0]["losses"], "loss_delta_vs_ep1": loss_delta,
-            "all_to_all_bytes": {"measured": [r["all_to_all_bytes"][-1] for r in ranks],
-                                 "predicted": plan["all_to_all_bytes"]["total"]},
-            "gradient_bytes": {"measured_reduce": [x["reduce"] for x in grads],
-                               "predicted_reduce": g["all_reduce"] + g["bucket_all_reduce"],
-                               "measured_param_all_gather": [x["param_all_gather"] for x in grads],
-                               "predicted_param_all_gather": g["param_all_gather"],
-                               "scalars": max(x["scalars"] for x in grads)},
-            "peak_bytes": {"measured": peaks, "predicted": predicted_peak,
-                           "ratio_min": predicted_peak / max(peaks), "ratio_max": predicted_peak / min(peaks)},
-            "states_bytes": {"measured": [r["states_bytes"] for r in ranks],
-                             "predicted_states": {k: plan["per_gpu_bytes"][k]
-                                                  for k in ("parameters", "gradients", "optimizer", "buffers")}}}
+    row["all_to_all_bytes"]["predicted"] = plan["all_to_all_bytes"]["total"]
+    row["gradient_bytes"].update(predicted_reduce=g["all_reduce"] + g["bucket_all_reduce"],
+                                 predicted_param_all_gather=g["param_all_gather"])
+    row["peak_bytes"].update(predicted=predicted_peak, ratio_min=predicted_peak / max(peaks),
+                             ratio_max=predicted_peak / min(peaks))
+    row["states_bytes"]["predicted"] = {k: plan["per_gpu_bytes"][k]
+                                        for k in ("parameters", "gradients", "optimizer", "buffers")}
+    return row
 
 
 HEADER = (f"{'W':>2} {'ep':>2} {'Z':>1} {'prec':4} {'loss d':>8} {'a2a meas':>9} {'a2a pred':>9} {'red meas':>9} "
@@ -89,7 +96,20 @@ def run_grid(world_size: int, eps: Sequence[int], zeros: Sequence[int], precisio
                 row.update(world_size=world_size, ep_size=ep, zero_stage=zero, precision=precision, overrides=sets)
                 rows.append(row)
                 print(_line(row), flush=True)
+    return summary(rows, world_size, micro_batch, steps)
+
+
+def summary(rows: List[dict], world_size: int, micro_batch: int, steps: int) -> dict:
     worst = max(max(abs(r["peak_bytes"]["ratio_min"] - 1), abs(r["peak_bytes"]["ratio_max"] - 1)) for r in rows)
     print(f"largest peak deviation: {worst:.1%} (target: within 15%)")
     return {"world_size": world_size, "micro_batch": micro_batch, "steps": steps, "sets": GRID_SETS,
             "largest_peak_deviation": worst, "rows": rows}
+
+
+def replan(grid: dict, predicted: Callable) -> dict:
+    """The stored measurements of ``grid`` against the planner as it is now (no run); prints the table."""
+    print(HEADER)
+    for row in grid["rows"]:
+        with_plan(row, predicted(row["overrides"], row["world_size"]))
+        print(_line(row))
+    return summary(grid["rows"], grid["world_size"], grid["micro_batch"], grid["steps"])

@@ -28,7 +28,7 @@ import itertools
 import json
 import os
 
-from bench.grid import run_grid
+from bench.grid import replan, run_grid
 from bench.memory import ROOT, TINY, measure, planned
 
 RESULTS = os.path.join(ROOT, "bench", "results", "plan_memory.json")
@@ -62,6 +62,8 @@ def main(argv=None) -> None:
     p.add_argument("--from", dest="source", default="",
                    help="reuse the runs of a bench.memory results JSON instead of measuring")
     p.add_argument("--grid", action="store_true", help="the layout grid instead (see above)")
+    p.add_argument("--replan", action="store_true", help="--grid: the stored grid against the planner as it is "
+                                                          "now, without measuring")
     p.add_argument("--world-size", type=int, default=8, help="--grid: ranks")
     p.add_argument("--ep", default="1,2,4,8", help="--grid: comma list of ep_size (1 first: the loss reference)")
     p.add_argument("--precision", default="fp32,bf16", help="--grid: comma list of precisions")
@@ -72,6 +74,9 @@ def main(argv=None) -> None:
 
     args.zero = args.zero or ("0,1,2" if args.grid else "2")
     kept = _load(args.out)
+    if args.grid and args.replan:
+        save(args.out, {**kept, "grid": replan(kept["grid"], planned)})
+        return
     if args.grid:
         grid = run_grid(args.world_size, [int(e) for e in args.ep.split(",")], [int(z) for z in args.zero.split(",")],
                         args.precision.split(","), args.micro_batch, args.steps, planned)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from .memory import DTYPE_BYTES, zero_partition
-from .params import ModelFacts
+from .params import ModelFacts, capacity
 
 @dataclass(frozen=True)
 class Cluster:
@@ -63,12 +63,6 @@ class Cluster:
     def spans_nodes(self, group_size: int, stride: int = 1) -> bool:
         """Does a group of ``group_size`` ranks, ``stride`` apart, leave one node?"""
         return len({r // self.gpus_per_node for r in range(0, group_size * stride, stride)}) > 1
-
-
-def capacity(facts: ModelFacts, tokens: int) -> int:
-    """Per-expert, per-rank capacity for ``tokens`` tokens (moe/dispatch.py CapacityPolicy)."""
-    raw = math.ceil(facts.capacity_factor * tokens * facts.top_k / facts.num_experts)
-    return max(facts.min_capacity, raw)
 
 
 def all_to_all_bytes(hidden: int, dtype_bytes: int, ep_size: int, num_experts: int, rows: float,

@@ -24,7 +24,8 @@ expert-data-parallel group of W / ep_size ranks, which strides by ep_size, so ra
 Activations are an estimate, per micro batch, of what autograd saves (measured per block on CPU with
 ``torch.autograd.graph.saved_tensors_hooks``): a transformer block saves about 16 N D values for N
 tokens of width D (attention through SDPA keeps no S x S scores); an MoE MLP replaces the dense MLP's
-9 N D by N (D + K (D + 1.5 H) + 4.5 E + 7) for K slots, hidden H and E experts (2.5 H when act(h)
+9 N D by N (D + 4.5 E + 7) + X (D + 1.5 H) for X = N K expert rows (K slots; with a capacity at
+ep_size > 1, the exchange's E C rows, zero rows included), hidden H and E experts (2.5 H when act(h)
 is kept too: ``recompute_activation`` off, or the grouped_mm backend; "auto" is counted as the loop
 backend, which it is on CPU). Checkpointing "blocks"
 keeps each block's input and recomputes one block at a time; "moe" does that for the MoE MLPs only.
@@ -36,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable
 
-from .params import REDUCE_BUCKET_ELEMENTS, ModelFacts, ParamGroup
+from .params import REDUCE_BUCKET_ELEMENTS, ModelFacts, ParamGroup, expert_rows
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -130,15 +131,15 @@ def state_bytes(groups: Iterable[ParamGroup], world: int, ep_size: int, zero_sta
 
 # ----------------------------------------------------------------------------- activations
 def _tower_values(tokens: int, width: int, layers: int, moe_blocks, hidden: int, facts: ModelFacts,
-                  checkpointing: str) -> Dict[str, float]:
+                  checkpointing: str, ep_size: int = 1) -> Dict[str, float]:
     """Saved values (elements) of one tower for ``tokens`` tokens: the held total and the largest
     recompute (what one checkpointed block or MoE MLP brings back during backward)."""
-    N, D, K, E = tokens, width, facts.top_k, facts.num_experts
+    N, D, E = tokens, width, facts.num_experts
     dense_mlp = 9 * N * D
     moe = facts.config.moe  # act(h) is kept too without recompute, and always by grouped_mm (autograd)
     saved = not moe.get("recompute_activation", True) or moe.get("expert_backend") == "grouped_mm"
     kept_hidden = 2.5 if saved else 1.5
-    moe_mlp = N * (D + K * (D + kept_hidden * hidden) + 4.5 * E + 7)
+    moe_mlp = N * (D + 4.5 * E + 7) + expert_rows(facts, N, ep_size) * (D + kept_hidden * hidden)
     held, recompute = 0.0, 0.0
     for i in range(layers):
         mlp = moe_mlp if i in moe_blocks else dense_mlp
@@ -153,8 +154,9 @@ def _tower_values(tokens: int, width: int, layers: int, moe_blocks, hidden: int,
 
 
 def activation_bytes(facts: ModelFacts, micro_batch: int, world: int, precision: str,
-                     checkpointing: str = "none") -> int:
-    """Estimated activation bytes of one micro batch on one rank (forward saved tensors + one recompute)."""
+                     checkpointing: str = "none", ep_size: int = 1) -> int:
+    """Estimated activation bytes of one micro batch on one rank (forward saved tensors + one recompute);
+    with a capacity at ``ep_size`` > 1 the experts compute the whole [E, C] exchange buffer."""
     cfg, B = facts.config, micro_batch
     v, t = cfg.vision, cfg.text
     image_tokens = (v.image_size // v.patch_size) ** 2 + 1
@@ -162,12 +164,12 @@ def activation_bytes(facts: ModelFacts, micro_batch: int, world: int, precision:
     if cfg.kind == "limoe":  # one transformer over both sequences, padded to one length
         length = max(image_tokens, t.context_length)
         towers = [_tower_values(2 * B * length, v.width, v.layers, set(cfg.vision_moe_blocks()), ratio_v, facts,
-                                checkpointing)]
+                                checkpointing, ep_size)]
     else:
         towers = [_tower_values(B * image_tokens, v.width, v.layers, set(cfg.vision_moe_blocks()), ratio_v, facts,
-                                checkpointing),
+                                checkpointing, ep_size),
                   _tower_values(B * t.context_length, t.width, t.layers, set(cfg.text_moe_blocks()), ratio_t, facts,
-                                checkpointing)]
+                                checkpointing, ep_size)]
     values = sum(x["held"] for x in towers) + max(x["recompute"] for x in towers)
     images = B * 3 * v.image_size ** 2
     loss = 2 * B * world * B + 2 * world * B * cfg.embed_dim  # logits and gathered features, fp32

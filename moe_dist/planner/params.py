@@ -11,6 +11,7 @@ groups at its maximum group size is redone on those local sizes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -112,6 +113,20 @@ class ModelFacts:
         if self.bucket_elements:
             return self.bucket_elements
         return planned_bucket_elements([n for g in self.groups(ep_size) for n in g.numels])
+
+
+def capacity(facts: ModelFacts, tokens: int) -> int:
+    """Per-expert, per-rank capacity for ``tokens`` tokens (moe/dispatch.py CapacityPolicy)."""
+    raw = math.ceil(facts.capacity_factor * tokens * facts.top_k / facts.num_experts)
+    return max(facts.min_capacity, raw)
+
+
+def expert_rows(facts: ModelFacts, tokens: int, ep_size: int) -> int:
+    """Rows one rank's experts compute for ``tokens`` tokens: the T K assignments, or with a capacity at
+    ep_size > 1 the fixed exchange's whole [E, C] buffer (zero rows included: moe/dispatch.py)."""
+    if facts.dropless or ep_size == 1:
+        return tokens * facts.top_k
+    return facts.num_experts * capacity(facts, tokens)
 
 
 def _tagged_meta(numel: int, group_name: str):

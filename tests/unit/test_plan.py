@@ -12,7 +12,7 @@ from moe_dist.cli import main
 from moe_dist.engine.config import load_run_config
 from moe_dist.planner import Cluster, Hardware, Layout, ParamGroup, activation_bytes, model_facts, state_bytes
 from moe_dist.planner import comm
-from moe_dist.planner.params import planned_bucket_elements
+from moe_dist.planner.params import expert_rows, planned_bucket_elements
 
 TINY = "configs/runs/tiny-synth.yaml"
 
@@ -83,6 +83,13 @@ def test_all_to_all_and_gradient_formulas():
     # ZeRO 0 over 4 ranks on 2 nodes: ring all-reduce 2 x 3/4 x 8 x 4 B, inter-node
     g = comm.gradient_bytes([ParamGroup("decay", False, (8,))], comm.Cluster(2, 2), 1, 0, "fp32")
     assert g["all_reduce"] == 48 == g["inter_node"]
+    # ZeRO 2, 2 micro batches: DeepSpeed all-reduces every bucket after each (2 x 48), and all-gathers the
+    # group padded to a multiple of 2 x 4 ranks once: 10 elements -> 16, 3/4 x 16 x 4 B
+    g = comm.gradient_bytes([ParamGroup("decay", False, (10,))], comm.Cluster(2, 2), 1, 2, "fp32", grad_accum=2)
+    assert (g["all_reduce"], g["bucket_all_reduce"], g["param_all_gather"]) == (0, 2 * 60, 48)
+    # expert rows: T K assignments, but at ep_size > 1 with a capacity the whole [E, C] exchange buffer
+    assert expert_rows(facts, 68, 1) == 68 and expert_rows(facts, 68, 2) == 4 * 26
+    assert expert_rows(model_facts(load_run_config(TINY, ["model.moe.dropless=true"])), 68, 2) == 68
 
 
 def _measured_and_estimated(name, sets=()):
