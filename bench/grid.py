@@ -23,11 +23,12 @@ def grid_overrides(ep: int, zero: int, precision: str, micro_batch: int) -> List
 
 def measured_gradient_bytes(comm_step: Dict[str, dict]) -> Dict[str, int]:
     """Gradient bytes of one step from ``moe_dist.distributed.comm_count``'s report: reductions (all-reduce, reduce,
-    reduce-scatter) in forward, backward and step, the parameter all-gather, and the scalars apart."""
-    out = {"reduce": 0, "param_all_gather": 0, "scalars": 0}
+    reduce-scatter) in forward, backward and step, the parameter all-gather, and the rest apart (scalars:
+    norms and overflow flags; broadcasts)."""
+    out = {"reduce": 0, "param_all_gather": 0, "other": 0}
     for phase in comm_step.values():
         for kind, sent in phase["bytes"].items():
-            key = "reduce" if kind in REDUCE_KINDS else "param_all_gather" if kind == "all_gather" else "scalars"
+            key = "reduce" if kind in REDUCE_KINDS else "param_all_gather" if kind == "all_gather" else "other"
             out[key] += sent
     return out
 
@@ -45,7 +46,7 @@ def layout_row(run: dict, plan: dict, reference: Optional[dict] = None) -> dict:
            "all_to_all_bytes": {"measured": [r["all_to_all_bytes"][-1] for r in ranks]},
            "gradient_bytes": {"measured_reduce": [x["reduce"] for x in grads],
                               "measured_param_all_gather": [x["param_all_gather"] for x in grads],
-                              "scalars": max(x["scalars"] for x in grads)},
+                              "other": max(x["other"] for x in grads)},
            "peak_bytes": {"measured": [r["peak_bytes"] for r in ranks]},
            "states_bytes": {"measured": [r["states_bytes"] for r in ranks]},
            "phase_peak_bytes": [r["phase_peak_bytes"] for r in ranks]}
