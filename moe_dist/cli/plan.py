@@ -48,7 +48,8 @@ def _print(report: Dict[str, object], top: int) -> None:
     for key in ("parameters", "gradients", "optimizer", "backward_buffers", "step_buffers", "activations"):
         print(f"  {key:22s} {_gib(mem[key]):>12s}")
     print(f"  {'peak of a step':22s} {_gib(mem['total']):>12s}  (parameters + optimizer + the largest of "
-          "activations or gradients + backward buffers, gradients + step buffers)")
+          "activations (with ZeRO 1/2's gradient partition) or gradients + backward buffers, gradients + step "
+          "buffers)")
     for mode, acts in mem["activations_by_checkpointing"].items():
         print(f"  checkpointing {mode:8s} activations {_gib(acts)}, peak {_gib(mem['peak_by_checkpointing'][mode])}")
     print(f"  {'fits' if report['fits'] else 'DOES NOT FIT'} in {_gib(mem['usable'])} usable")
