@@ -2,6 +2,8 @@
 
     python -m bench.memory [--steps 2] [--models tiny,small] [--micro-batch 8] [--checkpointing none,blocks]
                            [--zero 0,1,2] [--world-size 2] [--set KEY=VALUE ...]
+    python -m bench.memory --layouts 2:1,4:1,4:2,8:1,8:2,8:4 [--zero 0,1,2] [--precision fp32]
+                           [--set zero_bucket_elements=N] [--out bench/results/memory_layouts.json]
     from bench.memory import measure; measure("configs/runs/tiny-synth.yaml", ["zero_stage=1"], world_size=2)
 
 What is measured (``measure``): ``world_size`` real ranks (spawned processes, the accelerator's
@@ -22,9 +24,17 @@ Per rank: ``peak_bytes`` (the highest live total during the training steps: para
 optimizer states, activations, communication buffers), ``init_peak_bytes`` (the highest during
 ``deepspeed.initialize``, which makes flat copies), ``states_bytes`` (live at the start of the last step:
 parameters, optimizer states, and whatever gradient buffers ZeRO keeps between steps), ``step_bytes``
-(= peak of the last step - states_bytes: activations, gradients, transient buffers), ``param_bytes``
+(= peak of the last step - states_bytes: activations, gradients, transient buffers), ``phase_peak_bytes``
+(the same for its forward, backward and optimizer step), ``param_bytes``
 (this rank's parameter tensors, counted from the module), ``max_rss_bytes``. The first step allocates
 the Adam moments, so ``steps`` >= 2 gives a steady-state last step.
+
+What each step sends and computes, per rank (none of it allocates tensors the tracker would count):
+``losses`` (the total loss of each step), ``all_to_all_bytes`` (per step: what the MoE dispatchers'
+``Traffic`` counters saw), ``comm`` (per step and phase (forward, backward, step): the bytes DeepSpeed's
+collectives sent, by operation, as ``moe_dist/distributed/comm_count.py`` counts them). With ``same_init`` every rank
+starts from the ep_size-1 model of the run's seed (rank r of an expert-parallel group holds its experts
+[rL, (r+1)L)), so runs of different ep_size train the same model on the same batches.
 """
 
 from __future__ import annotations
@@ -40,12 +50,13 @@ from typing import Dict, List, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "memory.json")
+LAYOUTS = os.path.join(ROOT, "bench", "results", "memory_layouts.json")
 TINY = os.path.join(ROOT, "configs", "runs", "tiny-synth.yaml")
 MARK = "moe_dist.bench.memory."
 
 
 def measure(config_path: str, overrides: Sequence[str] = (), world_size: int = 2, steps: int = 2,
-            timeout: float = 900.0) -> dict:
+            timeout: float = 900.0, same_init: bool = False) -> dict:
     """Peak memory per rank of ``steps`` training steps of a run config (see the module docstring).
 
     Args:
@@ -54,11 +65,13 @@ def measure(config_path: str, overrides: Sequence[str] = (), world_size: int = 2
             "activation_checkpointing=blocks"]``).
         world_size: ranks to start (ep_size must divide it).
         steps: optimizer steps (>= 2 for a steady state; the first allocates the optimizer states).
+        same_init: start from the ep_size-1 model's weights (see the module docstring).
 
     Returns:
         {"config", "overrides", "world_size", "steps", "device", "method",
          "per_rank": [{"rank", "peak_bytes", "init_peak_bytes", "states_bytes", "step_bytes",
-         "param_bytes", "max_rss_bytes"}, ...]}. Raises RuntimeError with the failing rank's traceback.
+         "param_bytes", "max_rss_bytes", "losses", "all_to_all_bytes", "comm"}, ...]}. Raises
+        RuntimeError with the failing rank's traceback.
     """
     from moe_dist.distributed import free_port
     from moe_dist.engine.config import load_run_config
@@ -69,7 +82,8 @@ def measure(config_path: str, overrides: Sequence[str] = (), world_size: int = 2
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, config_path, list(overrides), steps, results),
+    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, config_path, list(overrides), steps, same_init,
+                                                     results),
                          daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
@@ -97,7 +111,7 @@ def measure(config_path: str, overrides: Sequence[str] = (), world_size: int = 2
             "per_rank": [per_rank[r] for r in range(world_size)]}
 
 
-def _rank_entry(rank, world_size, port, config_path, overrides, steps, results):
+def _rank_entry(rank, world_size, port, config_path, overrides, steps, same_init, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     try:
@@ -107,46 +121,78 @@ def _rank_entry(rank, world_size, port, config_path, overrides, steps, results):
 
         torch.set_num_threads(1)
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
-        results.put((rank, True, _measure_rank(rank, world_size, config_path, overrides, steps)))
+        results.put((rank, True, _measure_rank(rank, world_size, config_path, overrides, steps, same_init)))
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
 
 
-def _measure_rank(rank: int, world_size: int, config_path: str, overrides: List[str], steps: int) -> dict:
+def _measure_rank(rank: int, world_size: int, config_path: str, overrides: List[str], steps: int,
+                  same_init: bool) -> dict:
     import torch
     from deepspeed.accelerator import get_accelerator
 
+    from moe_dist.distributed.comm_count import CommCounter
     from moe_dist.engine.config import load_run_config
+    from moe_dist.models.moe_blocks import moe_mlps
+    from moe_dist.moe.dispatch import Traffic
 
     cfg = load_run_config(config_path, overrides)
     accelerator = get_accelerator()
     on_cpu = accelerator.device_name() == "cpu"
+    reference = _ep1_weights(cfg, rank) if same_init else None  # before tracking: its bytes are not the run's
     tracker = _CpuTracker() if on_cpu else _AcceleratorTracker(accelerator)
+    losses, all_to_all, comm = [], [], []
     with tracker:
         with tracker.phase("init"):
-            engine, loss_fn, dtype, model_cfg = _build(cfg, rank, world_size)
+            engine, loss_fn, dtype, model_cfg = _build(cfg, rank, world_size, reference)
+        dispatchers = [m.moe.dispatcher for m in moe_mlps(engine.module)]
         gen = torch.Generator().manual_seed(1000 + rank)
         for step in range(steps):
             images, text = _random_batch(model_cfg, cfg.batch.micro_batch, gen)
-            with tracker.phase(f"step{step}"):
-                out = engine(images.to(engine.device, dtype=dtype), text.to(engine.device))
-                loss = loss_fn(out).total
-                engine.backward(loss)
-                engine.step()
+            for d in dispatchers:
+                d.traffic = Traffic()
+            with tracker.phase(f"step{step}"), CommCounter() as counter:
+                counter.phase = "forward"
+                with tracker.phase(f"step{step}/forward"):
+                    out = engine(images.to(engine.device, dtype=dtype), text.to(engine.device))
+                    loss = loss_fn(out).total
+                counter.phase = "backward"
+                with tracker.phase(f"step{step}/backward"):
+                    engine.backward(loss)
+                counter.phase = "step"
+                with tracker.phase(f"step{step}/step"):
+                    engine.step()
+                losses.append(loss.item())
                 del out, loss
+            all_to_all.append(sum(d.traffic.rows + d.traffic.counts for d in dispatchers))
+            comm.append(counter.report())
     last = tracker.phases[f"step{steps - 1}"]
     return {"rank": rank, "peak_bytes": max(tracker.phases[f"step{s}"]["peak"] for s in range(steps)),
             "init_peak_bytes": tracker.phases["init"]["peak"], "states_bytes": last["start"],
             "step_bytes": last["peak"] - last["start"],
             "param_bytes": sum(p.numel() * p.element_size() for p in engine.module.parameters()),
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "phase_peak_bytes": {p: tracker.phases[f"step{steps - 1}/{p}"]["peak"] - last["start"]
+                                 for p in ("forward", "backward", "step")},
+            "losses": losses, "all_to_all_bytes": all_to_all, "comm": comm,
             "device": accelerator.device_name()}
 
 
-def _build(cfg, rank: int, world_size: int):
-    """The model, optimizer and engine as ``engine/trainer.py`` builds them."""
+def _ep1_weights(cfg, rank: int) -> Dict[str, object]:
+    """This rank's share of the ep_size-1 model of ``cfg.seed`` (``expert_parallel_share``)."""
+    import torch
+
+    from moe_dist.models import build_model, expert_parallel_share
+
+    torch.manual_seed(cfg.seed)
+    return expert_parallel_share(build_model(cfg.model_config()), cfg.ep_size, rank % cfg.ep_size)
+
+
+def _build(cfg, rank: int, world_size: int, reference=None):
+    """The model, optimizer and engine as ``engine/trainer.py`` builds them (weights from ``reference``
+    when given)."""
     import deepspeed
     import torch
 
@@ -158,6 +204,10 @@ def _build(cfg, rank: int, world_size: int):
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config()
     model = build_model(model_cfg, ep_size=cfg.ep_size)
+    if reference is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(reference[name])
     from deepspeed.accelerator import get_accelerator
 
     configure_blocks(model, cfg.activation_checkpointing, cfg.compile, get_accelerator().device_name())
@@ -254,6 +304,50 @@ def _mib(n: int) -> str:
     return f"{n / 2 ** 20:9.1f}"
 
 
+def planned(overrides: Sequence[str], world_size: int) -> dict:
+    """The planner's estimate (``moe_dist.planner.estimate``) of TINY + ``overrides`` on one node of
+    ``world_size`` GPUs."""
+    from moe_dist.engine.config import load_run_config
+    from moe_dist.planner import Cluster, Hardware, Layout, estimate, model_facts
+
+    cfg = load_run_config(TINY, list(overrides))
+    layout = Layout(cfg.ep_size, cfg.zero_stage, cfg.batch.micro_batch)
+    return estimate(model_facts(cfg), cfg, Cluster(1, world_size), Hardware(), layout)
+
+
+def layout_table(layouts: Sequence[str], zeros: Sequence[str], precision: str, micro_batch: int, steps: int,
+                 sets: Sequence[str], out: str) -> None:
+    """``--layouts``: moe-clip-tiny at each W:ep layout and ZeRO stage. Per layout: the largest peak and
+    states (bytes live between steps: parameters and optimizer states) over the ranks, the planner's
+    (states: parameters + optimizer), and each ZeRO stage's states over those of the same ep_size at the
+    smallest W measured (how they fall with the data-parallel size), measured and planned."""
+    from bench._results import save
+
+    rows, base = [], {}
+    print(f"{'W':>2} {'ep':>2} {'edp':>3} {'Z':>1} {'peak MiB':>8} {'planned':>8} {'ratio':>5} {'states':>8} "
+          f"{'planned':>8} {'ratio':>5} {'states/W0 meas':>14} {'planned':>7}")
+    for layout, zero in itertools.product(layouts, zeros):
+        W, ep = (int(x) for x in layout.split(":"))
+        overrides = ["model.name=moe-clip-tiny", f"ep_size={ep}", f"zero_stage={zero}", f"precision={precision}",
+                     "activation_checkpointing=none", f"batch.micro_batch={micro_batch}", *sets]
+        run = measure(TINY, overrides, world_size=W, steps=steps)
+        plan = planned(overrides, W)["per_gpu_bytes"]
+        peak, states = (max(r[k] for r in run["per_rank"]) for k in ("peak_bytes", "states_bytes"))
+        states_plan = plan["parameters"] + plan["optimizer"]
+        first = base.setdefault((ep, zero), (states, states_plan))
+        row = {"world_size": W, "ep_size": ep, "expert_data_parallel": W // ep, "zero_stage": int(zero),
+               "precision": precision, "peak_bytes": peak, "planned_peak_bytes": plan["total"],
+               "states_bytes": states, "planned_states_bytes": states_plan,
+               "states_over_first": states / first[0], "planned_states_over_first": states_plan / first[1],
+               "overrides": overrides, "run": run}
+        rows.append(row)
+        save(out, {"precision": precision, "micro_batch": micro_batch, "steps": steps, "rows": rows})
+        print(f"{W:2d} {ep:2d} {W // ep:3d} {zero:>1} {peak / 2 ** 20:8.2f} {plan['total'] / 2 ** 20:8.2f} "
+              f"{plan['total'] / peak:5.2f} {states / 2 ** 20:8.2f} {states_plan / 2 ** 20:8.2f} "
+              f"{states_plan / states:5.2f} {row['states_over_first']:14.3f} {row['planned_states_over_first']:7.3f}",
+              flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Peak memory per rank (model states + activations) of the tiny and "
                                             "small configs, with and without activation checkpointing, ZeRO 0/1/2; "
@@ -265,10 +359,19 @@ def main(argv=None) -> None:
     p.add_argument("--zero", default="0,1,2", help="comma list of ZeRO stages")
     p.add_argument("--world-size", type=int, default=2, help="ranks (one GPU: 1, with --set ep_size=1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more run-config overrides")
-    p.add_argument("--out", default=RESULTS, help="results JSON")
+    p.add_argument("--layouts", default="", help="comma list of W:ep_size (e.g. 2:1,4:1,4:2,8:1,8:2,8:4): the "
+                                                 "per-layout table of moe-clip-tiny instead (bench/results/"
+                                                 "memory_layouts.json unless --out)")
+    p.add_argument("--precision", default="fp32", help="--layouts: precision")
+    p.add_argument("--out", default="", help="results JSON")
     args = p.parse_args(argv)
     from bench._results import save
 
+    if args.layouts:
+        layout_table(args.layouts.split(","), args.zero.split(","), args.precision, args.micro_batch, args.steps,
+                     args.set, args.out or LAYOUTS)
+        return
+    args.out = args.out or RESULTS
     models = {"tiny": "moe-clip-tiny", "small": "moe-clip-small"}
     rows = []
     print(f"{'model':8} {'ckpt':6} {'zero':4} {'rank':4} {'peak MiB':>9} {'states':>9} {'step':>9} "

@@ -48,7 +48,8 @@ def _print(report: Dict[str, object], top: int) -> None:
     for key in ("parameters", "gradients", "optimizer", "backward_buffers", "step_buffers", "activations"):
         print(f"  {key:22s} {_gib(mem[key]):>12s}")
     print(f"  {'peak of a step':22s} {_gib(mem['total']):>12s}  (parameters + optimizer + the largest of "
-          "activations or gradients + backward buffers, gradients + step buffers)")
+          "activations (with ZeRO 1/2's gradient partition) or gradients + backward buffers, gradients + step "
+          "buffers)")
     for mode, acts in mem["activations_by_checkpointing"].items():
         print(f"  checkpointing {mode:8s} activations {_gib(acts)}, peak {_gib(mem['peak_by_checkpointing'][mode])}")
     print(f"  {'fits' if report['fits'] else 'DOES NOT FIT'} in {_gib(mem['usable'])} usable")
@@ -59,9 +60,9 @@ def _print(report: Dict[str, object], top: int) -> None:
     for layer in a2a["per_layer"]:
         print(f"    {layer['layer']:20s} {_human(layer['bytes'], 'B'):>12s}")
     g = report["gradient_bytes"]
-    for key in ("all_reduce", "reduce_scatter", "param_all_gather"):
+    for key in ("all_reduce", "bucket_all_reduce", "param_all_gather"):
         if g[key]:
-            print(f"  gradient {key:13s} {_human(g[key], 'B'):>12s}")
+            print(f"  gradient {key:17s} {_human(g[key], 'B'):>8s}")
     print(f"  contrastive all-gather {_human(report['contrastive_bytes']['all_gather'], 'B'):>12s}")
     f, t = report["flops"], report["step_time"]
     print(f"FLOPs per sample: forward {_human(f['forward_per_sample'])}, training {_human(f['train_per_sample'])}")

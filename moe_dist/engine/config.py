@@ -181,6 +181,7 @@ class RunConfig:
     precision: str = "fp32"
     zero_stage: int = 2
     ep_size: int = 1
+    zero_bucket_elements: int = 0  # ZeRO-1/2 reduce and all-gather bucket (elements); 0: the planner's choice
     grad_clip: float = 1.0
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
     stop_timeout_s: float = 600.0  # after a stop signal, exit anyway if no checkpoint is done by then (0: never)
@@ -199,6 +200,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         _at_least(self, "", 1, "steps", "max_nonfinite_steps")
         _at_least(self, "", 0, "seed", "grad_clip", "stop_timeout_s")
+        from ..planner.params import BUCKET_ALIGNMENT
+
+        if self.zero_bucket_elements < 0 or self.zero_bucket_elements % BUCKET_ALIGNMENT:
+            raise ValueError(f"zero_bucket_elements={self.zero_bucket_elements} must be 0 (the planner's choice) or "
+                             f"a positive multiple of {BUCKET_ALIGNMENT} (DeepSpeed asserts allgather_bucket_size % "
+                             f"{BUCKET_ALIGNMENT} == 0); e.g. --set zero_bucket_elements="
+                             f"{max(BUCKET_ALIGNMENT, self.zero_bucket_elements + 1)}")
         if self.seed >= SEED_BOUND:  # numpy and the data stream's generators take 32-bit seeds
             raise ValueError(f"seed={self.seed} must be below 2**32 ({SEED_BOUND})")
         from ..models.moe_blocks import CHECKPOINT_MODES, compile_mode
@@ -309,7 +317,7 @@ class RunConfig:
     def deepspeed_config(self, world_size: int, trainer_clips: bool = False) -> Dict[str, Any]:
         """The DeepSpeed config of this run. ``trainer_clips``: the caller clips gradients itself
         (``clips_in_trainer``), so DeepSpeed's ``gradient_clipping`` is 0."""
-        bucket = self.zero_bucket_elements()
+        bucket = self.zero_bucket_size()
         return {
             "train_batch_size": self.global_batch(world_size),
             "train_micro_batch_size_per_gpu": self.batch.micro_batch,
@@ -323,18 +331,24 @@ class RunConfig:
             "wall_clock_breakdown": False,
         }
 
-    def zero_bucket_elements(self) -> int:
-        """ZeRO's reduce / all-gather bucket size: the model's parameter count, at most DeepSpeed's default
-        5e8. ZeRO-2 allocates the whole bucket (twice with overlap_comm) afresh every backward; the default
-        is 2 GB of fp32 per rank even for a model of 1 M parameters (bench/memory.py measured it). Rounded
-        up to a multiple of 1024 (ZeRO asserts an alignment)."""
+    def zero_bucket_size(self) -> int:
+        """ZeRO-1/2's reduce / all-gather bucket (elements): ``zero_bucket_elements``, or when 0 the
+        planner's choice for one rank's tensors at this ep_size (``planner.params.planned_bucket_elements``:
+        the largest tensor, or 1/16 of the parameters if more, at most DeepSpeed's default 5e8). A bucket
+        as large as the model is allocated afresh every backward and undoes what ZeRO partitions
+        (bench/memory.py measured it)."""
+        if self.zero_bucket_elements:
+            return self.zero_bucket_elements
         import torch
 
         from ..models import build_model
+        from ..planner.params import planned_bucket_elements
 
-        with torch.device("meta"):
-            count = sum(p.numel() for p in build_model(self.model_config()).parameters())
-        return int(min(5e8, -(-count // 1024) * 1024))
+        with torch.device("meta"):  # at ep_size 1 (no process group); a rank holds 1/ep_size of each expert tensor
+            model = build_model(self.model_config())
+        expert = [getattr(p, "allreduce", True) is False for p in model.parameters()]
+        return planned_bucket_elements([p.numel() // self.ep_size if e else p.numel()
+                                        for p, e in zip(model.parameters(), expert)])
 
     def to_dict(self) -> Dict[str, Any]:
         """The config as a run records it (run_config.json in the run directory and every checkpoint):

@@ -28,6 +28,21 @@ def build_model(cfg: ModelConfig, ep_size: int = 1):
     return MODEL_KINDS[cfg.kind](cfg, ep_size=ep_size)
 
 
+def expert_parallel_share(model, ep_size: int, ep_rank: int) -> Dict[str, Any]:
+    """The tensors rank ``ep_rank`` of an ``ep_size`` expert-parallel group holds of ``model`` (built at
+    ep_size 1), by parameter name: every non-expert tensor, and experts [r L, (r + 1) L) of each stacked
+    [E, ...] expert tensor (L = E / ep_size; the layer's placement). Copies, detached: load them into a
+    model built at ``ep_size`` to start it from the same weights as the one-process model."""
+    share = {}
+    for name, p in model.named_parameters():
+        if getattr(p, "allreduce", True) is False:  # experts.py tags expert tensors
+            local = p.shape[0] // ep_size
+            share[name] = p.detach()[ep_rank * local:(ep_rank + 1) * local].clone()
+        else:
+            share[name] = p.detach().clone()
+    return share
+
+
 def build_loss(cfg: ModelConfig, rank: int = 0, world_size: int = 1, tokenizer=None):
     """The training loss of ``cfg.kind``: contrastive (+ captioning for coca) + MoE aux losses. A coca
     model with ``decoder.loss_after`` needs the ``tokenizer`` that encodes its text."""
@@ -52,5 +67,6 @@ def create_model(name_or_path: str, ep_size: int = 1, overrides: Optional[Dict[s
     return build_model(load_model_config(name_or_path, merged), ep_size=ep_size)
 
 
-__all__ = ["ModelConfig", "ModelOutput", "MoECLIP", "LIMoE", "CoCa", "create_model", "build_model", "build_loss", "list_models",
+__all__ = ["ModelConfig", "ModelOutput", "MoECLIP", "LIMoE", "CoCa", "create_model", "build_model", "build_loss",
+           "expert_parallel_share", "list_models",
            "load_model_config", "load_pretrained", "consolidated_state_dict"]

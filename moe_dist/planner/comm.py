@@ -12,10 +12,12 @@ dispatch's backward: 2 (S + Q) rows, 3 (S + Q) when a checkpointed forward runs 
     capacity:                      S = Q = C L (R - 1), C = max(min_capacity, ceil(factor T K / E)) with T
                                    every token, padding included: the fixed [L, C] blocks training
                                    exchanges whatever the routing (no counts).
-Gradients: ZeRO 0 all-reduces them once per step (ring: 2 (d - 1) / d of the group's bytes); ZeRO 1/2
-reduce-scatter them after every micro batch's backward (DeepSpeed's gradient hooks) and all-gather the
-updated parameters once per step ((d - 1) / d each); non-expert groups over all W ranks, expert groups
-over the W / R expert-data-parallel ranks.
+Gradients: ZeRO 0 all-reduces them once per step (ring: 2 (d - 1) / d of the group's bytes). ZeRO 1/2
+all-reduce them too, bucket by bucket after every micro batch's backward (DeepSpeed 0.19's gradient
+hooks with its default use_multi_rank_bucket_allreduce: each bucket is one all_reduce, and every rank
+keeps the slice of its partition; not a reduce-scatter), and all-gather the updated parameters once per
+step ((d - 1) / d of the padded flat group); non-expert groups over all W ranks, expert groups over the
+W / R expert-data-parallel ranks. moe_dist/distributed/comm_count.py counts DeepSpeed's calls.
 Contrastive loss (open_clip ClipLoss, gather_with_grad): every rank all-gathers the image and text
 embeddings of the others, and the backward reduce-scatters their gradients.
 
@@ -29,8 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from .memory import DTYPE_BYTES
-from .params import ModelFacts
+from .memory import DTYPE_BYTES, zero_partition
+from .params import ModelFacts, capacity
 
 @dataclass(frozen=True)
 class Cluster:
@@ -61,12 +63,6 @@ class Cluster:
     def spans_nodes(self, group_size: int, stride: int = 1) -> bool:
         """Does a group of ``group_size`` ranks, ``stride`` apart, leave one node?"""
         return len({r // self.gpus_per_node for r in range(0, group_size * stride, stride)}) > 1
-
-
-def capacity(facts: ModelFacts, tokens: int) -> int:
-    """Per-expert, per-rank capacity for ``tokens`` tokens (moe/dispatch.py CapacityPolicy)."""
-    raw = math.ceil(facts.capacity_factor * tokens * facts.top_k / facts.num_experts)
-    return max(facts.min_capacity, raw)
 
 
 def all_to_all_bytes(hidden: int, dtype_bytes: int, ep_size: int, num_experts: int, rows: float,
@@ -134,23 +130,26 @@ def moe_all_to_all(facts: ModelFacts, cluster: Cluster, ep_size: int, micro_batc
 
 def gradient_bytes(groups, cluster: Cluster, ep_size: int, zero_stage: int, precision: str,
                    grad_accum: int = 1) -> Dict[str, int]:
-    """Gradient all-reduce (ZeRO 0) or reduce-scatter + parameter all-gather (ZeRO 1/2) bytes per step."""
+    """Gradient all-reduce (ZeRO 0, once per step; ZeRO 1/2, bucket by bucket after every micro batch)
+    and ZeRO 1/2's parameter all-gather (the padded flat group, once per step): bytes per step."""
     b, W = DTYPE_BYTES[precision], cluster.world
-    out = {"all_reduce": 0, "reduce_scatter": 0, "param_all_gather": 0, "intra_node": 0, "inter_node": 0}
+    sent = {"all_reduce": 0.0, "bucket_all_reduce": 0.0, "param_all_gather": 0.0, "intra_node": 0.0,
+            "inter_node": 0.0}
     for g in groups:
         d, stride = (W // ep_size, ep_size) if g.expert else (W, 1)
         if d == 1:
             continue
-        share = (d - 1) / d * g.numel * b
+        ring = (d - 1) / d * b
         if zero_stage == 0:
-            parts = {"all_reduce": 2 * share}
+            parts = {"all_reduce": 2 * ring * g.numel}
         else:
-            parts = {"reduce_scatter": share * grad_accum, "param_all_gather": share}
+            parts = {"bucket_all_reduce": 2 * ring * g.numel * grad_accum,
+                     "param_all_gather": ring * zero_partition(g, d)[0]}
         where = "inter_node" if cluster.spans_nodes(d, stride) else "intra_node"
         for key, value in parts.items():
-            out[key] += int(value)
-            out[where] += int(value)
-    return out
+            sent[key] += value
+            sent[where] += value
+    return {key: round(value) for key, value in sent.items()}
 
 
 def contrastive_bytes(facts: ModelFacts, cluster: Cluster, micro_batch: int, grad_accum: int,

@@ -61,8 +61,8 @@ def estimate(facts: ModelFacts, run_cfg, cluster: comm.Cluster, hw: Hardware, la
     W, R, B, accum = cluster.world, layout.ep_size, layout.micro_batch, layout.grad_accum
     precision, ckpt = run_cfg.precision, run_cfg.activation_checkpointing
     groups = facts.groups(R)
-    acts = {mode: memory.activation_bytes(facts, B, W, precision, mode) for mode in ("none", "blocks", "moe")}
-    states = max((memory.state_bytes(groups, W, R, layout.zero_stage, precision, rank, facts.bucket_elements)
+    acts = {mode: memory.activation_bytes(facts, B, W, precision, mode, R) for mode in ("none", "blocks", "moe")}
+    states = max((memory.state_bytes(groups, W, R, layout.zero_stage, precision, rank, facts.bucket(R))
                   for rank in {0, W - 1}), key=lambda s: s.peak(acts[ckpt]))
     per_gpu = {**states.as_dict(), "activations": acts[ckpt], "activations_by_checkpointing": acts,
                "peak_by_checkpointing": {mode: states.peak(a) for mode, a in acts.items()}}

@@ -15,11 +15,17 @@ expert-data-parallel group of W / ep_size ranks, which strides by ep_size, so ra
     transient buffers:  ZeRO 1/2's reduce bucket (the run's reduce_bucket_size, in the model dtype) and the
                         fp32 gradient partition built for the optimizer step; ZeRO 0's flattened
                         all-reduce bucket (and FP16_Optimizer's fp32 gradient copy).
+    the peak:           ZeRO 1/2 free the gradient partition after each step and allocate it whole at the
+                        first bucket's reduction; with a bucket smaller than the rank's parameters that is
+                        early in the backward, so the activations, the gradients and the bucket are held
+                        together (bench/memory.py's phase peaks: the backward peak at W = 4 rose by the
+                        gradients over the forward's end, whatever the micro batch).
 
 Activations are an estimate, per micro batch, of what autograd saves (measured per block on CPU with
 ``torch.autograd.graph.saved_tensors_hooks``): a transformer block saves about 16 N D values for N
 tokens of width D (attention through SDPA keeps no S x S scores); an MoE MLP replaces the dense MLP's
-9 N D by N (D + K (D + 1.5 H) + 4.5 E + 7) for K slots, hidden H and E experts (2.5 H when act(h)
+9 N D by N (D + 4.5 E + 7) + X (D + 1.5 H) for X = N K expert rows (K slots; with a capacity at
+ep_size > 1, the exchange's E C rows, zero rows included), hidden H and E experts (2.5 H when act(h)
 is kept too: ``recompute_activation`` off, or the grouped_mm backend; "auto" is counted as the loop
 backend, which it is on CPU). Checkpointing "blocks"
 keeps each block's input and recomputes one block at a time; "moe" does that for the MoE MLPs only.
@@ -31,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable
 
-from .params import REDUCE_BUCKET_ELEMENTS, ModelFacts, ParamGroup
+from .params import REDUCE_BUCKET_ELEMENTS, ModelFacts, ParamGroup, expert_rows
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -46,6 +52,9 @@ class StateBytes:
     backward_buffers: int   # live with the activations: ZeRO 1/2's reduce bucket
     step_buffers: int       # live with the full gradients: the step's fp32 gradient partition (ZeRO 1/2),
     #                         the flattened all-reduce bucket (ZeRO 0) and FP16_Optimizer's fp32 gradients
+    gradients_early: bool = False  # ZeRO 1/2 with a bucket smaller than the rank's parameters: the first
+    #                         full bucket is reduced early in the backward, and DeepSpeed then allocates the
+    #                         whole gradient partition while (nearly) every activation is still held
 
     @property
     def buffers(self) -> int:
@@ -57,16 +66,19 @@ class StateBytes:
 
     def peak(self, activations: int) -> int:
         """Peak bytes of a step: the activations are all held when the backward starts (with the reduce
-        bucket); the gradients are all held when it ends (the bucket is freed after the gradient
-        partition is filled, then the step's buffers come)."""
-        return self.parameters + self.optimizer + max(
-            max(activations, self.gradients) + self.backward_buffers, self.gradients + self.step_buffers)
+        bucket, and with the gradient partition when it comes early); the gradients are all held when it
+        ends (the bucket is freed after the gradient partition is filled, then the step's buffers come)."""
+        held = activations + self.gradients if self.gradients_early else max(activations, self.gradients)
+        return self.parameters + self.optimizer + max(held + self.backward_buffers,
+                                                      self.gradients + self.step_buffers)
 
     def as_dict(self) -> Dict[str, int]:
-        return {**asdict(self), "buffers": self.buffers}
+        out = {**asdict(self), "buffers": self.buffers}
+        del out["gradients_early"]
+        return out
 
 
-def _partition(group: ParamGroup, dp: int):
+def zero_partition(group: ParamGroup, dp: int):
     """(padded numel, partition size) of a ZeRO-1/2 flat group over ``dp`` ranks."""
     align = 2 * dp  # DeepSpeed's nccl_start_alignment_factor x the group size
     padded = math.ceil(group.numel / align) * align
@@ -108,25 +120,26 @@ def state_bytes(groups: Iterable[ParamGroup], world: int, ep_size: int, zero_sta
     for g in groups:
         dp = world // ep_size if g.expert else world
         member = rank // ep_size if g.expert else rank
-        padded, size = _partition(g, dp)
+        padded, size = zero_partition(g, dp)
         params += b * padded
         grads += b * _grads_in_partition(g, size, member)
         optimizer += 12 * size + 4
         step_grads += 4 * size
-    return StateBytes(params, grads, optimizer, b * bucket_elements, step_grads)
+    local = sum(g.numel for g in groups)
+    return StateBytes(params, grads, optimizer, b * bucket_elements, step_grads, bucket_elements < local)
 
 
 # ----------------------------------------------------------------------------- activations
 def _tower_values(tokens: int, width: int, layers: int, moe_blocks, hidden: int, facts: ModelFacts,
-                  checkpointing: str) -> Dict[str, float]:
+                  checkpointing: str, ep_size: int = 1) -> Dict[str, float]:
     """Saved values (elements) of one tower for ``tokens`` tokens: the held total and the largest
     recompute (what one checkpointed block or MoE MLP brings back during backward)."""
-    N, D, K, E = tokens, width, facts.top_k, facts.num_experts
+    N, D, E = tokens, width, facts.num_experts
     dense_mlp = 9 * N * D
     moe = facts.config.moe  # act(h) is kept too without recompute, and always by grouped_mm (autograd)
     saved = not moe.get("recompute_activation", True) or moe.get("expert_backend") == "grouped_mm"
     kept_hidden = 2.5 if saved else 1.5
-    moe_mlp = N * (D + K * (D + kept_hidden * hidden) + 4.5 * E + 7)
+    moe_mlp = N * (D + 4.5 * E + 7) + expert_rows(facts, N, ep_size) * (D + kept_hidden * hidden)
     held, recompute = 0.0, 0.0
     for i in range(layers):
         mlp = moe_mlp if i in moe_blocks else dense_mlp
@@ -141,8 +154,9 @@ def _tower_values(tokens: int, width: int, layers: int, moe_blocks, hidden: int,
 
 
 def activation_bytes(facts: ModelFacts, micro_batch: int, world: int, precision: str,
-                     checkpointing: str = "none") -> int:
-    """Estimated activation bytes of one micro batch on one rank (forward saved tensors + one recompute)."""
+                     checkpointing: str = "none", ep_size: int = 1) -> int:
+    """Estimated activation bytes of one micro batch on one rank (forward saved tensors + one recompute);
+    with a capacity at ``ep_size`` > 1 the experts compute the whole [E, C] exchange buffer."""
     cfg, B = facts.config, micro_batch
     v, t = cfg.vision, cfg.text
     image_tokens = (v.image_size // v.patch_size) ** 2 + 1
@@ -150,12 +164,12 @@ def activation_bytes(facts: ModelFacts, micro_batch: int, world: int, precision:
     if cfg.kind == "limoe":  # one transformer over both sequences, padded to one length
         length = max(image_tokens, t.context_length)
         towers = [_tower_values(2 * B * length, v.width, v.layers, set(cfg.vision_moe_blocks()), ratio_v, facts,
-                                checkpointing)]
+                                checkpointing, ep_size)]
     else:
         towers = [_tower_values(B * image_tokens, v.width, v.layers, set(cfg.vision_moe_blocks()), ratio_v, facts,
-                                checkpointing),
+                                checkpointing, ep_size),
                   _tower_values(B * t.context_length, t.width, t.layers, set(cfg.text_moe_blocks()), ratio_t, facts,
-                                checkpointing)]
+                                checkpointing, ep_size)]
     values = sum(x["held"] for x in towers) + max(x["recompute"] for x in towers)
     images = B * 3 * v.image_size ** 2
     loss = 2 * B * world * B + 2 * world * B * cfg.embed_dim  # logits and gathered features, fp32

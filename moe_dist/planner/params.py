@@ -11,10 +11,36 @@ groups at its maximum group size is redone on those local sizes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size
+BUCKET_SHARE = 16  # the planned ZeRO bucket holds at most 1/16 of a rank's parameters
+BUCKET_ALIGNMENT = 2  # DeepSpeed asserts allgather_bucket_size % nccl_start_alignment_factor (2) == 0
+
+
+def planned_bucket_elements(numels: Sequence[int]) -> int:
+    """ZeRO-1/2's reduce / all-gather bucket (elements) for a rank holding tensors of ``numels`` elements.
+
+    DeepSpeed allocates the reduce bucket afresh every backward (in the gradient dtype) and all-reduces
+    a flattened copy of what it holds, so the bucket is a transient of up to twice its size on top of
+    the partitioned states. Its default (5e8 elements: 2 GB of fp32) dwarfs a small model's states, and
+    a bucket as large as the model undoes most of what ZeRO partitions. The choice:
+
+        max(largest tensor, min(5e8, ceil(sum / 16))), rounded up to a multiple of 2
+
+    At least the largest tensor: DeepSpeed 0.19 sends a tensor larger than the bucket around it
+    (``extra_large_param_to_reduce``, reduced and flattened on its own), so a smaller bucket would not
+    lower the transient and would split the reduction over more calls. At most 1/16 of the parameters
+    (a 6% transient) and DeepSpeed's default. Even: DeepSpeed asserts ``allgather_bucket_size % 2 == 0``.
+
+    Example: moe-clip-tiny at ep_size 1 (887,553 parameters, the largest tensor 65,536): 65,536.
+    """
+    largest = max(numels, default=0)
+    share = -(-sum(numels) // BUCKET_SHARE)
+    chosen = max(largest, min(REDUCE_BUCKET_ELEMENTS, share), BUCKET_ALIGNMENT)
+    return -(-chosen // BUCKET_ALIGNMENT) * BUCKET_ALIGNMENT
 
 
 @dataclass(frozen=True)
@@ -61,7 +87,7 @@ class ModelFacts:
     capacity_factor: float
     min_capacity: int
     moe_layers: Tuple[MoELayerShape, ...]
-    bucket_elements: int        # ZeRO's reduce_bucket_size in the run's DeepSpeed config
+    bucket_elements: int        # the run's zero_bucket_elements (0: the planner's choice per ep_size)
     groups_ep1: Tuple[Tuple[str, bool, float, Tuple[int, ...]], ...]  # (name, expert, decay, numels), ep_size 1
     config: object              # the ModelConfig
 
@@ -80,6 +106,27 @@ class ModelFacts:
                 if g.get("moe") and g["params"]:
                     out.append(ParamGroup(g["name"], True, tuple(p.numel() for p in g["params"])))
         return out
+
+    def bucket(self, ep_size: int) -> int:
+        """ZeRO's reduce / all-gather bucket of a run at ``ep_size``: the run's ``zero_bucket_elements``, or
+        ``planned_bucket_elements`` of one rank's tensors (what ``RunConfig.deepspeed_config`` writes)."""
+        if self.bucket_elements:
+            return self.bucket_elements
+        return planned_bucket_elements([n for g in self.groups(ep_size) for n in g.numels])
+
+
+def capacity(facts: ModelFacts, tokens: int) -> int:
+    """Per-expert, per-rank capacity for ``tokens`` tokens (moe/dispatch.py CapacityPolicy)."""
+    raw = math.ceil(facts.capacity_factor * tokens * facts.top_k / facts.num_experts)
+    return max(facts.min_capacity, raw)
+
+
+def expert_rows(facts: ModelFacts, tokens: int, ep_size: int) -> int:
+    """Rows one rank's experts compute for ``tokens`` tokens: the T K assignments, or with a capacity at
+    ep_size > 1 the fixed exchange's whole [E, C] buffer (zero rows included: moe/dispatch.py)."""
+    if facts.dropless or ep_size == 1:
+        return tokens * facts.top_k
+    return facts.num_experts * capacity(facts, tokens)
 
 
 def _tagged_meta(numel: int, group_name: str):
@@ -122,5 +169,4 @@ def model_facts(run_cfg) -> ModelFacts:
                       embed_dim=cfg.embed_dim, num_experts=moe.num_experts, top_k=moe.experts_per_token,
                       dropless=moe.dropless, capacity_factor=moe.capacity_factor, min_capacity=moe.min_capacity,
                       moe_layers=_moe_layers(cfg), groups_ep1=groups, config=cfg,
-                      bucket_elements=int(run_cfg.deepspeed_config(1)["zero_optimization"].get(
-                          "reduce_bucket_size", REDUCE_BUCKET_ELEMENTS)))
+                      bucket_elements=run_cfg.zero_bucket_elements)

@@ -12,6 +12,7 @@ from moe_dist.cli import main
 from moe_dist.engine.config import load_run_config
 from moe_dist.planner import Cluster, Hardware, Layout, ParamGroup, activation_bytes, model_facts, state_bytes
 from moe_dist.planner import comm
+from moe_dist.planner.params import expert_rows, planned_bucket_elements
 
 TINY = "configs/runs/tiny-synth.yaml"
 
@@ -20,8 +21,9 @@ def test_state_bytes_hand_worked():
     # one non-expert group of tensors [5, 3] (8 elements) and one expert group [6] at ep_size 2, W = 4
     groups = [ParamGroup("decay", False, (5, 3)), ParamGroup("experts", True, (6,))]
     # ZeRO 0, fp32: params 4 x 14, grads 4 x 14, moments 8 x 14 + a 4-byte step per tensor (3)
-    assert state_bytes(groups, 4, 2, 0, "fp32").__dict__ == {"parameters": 56, "gradients": 56, "optimizer": 124,
-                                                             "backward_buffers": 0, "step_buffers": 4 * 8}
+    assert state_bytes(groups, 4, 2, 0, "fp32").as_dict() == {"parameters": 56, "gradients": 56, "optimizer": 124,
+                                                              "backward_buffers": 0, "step_buffers": 4 * 8,
+                                                              "buffers": 32}
     # ZeRO 2, fp32, rank 1. Non-expert: 8 padded to a multiple of 2 x 4 = 8, partition 2 = elements [2, 4),
     # inside the first tensor (5). Expert: d = W / R = 2, 6 -> 8 (multiple of 4), partition 4; rank 1 is
     # member 0 -> [0, 4), inside the only tensor (6).
@@ -30,15 +32,36 @@ def test_state_bytes_hand_worked():
     assert s.gradients == 4 * (5 + 6)            # the overlapping tensors, whole
     assert s.optimizer == 12 * (2 + 4) + 4 * 2   # master + 2 moments per partition element, a step per group
     assert (s.backward_buffers, s.step_buffers) == (4 * 10, 4 * (2 + 4))  # reduce bucket; fp32 grad partition
-    # the peak: activations and the bucket when backward starts, or all gradients with the bucket (backward's
-    # end) or with the step's partition
-    assert s.peak(1000) == 64 + 80 + 1000 + 40 and s.peak(0) == 64 + 80 + 44 + 40
+    # the peak: a bucket of 10 < the rank's 14 elements fills before the backward ends, so the gradient
+    # partition (44 B) comes while the activations are held: params + optimizer + activations + 44 + bucket
+    assert s.peak(1000) == 64 + 80 + 1000 + 44 + 40 and s.peak(0) == 64 + 80 + 44 + 40
+    # a bucket of all 14 elements is reduced at the backward's end: activations or gradients, with the bucket
+    late = state_bytes(groups, 4, 2, 2, "fp32", rank=1, bucket_elements=14)
+    assert late.peak(1000) == 64 + 80 + 1000 + 56 and late.peak(0) == 64 + 80 + 44 + 56
     # rank 3: non-expert partition [6, 8) holds tensor 2 (3 elements); expert member 1 -> [4, 8): the
     # tensor (6) plus 2 elements of padding
     assert state_bytes(groups, 4, 2, 2, "fp32", rank=3).gradients == 4 * (3 + 6 + 2)
     # bf16, ZeRO 1: 2-byte params and gradients, fp32 master and moments
     s = state_bytes(groups, 4, 2, 1, "bf16", rank=1, bucket_elements=10)
     assert (s.parameters, s.gradients, s.optimizer) == (2 * 16, 2 * 11, 12 * 6 + 8)
+
+
+def test_planned_bucket_elements():
+    # 1/16 of the parameters when that exceeds the largest tensor: 16 tensors of 1,000 -> 1,000; 3 more of
+    # 10,000 make 46,000 / 16 = 2,875 < 10,000, the largest; 40 of 10,000 -> 25,000
+    assert planned_bucket_elements([1000] * 16) == 1000
+    assert planned_bucket_elements([1000] * 16 + [10_000] * 3) == 10_000
+    assert planned_bucket_elements([10_000] * 40) == 25_000
+    assert planned_bucket_elements([7, 5]) == 8  # rounded up to a multiple of 2 (DeepSpeed's alignment)
+    # at most DeepSpeed's default 5e8, unless one tensor is larger
+    assert planned_bucket_elements([10 ** 8] * 100) == 500_000_000
+    assert planned_bucket_elements([6 * 10 ** 8, 10]) == 600_000_000
+    # the run config and the planner's memory model use one number: a set value, else the choice per ep_size
+    for sets in ([], ["ep_size=2"], ["zero_bucket_elements=1000"]):
+        cfg = load_run_config(TINY, sets)
+        planned = model_facts(cfg).bucket(cfg.ep_size)
+        assert cfg.deepspeed_config(2)["zero_optimization"]["reduce_bucket_size"] == planned
+    assert model_facts(load_run_config(TINY, ["zero_bucket_elements=1000"])).bucket(2) == 1000
 
 
 def test_all_to_all_and_gradient_formulas():
@@ -60,6 +83,13 @@ def test_all_to_all_and_gradient_formulas():
     # ZeRO 0 over 4 ranks on 2 nodes: ring all-reduce 2 x 3/4 x 8 x 4 B, inter-node
     g = comm.gradient_bytes([ParamGroup("decay", False, (8,))], comm.Cluster(2, 2), 1, 0, "fp32")
     assert g["all_reduce"] == 48 == g["inter_node"]
+    # ZeRO 2, 2 micro batches: DeepSpeed all-reduces every bucket after each (2 x 48), and all-gathers the
+    # group padded to a multiple of 2 x 4 ranks once: 10 elements -> 16, 3/4 x 16 x 4 B
+    g = comm.gradient_bytes([ParamGroup("decay", False, (10,))], comm.Cluster(2, 2), 1, 2, "fp32", grad_accum=2)
+    assert (g["all_reduce"], g["bucket_all_reduce"], g["param_all_gather"]) == (0, 2 * 60, 48)
+    # expert rows: T K assignments, but at ep_size > 1 with a capacity the whole [E, C] exchange buffer
+    assert expert_rows(facts, 68, 1) == 68 and expert_rows(facts, 68, 2) == 4 * 26
+    assert expert_rows(model_facts(load_run_config(TINY, ["model.moe.dropless=true"])), 68, 2) == 68
 
 
 def _measured_and_estimated(name, sets=()):

@@ -46,11 +46,21 @@ def test_generated_deepspeed_config_states_batch_once():
     ds = cfg.deepspeed_config(2)
     assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 3
-    # ZeRO buckets hold at most the whole model: moe-clip-tiny's 887,553 parameters (its JSON's _params)
-    # rounded up to a multiple of 1024: 867 x 1024 = 887,808
-    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 887_808, "allgather_bucket_size": 887_808}
+    # the planner's ZeRO bucket: 1/16 of moe-clip-tiny's 887,553 parameters is 55,473, below its largest
+    # tensors (the text token embedding [1024, 64] and each expert stack [4, 64, 256]: 65,536), so 65,536
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 65_536, "allgather_bucket_size": 65_536}
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert cfg.model_config().moe_config(64).num_experts == 4
+
+
+def test_zero_bucket_elements_field():
+    # a set value reaches both buckets as it is; 0 (the default) is the planner's choice (above)
+    ds = _cfg("zero_bucket_elements=4096").deepspeed_config(2)["zero_optimization"]
+    assert ds["reduce_bucket_size"] == 4096 == ds["allgather_bucket_size"]
+    for bad in ("-2", "7"):  # DeepSpeed asserts allgather_bucket_size % 2 == 0
+        with pytest.raises(ValueError) as err:
+            _cfg(f"zero_bucket_elements={bad}")
+        assert f"zero_bucket_elements={bad} must be 0" in str(err.value) and "multiple of 2" in str(err.value)
 
 
 def test_exponent_numbers_without_a_dot_are_numbers():
