@@ -13,9 +13,10 @@ dispatch's backward: 2 (S + Q) rows, 3 (S + Q) when a checkpointed forward runs 
                                    every token, padding included: the fixed [L, C] blocks training
                                    exchanges whatever the routing (no counts).
 Gradients: ZeRO 0 all-reduces them once per step (ring: 2 (d - 1) / d of the group's bytes). ZeRO 1/2
-all-reduce them too, bucket by bucket after every micro batch's backward (DeepSpeed 0.19's gradient
-hooks with its default use_multi_rank_bucket_allreduce: each bucket is one all_reduce, and every rank
-keeps the slice of its partition; not a reduce-scatter), and all-gather the updated parameters once per
+all-reduce them too, bucket by bucket (DeepSpeed 0.19's default use_multi_rank_bucket_allreduce: each
+bucket is one all_reduce, and every rank keeps the slice of its partition; not a reduce-scatter): ZeRO 2
+after every micro batch's backward (its gradient hooks), ZeRO 1 once, at the accumulation boundary; and
+they all-gather the updated parameters once per
 step ((d - 1) / d of the padded flat group); non-expert groups over all W ranks, expert groups over the
 W / R expert-data-parallel ranks. moe_dist/distributed/comm_count.py counts DeepSpeed's calls.
 Contrastive loss (open_clip ClipLoss, gather_with_grad): every rank all-gathers the image and text
@@ -143,7 +144,9 @@ def gradient_bytes(groups, cluster: Cluster, ep_size: int, zero_stage: int, prec
         if zero_stage == 0:
             parts = {"all_reduce": 2 * ring * g.numel}
         else:
-            parts = {"bucket_all_reduce": 2 * ring * g.numel * grad_accum,
+            # ZeRO 2 reduces after every micro batch; ZeRO 1 at the accumulation boundary only
+            # (DeepSpeedEngine.allreduce_gradients -> reduce_gradients)
+            parts = {"bucket_all_reduce": 2 * ring * g.numel * (grad_accum if zero_stage == 2 else 1),
                      "param_all_gather": ring * zero_partition(g, d)[0]}
         where = "inter_node" if cluster.spans_nodes(d, stride) else "intra_node"
         for key, value in parts.items():

@@ -87,6 +87,9 @@ def test_all_to_all_and_gradient_formulas():
     # group padded to a multiple of 2 x 4 ranks once: 10 elements -> 16, 3/4 x 16 x 4 B
     g = comm.gradient_bytes([ParamGroup("decay", False, (10,))], comm.Cluster(2, 2), 1, 2, "fp32", grad_accum=2)
     assert (g["all_reduce"], g["bucket_all_reduce"], g["param_all_gather"]) == (0, 2 * 60, 48)
+    # ZeRO 1 reduces once, at the accumulation boundary (DeepSpeedEngine.allreduce_gradients)
+    g = comm.gradient_bytes([ParamGroup("decay", False, (10,))], comm.Cluster(2, 2), 1, 1, "fp32", grad_accum=2)
+    assert (g["bucket_all_reduce"], g["param_all_gather"]) == (60, 48)
     # expert rows: T K assignments, but at ep_size > 1 with a capacity the whole [E, C] exchange buffer
     assert expert_rows(facts, 68, 1) == 68 and expert_rows(facts, 68, 2) == 4 * 26
     assert expert_rows(model_facts(load_run_config(TINY, ["model.moe.dropless=true"])), 68, 2) == 68
