@@ -272,12 +272,17 @@ def _add_masters_from_weights(states: OptimizerStates, tag_dir: str) -> None:
                 if m and name in states.shapes:
                     weights.setdefault(name, {})[int(m.group(2)) * tensor.numel()] = tensor.reshape(-1)
     for name, pieces in by_start.items():
-        flat = weights.get(name, {})
-        for start, piece in pieces.items():
-            parts = [flat[s] for s in sorted(flat) if start <= s < start + piece.numel]
-            if not parts or any(t.dtype != torch.float32 for t in parts):
-                return  # no fp32 weights to take the master from: the master stays absent (refused above)
-            piece.tensors[MASTER] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        flat, split = weights.get(name, {}), []
+        for start, piece in pieces.items():  # a piece of L experts becomes L pieces: views, nothing copied
+            at = start
+            for s in sorted(x for x in flat if start <= x < start + piece.numel):
+                part = flat[s]
+                if s != at or part.dtype != torch.float32:
+                    return  # no fp32 weights to take the master from: it stays absent (refused by the caller)
+                split.append(Piece(s, {**{k: t.narrow(0, s - start, part.numel()) for k, t in piece.tensors.items()},
+                                       MASTER: part}))
+                at += part.numel()
+        states.pieces[name] = split
 
 
 def _read_layout_free(states: OptimizerStates, tag_dir: str) -> None:
