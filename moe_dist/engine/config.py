@@ -200,7 +200,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _at_least(self, "", 1, "steps", "max_nonfinite_steps")
         _at_least(self, "", 0, "seed", "grad_clip", "stop_timeout_s")
-        from ..planner.params import BUCKET_ALIGNMENT
+        from .zero_bucket import BUCKET_ALIGNMENT
 
         if self.zero_bucket_elements < 0 or self.zero_bucket_elements % BUCKET_ALIGNMENT:
             raise ValueError(f"zero_bucket_elements={self.zero_bucket_elements} must be 0 (the planner's choice) or "
@@ -333,7 +333,7 @@ class RunConfig:
 
     def zero_bucket_size(self) -> int:
         """ZeRO-1/2's reduce / all-gather bucket (elements): ``zero_bucket_elements``, or when 0 the
-        planner's choice for one rank's tensors at this ep_size (``planner.params.planned_bucket_elements``:
+        planner's choice for one rank's tensors at this ep_size (``engine.zero_bucket.planned_bucket_elements``:
         the largest tensor, or 1/16 of the parameters if more, at most DeepSpeed's default 5e8). A bucket
         as large as the model is allocated afresh every backward and undoes what ZeRO partitions
         (bench/memory.py measured it)."""
@@ -342,7 +342,7 @@ class RunConfig:
         import torch
 
         from ..models import build_model
-        from ..planner.params import planned_bucket_elements
+        from .zero_bucket import planned_bucket_elements
 
         with torch.device("meta"):  # at ep_size 1 (no process group); a rank holds 1/ep_size of each expert tensor
             model = build_model(self.model_config())

@@ -28,7 +28,6 @@ stays inside a node; a collective whose group spans nodes is counted as inter-no
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 

@@ -37,7 +37,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable
 
-from .params import REDUCE_BUCKET_ELEMENTS, ModelFacts, ParamGroup, expert_rows
+from ..engine.zero_bucket import REDUCE_BUCKET_ELEMENTS
+from .params import ModelFacts, ParamGroup, expert_rows
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 

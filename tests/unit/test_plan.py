@@ -12,7 +12,8 @@ from moe_dist.cli import main
 from moe_dist.engine.config import load_run_config
 from moe_dist.planner import Cluster, Hardware, Layout, ParamGroup, activation_bytes, model_facts, state_bytes
 from moe_dist.planner import comm
-from moe_dist.planner.params import expert_rows, planned_bucket_elements
+from moe_dist.engine.zero_bucket import planned_bucket_elements
+from moe_dist.planner.params import expert_rows
 
 TINY = "configs/runs/tiny-synth.yaml"
 
