@@ -40,13 +40,13 @@ from typing import Dict, List, Optional, Set, Tuple
 import torch
 
 from ..checkpoint_files import EXPERT_STATES_RE, MODEL_STATES, load_weights_only, read_json, read_marker
+from ..moe.layer import _DS_EXPERT_RE
 
 MASTER = "fp32"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 KEYS_READ = (MASTER,) + MOMENTS
 LAYOUT_FREE_FILE = "optim_states.pt"
 _ZERO_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
-_DS_EXPERT = re.compile(r"^(.*\.)deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
 _FIX = "resume an earlier checkpoint, or this one with --weights-only (fresh Adam moments)"
 
 
@@ -267,10 +267,10 @@ def _add_masters_from_weights(states: OptimizerStates, tag_dir: str) -> None:
     for fname in sorted(os.listdir(tag_dir)):
         if EXPERT_STATES_RE.match(fname):
             for key, tensor in _load(tag_dir, fname, "an expert's model file").items():
-                m = _DS_EXPERT.match(key)
-                name = f"{m.group(1)}experts.{m.group(3)}" if m else key
+                m = _DS_EXPERT_RE.search(key)  # <layer>.deepspeed_moe.experts.deepspeed_experts.<E>.<w>
+                name = f"{key[:m.start()]}experts.{m.group(2)}" if m else key
                 if m and name in states.shapes:
-                    weights.setdefault(name, {})[int(m.group(2)) * tensor.numel()] = tensor.reshape(-1)
+                    weights.setdefault(name, {})[int(m.group(1)) * tensor.numel()] = tensor.reshape(-1)
     for name, pieces in by_start.items():
         flat, split = weights.get(name, {}), []
         for start, piece in pieces.items():  # a piece of L experts becomes L pieces: views, nothing copied
@@ -354,10 +354,10 @@ def _rows(name: str, param: torch.Tensor, states: OptimizerStates) -> Optional[T
     """The global expert rows this rank holds of an expert tensor (None: the whole tensor)."""
     if name not in states.experts:
         return None
-    from deepspeed.utils import groups
+    from ..models.pretrained import _expert_rank
 
     local = param.shape[0]
-    ep_rank = groups._get_expert_parallel_rank(param.group_name)
+    ep_rank = _expert_rank(states.shapes[name][0] // local)
     return ep_rank * local, (ep_rank + 1) * local
 
 

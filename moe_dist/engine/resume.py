@@ -100,10 +100,7 @@ class Resumer:
         if states is not None:
             return self._across_layouts(tag_dir, run_id, states, engine, scheduler, loader, print)
         if weights_only:
-            step = checkpoint.load_weights(engine, src_root, tag)
-            scheduler.last_epoch = step - 1
-            scheduler.step()  # the LR schedule continues at the step counter
-            stream = self._continue_stream(tag_dir, loader)
+            step, stream = self._any_layout(tag_dir, None, engine, scheduler, loader)
             print(f"warning: weights-only resume from {tag_dir} at step {step}: the model weights are loaded; the "
                   f"optimizer state (Adam moments) starts afresh; {stream}")
             return Resumed(run_id, step, source=tag_dir)
@@ -148,13 +145,8 @@ class Resumer:
 
     def _across_layouts(self, tag_dir: str, run_id: str, states: OptimizerStates, engine, scheduler, loader,
                         print: Callable[[str], None]) -> Resumed:
-        """5, another layout: weights, then Adam's state per parameter, then the schedule and the stream."""
-        root, tag = os.path.split(tag_dir)
-        step = checkpoint.load_weights(engine, root, tag)
-        load_into(engine, states)
-        scheduler.last_epoch = step - 1
-        scheduler.step()  # the LR schedule continues at the step counter
-        stream = self._continue_stream(tag_dir, loader)
+        """5, another layout: weights, Adam's state per parameter, the schedule and the stream; the counters."""
+        step, stream = self._any_layout(tag_dir, states, engine, scheduler, loader)
         client = os.path.join(tag_dir, "client_rank0.pt")
         counters = checkpoint.load_weights_only(client) if os.path.isfile(client) else {}
         was = ", ".join(f"{k} {v}" for k, v in states.layout.items())
@@ -162,6 +154,19 @@ class Resumer:
         print(f"resumed from {tag_dir} at step {step} on another layout ({was} -> {now}): the weights, Adam's "
               f"moments and step count ({states.step:g}) carried over; {stream}")
         return Resumed(run_id, step, int(counters.get("skipped", 0)), int(counters.get("micro_step", 0)), tag_dir)
+
+    def _any_layout(self, tag_dir: str, states: Optional[OptimizerStates], engine, scheduler,
+                    loader) -> Tuple[int, str]:
+        """Load at this run's layout what any layout can give: the weights, Adam's state when ``states`` is
+        given, the LR schedule at the step counter and the merged data stream. Returns (step, what the
+        stream did)."""
+        root, tag = os.path.split(tag_dir)
+        step = checkpoint.load_weights(engine, root, tag)
+        if states is not None:
+            load_into(engine, states)
+        scheduler.last_epoch = step - 1
+        scheduler.step()  # the LR schedule continues at the step counter
+        return step, self._continue_stream(tag_dir, loader)
 
     def _abandon_newer(self, src_root: str, tag: str, print: Callable[[str], None]) -> None:
         """Resuming a checkpoint that is not its run's newest in this directory: the newer ones are of a
