@@ -50,13 +50,24 @@ def stats_to_host(layer_stats: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, 
     return out
 
 
+# per-expert load keys: token counts, or Soft MoE's slot weights (moe/soft.py)
+LOAD_KEYS = ("tokens_per_expert", "slot_weight_per_expert")
+
+
 def moe_scalars(layer_stats: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Per layer: dropped fraction and router entropy (overall and per modality), and from the expert
+    loads: the busiest expert's load over the mean (1 = balanced) and the experts with no load."""
     out = {}
     for layer, stats in layer_stats.items():
         for suffix in MODALITIES:
             for name in ("dropped_fraction", "router_entropy"):
                 if name + suffix in stats and int(stats["num_tokens" + suffix]) > 0:
                     out[f"moe/{name}{suffix}/{layer}"] = float(stats[name + suffix])
+        load = next((stats[key] for key in LOAD_KEYS if key in stats), None)
+        if load is not None and float(load.sum()) > 0:
+            load = load.double()
+            out[f"moe/load_max_over_mean/{layer}"] = float(load.max() / load.mean())
+            out[f"moe/dead_experts/{layer}"] = float((load == 0).sum())
     return out
 
 
@@ -64,7 +75,7 @@ class ExpertLoadWindow:
     """Per-expert token counts summed over the micro-batches of a logging window and, when logged, over
     all ranks (rank 0's last micro-batch alone would show a sample of one)."""
 
-    PREFIX = "tokens_per_expert"
+    PREFIX = LOAD_KEYS
 
     def __init__(self):
         self.sums: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -132,6 +143,9 @@ class MetricsLogger:
                     counts = stats.get("tokens_per_expert" + suffix)
                     if counts is not None and int(counts.sum()) > 0:
                         self._expert_histogram(f"moe/expert_load{suffix}/{layer}", counts, step)
+                weights = stats.get("slot_weight_per_expert")
+                if weights is not None and float(weights.sum()) > 0:
+                    self._expert_histogram(f"moe/slot_weight/{layer}", weights, step)
             self.writer.flush()
 
     def _expert_histogram(self, tag: str, counts: torch.Tensor, step: int) -> None:

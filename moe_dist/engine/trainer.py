@@ -23,6 +23,7 @@ import torch
 
 from ..files import atomic_write
 from ..models.pretrained import model_files
+from ..moe import end_optimizer_step, record_loads
 from ..text.tokenizer import sentencepiece_path
 from . import checkpoint
 from .collectives import all_gather_text, all_reduce
@@ -73,7 +74,9 @@ class Trainer:
             report = init_from_dense(model, cfg.model.init)
             if self.rank == 0:
                 print(f"model.init: {len(report['experts'])} MoE layers upcycled from {cfg.model.init}", flush=True)
-        from ..models.moe_blocks import configure_blocks
+        from ..models.moe_blocks import configure_blocks, moe_mlps
+
+        self._moe_layers = {m.layer_name: m.moe for m in moe_mlps(model)}  # for moe/balance.py's step updates
 
         from deepspeed.accelerator import get_accelerator
 
@@ -256,9 +259,11 @@ class Trainer:
                 self.consecutive_skips = 0
                 self._expert_load.add(step_out.model.moe.layer_stats)
                 self.engine.backward(step_out.loss)
+                record_loads(self._moe_layers, step_out.model.moe.layer_loads)  # after backward: moe/balance.py
                 if self._clip is not None and self.engine.is_gradient_accumulation_boundary():
                     self._grad_norm = self._clip(self.engine.module.parameters(), cfg.grad_clip)
                 self.engine.step()
+            end_optimizer_step(self._moe_layers.values())  # the selection biases move (moe/balance.py)
             self.step += 1
             # 2. metrics, signals, checkpoints, evaluation (a stop never waits for an evaluation, and an
             # evaluation error never costs the checkpoint before it)

@@ -73,6 +73,11 @@ class PassRecord:
             parts = {"total": float(out.loss.total), **{k: float(v) for k, v in out.loss.parts.items()}}
             self.losses.append(BatchLoss(int(_flat(batch.keys[:1])[0]), len(batch.keys), parts))
         for layer, stats in out.moe.layer_stats.items():
+            if "slot_weight_per_expert" in stats:  # Soft MoE: slot weights, nothing dropped (moe/soft.py)
+                weights = stats["slot_weight_per_expert"].detach().double().cpu()
+                _add_counts(self.routed, {layer: weights})
+                _add_counts(self.kept, {layer: weights})
+                continue
             _add_counts(self.routed, {layer: stats["routed_per_expert"].detach().long().cpu()})
             _add_counts(self.kept, {layer: stats["tokens_per_expert"].detach().long().cpu()})
 

@@ -122,9 +122,9 @@ class MoECLIP(ContrastiveModel):
                                     heads=t.heads, layers=t.layers, mlp_ratio=t.mlp_ratio,
                                     output_dim=cfg.embed_dim, pad_id=t.pad_id, eos_id=t.eos_id,
                                     pool_type=t.pool_type)
-        place_moe(self.visual.transformer, cfg.vision_moe_blocks(), cfg.moe_config(v.width, v.mlp_ratio),
+        place_moe(self.visual.transformer, cfg.vision_moe_blocks(), cfg.moe_config(v.width, v.mlp_ratio, "vision"),
                   ep_size, "vision")
-        text_moe = cfg.moe_config(t.width, t.mlp_ratio)
+        text_moe = cfg.moe_config(t.width, t.mlp_ratio, "text")
         place_moe(self.text.transformer, cfg.text_moe_blocks(), text_moe, ep_size, "text")
         # cut the text after the batch's last EOS (trim_after_eos), except where every rank must route the
         # same token count (capacity at ep_size > 1 exchanges fixed-size buffers, moe/dispatch.py). Callers

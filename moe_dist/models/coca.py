@@ -81,14 +81,14 @@ class CoCa(ContrastiveModel):
                                              output_dim=t.vocab_size)
         # open_clip leaves the projection to init_parameters, which reads attributes this class lacks
         nn.init.normal_(self.decoder.text_projection, std=t.width ** -0.5)
-        place_moe(self.visual.transformer, cfg.vision_moe_blocks(), cfg.moe_config(v.width, v.mlp_ratio),
+        place_moe(self.visual.transformer, cfg.vision_moe_blocks(), cfg.moe_config(v.width, v.mlp_ratio, "vision"),
                   ep_size, "vision")
-        place_moe(self.text.transformer, cfg.text_moe_blocks(), cfg.moe_config(t.width, t.mlp_ratio), ep_size, "text")
+        place_moe(self.text.transformer, cfg.text_moe_blocks(), cfg.moe_config(t.width, t.mlp_ratio, "text"),
+                  ep_size, "text")
         blocks = cfg.decoder_moe_blocks()
-        moe = cfg.moe_config(t.width, d.mlp_ratio)
-        place_moe(self.decoder, blocks["decoder"], moe, ep_size, "decoder")
-        place_moe(SimpleNamespace(resblocks=self.decoder.cross_attn), blocks["decoder_cross"], moe, ep_size,
-                  "decoder_cross")
+        place_moe(self.decoder, blocks["decoder"], cfg.moe_config(t.width, d.mlp_ratio, "decoder"), ep_size, "decoder")
+        place_moe(SimpleNamespace(resblocks=self.decoder.cross_attn), blocks["decoder_cross"],
+                  cfg.moe_config(t.width, d.mlp_ratio, "decoder_cross"), ep_size, "decoder_cross")
         self._init_logits(cfg)
 
     # ------------------------------------------------------------------ towers

@@ -22,6 +22,9 @@ from ..text.tokenizer import sentencepiece_path
 from .loss import CONTRASTIVE_LOSSES
 
 KINDS = ("clip", "limoe", "coca")
+# tower -> the config key of its MoE placement (LIMoE's shared tower is placed by the vision key)
+PLACEMENT_KEYS = {"vision": "model.vision.moe", "text": "model.text.moe", "decoder": "model.decoder.moe",
+                  "decoder_cross": "model.decoder.cross_moe"}
 # What every checkpoint directory (and export) carries besides the weights, so that it loads on its own:
 MODEL_CONFIG_FILE = "model_config.json"  # the resolved ModelConfig as JSON; text.tokenizer relative to it
 TOKENIZER_FILE = "tokenizer.model"  # a copy of the run's sentencepiece model (absent for openclip-bpe)
@@ -30,11 +33,14 @@ TOKENIZER_FILE = "tokenizer.model"  # a copy of the run's sentencepiece model (a
 @dataclass
 class MoEPlacement:
     """Which transformer blocks get an MoE MLP: every n-th (``every``, starting at block every-1),
-    an explicit ``blocks`` list, or the ``last`` k blocks. All zero/empty means a dense tower."""
+    an explicit ``blocks`` list, or the ``last`` k blocks. All zero/empty means a dense tower.
+    ``overrides``: MoEConfig fields for this tower's MoE layers over ``model.moe`` (e.g. ``{"router":
+    "soft"}`` for a Soft MoE image tower beside a top-k text tower)."""
 
     every: int = 0
     blocks: List[int] = field(default_factory=list)
     last: int = 0
+    overrides: Dict[str, Any] = field(default_factory=dict)
 
     def indices(self, num_layers: int, where: str) -> List[int]:
         chosen = set(self.blocks)
@@ -149,7 +155,7 @@ class ModelConfig:
         self.vision_moe_blocks()
         self.text_moe_blocks()
         self._check_decoder()
-        self.moe_config(v.width)  # validates the MoE fields
+        self._check_tower_moe()
 
     def _check_decoder(self) -> None:
         d = self.decoder
@@ -179,18 +185,46 @@ class ModelConfig:
     def text_moe_blocks(self) -> List[int]:
         return self.text.moe.indices(self.text.layers, "model.text.moe")
 
-    def moe_config(self, width: int, mlp_ratio: float = 4.0) -> MoEConfig:
+    def _placements(self) -> Dict[str, MoEPlacement]:
+        """tower name -> its placement (LIMoE's shared tower is placed by ``vision``)."""
+        d = self.decoder
+        return {"vision": self.vision.moe, "text": self.text.moe, "decoder": d.moe, "decoder_cross": d.cross_moe}
+
+    def _check_tower_moe(self) -> None:
+        """Every tower's MoE fields are valid, and a router that mixes the tokens of a sequence
+        (Expert-Choice, Soft MoE) is only where no token is causal: not in the text tower of kind clip or
+        coca (open_clip's causal text encoder), nor in CoCa's decoder."""
+        v, t, d = self.vision, self.text, self.decoder
+        shapes = {"vision": (v.width, v.mlp_ratio), "text": (t.width, t.mlp_ratio), "decoder": (t.width, d.mlp_ratio),
+                  "decoder_cross": (t.width, d.mlp_ratio)}
+        causal = {"text", "decoder", "decoder_cross"} if self.kind != "limoe" else set()
+        blocks = {"vision": self.vision_moe_blocks(), "text": self.text_moe_blocks(), **self.decoder_moe_blocks()}
+        self.moe_config(v.width, v.mlp_ratio)  # model.moe itself, with no tower's overrides
+        for tower, (width, mlp_ratio) in shapes.items():
+            moe = self.moe_config(width, mlp_ratio, tower)
+            if tower in causal and blocks[tower] and moe.mixes_tokens:
+                where = PLACEMENT_KEYS[tower]
+                raise ValueError(f"{where}: router={moe.router!r} picks tokens by looking at the whole sequence, but "
+                                 f"the {tower.replace('_', ' ')} blocks are causal (a token may not depend on later "
+                                 f"ones); set {where}.overrides.router=topk (or place no MoE layer there)")
+
+    def moe_config(self, width: int, mlp_ratio: float = 4.0, tower: str = "") -> MoEConfig:
+        """The MoEConfig of a tower's MoE layers: ``model.moe`` with the tower's ``overrides`` ("vision",
+        "text", "decoder", "decoder_cross"; "" for none)."""
         known = {f.name for f in dataclasses.fields(MoEConfig)} - {"hidden_size", "ffn_hidden_size"}
-        unknown = sorted(set(self.moe) - known)
-        if unknown:
-            raise ValueError(f"model.moe has unknown fields {unknown}; valid fields: {sorted(known)}")
-        fields = dict(self.moe)
+        overrides = self._placements()[tower].overrides if tower else {}
+        where_overrides = f"{PLACEMENT_KEYS.get(tower)}.overrides"
+        for where, given in (("model.moe", self.moe), (where_overrides, overrides)):
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise ValueError(f"{where} has unknown fields {unknown}; valid fields: {sorted(known)}")
+        fields = {**self.moe, **overrides}
         if self.kind == "coca":  # three modalities: image, text and the decoder's cross-modal tokens
             reserved = list(fields.get("modality_experts", (0, 0)))
             fields["modality_experts"] = tuple(reserved + [0] * (3 - len(reserved)))
         # typed like every other section (finite numbers, the right types), named model.moe in errors
         return from_dict(MoEConfig, {**fields, "hidden_size": width, "ffn_hidden_size": int(width * mlp_ratio)},
-                         "model.moe")
+                         where_overrides if overrides else "model.moe")
 
 
 def model_config_dirs() -> List[Path]:

@@ -39,7 +39,7 @@ class LIMoE(ContrastiveModel):
         self.modality_embedding = nn.Parameter(0.02 * torch.randn(2, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, v.layers, v.heads, v.mlp_ratio)
-        place_moe(self.transformer, cfg.vision_moe_blocks(), cfg.moe_config(width, v.mlp_ratio), ep_size, "shared")
+        place_moe(self.transformer, cfg.vision_moe_blocks(), cfg.moe_config(width, v.mlp_ratio, "vision"), ep_size, "shared")
         self.image_head = nn.Sequential(LayerNorm(width), nn.Linear(width, cfg.embed_dim, bias=False))
         self.text_head = nn.Sequential(LayerNorm(width), nn.Linear(width, cfg.embed_dim, bias=False))
         self.heads = v.heads

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..moe import MoEConfig, MoELayer, MoEOutput
+from ..moe import MoEConfig, MoEOutput, build_moe_layer
 
 
 class MoEMLP(nn.Module):
@@ -53,14 +53,14 @@ class MoEMLP(nn.Module):
 
     def __init__(self, config: MoEConfig, ep_size: int = 1):
         super().__init__()
-        self.moe = MoELayer(config, ep_size=ep_size)
+        self.moe = build_moe_layer(config, ep_size)
         self.modality: Optional[torch.Tensor] = None
         self.padding_mask: Optional[torch.Tensor] = None
         self.last: Optional[MoEOutput] = None
         self.checkpoint = False  # activation checkpointing "moe" (configure_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.moe.ep_size > 1:  # the all-to-alls run eager (module docstring)
+        if self.moe.communicates:  # the all-to-alls (and all-reduces) run eager (module docstring)
             return self._eager(x)
         return self._forward(x)
 
@@ -133,6 +133,7 @@ class MoEAux:
     aux_loss: torch.Tensor
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     layer_stats: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
+    layer_loads: Dict[str, torch.Tensor] = field(default_factory=dict)  # MoEOutput.load_ME of layers that track one
 
 
 def collect_moe_outputs(module: nn.Module, like: torch.Tensor) -> MoEAux:
@@ -140,6 +141,7 @@ def collect_moe_outputs(module: nn.Module, like: torch.Tensor) -> MoEAux:
     aux = like.new_zeros((), dtype=torch.float32)
     losses: Dict[str, torch.Tensor] = {}
     stats: Dict[str, Dict[str, torch.Tensor]] = {}
+    loads: Dict[str, torch.Tensor] = {}
     for m in moe_mlps(module):
         out, m.last = m.last, None
         if out is None:
@@ -148,7 +150,9 @@ def collect_moe_outputs(module: nn.Module, like: torch.Tensor) -> MoEAux:
         for name, value in out.losses.items():
             losses[name] = losses.get(name, 0) + value
         stats[m.layer_name] = out.stats
-    return MoEAux(aux, losses, stats)
+        if out.load_ME is not None:
+            loads[m.layer_name] = out.load_ME
+    return MoEAux(aux, losses, stats, loads)
 
 
 CHECKPOINT_MODES = ("none", "blocks", "moe")
@@ -204,7 +208,7 @@ def configure_blocks(module: nn.Module, activation_checkpointing: str = "none", 
         for m in module.modules():
             if hasattr(m, "trim_in_forward"):  # a host read; callers cut host batches (trim_text_batch)
                 m.trim_in_forward = False
-        expert_parallel = any(m.moe.ep_size > 1 for m in moe_mlps(module))
+        expert_parallel = any(m.moe.communicates for m in moe_mlps(module))
         # the forward, not the module call: hooks stay outside the graph (DeepSpeed's engine times every
         # forward in a pre-hook, which no graph can hold); an instance attribute, so parameter names and
         # state-dict keys stay (as with "blocks": a deepcopy of the model would still call this one's

@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Type
+from typing import Dict, List, Optional, Type
 
 import torch
 
-from .registry import Registry
-from .router import Routing
+from .config import MoEConfig
+from .registry import DROP_PRIORITIES
+from .router import Routing, expert_choice_capacity
 from .tensors import cast
-
-# ``MoEConfig`` (moe/config.py) is named in annotations, not imported: config.py validates its fields
-# against this file's registries, so an import here would make the two files import each other.
 
 
 # ----------------------------------------------------------------------------- drop priorities
@@ -59,8 +57,9 @@ def _score_order(routing: Routing) -> torch.Tensor:
     return torch.sort(-first_T.detach(), stable=True).indices
 
 
-DROP_PRIORITIES: Registry[Callable[[Routing], Optional[torch.Tensor]]] = Registry(
-    "drop_priority", {"position": _position_order, "random": _random_order, "score": _score_order})
+DROP_PRIORITIES.register("position", _position_order)
+DROP_PRIORITIES.register("random", _random_order)
+DROP_PRIORITIES.register("score", _score_order)
 
 
 # ----------------------------------------------------------------------------- capacity policies
@@ -129,11 +128,24 @@ class CapacityDrop(CapacityPolicy):
         return kept_KT.t()
 
 
-POLICIES: Dict[str, Type[CapacityPolicy]] = {"dropless": Dropless, "capacity": CapacityDrop}
+class ExpertChoiceCapacity(CapacityPolicy):
+    """Expert-Choice: the router already chose exactly C tokens per expert, so everything is kept, and
+    C bounds the exchange buffer in training and evaluation alike (dropless does not apply)."""
+
+    def keep(self, routing, training):
+        return routing.valid_TK
+
+    def buffer_capacity(self, num_tokens):
+        return expert_choice_capacity(self.cfg, num_tokens)
+
+
+POLICIES: Dict[str, Type[CapacityPolicy]] = {"dropless": Dropless, "capacity": CapacityDrop,
+                                             "expert_choice": ExpertChoiceCapacity}
 
 
 def build_capacity_policy(cfg: MoEConfig) -> CapacityPolicy:
-    return POLICIES["dropless" if cfg.dropless else "capacity"](cfg)
+    """The router's own policy when it fixes one (Expert-Choice), else dropless or capacity drops."""
+    return POLICIES[cfg.router_class.capacity_policy or ("dropless" if cfg.dropless else "capacity")](cfg)
 
 
 # ----------------------------------------------------------------------------- communication

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..host_reads import reads_inside
-from .registry import Registry
+from .registry import ACTIVATIONS, EXPERT_BACKENDS
 from .tensors import cast
 
 
@@ -68,7 +68,7 @@ class Activation:
         return self.grad(h, grad_a)
 
 
-ACTIVATIONS: Registry[Activation] = Registry("activation", {
+for _name, _activation in {
     "gelu": Activation(F.gelu, lambda h, g: torch.ops.aten.gelu_backward(g, h, approximate="none"),
                        out=lambda h, out: torch.ops.aten.gelu.out(h, approximate="none", out=out)),
     "gelu_tanh": Activation(lambda h: F.gelu(h, approximate="tanh"),
@@ -76,7 +76,8 @@ ACTIVATIONS: Registry[Activation] = Registry("activation", {
                             out=lambda h, out: torch.ops.aten.gelu.out(h, approximate="tanh", out=out)),
     "relu": Activation(F.relu, lambda h, g: g * (h > 0), out=lambda h, out: torch.clamp_min(h, 0, out=out)),
     "swiglu": Activation(_swiglu, _swiglu_backward, width=2),
-})
+}.items():
+    ACTIVATIONS.register(_name, _activation)
 
 
 def tag_expert_params(module: nn.Module, group_name: str) -> None:
@@ -289,9 +290,9 @@ def _auto_backend(experts: "GroupedExperts", x_ND: torch.Tensor, offs_L: torch.T
     return _loop_backend(experts, x_ND, offs_L)
 
 
-ExpertBackend = Callable[["GroupedExperts", torch.Tensor, torch.Tensor], torch.Tensor]
-EXPERT_BACKENDS: Registry[ExpertBackend] = Registry("expert_backend", {
-    "auto": _auto_backend, "loop": _loop_backend, "grouped_mm": _grouped_mm_backend})
+EXPERT_BACKENDS.register("auto", _auto_backend)
+EXPERT_BACKENDS.register("loop", _loop_backend)
+EXPERT_BACKENDS.register("grouped_mm", _grouped_mm_backend)
 
 
 class GroupedExperts(nn.Module):

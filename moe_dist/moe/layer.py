@@ -25,10 +25,12 @@ import torch
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from torch import nn
 
-from .config import MoEConfig
+from .balance import LoadTracker, world_size
+from .config import LOSSES, MoEConfig
 from .dispatch import build_capacity_policy, build_dispatcher
-from .experts import GroupedExperts
-from .losses import LOSSES, summarize
+from .experts import ACTIVATIONS, GroupedExperts
+from .losses import BalanceInputs, summarize
+from .registry import Registry
 from .router import build_router
 from .tensors import cast
 
@@ -46,12 +48,40 @@ class MoEOutput:
         losses: name -> unweighted scalar loss ("load_balance", "z_loss", "entropy_local", "entropy_global").
         stats: name -> detached tensor (tokens per expert, dropped fraction, router entropy; "/image"
             and "/text" variants when a modality tensor is given).
+        load_ME: [M, E] selected assignments per modality row, detached (moe/balance.py); None when
+            the layer tracks no load across micro batches.
     """
 
     output: torch.Tensor
     aux_loss: torch.Tensor
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     stats: Dict[str, torch.Tensor] = field(default_factory=dict)
+    load_ME: Optional[torch.Tensor] = None
+
+
+class _Activation(nn.Module):
+    """An ``ACTIVATIONS`` entry as a module (the shared experts' FFN)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name, self.fn = name, ACTIVATIONS.get(name).fn
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fn(h)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def shared_ffn(cfg: MoEConfig) -> Optional[nn.Sequential]:
+    """The always-on experts as one FFN ``num_shared_experts`` times as wide (None without any):
+    Linear, the experts' activation, Linear (the keys ``0.*`` and ``2.*`` of earlier checkpoints)."""
+    width = cfg.shared_hidden_size
+    if not width:
+        return None
+    act = ACTIVATIONS.get(cfg.activation)
+    return nn.Sequential(nn.Linear(cfg.hidden_size, act.width * width), _Activation(cfg.activation),
+                         nn.Linear(width, cfg.hidden_size))
 
 
 def expert_parallel_group(ep_size: int):
@@ -99,21 +129,32 @@ class MoELayer(_DeepSpeedMoE):
 
         self.router = build_router(config)
         self.policy = build_capacity_policy(config)
-        self.experts = GroupedExperts(self.num_local_experts, config.hidden_size, config.ffn_hidden_size,
+        self.experts = GroupedExperts(self.num_local_experts, config.hidden_size, config.expert_hidden_size,
                                       config.activation, config.expert_bias, config.expert_backend,
                                       self.expert_group_name, config.recompute_activation)
-        self.shared_mlp = None
-        if config.shared_expert:
-            width = config.shared_ffn_hidden_size or config.ffn_hidden_size
-            self.shared_mlp = nn.Sequential(nn.Linear(config.hidden_size, width), nn.GELU(),
-                                            nn.Linear(width, config.hidden_size))
+        self.shared_mlp = shared_ffn(config)
+        # experts open to each modality row: the per-modality balance losses' E_m
+        open_M = (torch.full((len(config.modalities),), float(config.num_experts)) if self.router.allowed_ME is None
+                  else self.router.allowed_ME[:-1].sum(-1).float())
+        self.register_buffer("open_experts_M", open_M, persistent=False)
+        tracks_load = config.router_bias or config.load_balance == "global_batch"
+        self.load_tracker = LoadTracker(config, self.router.allowed_ME) if tracks_load else None
         self.dispatcher = build_dispatcher(config.num_experts, ep_size, expert_parallel_group(ep_size))
         self.register_state_dict_post_hook(_experts_to_deepspeed_keys)
         self.register_load_state_dict_pre_hook(_experts_from_deepspeed_keys)
 
+    @property
+    def communicates(self) -> bool:
+        """The forward calls collectives (expert-parallel all-to-alls, or the global-batch loss's
+        all-reduce): it runs eager, outside a compiled graph (models/moe_blocks.py)."""
+        return self.ep_size > 1 or (self.config.load_balance == "global_batch" and world_size() > 1)
+
     def set_dropless(self, dropless: bool) -> None:
         """Switch between dropless and capacity dispatch after construction (evaluation runs dropless by
-        default: capacity clipping at eval inflates the loss)."""
+        default: capacity clipping at eval inflates the loss). A router that fixes its own capacity
+        (Expert-Choice) keeps it."""
+        if self.config.router_class.capacity_policy is not None:
+            return
         self.policy = build_capacity_policy(self.config.replace(dropless=dropless))
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
@@ -150,15 +191,41 @@ class MoELayer(_DeepSpeedMoE):
 
         coefs = {name: getattr(self.config, f"{name}_coef") for name in LOSSES}
         weighted = [name for name, coef in coefs.items() if coef > 0]
-        summary = summarize(routing, kept_TK, differentiate=weighted)  # the others are reported, not differentiated
+        # the others are reported, not differentiated
+        summary = summarize(routing, kept_TK, weighted, self.config.load_balance, self._balance_inputs(x))
         terms = [coefs[name] * summary.losses[name] for name in weighted]
         aux_loss = routing.probs_TE.sum() * 0.0 if not terms else functools.reduce(operator.add, terms)
-        return MoEOutput(cast(y_TD.reshape(x.shape), x.dtype), aux_loss, summary.losses, summary.stats)
+        load_ME = summary.load_ME if self.load_tracker is not None else None
+        return MoEOutput(cast(y_TD.reshape(x.shape), x.dtype), aux_loss, summary.losses, summary.stats, load_ME)
+
+    def _balance_inputs(self, x: torch.Tensor) -> Optional[BalanceInputs]:
+        """What the configured balance loss needs beyond the routing (None for the micro batch's)."""
+        kind = self.config.load_balance
+        if kind == "micro_batch":
+            return None
+        experts_M = self.open_experts_M
+        if kind == "global_batch":
+            tracker = self.load_tracker
+            return BalanceInputs(experts_M, global_load=tracker.global_load if self.training else None)
+        # sequence: [..., L, D] holds prod(...) sequences of L tokens ([T, D]: one sequence)
+        L = x.shape[-2] if x.dim() >= 3 else x.shape[0]
+        T = x.numel() // x.shape[-1]
+        return BalanceInputs(experts_M, sample_T=torch.arange(T, device=x.device) // L, num_samples=T // L)
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"router={c.router}, experts={c.num_experts} ({self.num_local_experts} local), "
                 f"k={c.experts_per_token}, dropless={c.dropless}, ep_size={self.ep_size}")
+
+
+# router name -> the layer class that runs it, for routers that replace the sparse path (soft.py)
+LAYERS: Registry = Registry("router")
+
+
+def build_moe_layer(config: MoEConfig, ep_size: int = 1) -> MoELayer:
+    """The MoE layer for ``config``: ``MoELayer``, or the class its router registered in ``LAYERS``."""
+    cls = LAYERS.get(config.router) if config.router in LAYERS else MoELayer
+    return cls(config, ep_size)
 
 
 def _experts_to_deepspeed_keys(module: MoELayer, state_dict, prefix: str, local_metadata) -> None:

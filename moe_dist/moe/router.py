@@ -1,26 +1,34 @@
 """Routers: token features -> which experts, with what gate weight. No communication here.
 
-Shape legend: T tokens, D hidden size, E experts, K experts-per-token slots (top_k or max_k).
+Shape legend: T tokens, D hidden, E experts, K slots per token (top_k, max_k, or E for Expert-Choice),
+M modality rows, G expert groups.
 
-Every router computes its gate network, softmax and selection in fp32 (fp64 when the input is fp64),
-whatever the parameter or input dtype. Variants differ only in ``select``; register new ones in
-``ROUTERS``. Training-time noise is a ``ROUTER_NOISE`` entry.
+Every router computes its gate network, scores and selection in fp32 (fp64 when the input is fp64),
+whatever the parameter or input dtype. A router's steps:
+    1. logits = gate(x) (+ training noise, ``ROUTER_NOISE``), forbidden experts of the token's modality
+       set to ``MASKED_LOGIT``;
+    2. scores (``SCORE_FUNCS``): softmax probabilities, or per-expert sigmoids (their normalised copy is
+       the distribution the balance loss and the statistics use);
+    3. selection on the scores plus, with ``router_bias``, the modality's selection bias (DeepSeek-V3;
+       moe/balance.py moves it after each optimizer step), within the best groups when ``n_groups`` > 1;
+    4. gate weights: the unbiased scores of the chosen experts (renormalised when asked).
+Variants differ only in ``select``; each registers in ``ROUTERS`` and checks its own fields
+(``check_config``). Soft MoE's router lives in soft.py.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Type
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Registry
+from .config import MoEConfig
+from .registry import ROUTER_NOISE, ROUTERS, SCORE_FUNCS
 from .tensors import cast
-
-# ``MoEConfig`` (moe/config.py) is named in annotations, not imported: config.py validates its fields
-# against this file's registries, so an import here would make the two files import each other.
 
 # modality ids of routed tokens: models tag image tokens IMAGE, text tokens TEXT, and the tokens of a
 # multimodal decoder (text that cross-attends to image tokens, models/coca.py) CROSS
@@ -58,8 +66,9 @@ class GumbelNoise(RouterNoise):
         return h - eps * torch.log(-torch.log(u))
 
 
-ROUTER_NOISE: Registry[RouterNoise] = Registry("router_noise", {"none": RouterNoise(), "jitter": JitterNoise(),
-                                                                "gumbel": GumbelNoise()})
+ROUTER_NOISE.register("none", RouterNoise())
+ROUTER_NOISE.register("jitter", JitterNoise())
+ROUTER_NOISE.register("gumbel", GumbelNoise())
 
 
 @dataclass
@@ -69,13 +78,15 @@ class Routing:
     Attributes:
         logits_TE: gate logits after modality masking (``MASKED_LOGIT`` for forbidden experts), fp32.
         lse_T: logsumexp of ``logits_TE`` (the z-loss's, and the softmax's normaliser).
-        probs_TE: softmax of ``logits_TE``, as exp(logits - lse).
+        probs_TE: the gate distribution over experts (rows sum to 1): the softmax as exp(logits - lse),
+            or the normalised sigmoid scores. The balance loss and the statistics use it.
         experts_TK: chosen expert per slot (long); slots with ``valid_TK`` False are unused.
         weights_TK: gate weight per slot (fp32), 0 where not valid.
         valid_TK: slot is used; always False for padding tokens.
         token_mask_T: token is real (not padding).
         modality_T: modality id per token, or None.
         modalities: the modality ids whose stats and entropy losses are reported (``MoEConfig.modalities``).
+        softmax: ``probs_TE`` is the softmax of ``logits_TE`` (its entropy is lse - sum p * logit).
     """
 
     logits_TE: torch.Tensor
@@ -87,6 +98,28 @@ class Routing:
     token_mask_T: torch.Tensor
     modality_T: Optional[torch.Tensor]
     modalities: Tuple[int, ...] = (IMAGE, TEXT)
+    softmax: bool = True
+
+
+# ----------------------------------------------------------------------------- gate scores
+# Each maps masked logits [T, E] to (lse_T, probs_TE, scores_TE): the z-loss's logsumexp, the gate
+# distribution (rows sum to 1) and the scores that select experts and become gate weights.
+def _softmax_scores(logits_TE: torch.Tensor):
+    # exp(logits - lse), not torch.softmax: the z-loss needs lse anyway, and CPU softmax over a last dim
+    # of E is slow (hand-timed, 4,160 x 8: 253 us against 117 us for logsumexp and exp together)
+    lse_T = torch.logsumexp(logits_TE, dim=-1)
+    probs_TE = torch.exp(logits_TE - lse_T[:, None])
+    return lse_T, probs_TE, probs_TE
+
+
+def _sigmoid_scores(logits_TE: torch.Tensor):
+    scores_TE = torch.sigmoid(logits_TE)  # a masked logit's sigmoid is exactly 0
+    probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TE.dtype).tiny)
+    return torch.logsumexp(logits_TE, dim=-1), probs_TE, scores_TE
+
+
+SCORE_FUNCS.register("softmax", _softmax_scores)
+SCORE_FUNCS.register("sigmoid", _sigmoid_scores)
 
 
 def allowed_experts_table(cfg: MoEConfig) -> torch.Tensor:
@@ -103,8 +136,39 @@ def allowed_experts_table(cfg: MoEConfig) -> torch.Tensor:
     return torch.tensor([[g in (m, M) for g in group_E] for m in range(M + 1)], dtype=torch.bool)
 
 
+def modality_rows(modality_T: Optional[torch.Tensor], num_rows: int, num_tokens: int, device) -> torch.Tensor:
+    """[T] long, each token's row in a per-modality table of ``num_rows`` rows (row 0 without modalities)."""
+    if modality_T is None:
+        return torch.zeros(num_tokens, dtype=torch.long, device=device)
+    return modality_T.long().clamp(0, num_rows - 1)
+
+
 class Router(nn.Module):
-    """Gate network plus noise, modality masking and forced balancing; subclasses pick experts."""
+    """Gate network plus noise, modality masking, scores, selection bias and forced balancing;
+    subclasses pick experts (``select``).
+
+    Class attributes a variant sets:
+        token_choice: each token picks its experts on its own (False: the router looks at the whole call).
+        may_skip_slots: ``select`` can leave slots unused (``valid_TK`` False).
+        capacity_policy: the ``dispatch.POLICIES`` entry the router imposes (None: by ``dropless``).
+    """
+
+    token_choice = True
+    may_skip_slots = True
+    capacity_policy: Optional[str] = None
+
+    @classmethod
+    def slots_per_token(cls, cfg: MoEConfig) -> int:
+        """K, the slots of one token's routing."""
+        return cfg.max_k
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        """ValueError for the fields this router cannot honour (``MoEConfig.__post_init__`` calls it)."""
+        if cfg.router_bias or cfg.n_groups > 1:
+            raise ValueError(f"MoEConfig.router={cfg.router!r} with router_bias={cfg.router_bias}, n_groups="
+                             f"{cfg.n_groups}: the selection bias and group-limited routing pick a fixed number of "
+                             "experts per token; use router='topk'")
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -115,8 +179,22 @@ class Router(nn.Module):
         else:
             self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.noise = ROUTER_NOISE.get(cfg.router_noise)
+        self.scores = SCORE_FUNCS.get(cfg.score_func)
         # built once and moved with the module: a per-call table would be a host-to-device copy
         self.register_buffer("allowed_ME", allowed_experts_table(cfg) if cfg.uses_modality else None, persistent=False)
+        # the selection bias, one row per modality (row 0 for calls without one); in the state dict, so
+        # a resume continues from it. Only when enabled: other layers' checkpoints keep their keys.
+        bias_ME = torch.zeros(len(cfg.modalities), cfg.num_experts) if cfg.router_bias else None
+        self.register_buffer("selection_bias_ME", bias_ME)
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts as nn.Module does, except that the selection bias stays fp32: DeepSpeed casts
+        fp16/bf16 models whole, and a bf16 bias could not take steps of router_bias_rate."""
+        bias = self.selection_bias_ME
+        out = super()._apply(fn, recurse)
+        if bias is not None and self.selection_bias_ME.dtype != bias.dtype:
+            self.selection_bias_ME = bias.to(self.selection_bias_ME.device)
+        return out
 
     def gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """fp32 (or fp64) logits [T, E], computed outside autocast with upcast weights."""
@@ -151,15 +229,18 @@ class Router(nn.Module):
             allowed_TE = self.allowed_ME.index_select(0, modality_T.clamp(0, last))
         if allowed_TE is not None:
             logits_TE = logits_TE.masked_fill(~allowed_TE, MASKED_LOGIT)
-        # exp(logits - lse), not torch.softmax: the z-loss needs lse anyway, and CPU softmax over a last dim
-        # of E is slow (hand-timed, 4,160 x 8: 253 us against 117 us for logsumexp and exp together)
-        lse_T = torch.logsumexp(logits_TE, dim=-1)
-        probs_TE = torch.exp(logits_TE - lse_T[:, None])
+        lse_T, probs_TE, scores_TE = self.scores(logits_TE)
         if self.cfg.force_balanced:
             experts_TK, valid_TK = self._balanced(T, allowed_TE, x_TD.device)
         else:
-            experts_TK, valid_TK = self.select(probs_TE)
-        weights_TK = probs_TE.gather(1, experts_TK)
+            choose_TE = scores_TE.detach()
+            if self.selection_bias_ME is not None:
+                rows_T = modality_rows(modality_T, self.selection_bias_ME.shape[0], T, x_TD.device)
+                choose_TE = choose_TE + cast(self.selection_bias_ME, choose_TE.dtype).index_select(0, rows_T)
+                if allowed_TE is not None:  # a bias must not open a forbidden expert
+                    choose_TE = choose_TE.masked_fill(~allowed_TE, float("-inf"))
+            experts_TK, valid_TK = self.select(choose_TE, token_mask_T if padded else None)
+        weights_TK = scores_TE.gather(1, experts_TK)
         if padded:
             valid_TK = valid_TK & token_mask_T[:, None]
         if padded or self.may_skip_slots:
@@ -167,12 +248,11 @@ class Router(nn.Module):
         if self.cfg.renormalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(weights_TK.dtype).tiny)
         return Routing(logits_TE, lse_T, probs_TE, experts_TK, weights_TK, valid_TK, token_mask_T, modality_T,
-                       self.cfg.modalities)
+                       self.cfg.modalities, self.cfg.score_func == "softmax")
 
-    may_skip_slots = True  # select can leave slots unused (valid_TK False); top-k never does
-
-    def select(self, probs_TE: torch.Tensor):
-        """Return (experts_TK long, valid_TK bool), slots sorted by decreasing probability."""
+    def select(self, scores_TE: torch.Tensor, token_mask_T: Optional[torch.Tensor]):
+        """Return (experts_TK long, valid_TK bool) from the (detached, possibly biased) selection scores,
+        slots sorted by decreasing score. ``token_mask_T`` is None when every token is real."""
         raise NotImplementedError
 
     def _balanced(self, T: int, allowed_TE: Optional[torch.Tensor], device):
@@ -188,40 +268,113 @@ class Router(nn.Module):
         return experts_TK, torch.ones(T, K, dtype=torch.bool, device=device)
 
 
+@ROUTERS.register("topk")
 class TopKRouter(Router):
+    """The ``top_k`` best experts, among the ``topk_groups`` best of ``n_groups`` groups when grouped."""
+
     may_skip_slots = False
 
-    def select(self, probs_TE):
-        if self.cfg.top_k == 1:  # argmax: 3-5x faster than topk(1) on CPU (hand-timed)
-            experts_TK = probs_TE.argmax(dim=-1, keepdim=True)
+    @classmethod
+    def slots_per_token(cls, cfg):
+        return cfg.top_k
+
+    @classmethod
+    def check_config(cls, cfg):
+        G, E = cfg.n_groups, cfg.num_experts
+        if E % G:
+            raise ValueError(f"MoEConfig.n_groups={G} must divide num_experts={E} (group-limited routing splits "
+                             "the experts into equal groups); use a divisor of num_experts, or 1 for no groups")
+        if cfg.topk_groups > G:
+            raise ValueError(f"MoEConfig.topk_groups={cfg.topk_groups} exceeds n_groups={G}; use 1..{G}")
+        if cfg.top_k > cfg.topk_groups * (E // G):
+            raise ValueError(f"MoEConfig.top_k={cfg.top_k} exceeds the {cfg.topk_groups * (E // G)} experts that "
+                             f"topk_groups={cfg.topk_groups} groups of {E // G} allow; raise topk_groups or lower top_k")
+
+    def select(self, scores_TE, token_mask_T):
+        cfg = self.cfg
+        if cfg.n_groups > 1 and cfg.topk_groups < cfg.n_groups:
+            scores_TE = self._within_best_groups(scores_TE)
+        if cfg.top_k == 1:  # argmax: 3-5x faster than topk(1) on CPU (hand-timed)
+            experts_TK = scores_TE.argmax(dim=-1, keepdim=True)
         else:
-            experts_TK = probs_TE.topk(self.cfg.top_k, dim=-1).indices
+            experts_TK = scores_TE.topk(cfg.top_k, dim=-1).indices
         return experts_TK, torch.ones_like(experts_TK, dtype=torch.bool)
 
+    def _within_best_groups(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """The scores with every expert outside the token's ``topk_groups`` best groups at -inf; a group
+        scores the sum of its two best experts (its best one when groups have one expert)."""
+        T, E = scores_TE.shape
+        G = self.cfg.n_groups
+        scores_TGX = scores_TE.view(T, G, E // G)
+        group_TG = scores_TGX.topk(min(2, E // G), dim=-1).values.sum(-1)
+        best_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(
+            1, group_TG.topk(self.cfg.topk_groups, dim=-1).indices, True)
+        return scores_TGX.masked_fill(~best_TG[:, :, None], float("-inf")).view(T, E)
 
+
+@ROUTERS.register("threshold")
 class ThresholdRouter(Router):
     """Keep experts with probability >= threshold; the best one always, at most max_k."""
 
-    def select(self, probs_TE):
-        top_TK, experts_TK = probs_TE.topk(self.cfg.max_k, dim=-1)
+    def select(self, scores_TE, token_mask_T):
+        top_TK, experts_TK = scores_TE.topk(self.cfg.max_k, dim=-1)
         valid_TK = top_TK >= self.cfg.threshold
         valid_TK[:, 0] = True
         return experts_TK, valid_TK
 
 
+@ROUTERS.register("top_p")
 class TopPRouter(Router):
     """Keep the smallest prefix of the sorted experts whose probability mass reaches top_p (<= max_k)."""
 
-    def select(self, probs_TE):
-        top_TK, experts_TK = probs_TE.topk(self.cfg.max_k, dim=-1)
+    def select(self, scores_TE, token_mask_T):
+        top_TK, experts_TK = scores_TE.topk(self.cfg.max_k, dim=-1)
         mass_before_TK = top_TK.cumsum(-1) - top_TK
         valid_TK = mass_before_TK < self.cfg.top_p
         valid_TK[:, 0] = True
         return experts_TK, valid_TK
 
 
-ROUTERS: Registry[Type[Router]] = Registry("router", {"topk": TopKRouter, "threshold": ThresholdRouter,
-                                                     "top_p": TopPRouter})
+def expert_choice_capacity(cfg: MoEConfig, num_tokens: int) -> int:
+    """Tokens each expert takes under Expert-Choice: ceil(capacity_factor * T / E), in [1, T]."""
+    return max(1, min(num_tokens, math.ceil(cfg.capacity_factor * num_tokens / cfg.num_experts)))
+
+
+@ROUTERS.register("expert_choice")
+class ExpertChoiceRouter(Router):
+    """Expert-Choice routing (Zhou et al. 2022): expert e takes the C tokens of the call with the highest
+    score for e (C = ``expert_choice_capacity``), so every expert computes exactly C rows and a token may
+    get 0 to E experts. Slot e of a token is expert e (K = E); padding is never chosen, and a token may
+    never be chosen by an expert its modality forbids."""
+
+    token_choice = False
+    capacity_policy = "expert_choice"
+
+    @classmethod
+    def slots_per_token(cls, cfg):
+        return cfg.num_experts
+
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        if cfg.dropless or cfg.force_balanced:
+            raise ValueError(f"MoEConfig.router='expert_choice' with dropless={cfg.dropless}, force_balanced="
+                             f"{cfg.force_balanced}: each expert's token count is its capacity by construction; "
+                             "set both to false (capacity_factor sets the count)")
+
+    def select(self, scores_TE, token_mask_T):
+        T, E = scores_TE.shape
+        C = expert_choice_capacity(self.cfg, T)
+        rank_TE = scores_TE if token_mask_T is None else scores_TE.masked_fill(~token_mask_T[:, None], -1.0)
+        if self.allowed_ME is not None:  # forbidden experts score exactly 0 (softmax of MASKED_LOGIT)
+            rank_TE = rank_TE.masked_fill(scores_TE <= 0, -2.0)
+        chosen_ET = torch.zeros(E, T, dtype=torch.bool, device=scores_TE.device).scatter_(
+            1, rank_TE.t().topk(C, dim=-1).indices, True)
+        valid_TE = chosen_ET.t()
+        if self.allowed_ME is not None:
+            valid_TE = valid_TE & (scores_TE > 0)
+        experts_TE = torch.arange(E, device=scores_TE.device).expand(T, E)
+        return experts_TE, valid_TE
 
 
 def build_router(cfg: MoEConfig) -> Router:
