@@ -7,9 +7,6 @@ text tokens as modality 1, and text positions after EOS as padding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
@@ -17,18 +14,8 @@ from torch import nn
 
 from ..moe import IMAGE, TEXT
 from .config import ModelConfig
-from .moe_blocks import MoEAux, collect_moe_outputs, place_moe, routing_context
-
-
-@dataclass
-class ModelOutput:
-    """Normalised embeddings [B, embed_dim], exp'd logit scale, optional logit bias, MoE results."""
-
-    image_features: torch.Tensor
-    text_features: torch.Tensor
-    logit_scale: torch.Tensor
-    logit_bias: Optional[torch.Tensor]
-    moe: MoEAux
+from .loss import ModelOutput
+from .moe_blocks import collect_moe_outputs, place_moe, routing_context
 
 
 def text_padding_mask(text: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

@@ -37,9 +37,9 @@ from open_clip.transformer import MultimodalTransformer, TextTransformer, Vision
 from torch import nn
 
 from ..moe.router import CROSS, IMAGE, TEXT
-from .clip import ContrastiveModel, ModelOutput
+from .clip import ContrastiveModel
 from .config import ModelConfig
-from .loss import ContrastiveLoss, LossOutput
+from .loss import ContrastiveLoss, LossOutput, ModelOutput
 from .moe_blocks import collect_moe_outputs, place_moe, routing_context
 
 log = logging.getLogger(__name__)

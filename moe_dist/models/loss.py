@@ -1,16 +1,30 @@
-"""Training loss: open_clip's ClipLoss or SigLipLoss (correct across data-parallel ranks) + MoE aux loss."""
+"""Training loss: open_clip's ClipLoss or SigLipLoss (correct across data-parallel ranks) + MoE aux loss.
+
+``ModelOutput``, what every model's forward returns and the losses read, is defined here, below both:
+the model config imports this file's loss registry and the models import the model config.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 
-# ``ModelOutput`` (models/clip.py) is named in annotations, not imported: the model config imports this
-# file's loss registry, and clip.py the model config.
+from .moe_blocks import MoEAux
+
+
+@dataclass
+class ModelOutput:
+    """Normalised embeddings [B, embed_dim], exp'd logit scale, optional logit bias, MoE results."""
+
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: Optional[torch.Tensor]
+    moe: MoEAux
 
 
 def _clip(rank: int, world_size: int) -> nn.Module:

@@ -12,7 +12,8 @@ from typing import Dict, List
 
 from torch import nn
 
-from .config import ModelConfig
+from .build import build_model
+from .config import ModelConfig, load_model_config
 from .moe_blocks import MoEMLP
 
 # parameter-name prefixes used by one modality only, per model kind
@@ -74,8 +75,6 @@ def count_flops(cfg: ModelConfig) -> Dict[str, int]:
 
 
 def params_report(name_or_path: str, overrides=None) -> Dict[str, object]:
-    from . import build_model, load_model_config
-
     import torch
 
     cfg = load_model_config(name_or_path, overrides)

@@ -42,6 +42,7 @@ from ..files import read_small
 from ..config import from_dict
 from ..files import atomic_path
 from ..text.tokenizer import MAX_TOKENIZER_BYTES, SentencePieceTokenizer, get_tokenizer, sentencepiece_path
+from .build import build_model
 from .config import MODEL_CONFIG_FILE, TOKENIZER_FILE, ModelConfig, load_model_config
 
 EXPORT_FORMAT = "moe_dist.export/1"
@@ -144,8 +145,6 @@ def load_pretrained(path: str, ep_size: int = 1, dtype: Union[str, torch.dtype, 
         (model, tokenizer): the model's ``cfg`` is the checkpoint's ModelConfig; use the tokenizer
         returned here (the config's ``text.tokenizer`` names a file relative to the checkpoint).
     """
-    from . import build_model
-
     state = consolidated_state_dict(path, model_config, tokenizer, kind)
     model = build_model(state.config, ep_size=ep_size)
     weights = state.state_dict if ep_size == 1 else _local_experts(state.state_dict, _expert_rank(ep_size), ep_size)
@@ -323,8 +322,6 @@ def _missing_config(step_dir: str) -> ValueError:
 # ---------------------------------------------------------------------------------------------- checking
 def _check_matches(config: ModelConfig, weights: Dict[str, torch.Tensor], source: str) -> None:
     """Every tensor an ep_size=1 model of ``config`` holds, with its shape, and nothing else."""
-    from . import build_model
-
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in build_model(config).state_dict().items()}
     missing = [name for name in expected if name not in weights]

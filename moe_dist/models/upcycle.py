@@ -23,8 +23,10 @@ from typing import Dict, Union
 import torch
 from torch import nn
 
+from .build import build_model
 from .config import ModelConfig
 from .moe_blocks import MoEMLP
+from .pretrained import EXPORT_FORMAT, consolidated_state_dict
 
 KIND_NAMES = {"clip": "a two-tower CLIP", "limoe": "a one-tower LIMoE"}
 
@@ -132,8 +134,6 @@ class DenseSource:
 def _is_our_export(path: str) -> bool:
     from safetensors import safe_open
 
-    from .pretrained import EXPORT_FORMAT
-
     try:
         with safe_open(path, framework="pt") as f:
             return (f.metadata() or {}).get("format") == EXPORT_FORMAT
@@ -157,8 +157,6 @@ def read_dense(path: str) -> DenseSource:
     Raises:
         ValueError (one line): the path does not exist or holds no model.
     """
-    from .pretrained import consolidated_state_dict
-
     if not os.path.exists(path):
         raise ValueError(f"model.init: {path} does not exist; give a dense open_clip checkpoint file, a moe-dist "
                          "export (.safetensors) or a checkpoint directory of a dense model")
@@ -222,8 +220,6 @@ def init_from_dense(model: nn.Module, path: str, noise_std: float = 0.0,
 def check_init(path: str, cfg: ModelConfig) -> None:
     """Everything ``init_from_dense`` would refuse, found before a process group starts: the source is
     read and upcycled into a model on the meta device (no memory for the model itself)."""
-    from . import build_model
-
     with torch.device("meta"):
         model = build_model(cfg)
     with warnings.catch_warnings():

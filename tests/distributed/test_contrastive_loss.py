@@ -15,8 +15,7 @@ B, DIM = 4, 16  # per-rank batch, embedding width
 def _check(rank, world_size, kind):
     import torch.distributed as dist
 
-    from moe_dist.models.clip import ModelOutput
-    from moe_dist.models.loss import ContrastiveLoss
+    from moe_dist.models.loss import ContrastiveLoss, ModelOutput
     from moe_dist.models.moe_blocks import MoEAux
 
     gen = torch.Generator().manual_seed(0)  # the same global batch on every rank
