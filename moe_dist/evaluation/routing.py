@@ -14,7 +14,9 @@ Outline:
        layer's own capacity policy, per call, whatever the model ran with);
     3. ``summary`` turns the counts into a JSON-able report; ``save_plots`` draws the heatmaps.
 Counts cover real tokens only (padding is never routed); a layer's assignment counts add up to its
-tokens x K for top-k routing.
+tokens x K for top-k routing. An Expert-Choice layer reports its own (exact) capacity's choices; a Soft MoE
+layer reports each token's combine weight per expert (its slots summed, "unit": "slot_weight"), so its
+row sums to its tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from ..models.moe_blocks import moe_mlps
 from ..moe import MODALITY_NAMES
-from ..moe.dispatch import CapacityDrop
+from ..moe.dispatch import CapacityDrop, build_capacity_policy
 from ..moe.losses import entropy
 
 RARE_SHARE = 0.1  # an expert with less than this fraction of the uniform share is "rare"
@@ -43,6 +45,7 @@ class LayerTally:
         self.entropy_M = torch.zeros(M, dtype=torch.float64)
         self.selected_M = torch.zeros(M, dtype=torch.float64)
         self.dropped_M = torch.zeros(M, dtype=torch.float64)
+        self.soft = False  # Soft MoE: assignments are slot weights (RoutingProbe._record_soft)
 
 
 class RoutingProbe:
@@ -58,8 +61,11 @@ class RoutingProbe:
         self.num_classes, self.capacity_factor = num_classes, capacity_factor
         self.layers = {m.layer_name: m.moe for m in moe_mlps(model)}
         self.tallies = {name: LayerTally(layer.num_experts, num_classes) for name, layer in self.layers.items()}
-        self.policies = {name: CapacityDrop(layer.config.replace(dropless=False, eval_capacity_factor=capacity_factor))
+        # the drops a capacity would cause; a router that fixes its own capacity (Expert-Choice) keeps its own
+        self.policies = {name: build_capacity_policy(layer.config) if layer.config.router_class.capacity_policy
+                         else CapacityDrop(layer.config.replace(dropless=False, eval_capacity_factor=capacity_factor))
                          for name, layer in self.layers.items()}
+        self._modality: Dict[str, Optional[torch.Tensor]] = {}
         self._rows: Dict[str, int] = {}
         self._labels_B: Optional[torch.Tensor] = None
         self._handles: List = []
@@ -67,7 +73,7 @@ class RoutingProbe:
 
     def __enter__(self) -> "RoutingProbe":
         for name, layer in self.layers.items():
-            self._handles.append(layer.register_forward_pre_hook(self._pre_hook(name)))
+            self._handles.append(layer.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
             self._handles.append(layer.router.register_forward_hook(self._router_hook(name)))
         return self
 
@@ -83,14 +89,41 @@ class RoutingProbe:
         self.samples += batch_size
 
     def _pre_hook(self, name: str):
-        def hook(module, args):
-            self._rows[name] = args[0].shape[-2] if args[0].dim() >= 3 else 1  # L of [rows, L, D]
+        def hook(module, args, kwargs):
+            x = args[0]
+            self._rows[name] = x.shape[-2] if x.dim() >= 3 else 1  # L of [rows, L, D]
+            modality = kwargs.get("modality", args[1] if len(args) > 1 else None)
+            self._modality[name] = None if modality is None else modality.expand(x.shape[:-1]).reshape(-1)
         return hook
 
     def _router_hook(self, name: str):
         def hook(module, args, routing):
-            self._record(name, routing)
+            if isinstance(routing, tuple):  # Soft MoE's (dispatch, combine) weights, moe/soft.py
+                self._record_soft(name, routing[1], args[1])
+            else:
+                self._record(name, routing)
         return hook
+
+    @torch.no_grad()
+    def _record_soft(self, name: str, combine_BLS: torch.Tensor, mask_BL: Optional[torch.Tensor]) -> None:
+        """Soft MoE: each token's combine weight per expert (its slots summed) stands for its assignments,
+        so a layer's row sums to its tokens; nothing is dropped."""
+        tally = self.tallies[name]
+        tally.soft = True
+        E = tally.assign_ME.shape[1]
+        B, L, S = combine_BLS.shape
+        c_TE = combine_BLS.double().reshape(B * L, E, S // E).sum(-1)
+        real_T = torch.ones(B * L, dtype=torch.bool, device=c_TE.device) if mask_BL is None else mask_BL.reshape(-1)
+        modality_T = self._modality.get(name)
+        if modality_T is None:
+            modality_T = torch.zeros(B * L, dtype=torch.long, device=c_TE.device)
+        entropy_T = entropy(combine_BLS.double().reshape(B * L, S))
+        for m in range(len(MODALITY_NAMES)):
+            tokens_T = real_T & (modality_T == m)
+            tally.assign_ME[m] += c_TE[tokens_T].sum(0).cpu()
+            tally.tokens_M[m] += float(tokens_T.sum())
+            tally.entropy_M[m] += float(entropy_T[tokens_T].sum())
+            tally.selected_M[m] += float(tokens_T.sum())
 
     @torch.no_grad()
     def _record(self, name: str, routing) -> None:
@@ -130,8 +163,11 @@ class RoutingProbe:
                 if t.tokens_M[m] == 0:
                     continue
                 share_E = t.assign_ME[m] / t.assign_ME[m].sum().clamp_min(1)
+                # Soft MoE: slot weights (floats), not counts
+                assignments = t.assign_ME[m].tolist() if t.soft else t.assign_ME[m].long().tolist()
                 report[modality] = {
-                    "tokens": int(t.tokens_M[m]), "assignments": t.assign_ME[m].long().tolist(),
+                    "tokens": int(t.tokens_M[m]), "assignments": assignments,
+                    "unit": "slot_weight" if t.soft else "assignments",
                     "share": share_E.tolist(), "router_entropy": float(t.entropy_M[m] / t.tokens_M[m]),
                     "dropped_fraction": float(t.dropped_M[m] / t.selected_M[m].clamp_min(1)),
                     "never_chosen": [e for e in range(E) if t.assign_ME[m, e] == 0],

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from ..config import from_dict, merge
 from ..moe.config import MoEConfig
+from ..moe.registry import ROUTERS
 from ..text.tokenizer import sentencepiece_path
 from .loss import CONTRASTIVE_LOSSES
 
@@ -197,16 +198,18 @@ class ModelConfig:
         v, t, d = self.vision, self.text, self.decoder
         shapes = {"vision": (v.width, v.mlp_ratio), "text": (t.width, t.mlp_ratio), "decoder": (t.width, d.mlp_ratio),
                   "decoder_cross": (t.width, d.mlp_ratio)}
-        causal = {"text", "decoder", "decoder_cross"} if self.kind != "limoe" else set()
+        causal = ["text", "decoder", "decoder_cross"] if self.kind != "limoe" else []
         blocks = {"vision": self.vision_moe_blocks(), "text": self.text_moe_blocks(), **self.decoder_moe_blocks()}
-        self.moe_config(v.width, v.mlp_ratio)  # model.moe itself, with no tower's overrides
-        for tower, (width, mlp_ratio) in shapes.items():
-            moe = self.moe_config(width, mlp_ratio, tower)
-            if tower in causal and blocks[tower] and moe.mixes_tokens:
+        for tower in causal:
+            router = {**self.moe, **self._placements()[tower].overrides}.get("router", "topk")
+            if blocks[tower] and router in ROUTERS and not ROUTERS.get(router).token_choice:
                 where = PLACEMENT_KEYS[tower]
-                raise ValueError(f"{where}: router={moe.router!r} picks tokens by looking at the whole sequence, but "
+                raise ValueError(f"{where}: router={router!r} picks tokens by looking at the whole sequence, but "
                                  f"the {tower.replace('_', ' ')} blocks are causal (a token may not depend on later "
                                  f"ones); set {where}.overrides.router=topk (or place no MoE layer there)")
+        self.moe_config(v.width, v.mlp_ratio)  # model.moe itself, with no tower's overrides
+        for tower, (width, mlp_ratio) in shapes.items():
+            self.moe_config(width, mlp_ratio, tower)
 
     def moe_config(self, width: int, mlp_ratio: float = 4.0, tower: str = "") -> MoEConfig:
         """The MoEConfig of a tower's MoE layers: ``model.moe`` with the tower's ``overrides`` ("vision",

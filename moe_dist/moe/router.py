@@ -357,10 +357,9 @@ class ExpertChoiceRouter(Router):
     @classmethod
     def check_config(cls, cfg):
         super().check_config(cfg)
-        if cfg.dropless or cfg.force_balanced:
-            raise ValueError(f"MoEConfig.router='expert_choice' with dropless={cfg.dropless}, force_balanced="
-                             f"{cfg.force_balanced}: each expert's token count is its capacity by construction; "
-                             "set both to false (capacity_factor sets the count)")
+        if cfg.force_balanced:
+            raise ValueError("MoEConfig.router='expert_choice' with force_balanced=True: every expert takes its "
+                             "capacity of tokens by construction; set force_balanced=false")
 
     def select(self, scores_TE, token_mask_T):
         T, E = scores_TE.shape

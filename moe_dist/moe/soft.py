@@ -51,13 +51,12 @@ class SoftRouter(nn.Module):
         unsupported = {"router_bias": cfg.router_bias, "n_groups > 1": cfg.n_groups > 1,
                        "modality_experts": cfg.uses_modality, "score_func='sigmoid'": cfg.score_func != "softmax",
                        "router_hidden_size": cfg.router_hidden_size > 0, "force_balanced": cfg.force_balanced,
-                       "router_noise": cfg.router_noise != "none",
-                       f"load_balance={cfg.load_balance!r}": cfg.load_balance != "micro_batch"}
+                       "router_noise": cfg.router_noise != "none"}
         bad = [name for name, on in unsupported.items() if on]
         if bad:
             raise ValueError(f"MoEConfig.router='soft' cannot use {', '.join(bad)}: Soft MoE mixes every token of a "
-                             "sequence into every slot (no per-token choice to bias, group, restrict, perturb or "
-                             "balance); remove them or use router='topk'")
+                             "sequence into every slot (no per-token choice to bias, group, restrict or "
+                             "perturb); remove them or use router='topk'")
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
