@@ -247,6 +247,7 @@ class Trainer:
             # 1. one optimizer step = grad_accum micro-batches whose loss is finite on every rank
             start, wait = time.perf_counter(), 0.0
             boundary_step = self.engine.global_steps + 1
+            skipped_before = self.engine.skipped_steps
             while self.engine.global_steps < boundary_step:
                 t = time.perf_counter()
                 batch, data_error = next(batches)
@@ -263,7 +264,8 @@ class Trainer:
                 if self._clip is not None and self.engine.is_gradient_accumulation_boundary():
                     self._grad_norm = self._clip(self.engine.module.parameters(), cfg.grad_clip)
                 self.engine.step()
-            end_optimizer_step(self._moe_layers.values())  # the selection biases move (moe/balance.py)
+            # the selection biases move (moe/balance.py), unless DeepSpeed skipped the update (fp16 overflow)
+            end_optimizer_step(self._moe_layers.values(), update=self.engine.skipped_steps == skipped_before)
             self.step += 1
             # 2. metrics, signals, checkpoints, evaluation (a stop never waits for an evaluation, and an
             # evaluation error never costs the checkpoint before it)

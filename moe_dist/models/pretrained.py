@@ -178,7 +178,8 @@ def export(checkpoint_path: str, out_file: str, dtype: str = "fp32", model_confi
     state = consolidated_state_dict(checkpoint_path, model_config, tokenizer)
     tensors, storages = {}, set()
     for name, tensor in state.state_dict.items():
-        tensor = tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor
+        if tensor.is_floating_point() and not name.endswith("selection_bias_ME"):  # the bias stays fp32
+            tensor = tensor.to(DTYPES[dtype])
         if tensor.untyped_storage().data_ptr() in storages or not tensor.is_contiguous():
             tensor = tensor.clone(memory_format=torch.contiguous_format)  # safetensors stores no shared views
         storages.add(tensor.untyped_storage().data_ptr())
@@ -340,7 +341,8 @@ def _check_matches(config: ModelConfig, weights: Dict[str, torch.Tensor], source
 
 
 def _saved_dtype(weights: Dict[str, torch.Tensor]) -> torch.dtype:
-    dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
+    # a router's selection bias stays fp32 in any run (moe/router.py): it does not tell the run's dtype
+    dtypes = {t.dtype for k, t in weights.items() if t.is_floating_point() and not k.endswith("selection_bias_ME")}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 

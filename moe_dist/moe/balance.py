@@ -87,12 +87,16 @@ def record_loads(layers: Dict[str, nn.Module], loads: Dict[str, torch.Tensor]) -
 
 
 @torch.no_grad()
-def end_optimizer_step(layers: Iterable[nn.Module]) -> None:
+def end_optimizer_step(layers: Iterable[nn.Module], update: bool = True) -> None:
     """After an optimizer step: move every selection bias by its step's global load (one all-reduce for
     all layers), then clear the step's loads. Every rank must call it (it communicates when any layer
-    tracks a load)."""
+    tracks a load). ``update`` False (a step the optimizer skipped: every rank agrees) only clears."""
     tracked = [layer for layer in layers if getattr(layer, "load_tracker", None) is not None]
     if not tracked:
+        return
+    if not update:
+        for layer in tracked:
+            layer.load_tracker.reset()
         return
     loads = torch.cat([layer.load_tracker.step_load_ME.flatten() for layer in tracked])
     _all_reduce_sum(loads)

@@ -74,7 +74,8 @@ class MoEConfig:
             parameters stay those of the coarse layer).
         num_shared_experts: always-on experts (DeepSeekMoE) of width ``shared_ffn_hidden_size`` (0: the
             routed experts' width) and the routed experts' activation, added to the routed output; run
-            as one dense FFN num_shared_experts times as wide. ``shared_expert`` True means at least 1.
+            as one dense FFN num_shared_experts times as wide. ``shared_expert`` is the older form: one
+            GELU FFN of ``shared_ffn_hidden_size`` (0: ffn_hidden_size), whatever the activation.
         activation, expert_bias, expert_backend ("auto" picks per device and dtype),
         recompute_activation (the loop backend, CPU's "auto", keeps only the experts' pre-activations for backward and
         recomputes the activation: 0.84x the activation memory of k dense FFNs; False keeps both as a dense
@@ -146,12 +147,14 @@ class MoEConfig:
                    self.shared_ffn_hidden_size) >= 0:
             raise ValueError("MoEConfig.min_capacity, router_hidden_size, router_noise_eps, num_shared_experts and "
                              "shared_ffn_hidden_size must be >= 0")
-        if self.shared_expert and self.num_shared_experts == 0:
-            self.num_shared_experts = 1
+        if self.shared_expert and self.num_shared_experts:
+            raise ValueError(f"MoEConfig.shared_expert=True and num_shared_experts={self.num_shared_experts}: "
+                             "shared_expert is the older form (one GELU FFN); use num_shared_experts alone")
         if self.ffn_hidden_size % self.granularity:
+            divisors = [d for d in range(1, min(self.ffn_hidden_size, 64) + 1) if self.ffn_hidden_size % d == 0]
             raise ValueError(f"MoEConfig.granularity={self.granularity} must divide the FFN width "
                              f"ffn_hidden_size={self.ffn_hidden_size} (each expert is ffn_hidden_size / granularity "
-                             "wide); pick a divisor")
+                             f"wide); use one of {divisors}")
         if not self.router_bias_rate > 0:
             raise ValueError(f"MoEConfig.router_bias_rate={self.router_bias_rate} must be > 0 (the step of the "
                              "selection bias per optimizer step, e.g. 1e-3); set router_bias=false to turn it off")
@@ -205,8 +208,17 @@ class MoEConfig:
 
     @property
     def shared_hidden_size(self) -> int:
-        """The width of the always-on FFN: num_shared_experts x one shared expert's width (0: none)."""
+        """The width of the always-on FFN: num_shared_experts x one shared expert's width; with the older
+        ``shared_expert``, shared_ffn_hidden_size or ffn_hidden_size (0: none)."""
+        if self.shared_expert:
+            return self.shared_ffn_hidden_size or self.ffn_hidden_size
         return self.num_shared_experts * (self.shared_ffn_hidden_size or self.expert_hidden_size)
+
+    @property
+    def shared_activation(self) -> str:
+        """The always-on FFN's activation: the experts' (num_shared_experts), GELU for ``shared_expert``
+        (as checkpoints of that form were trained)."""
+        return "gelu" if self.shared_expert else self.activation
 
     @property
     def modalities(self) -> Tuple[int, ...]:

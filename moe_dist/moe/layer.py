@@ -38,6 +38,10 @@ _DS_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts.{}.{}"
 _DS_EXPERT_RE = re.compile(r"deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
 
 
+# router name -> the layer class that runs it, for routers that replace the sparse path (soft.py)
+LAYERS: Registry = Registry("router")
+
+
 @dataclass
 class MoEOutput:
     """Result of one MoE layer call.
@@ -79,8 +83,8 @@ def shared_ffn(cfg: MoEConfig) -> Optional[nn.Sequential]:
     width = cfg.shared_hidden_size
     if not width:
         return None
-    act = ACTIVATIONS.get(cfg.activation)
-    return nn.Sequential(nn.Linear(cfg.hidden_size, act.width * width), _Activation(cfg.activation),
+    act = ACTIVATIONS.get(cfg.shared_activation)
+    return nn.Sequential(nn.Linear(cfg.hidden_size, act.width * width), _Activation(cfg.shared_activation),
                          nn.Linear(width, cfg.hidden_size))
 
 
@@ -115,6 +119,9 @@ class MoELayer(_DeepSpeedMoE):
 
     def __init__(self, config: MoEConfig, ep_size: int = 1):
         nn.Module.__init__(self)  # the parent's gate and experts are not used
+        if config.router in LAYERS and not isinstance(self, LAYERS.get(config.router)):
+            raise ValueError(f"MoEConfig.router={config.router!r} runs in {LAYERS.get(config.router).__name__}, not "
+                             f"{type(self).__name__}; build layers with moe_dist.moe.build_moe_layer(config, ep_size)")
         if ep_size < 1 or config.num_experts % ep_size != 0:
             raise ValueError(f"num_experts={config.num_experts} is not divisible by ep_size={ep_size}; "
                              "choose an ep_size that divides num_experts")
@@ -134,8 +141,8 @@ class MoELayer(_DeepSpeedMoE):
                                       self.expert_group_name, config.recompute_activation)
         self.shared_mlp = shared_ffn(config)
         # experts open to each modality row: the per-modality balance losses' E_m
-        open_M = (torch.full((len(config.modalities),), float(config.num_experts)) if self.router.allowed_ME is None
-                  else self.router.allowed_ME[:-1].sum(-1).float())
+        open_M = (torch.full((len(config.modalities),), config.num_experts) if self.router.allowed_ME is None
+                  else self.router.allowed_ME[:-1].sum(-1))  # integers: a cast model leaves them exact
         self.register_buffer("open_experts_M", open_M, persistent=False)
         tracks_load = config.router_bias or config.load_balance == "global_batch"
         self.load_tracker = LoadTracker(config, self.router.allowed_ME) if tracks_load else None
@@ -216,10 +223,6 @@ class MoELayer(_DeepSpeedMoE):
         c = self.config
         return (f"router={c.router}, experts={c.num_experts} ({self.num_local_experts} local), "
                 f"k={c.experts_per_token}, dropless={c.dropless}, ep_size={self.ep_size}")
-
-
-# router name -> the layer class that runs it, for routers that replace the sparse path (soft.py)
-LAYERS: Registry = Registry("router")
 
 
 def build_moe_layer(config: MoEConfig, ep_size: int = 1) -> MoELayer:

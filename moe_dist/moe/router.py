@@ -289,6 +289,17 @@ class TopKRouter(Router):
         if cfg.top_k > cfg.topk_groups * (E // G):
             raise ValueError(f"MoEConfig.top_k={cfg.top_k} exceeds the {cfg.topk_groups * (E // G)} experts that "
                              f"topk_groups={cfg.topk_groups} groups of {E // G} allow; raise topk_groups or lower top_k")
+        if G > 1 and cfg.uses_modality:
+            # the groups a token may end up in hold at least top_k experts its modality may use
+            allowed_ME = allowed_experts_table(cfg)[:-1]
+            for m, allowed_E in enumerate(allowed_ME.tolist()):
+                usable = sorted(n for n in (sum(allowed_E[g * (E // G):(g + 1) * (E // G)]) for g in range(G)) if n)
+                if len(usable) < cfg.topk_groups or sum(usable[:cfg.topk_groups]) < cfg.top_k:
+                    raise ValueError(
+                        f"MoEConfig.modality_experts={cfg.modality_experts} with n_groups={G}, topk_groups="
+                        f"{cfg.topk_groups}: a modality-{m} token can pick groups holding only "
+                        f"{sum(usable[:cfg.topk_groups])} experts it may use, fewer than top_k={cfg.top_k}; raise "
+                        "topk_groups, lower top_k or reserve fewer experts")
 
     def select(self, scores_TE, token_mask_T):
         cfg = self.cfg
@@ -312,8 +323,19 @@ class TopKRouter(Router):
         return scores_TGX.masked_fill(~best_TG[:, :, None], float("-inf")).view(T, E)
 
 
+class _ProbabilityRouter(Router):
+    """A router whose rule reads the gate as probabilities (a threshold, a cumulative mass)."""
+
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        if cfg.score_func != "softmax":
+            raise ValueError(f"MoEConfig.router={cfg.router!r} with score_func={cfg.score_func!r}: its rule reads "
+                             "the gate as probabilities that sum to 1; use score_func='softmax' or router='topk'")
+
+
 @ROUTERS.register("threshold")
-class ThresholdRouter(Router):
+class ThresholdRouter(_ProbabilityRouter):
     """Keep experts with probability >= threshold; the best one always, at most max_k."""
 
     def select(self, scores_TE, token_mask_T):
@@ -324,7 +346,7 @@ class ThresholdRouter(Router):
 
 
 @ROUTERS.register("top_p")
-class TopPRouter(Router):
+class TopPRouter(_ProbabilityRouter):
     """Keep the smallest prefix of the sorted experts whose probability mass reaches top_p (<= max_k)."""
 
     def select(self, scores_TE, token_mask_T):
@@ -357,9 +379,10 @@ class ExpertChoiceRouter(Router):
     @classmethod
     def check_config(cls, cfg):
         super().check_config(cfg)
-        if cfg.force_balanced:
-            raise ValueError("MoEConfig.router='expert_choice' with force_balanced=True: every expert takes its "
-                             "capacity of tokens by construction; set force_balanced=false")
+        if cfg.force_balanced or cfg.renormalize:
+            raise ValueError(f"MoEConfig.router='expert_choice' with force_balanced={cfg.force_balanced}, renormalize="
+                             f"{cfg.renormalize}: every expert takes its capacity of tokens by construction, and a "
+                             "token's gate weights are its own probabilities (Zhou et al.); set both to false")
 
     def select(self, scores_TE, token_mask_T):
         T, E = scores_TE.shape

@@ -370,6 +370,12 @@ BAD = [
      "router='soft' cannot use router_bias, score_func='sigmoid'"),
     (dict(granularity=3), "MoEConfig.granularity=3 must divide the FFN width ffn_hidden_size=16"),
     (dict(num_shared_experts=-1), "num_shared_experts"),
+    (dict(top_k=3, n_groups=2, topk_groups=1, modality_experts=(2, 2)),
+     "a modality-0 token can pick groups holding only 2 experts it may use, fewer than top_k=3"),
+    (dict(router="top_p", score_func="sigmoid"), "router='top_p' with score_func='sigmoid'"),
+    (dict(router="threshold", score_func="sigmoid"), "router='threshold' with score_func='sigmoid'"),
+    (dict(router="expert_choice", renormalize=True), "renormalize=True"),
+    (dict(shared_expert=True, num_shared_experts=1), "use num_shared_experts alone"),
 ]
 
 
@@ -412,3 +418,15 @@ def test_load_tracker_rows_follow_the_modalities():
     cfg = MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, top_k=1, load_balance="global_batch",
                     modality_experts=(2, 2, 0))
     assert LoadTracker(cfg, None).step_load_ME.shape == (3, E)
+
+
+def test_the_older_shared_expert_stays_one_gelu_ffn():
+    """Checkpoints with shared_expert=True were trained with one GELU FFN of ffn_hidden_size, whatever the
+    experts' activation: the layer still builds exactly that (same keys and shapes)."""
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, top_k=1, activation="swiglu", shared_expert=True)
+    mlp = build_moe_layer(cfg).shared_mlp
+    assert mlp[0].weight.shape == (H, D) and mlp[2].weight.shape == (D, H) and mlp[1].name == "gelu"
+    fine = MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, top_k=1, activation="swiglu",
+                     num_shared_experts=2, granularity=4)
+    mlp = build_moe_layer(fine).shared_mlp  # 2 x H/4 wide, SwiGLU's first projection twice that
+    assert mlp[0].weight.shape == (2 * 2 * H // 4, D) and mlp[2].weight.shape == (D, 2 * H // 4)
