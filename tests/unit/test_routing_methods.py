@@ -430,3 +430,32 @@ def test_the_older_shared_expert_stays_one_gelu_ffn():
                      num_shared_experts=2, granularity=4)
     mlp = build_moe_layer(fine).shared_mlp  # 2 x H/4 wide, SwiGLU's first projection twice that
     assert mlp[0].weight.shape == (2 * 2 * H // 4, D) and mlp[2].weight.shape == (D, 2 * H // 4)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(router="expert_choice", capacity_factor=1.5, modality_experts=(2, 2)),
+    dict(router="soft", slots_per_expert=2),
+    dict(top_k=2, score_func="sigmoid", renormalize=True, n_groups=4, topk_groups=2, router_bias=True,
+         num_shared_experts=1, granularity=2, load_balance="global_batch", capacity_factor=1.0, min_capacity=1),
+    dict(top_k=2, load_balance="sequence", dropless=True, modality_experts=(2, 2)),
+], ids=["expert_choice", "soft", "deepseek_global", "sequence"])
+def test_new_routers_read_nothing_on_the_host(fields):
+    """At ep_size 1 with grouped_mm (the accelerator path) a forward and backward read no device value on
+    the host, losses included, with padding (and modality) given; the output is the loop backend's in fp64."""
+    from moe_dist.host_reads import HostReads
+
+    torch.manual_seed(4)
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, expert_backend="grouped_mm", **fields)
+    layer = build_moe_layer(cfg)
+    x = torch.randn(4, 6, D, requires_grad=True)
+    padding = torch.zeros(4, 6, dtype=torch.bool)
+    padding[3, 2:] = True
+    modality = torch.tensor([0, 1, 0, 1])[:, None].expand(4, 6) if cfg.uses_modality else None
+    with HostReads() as reads:
+        out = layer(x, modality=modality, padding_mask=padding)
+        (out.output.square().sum() + out.aux_loss).backward()
+    assert reads.count == 0, reads.reads
+    ref = build_moe_layer(cfg.replace(expert_backend="loop")).double()
+    ref.load_state_dict(layer.state_dict())
+    want = ref(x.detach().double(), modality=modality, padding_mask=padding).output
+    assert rel_err(out.output.double(), want) < 1e-5
