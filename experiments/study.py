@@ -3,7 +3,7 @@
     python experiments/study.py prepare                  # the emoji recipe at 32 px, 20 % held out, a tokenizer
     python experiments/study.py run [--only moe dense]   # train what is not done yet (a re-run resumes the grid)
     python experiments/study.py report                   # tables + plots from runs/study/*/seed*/metrics.jsonl
-    python experiments/study.py run --grid routing       # the routing study: six E=8-equivalent arms, seeds 0 1 2
+    python experiments/study.py run --grid routing       # the routing study: the E=8-equivalent arms, seeds 0 1 2
     python experiments/study.py report --grid routing    # its tables into docs/results.md, routing_study.json, plots
 
 Each run is ``moe-dist train --config experiments/emoji.yaml`` with the overrides below, in one process (the
@@ -62,9 +62,14 @@ RUNS: Dict[str, tuple] = {
                   "model.moe.top_k=3", "model.moe.num_shared_experts=1", "model.moe.score_func=sigmoid",
                   "model.moe.renormalize=true"],
                  "32 experts of width H/4, top-3 + 1 shared (sigmoid scores, renormalised)"),
+    # one process with grad_accum 1 makes the global batch the micro batch (moe-global is moe exactly): the
+    # pair below splits the same 64 samples into 4 micro batches of 16, where the two losses differ
+    "moe-ga4": (MOE8 + ["batch.micro_batch=16", "batch.grad_accum=4"], "moe at 4 micro batches of 16 per step"),
+    "moe-global-ga4": (MOE8 + ["batch.micro_batch=16", "batch.grad_accum=4", "model.moe.load_balance=global_batch"],
+                       "moe-ga4 with the balance loss over the step's 4 micro batches"),
 }
 STUDY = ["dense", "moe", "moe-upcycled", "limoe-dense", "limoe"]
-ROUTING = ["moe", "moe-bias", "moe-global", "moe-ec", "moe-soft", "moe-fine"]
+ROUTING = ["moe", "moe-bias", "moe-global", "moe-ec", "moe-soft", "moe-fine", "moe-ga4", "moe-global-ga4"]
 GRIDS = {"study": STUDY, "routing": ROUTING}
 METRICS = {  # column -> metrics.jsonl key
     "zero-shot top-1": "val/zeroshot/top1",
@@ -550,7 +555,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--grid", choices=list(GRIDS), default="study",
                         help="which runs 'run' trains and 'report' reports: the MoE-versus-dense study's five "
-                             "(default) or the routing study's six (ROUTING)")
+                             "(default) or the routing study's arms (ROUTING)")
     parser.add_argument("--only", nargs="+", choices=list(RUNS), help="runs to train or report (default: the grid's)")
     parser.add_argument("--figures", default=os.path.join(ROOT, "docs", "results"), help="plots and JSON")
     parser.add_argument("--docs", default=os.path.join(ROOT, "docs", "results.md"),

@@ -82,3 +82,26 @@ def test_capacity_drops_and_class_shares(tmp_path):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     json.dumps(summary)  # the summary is JSON as it is
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "soft"])
+def test_whole_sequence_routers_in_the_analysis(router):
+    """LIMoE (bidirectional, both modalities through each layer): Expert-Choice counts each expert's
+    capacity of the call exactly (ceil(1.25 T / E) of the T tokens, padding included); Soft MoE reports
+    each token's combine weight per expert, so a modality's row sums to its real tokens."""
+    overrides = {"router": router, "capacity_factor": 1.25, "slots_per_expert": 2}
+    if router == "soft":
+        overrides["modality_experts"] = (0, 0)
+    model = create_model("limoe-tiny", text=TEXT, moe=overrides).eval()
+    summary, text_tokens = _probe(model)
+    for layer in summary["layers"].values():
+        image, text = layer["image"], layer["text"]
+        assert image["tokens"] == B * 17 and text["tokens"] == text_tokens
+        if router == "soft":
+            assert image["unit"] == "slot_weight"
+            assert sum(image["assignments"]) == pytest.approx(B * 17, rel=1e-6)  # fp32 weights
+            assert sum(text["assignments"]) == pytest.approx(text_tokens, rel=1e-6)
+        else:  # one call of 2B sequences of L tokens, E experts: each takes ceil(1.25 * 2B * L / E)
+            E, L = len(image["assignments"]), 32  # limoe-tiny pads both modalities to the text length
+            per_expert = [i + t for i, t in zip(image["assignments"], text["assignments"])]
+            assert per_expert == [-(-125 * 2 * B * L // (100 * E))] * E
