@@ -98,17 +98,18 @@ def _measure(rank, world_size, model_name, stage, ep, overrides):
     traffic = []
     for m in mlps:
         stats = out.moe.layer_stats[m.layer_name]
-        kept, tokens = stats["tokens_per_expert"].tolist(), int(stats["num_tokens"])
+        kept = stats["tokens_per_expert"].tolist()
         D, E = m.moe.config.hidden_size, m.moe.config.num_experts
         group = [kept_by_rank[q][m.layer_name] for q in range(rank - rank % ep, rank - rank % ep + ep)]
         sent, received = comm.remote_rows(kept, ep, rank % ep), comm.received_rows(group, rank % ep)
         from_counts = comm.all_to_all_bytes(D, 4, ep, E, sent, received)["total"]
-        planned_rows = comm.planned_rows(facts, tokens, ep)
+        layer = facts.layer(m.layer_name)
+        planned_rows = comm.planned_rows(layer, B, ep)
         capacity_figure = comm.all_to_all_bytes(D, 4, ep, E, planned_rows, counted=False)["total"]
         t = m.moe.dispatcher.traffic
         traffic.append({"layer": m.layer_name, "sent": t.rows + t.counts, "from_counts": from_counts,
                         "dropless": m.moe.config.dropless,
-                        "capacity_figure": capacity_figure, "full": min(kept) == comm.capacity(facts, tokens)})
+                        "capacity_figure": capacity_figure, "full": min(kept) == comm.capacity(layer, B)})
     return {"measured": measured, "planned": planned.__dict__, "counts": counts, "traffic": traffic}
 
 
