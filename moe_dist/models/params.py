@@ -101,7 +101,7 @@ def image_tokens(cfg: ModelConfig) -> int:
 
 def moe_layers(cfg: ModelConfig) -> Tuple[MoELayerShape, ...]:
     """Every MoE layer of the model, in the order the towers run, each with its tower's MoEConfig."""
-    v, t, d = cfg.vision, cfg.text, cfg.decoder
+    v, t = cfg.vision, cfg.text
     image, text = ("image", image_tokens(cfg)), ("text", t.context_length)
     towers = cfg.tower_moe()
     if cfg.kind == "limoe":  # every MoE layer routes both modalities in one call

@@ -24,7 +24,7 @@ other elementwise work are not counted, so score_func="sigmoid" costs what "soft
               sequence) 2 T S D, the outputs combine @ slot outputs ([L, S] x [S, D] per sequence)
               2 T S D: 6 T D S in all
     experts   rows x 2 D He (a + 1)  (first projection D -> a He, second He -> D)
-    shared    T x 2 D Hs (a + 1)     (every token, padding included)
+    shared    T x 2 D Hs (a + 1)     (every real token)
 Active experts per token (``active_experts``), what one token's output draws on:
     top-k: K; threshold / top-p: max_k (an upper bound); Expert-Choice: min(f, E), the mean E C / T of a
     call without the ceiling (C E / T tends to f as T grows); Soft MoE: min(E, E P / L), the E P slot rows
@@ -37,20 +37,17 @@ import math
 from typing import Dict, Optional, Tuple
 
 from .config import MoEConfig
+from .experts import ACTIVATIONS
+from .router import expert_choice_capacity
+
+__all__ = ["active_experts", "activation_width", "buffer_rows", "call_flops", "expert_choice_capacity",
+           "expert_row_flops", "expert_rows", "fixed_exchange", "layer_flops", "router_flops", "shared_flops",
+           "token_capacity"]
 
 
 def activation_width(cfg: MoEConfig) -> int:
     """a: how many times He the experts' first projection is (2 for SwiGLU's fused gate and up)."""
-    from .experts import ACTIVATIONS  # here: the planner's arithmetic needs no expert kernels
-
     return ACTIVATIONS.get(cfg.activation).width
-
-
-def expert_choice_capacity(cfg: MoEConfig, tokens: int) -> int:
-    """C of Expert-Choice: clamp(ceil(f T / E), 1, T) (the formula of ``moe/router.py``)."""
-    from .router import expert_choice_capacity as capacity
-
-    return capacity(cfg, tokens)
 
 
 def token_capacity(cfg: MoEConfig, tokens: int) -> int:
@@ -79,11 +76,9 @@ def buffer_rows(cfg: MoEConfig, tokens: int, sequences: int = 1, ep_size: int = 
     ep_size 1 the dispatcher gathers every one of the T K slots, dropped, unchosen and padding ones
     included (only the kept ones are computed): T K, so T E for Expert-Choice; Soft MoE's E P Q; at
     ep_size > 1 the fixed exchange's E C rows, or the routed x K rows a dropless exchange receives."""
-    if cfg.router == "soft" or (ep_size > 1 and fixed_exchange(cfg)):
-        return expert_rows(cfg, tokens, sequences, ep_size, routed)
-    if ep_size > 1:
-        return (tokens if routed is None else routed) * cfg.experts_per_token
-    return tokens * cfg.experts_per_token
+    if ep_size == 1 and cfg.router != "soft":
+        return tokens * cfg.experts_per_token
+    return expert_rows(cfg, tokens, sequences, ep_size, routed)
 
 
 def fixed_exchange(cfg: MoEConfig) -> bool:
