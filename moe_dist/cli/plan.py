@@ -4,10 +4,11 @@ For the run config's model, precision, batch and activation checkpointing on NOD
 parameters (total, expert, non-expert, active per token and modality); per-GPU bytes of parameters,
 gradients and optimizer states as DeepSpeed's ZeRO partitions them (exact), transient buffers and
 activations (an estimate, with and without checkpointing); MoE all-to-all bytes per layer (intra /
-inter node), gradient reduction and contrastive all-gather bytes; FLOPs per sample; a predicted step
-time and samples/s; and the ranked table of (ep_size, ZeRO stage, micro batch) layouts that fit, all at
-one global batch (batch.global_batch, else micro_batch x grad_accum x the GPUs; a smaller micro batch
-accumulates more steps). The layout printed in full is the run config's unless --ep-size /
+inter node), gradient reduction, contrastive all-gather and load-balance all-reduce bytes (each MoE
+layer with its tower's MoEConfig); FLOPs per sample; a predicted step time and samples/s; and the
+ranked table of (ep_size, ZeRO stage, micro batch) layouts that fit, all at one global batch
+(batch.global_batch, else micro_batch x grad_accum x the GPUs; a smaller micro batch accumulates more
+steps). The layout printed in full is the run config's unless --ep-size /
 --zero-stage / --micro-batch say otherwise.
 """
 
@@ -58,17 +59,23 @@ def _print(report: Dict[str, object], top: int) -> None:
     print(f"  MoE all-to-all         {_human(a2a['total'], 'B'):>12s}  (intra-node {_human(a2a['intra_node'], 'B')}, "
           f"inter-node {_human(a2a['inter_node'], 'B')})")
     for layer in a2a["per_layer"]:
-        print(f"    {layer['layer']:20s} {_human(layer['bytes'], 'B'):>12s}")
+        print(f"    {layer['layer']:16s} {layer['router']:13s} {_human(layer['bytes'], 'B'):>12s}")
     g = report["gradient_bytes"]
     for key in ("all_reduce", "bucket_all_reduce", "param_all_gather"):
         if g[key]:
             print(f"  gradient {key:17s} {_human(g[key], 'B'):>8s}")
     print(f"  contrastive all-gather {_human(report['contrastive_bytes']['all_gather'], 'B'):>12s}")
+    bal = report["balance_bytes"]
+    if bal["forward_all_reduce"] or bal["step_all_reduce"]:
+        print(f"  load-balance all-reduce {_human(bal['forward_all_reduce'] + bal['step_all_reduce'], 'B'):>11s}  "
+              f"(global-batch loads every forward {_human(bal['forward_all_reduce'], 'B')}, step loads "
+              f"{_human(bal['step_all_reduce'], 'B')})")
     f, t = report["flops"], report["step_time"]
     print(f"FLOPs per sample: forward {_human(f['forward_per_sample'])}, training {_human(f['train_per_sample'])}")
     ms = {k: f"{v * 1e3:.3g}" for k, v in t.items() if k.endswith("_s")}
     print(f"step time {ms['total_s']} ms = compute {ms['compute_s']} ms + communication {ms['communication_s']} ms "
-          f"(all-to-all {ms['all_to_all_s']}, gradients {ms['gradients_s']}, contrastive {ms['contrastive_s']}); "
+          f"(all-to-all {ms['all_to_all_s']}, gradients {ms['gradients_s']}, contrastive {ms['contrastive_s']}"
+          + (f", load balance {ms['balance_s']}" if t["balance_s"] else "") + "); "
           f"{t['samples_per_s']:,.0f} samples/s")
     rows = report["layouts"]
     print(f"layouts that fit ({len(rows)}; fastest first, top {min(top, len(rows))}):")
@@ -139,5 +146,5 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=10, help="rows of the layout table to print (default 10)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (params, per_gpu_bytes, all_to_all_bytes, gradient_bytes, "
-                        "contrastive_bytes, flops, step_time, layouts, infeasible_layouts)")
+                        "contrastive_bytes, balance_bytes, flops, step_time, layouts, infeasible_layouts)")
     p.set_defaults(func=_run)

@@ -151,9 +151,8 @@ def plan(args: argparse.Namespace) -> Plan:
         run += "a"
     config = run_config_path()
     base = load_run_config(config, [f"model.name={args.model}"])
-    width = base.model_config().vision.width
-    experts = base.model_config().moe_config(width).num_experts
-    ep_size = 2 if args.ranks % 2 == 0 and experts % 2 == 0 else 1
+    experts = base.model_config().expert_counts()  # every tower's (overrides may differ)
+    ep_size = 2 if args.ranks % 2 == 0 and all(e % 2 == 0 for e in experts) else 1
     notes = []
     if args.data:
         train = absolute_spec(args.data)

@@ -232,15 +232,18 @@ class RunConfig:
             raise ValueError(f"ep_size={self.ep_size} must divide the world size {world_size}; use an ep_size "
                              f"among {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
         model = self.model_config()
-        moe = model.moe_config(model.vision.width)
-        experts = moe.num_experts
+        # each tower's MoE layers with their own config (model.<tower>.moe.overrides over model.moe)
+        towers = model.tower_moe() or {"": model.moe_config(model.vision.width, model.vision.mlp_ratio)}
         traced = self.compile in ("model", "blocks") and self.ep_size == 1  # the MoE layer inside a graph
-        if traced and moe.expert_backend == "grouped_mm" and self.precision != "bf16":
-            raise ValueError(f"compile={self.compile} traces model.moe.expert_backend=grouped_mm in bf16 only "
-                             f"(the meta kernel of torch._grouped_mm), not precision={self.precision}; set "
-                             "precision=bf16, or expert_backend=auto or loop, or compile=none")
-        if experts % self.ep_size:
-            raise ValueError(f"ep_size={self.ep_size} must divide model.moe.num_experts={experts}")
+        for tower, moe in towers.items():
+            if traced and moe.expert_backend == "grouped_mm" and self.precision != "bf16":
+                raise ValueError(f"compile={self.compile} traces {model.moe_key(tower, 'expert_backend')}=grouped_mm "
+                                 "in bf16 only (the meta kernel of torch._grouped_mm), not "
+                                 f"precision={self.precision}; set precision=bf16, or expert_backend=auto or loop, or "
+                                 "compile=none")
+            if moe.num_experts % self.ep_size:
+                raise ValueError(f"ep_size={self.ep_size} must divide {model.moe_key(tower, 'num_experts')}="
+                                 f"{moe.num_experts}")
         b = self.batch
         expected = b.micro_batch * b.grad_accum * world_size
         if b.global_batch and b.global_batch != expected:

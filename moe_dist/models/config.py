@@ -191,13 +191,39 @@ class ModelConfig:
         d = self.decoder
         return {"vision": self.vision.moe, "text": self.text.moe, "decoder": d.moe, "decoder_cross": d.cross_moe}
 
+    def _tower_shapes(self) -> Dict[str, tuple]:
+        """tower -> (width, mlp_ratio) of its MoE layers."""
+        v, t, d = self.vision, self.text, self.decoder
+        return {"vision": (v.width, v.mlp_ratio), "text": (t.width, t.mlp_ratio), "decoder": (t.width, d.mlp_ratio),
+                "decoder_cross": (t.width, d.mlp_ratio)}
+
+    def tower_moe(self) -> Dict[str, MoEConfig]:
+        """Each tower with MoE layers -> their MoEConfig (``model.moe`` with the tower's overrides), in the
+        order vision, text, decoder, decoder_cross. LIMoE's shared tower is "vision" (its text placement
+        places nothing); a dense model gives {}."""
+        blocks = {"vision": self.vision_moe_blocks(), "text": [] if self.kind == "limoe" else self.text_moe_blocks(),
+                  **(self.decoder_moe_blocks() if self.kind == "coca" else {})}
+        return {tower: self.moe_config(width, ratio, tower) for tower, (width, ratio) in self._tower_shapes().items()
+                if blocks.get(tower)}
+
+    def moe_key(self, tower: str, name: str) -> str:
+        """The config key that sets MoEConfig field ``name`` for ``tower``'s MoE layers: its overrides'
+        when they set it, else model.moe's ("" for no tower)."""
+        if tower and name in self._placements()[tower].overrides:
+            return f"{PLACEMENT_KEYS[tower]}.overrides.{name}"
+        return f"model.moe.{name}"
+
+    def expert_counts(self) -> List[int]:
+        """num_experts of every tower with MoE layers (``model.moe``'s when there is none): ep_size must
+        divide each."""
+        return sorted({m.num_experts for m in self.tower_moe().values()}) or [self.moe_config(
+            self.vision.width, self.vision.mlp_ratio).num_experts]
+
     def _check_tower_moe(self) -> None:
         """Every tower's MoE fields are valid, and a router that mixes the tokens of a sequence
         (Expert-Choice, Soft MoE) is only where no token is causal: not in the text tower of kind clip or
         coca (open_clip's causal text encoder), nor in CoCa's decoder."""
-        v, t, d = self.vision, self.text, self.decoder
-        shapes = {"vision": (v.width, v.mlp_ratio), "text": (t.width, t.mlp_ratio), "decoder": (t.width, d.mlp_ratio),
-                  "decoder_cross": (t.width, d.mlp_ratio)}
+        v = self.vision
         causal = ["text", "decoder", "decoder_cross"] if self.kind != "limoe" else []
         blocks = {"vision": self.vision_moe_blocks(), "text": self.text_moe_blocks(), **self.decoder_moe_blocks()}
         for tower in causal:
@@ -208,7 +234,7 @@ class ModelConfig:
                                  f"the {tower.replace('_', ' ')} blocks are causal (a token may not depend on later "
                                  f"ones); set {where}.overrides.router=topk (or place no MoE layer there)")
         self.moe_config(v.width, v.mlp_ratio)  # model.moe itself, with no tower's overrides
-        for tower, (width, mlp_ratio) in shapes.items():
+        for tower, (width, mlp_ratio) in self._tower_shapes().items():
             self.moe_config(width, mlp_ratio, tower)
 
     def moe_config(self, width: int, mlp_ratio: float = 4.0, tower: str = "") -> MoEConfig:

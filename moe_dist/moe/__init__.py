@@ -9,6 +9,7 @@
     balance.py   load across micro batches and ranks: global-batch frequencies, the selection bias
     layer.py     MoELayer composes them and returns MoEOutput
     soft.py      Soft MoE: slots instead of routing, the same experts and dispatcher
+    cost.py      arithmetic only: rows, FLOPs and active experts of a layer call (moe-dist params, plan)
 Importing the package imports every module, so every registry is full before any MoEConfig is built.
 """
 

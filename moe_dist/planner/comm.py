@@ -11,7 +11,15 @@ dispatch's backward: 2 (S + Q) rows, 3 (S + Q) when a checkpointed forward runs 
     dropless, planned:             S = Q = T K (R - 1) / R (balanced routing);
     capacity:                      S = Q = C L (R - 1), C = max(min_capacity, ceil(factor T K / E)) with T
                                    every token, padding included: the fixed [L, C] blocks training
-                                   exchanges whatever the routing (no counts).
+                                   exchanges whatever the routing (no counts);
+    Expert-Choice:                 the same with C = clamp(ceil(factor T / E), 1, T), exactly C per expert;
+    Soft MoE:                      the same with C = slots_per_expert x the call's sequences (no padding).
+Each MoE layer uses its tower's MoEConfig (``model.<tower>.moe.overrides``).
+Load balance (moe/balance.py), per layer with ``load_balance="global_batch"``: one all-reduce of its M x E
+float64 loads in every training forward (again in a checkpointed recompute); and per optimizer step, when
+any layer has ``router_bias`` or a global-batch loss, one all-reduce of all those layers' M x E int64
+step loads together. Both over all W ranks (ring: 2 (W - 1) / W of the bytes); M = the modality rows
+(2, CoCa 3).
 Gradients: ZeRO 0 all-reduces them once per step (ring: 2 (d - 1) / d of the group's bytes). ZeRO 1/2
 all-reduce them too, bucket by bucket (DeepSpeed 0.19's default use_multi_rank_bucket_allreduce: each
 bucket is one all_reduce, and every rank keeps the slice of its partition; not a reduce-scatter): ZeRO 2
@@ -32,7 +40,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from .memory import DTYPE_BYTES, zero_partition
-from .params import ModelFacts, capacity
+from .params import ModelFacts, capacity  # noqa: F401  (capacity: planner.comm.capacity)
 
 @dataclass(frozen=True)
 class Cluster:
@@ -102,30 +110,54 @@ def received_rows(kept_by_rank: Sequence[Sequence[int]], ep_rank: int) -> int:
                for c in kept[ep_rank * L:(ep_rank + 1) * L])
 
 
-def planned_rows(facts: ModelFacts, tokens: int, ep_size: int, dropless: Optional[bool] = None) -> float:
-    """Rows one rank sends per exchange for ``tokens`` tokens: balanced dropless routing, or the fixed
-    [L, C] block per remote rank of capacity mode."""
-    dropless = facts.dropless if dropless is None else dropless
-    if dropless:
-        return tokens * facts.top_k * (ep_size - 1) / ep_size
-    return capacity(facts, tokens) * (facts.num_experts // ep_size) * (ep_size - 1)
+def planned_rows(layer, micro_batch: int, ep_size: int, dropless: Optional[bool] = None) -> float:
+    """Rows one rank sends per exchange for one call of ``micro_batch`` samples through ``layer`` (a
+    ``MoELayerShape``): balanced dropless routing, T K (R - 1) / R, or the fixed [L, C] block per remote
+    rank of a capacity, Expert-Choice or Soft MoE: the exchange's E C rows x (R - 1) / R."""
+    from ..moe import cost
+
+    cfg = layer.config if dropless is None else layer.config.replace(dropless=dropless)
+    rows = cost.buffer_rows(cfg, layer.call_tokens(micro_batch), micro_batch * len(layer.parts), ep_size,
+                            routed=micro_batch * layer.tokens_per_sample)
+    return rows * (ep_size - 1) / ep_size
 
 
 def moe_all_to_all(facts: ModelFacts, cluster: Cluster, ep_size: int, micro_batch: int, grad_accum: int,
                    precision: str, checkpointing: str = "none") -> Dict[str, object]:
     """Planned all-to-all bytes per step: per layer, total, and the intra / inter-node split."""
+    from ..moe import cost
+
     b = DTYPE_BYTES[precision]
     per_layer: List[Dict[str, object]] = []
     for layer in facts.moe_layers:
-        tokens = micro_batch * layer.tokens_per_sample
-        sent = all_to_all_bytes(layer.hidden, b, ep_size, facts.num_experts,
-                                planned_rows(facts, tokens, ep_size), recompute=checkpointing != "none",
-                                counted=facts.dropless)
-        per_layer.append({"layer": layer.name, "bytes": int(sent["total"] * grad_accum)})
+        cfg = layer.config
+        sent = all_to_all_bytes(layer.hidden, b, ep_size, cfg.num_experts, planned_rows(layer, micro_batch, ep_size),
+                                recompute=checkpointing != "none", counted=not cost.fixed_exchange(cfg))
+        per_layer.append({"layer": layer.name, "router": cfg.router, "bytes": int(sent["total"] * grad_accum)})
     total = sum(x["bytes"] for x in per_layer)
     inter = cluster.inter_fraction(ep_size)
     return {"per_layer": per_layer, "total": total, "intra_node": int(total * (1 - inter)),
             "inter_node": int(total * inter)}
+
+
+def balance_bytes(facts: ModelFacts, cluster: Cluster, grad_accum: int, checkpointing: str = "none") -> Dict[str, int]:
+    """The load-balance all-reduces per step (module docstring): "forward_all_reduce" (global-batch
+    losses, every micro batch), "step_all_reduce" (router_bias or global_batch, once per step)."""
+    W = cluster.world
+    ring = 2 * (W - 1) / W
+    forwards = 2 if checkpointing != "none" else 1
+    forward = step = 0.0
+    for layer in facts.moe_layers:
+        cfg = layer.config
+        values = len(cfg.modalities) * cfg.num_experts
+        if cfg.load_balance == "global_batch":
+            forward += ring * 8 * values * forwards * grad_accum
+        if cfg.load_balance == "global_batch" or cfg.router_bias:
+            step += ring * 8 * values
+    total = round(forward) + round(step)
+    inter = cluster.nodes > 1
+    return {"forward_all_reduce": round(forward), "step_all_reduce": round(step),
+            "intra_node": 0 if inter else total, "inter_node": total if inter else 0}
 
 
 def gradient_bytes(groups, cluster: Cluster, ep_size: int, zero_stage: int, precision: str,

@@ -47,8 +47,10 @@ def check_layout(facts: ModelFacts, cluster: comm.Cluster, layout: Layout) -> No
     W, E = cluster.world, facts.num_experts
     if layout.ep_size < 1 or W % layout.ep_size or E % layout.ep_size:
         valid = [d for d in range(1, math.gcd(W, E) + 1) if W % d == 0 and E % d == 0]
+        counts = sorted({x.config.num_experts for x in facts.moe_layers}) or [E]
+        experts = f"num_experts={counts[0]}" if len(counts) == 1 else f"every tower's num_experts {counts}"
         raise ValueError(f"ep_size={layout.ep_size} must divide both the world size {W} "
-                         f"({cluster.nodes} nodes x {cluster.gpus_per_node} GPUs) and num_experts={E}; "
+                         f"({cluster.nodes} nodes x {cluster.gpus_per_node} GPUs) and {experts}; "
                          f"use one of {valid}")
     if layout.zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage={layout.zero_stage} must be 0, 1 or 2 (stage 3 does not shard experts)")
@@ -71,11 +73,13 @@ def estimate(facts: ModelFacts, run_cfg, cluster: comm.Cluster, hw: Hardware, la
     a2a = comm.moe_all_to_all(facts, cluster, R, B, accum, precision, ckpt)
     grads = comm.gradient_bytes(groups, cluster, R, layout.zero_stage, precision, accum)
     gather = comm.contrastive_bytes(facts, cluster, B, accum, precision)
-    times = step_time(facts, hw, B, accum, W, ckpt, {"all_to_all": a2a, "gradients": grads, "contrastive": gather})
+    balance = comm.balance_bytes(facts, cluster, accum, ckpt)
+    times = step_time(facts, hw, B, accum, W, ckpt, {"all_to_all": a2a, "gradients": grads, "contrastive": gather,
+                                                     "balance": balance})
     return {"layout": {**asdict(layout), "global_batch": B * accum * W,
                        "precision": precision, "activation_checkpointing": ckpt},
             "per_gpu_bytes": per_gpu, "fits": per_gpu["total"] <= hw.usable_bytes,
-            "all_to_all_bytes": a2a, "gradient_bytes": grads, "contrastive_bytes": gather,
+            "all_to_all_bytes": a2a, "gradient_bytes": grads, "contrastive_bytes": gather, "balance_bytes": balance,
             "flops": {"forward_per_sample": facts.flops["per_sample"],
                       "train_per_sample": training_flops(facts, 1, ckpt)},
             "step_time": times}

@@ -23,11 +23,18 @@ expert-data-parallel group of W / ep_size ranks, which strides by ep_size, so ra
 
 Activations are an estimate, per micro batch, of what autograd saves (measured per block on CPU with
 ``torch.autograd.graph.saved_tensors_hooks``): a transformer block saves about 16 N D values for N
-tokens of width D (attention through SDPA keeps no S x S scores); an MoE MLP replaces the dense MLP's
-9 N D by N (D + 4.5 E + 7) + X (D + 1.5 H) for X = N K expert rows (K slots; with a capacity at
-ep_size > 1, the exchange's E C rows, zero rows included), hidden H and E experts (2.5 H when act(h)
-is kept too: ``recompute_activation`` off, or the grouped_mm backend; "auto" is counted as the loop
-backend, which it is on CPU). Checkpointing "blocks"
+tokens of width D (attention through SDPA keeps no S x S scores); an MoE MLP, with its tower's config,
+replaces the dense MLP's 9 N D by (``moe_mlp_values``; fitted at D = 32, 64, 128, E = 4 to 16, K = 1 to 3,
+granularity 1 and 4, GELU and SwiGLU, within 2%)
+    token choice, Expert-Choice:  N (D + 2 E + 7) + X (3 D + (a + k) He + 7)
+    Soft MoE:                     N (2 D + 2 S + 2) + X (3 D + (a + k) He + 7)  (2 S: the [B, L, S]
+                                  dispatch and combine weights; S = E slots_per_expert)
+    shared experts:               + N (a + 1) Hs
+for X the rows the experts' tensors hold (``cost.buffer_rows``: at ep_size 1 every one of the T K slots,
+so T E for Expert-Choice; Soft MoE's E P per sequence; at ep_size > 1 the exchange's E C rows with a
+capacity, or the received T K), He the expert width (ffn / granularity), a the activation's width factor
+(2 for SwiGLU), k = 1 when act(h) is kept too (``recompute_activation`` off, or the grouped_mm backend),
+else 0 ("auto" is counted as the loop backend, which it is on CPU). Checkpointing "blocks"
 keeps each block's input and recomputes one block at a time; "moe" does that for the MoE MLPs only.
 """
 
@@ -38,7 +45,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Iterable
 
 from ..engine.zero_bucket import REDUCE_BUCKET_ELEMENTS
-from .params import ModelFacts, ParamGroup, expert_rows
+from .params import ModelFacts, ParamGroup
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -131,19 +138,28 @@ def state_bytes(groups: Iterable[ParamGroup], world: int, ep_size: int, zero_sta
 
 
 # ----------------------------------------------------------------------------- activations
-def _tower_values(tokens: int, width: int, layers: int, moe_blocks, hidden: int, facts: ModelFacts,
-                  checkpointing: str, ep_size: int = 1) -> Dict[str, float]:
+def moe_mlp_values(layer, micro_batch: int, ep_size: int = 1) -> float:
+    """Saved values of one MoE MLP call of ``micro_batch`` samples (module docstring)."""
+    from ..moe import cost
+
+    m = layer.config
+    N, D, X = layer.call_tokens(micro_batch), m.hidden_size, layer.buffer_rows(micro_batch, ep_size)
+    a = cost.activation_width(m)
+    k = 1 if not m.recompute_activation or m.expert_backend == "grouped_mm" else 0
+    routing = 2 * D + 2 * m.num_experts * m.slots_per_expert + 2 if m.router == "soft" else D + 2 * m.num_experts + 7
+    return N * routing + X * (3 * D + (a + k) * m.expert_hidden_size + 7) + N * (a + 1) * m.shared_hidden_size
+
+
+def _tower_values(tokens: int, width: int, layers: int, moe_blocks: Dict[int, object], hidden: int,
+                  micro_batch: int, checkpointing: str, ep_size: int = 1) -> Dict[str, float]:
     """Saved values (elements) of one tower for ``tokens`` tokens: the held total and the largest
-    recompute (what one checkpointed block or MoE MLP brings back during backward)."""
-    N, D, E = tokens, width, facts.num_experts
+    recompute (what one checkpointed block or MoE MLP brings back during backward). ``moe_blocks``:
+    block index -> its MoE layer (``MoELayerShape``)."""
+    N, D = tokens, width
     dense_mlp = 9 * N * D
-    moe = facts.config.moe  # act(h) is kept too without recompute, and always by grouped_mm (autograd)
-    saved = not moe.get("recompute_activation", True) or moe.get("expert_backend") == "grouped_mm"
-    kept_hidden = 2.5 if saved else 1.5
-    moe_mlp = N * (D + 4.5 * E + 7) + expert_rows(facts, N, ep_size) * (D + kept_hidden * hidden)
     held, recompute = 0.0, 0.0
     for i in range(layers):
-        mlp = moe_mlp if i in moe_blocks else dense_mlp
+        mlp = moe_mlp_values(moe_blocks[i], micro_batch, ep_size) if i in moe_blocks else dense_mlp
         block = 7 * N * D + 4 * N + mlp
         if checkpointing == "blocks":
             held, recompute = held + N * D, max(recompute, block)
@@ -157,20 +173,25 @@ def _tower_values(tokens: int, width: int, layers: int, moe_blocks, hidden: int,
 def activation_bytes(facts: ModelFacts, micro_batch: int, world: int, precision: str,
                      checkpointing: str = "none", ep_size: int = 1) -> int:
     """Estimated activation bytes of one micro batch on one rank (forward saved tensors + one recompute);
-    with a capacity at ``ep_size`` > 1 the experts compute the whole [E, C] exchange buffer."""
+    with a capacity at ``ep_size`` > 1 the experts compute the whole [E, C] exchange buffer. CoCa's decoder
+    is not counted."""
     cfg, B = facts.config, micro_batch
     v, t = cfg.vision, cfg.text
     image_tokens = (v.image_size // v.patch_size) ** 2 + 1
     ratio_v, ratio_t = int(v.width * v.mlp_ratio), int(t.width * t.mlp_ratio)
+
+    def blocks(prefix: str) -> Dict[int, object]:
+        return {int(x.name.rsplit(".", 1)[1]): x for x in facts.moe_layers if x.name.startswith(prefix + ".")}
+
     if cfg.kind == "limoe":  # one transformer over both sequences, padded to one length
         length = max(image_tokens, t.context_length)
-        towers = [_tower_values(2 * B * length, v.width, v.layers, set(cfg.vision_moe_blocks()), ratio_v, facts,
-                                checkpointing, ep_size)]
+        towers = [_tower_values(2 * B * length, v.width, v.layers, blocks("shared"), ratio_v, B, checkpointing,
+                                ep_size)]
     else:
-        towers = [_tower_values(B * image_tokens, v.width, v.layers, set(cfg.vision_moe_blocks()), ratio_v, facts,
-                                checkpointing, ep_size),
-                  _tower_values(B * t.context_length, t.width, t.layers, set(cfg.text_moe_blocks()), ratio_t, facts,
-                                checkpointing, ep_size)]
+        towers = [_tower_values(B * image_tokens, v.width, v.layers, blocks("vision"), ratio_v, B, checkpointing,
+                                ep_size),
+                  _tower_values(B * t.context_length, t.width, t.layers, blocks("text"), ratio_t, B, checkpointing,
+                                ep_size)]
     values = sum(x["held"] for x in towers) + max(x["recompute"] for x in towers)
     images = B * 3 * v.image_size ** 2
     loss = 2 * B * world * B + 2 * world * B * cfg.embed_dim  # logits and gathered features, fp32

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from ..engine.zero_bucket import planned_bucket_elements
+
+if TYPE_CHECKING:  # the planner's arithmetic (and moe-dist --help) imports no torch
+    from ..models.params import MoELayerShape
 
 
 @dataclass(frozen=True)
@@ -38,16 +41,6 @@ class ParamGroup:
 
 
 @dataclass(frozen=True)
-class MoELayerShape:
-    """One MoE layer: its name, hidden size D and the tokens one sample routes through it (an upper
-    bound for text: padding after EOS is not routed)."""
-
-    name: str
-    hidden: int
-    tokens_per_sample: int
-
-
-@dataclass(frozen=True)
 class ModelFacts:
     """Everything the planner needs from a model config; built once by ``model_facts``."""
 
@@ -56,15 +49,20 @@ class ModelFacts:
     params: Dict[str, int]      # total, expert, active, active/image, active/text (moe-dist params)
     flops: Dict[str, int]       # forward FLOPs: image, text, per_sample
     embed_dim: int
-    num_experts: int
-    top_k: int                  # K: slots per token (top_k, or max_k)
-    dropless: bool
-    capacity_factor: float
-    min_capacity: int
-    moe_layers: Tuple[MoELayerShape, ...]
+    num_experts: int            # the gcd of every tower's num_experts: an ep_size must divide it
+    moe_layers: Tuple["MoELayerShape", ...]  # every MoE layer with its tower's MoEConfig (models/params.py)
     bucket_elements: int        # the run's zero_bucket_elements (0: the planner's choice per ep_size)
     groups_ep1: Tuple[Tuple[str, bool, float, Tuple[int, ...]], ...]  # (name, expert, decay, numels), ep_size 1
     config: object              # the ModelConfig
+    _forward: Dict[int, int] = field(default_factory=dict, compare=False, repr=False)  # forward_flops' cache
+
+    def forward_flops(self, micro_batch: int) -> int:
+        """Forward FLOPs of a whole micro batch (``models.params.forward_flops``; cached)."""
+        if micro_batch not in self._forward:
+            from ..models.params import forward_flops
+
+            self._forward[micro_batch] = sum(forward_flops(self.config, micro_batch).values())
+        return self._forward[micro_batch]
 
     def groups(self, ep_size: int) -> List[ParamGroup]:
         """The optimizer groups of one rank at ``ep_size`` (expert groups re-split on local sizes)."""
@@ -82,6 +80,13 @@ class ModelFacts:
                     out.append(ParamGroup(g["name"], True, tuple(p.numel() for p in g["params"])))
         return out
 
+    def layer(self, name: str) -> "MoELayerShape":
+        """The MoE layer called ``name`` ("vision.1", "text.3", "shared.1", ...)."""
+        for layer in self.moe_layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"{self.name} has no MoE layer {name!r}; it has {[x.name for x in self.moe_layers]}")
+
     def bucket(self, ep_size: int) -> int:
         """ZeRO's reduce / all-gather bucket of a run at ``ep_size``: the run's ``zero_bucket_elements``, or
         ``planned_bucket_elements`` of one rank's tensors (what ``RunConfig.deepspeed_config`` writes)."""
@@ -90,18 +95,25 @@ class ModelFacts:
         return planned_bucket_elements([n for g in self.groups(ep_size) for n in g.numels])
 
 
-def capacity(facts: ModelFacts, tokens: int) -> int:
-    """Per-expert, per-rank capacity for ``tokens`` tokens (moe/dispatch.py CapacityPolicy)."""
-    raw = math.ceil(facts.capacity_factor * tokens * facts.top_k / facts.num_experts)
-    return max(facts.min_capacity, raw)
+def capacity(layer: "MoELayerShape", micro_batch: int) -> Optional[int]:
+    """Per-expert, per-rank capacity of one training call of ``micro_batch`` samples (None: dropless):
+    max(min_capacity, ceil(f T K / E)) with a capacity (moe/dispatch.py CapacityPolicy), Expert-Choice's
+    clamp(ceil(f T / E), 1, T), Soft MoE's slots_per_expert per sequence; T counts padding."""
+    from ..moe import cost
+
+    cfg, T = layer.config, layer.call_tokens(micro_batch)
+    if cfg.router == "soft":
+        return cfg.slots_per_expert * micro_batch * len(layer.parts)
+    if cfg.router == "expert_choice":
+        return cost.expert_choice_capacity(cfg, T)
+    return None if cfg.dropless else cost.token_capacity(cfg, T)
 
 
-def expert_rows(facts: ModelFacts, tokens: int, ep_size: int) -> int:
-    """Rows one rank's experts compute for ``tokens`` tokens: the T K assignments, or with a capacity at
-    ep_size > 1 the fixed exchange's whole [E, C] buffer (zero rows included: moe/dispatch.py)."""
-    if facts.dropless or ep_size == 1:
-        return tokens * facts.top_k
-    return facts.num_experts * capacity(facts, tokens)
+def expert_rows(layer: "MoELayerShape", micro_batch: int, ep_size: int) -> int:
+    """Rows one rank's experts compute per call (``cost.expert_rows``): the T K assignments, or with a
+    capacity at ep_size > 1 the fixed exchange's whole [E, C] buffer (zero rows included); Expert-Choice's
+    E C and Soft MoE's E P Q exactly."""
+    return layer.rows(micro_batch, ep_size)
 
 
 def _tagged_meta(numel: int, group_name: str):
@@ -113,23 +125,13 @@ def _tagged_meta(numel: int, group_name: str):
     return p
 
 
-def _moe_layers(cfg) -> Tuple[MoELayerShape, ...]:
-    v, t = cfg.vision, cfg.text
-    image_tokens = (v.image_size // v.patch_size) ** 2 + 1
-    if cfg.kind == "limoe":  # every MoE layer routes both modalities
-        return tuple(MoELayerShape(f"shared.{i}", v.width, image_tokens + t.context_length)
-                     for i in cfg.vision_moe_blocks())
-    return (tuple(MoELayerShape(f"vision.{i}", v.width, image_tokens) for i in cfg.vision_moe_blocks())
-            + tuple(MoELayerShape(f"text.{i}", t.width, t.context_length) for i in cfg.text_moe_blocks()))
-
-
 def model_facts(run_cfg) -> ModelFacts:
     """``ModelFacts`` of a run config's model (built on the meta device: an L/14 MoE costs no memory)."""
     import torch
 
     from ..engine.optim import build_optimizer
     from ..models import build_model
-    from ..models.params import count_flops, count_params
+    from ..models.params import count_flops, count_params, moe_layers
 
     cfg = run_cfg.model_config()
     with torch.device("meta"):
@@ -139,9 +141,6 @@ def model_facts(run_cfg) -> ModelFacts:
     optimizer = build_optimizer(model, marked)
     groups = tuple((g["name"], bool(g.get("moe")), float(g["weight_decay"]), tuple(p.numel() for p in g["params"]))
                    for g in optimizer.param_groups if g["params"])
-    moe = cfg.moe_config(cfg.vision.width, cfg.vision.mlp_ratio)
     return ModelFacts(name=cfg.name, kind=cfg.kind, params=count_params(model, cfg), flops=count_flops(cfg),
-                      embed_dim=cfg.embed_dim, num_experts=moe.num_experts, top_k=moe.experts_per_token,
-                      dropless=moe.dropless, capacity_factor=moe.capacity_factor, min_capacity=moe.min_capacity,
-                      moe_layers=_moe_layers(cfg), groups_ep1=groups, config=cfg,
-                      bucket_elements=run_cfg.zero_bucket_elements)
+                      embed_dim=cfg.embed_dim, num_experts=math.gcd(*cfg.expert_counts()), moe_layers=moe_layers(cfg),
+                      groups_ep1=groups, config=cfg, bucket_elements=run_cfg.zero_bucket_elements)

@@ -2,8 +2,10 @@
 
     compute        = training FLOPs of the rank's samples / sustained FLOP/s
                      (training = 3 x forward; + 1 forward with "blocks" checkpointing; + the MoE MLPs'
-                     forward with "moe" checkpointing)
-    communication  = all-to-all + gradient + contrastive bytes / the bandwidth of the links they use
+                     forward with "moe" checkpointing), the forward of a whole micro batch
+                     (``models.params.forward_flops``: Expert-Choice's C depends on the call's tokens),
+                     each MoE layer with its tower's config (moe/cost.py)
+    communication  = all-to-all + gradient + contrastive + load-balance bytes / the bandwidth of the links they use
                      (intra-node for groups inside a node, inter-node otherwise)
     step           = compute + communication (no overlap assumed: an upper bound; DeepSpeed overlaps
                      little of the MoE all-to-all, which sits on the critical path of every MoE layer)
@@ -41,20 +43,13 @@ class Hardware:
 
 
 def moe_mlp_flops(facts: ModelFacts, micro_batch: int) -> float:
-    """Forward FLOPs of the MoE MLPs (experts and routers) for one micro batch."""
-    cfg = facts.config
-    ratio = {"vision": cfg.vision.mlp_ratio, "text": cfg.text.mlp_ratio, "shared": cfg.vision.mlp_ratio}
-    total = 0.0
-    for layer in facts.moe_layers:
-        tokens, D = micro_batch * layer.tokens_per_sample, layer.hidden
-        H = int(D * ratio[layer.name.split(".")[0]])
-        total += 2 * 2 * tokens * D * H * facts.top_k + 2 * tokens * D * facts.num_experts
-    return total
+    """Forward FLOPs of the MoE MLPs (routers, Soft MoE's mixing, experts, shared FFNs) for one micro batch."""
+    return float(sum(sum(layer.flops(micro_batch).values()) for layer in facts.moe_layers))
 
 
 def training_flops(facts: ModelFacts, micro_batch: int, checkpointing: str = "none") -> float:
     """FLOPs one rank spends on one micro batch, forward and backward (and any recompute)."""
-    forward = facts.flops["per_sample"] * micro_batch
+    forward = float(facts.forward_flops(micro_batch))
     extra = {"none": 0.0, "blocks": forward, "moe": moe_mlp_flops(facts, micro_batch)}[checkpointing]
     return 3 * forward + extra
 
@@ -64,8 +59,8 @@ def step_time(facts: ModelFacts, hw: Hardware, micro_batch: int, grad_accum: int
     """Seconds per optimizer step, split into compute and each kind of communication.
 
     Args:
-        comm: {"all_to_all": ..., "gradients": ..., "contrastive": ...}, each with "intra_node" and
-            "inter_node" bytes per step (see comm.py).
+        comm: {"all_to_all": ..., "gradients": ..., "contrastive": ..., "balance": ...}, each with
+            "intra_node" and "inter_node" bytes per step (see comm.py).
     """
     intra, inter = hw.intra_node_gbps * 1e9 / 8, hw.inter_node_gbps * 1e9 / 8
     out = {"compute_s": training_flops(facts, micro_batch, checkpointing) * grad_accum / (hw.gpu_tflops * 1e12)}

@@ -6,7 +6,8 @@ One 2-rank run loops over the layouts (so the suite pays for one process start):
   and one step equal ``planner.state_bytes`` for that rank;
 - all-to-all bytes: with ep_size 2, the bytes the dispatch sends (``TokenDispatcher.traffic``) in one
   step equal the planner's figure: from that step's token counts when dropless, and the fixed
-  capacity-sized blocks in capacity mode (also with forced-balanced routing, where every expert fills).
+  capacity-sized blocks in capacity mode (also with forced-balanced routing, where every expert fills,
+  and with an Expert-Choice or Soft MoE image tower beside the top-1 text tower).
 """
 
 import pytest
@@ -22,6 +23,9 @@ CASES = [("moe-clip-tiny", z, ep, []) for ep in (1, 2) for z in (0, 1, 2)] + [
     ("moe-clip-tiny", 2, 2, ["model.moe.dropless=true"]),
     ("moe-clip-tiny", 1, 2, ["model.moe.force_balanced=true", "model.moe.capacity_factor=0.5",
                               "model.moe.min_capacity=0"]),
+    # an image tower with its own router: Expert-Choice's exact C, Soft MoE's slot rows (no padding)
+    ("moe-clip-tiny", 2, 2, ["model.vision.moe.overrides.router=expert_choice"]),
+    ("moe-clip-tiny", 2, 2, ["model.vision.moe.overrides.router=soft"]),
 ]
 
 
@@ -93,22 +97,25 @@ def _measure(rank, world_size, model_name, stage, ep, overrides):
     import deepspeed.comm as ds_comm
 
     kept_by_rank = [None] * world_size  # every rank's kept assignments per expert, per layer
-    ds_comm.all_gather_object(kept_by_rank, {m.layer_name: out.moe.layer_stats[m.layer_name]["tokens_per_expert"]
-                                             .tolist() for m in mlps})
+    def kept_per_expert(m):  # Soft MoE reports slot weights: every expert gets its slots
+        stats = out.moe.layer_stats[m.layer_name]
+        return stats["tokens_per_expert"].tolist() if "tokens_per_expert" in stats else [0] * m.moe.num_experts
+
+    ds_comm.all_gather_object(kept_by_rank, {m.layer_name: kept_per_expert(m) for m in mlps})
     traffic = []
     for m in mlps:
-        stats = out.moe.layer_stats[m.layer_name]
-        kept, tokens = stats["tokens_per_expert"].tolist(), int(stats["num_tokens"])
+        kept = kept_per_expert(m)
         D, E = m.moe.config.hidden_size, m.moe.config.num_experts
         group = [kept_by_rank[q][m.layer_name] for q in range(rank - rank % ep, rank - rank % ep + ep)]
         sent, received = comm.remote_rows(kept, ep, rank % ep), comm.received_rows(group, rank % ep)
         from_counts = comm.all_to_all_bytes(D, 4, ep, E, sent, received)["total"]
-        planned_rows = comm.planned_rows(facts, tokens, ep)
+        layer = facts.layer(m.layer_name)
+        planned_rows = comm.planned_rows(layer, B, ep)
         capacity_figure = comm.all_to_all_bytes(D, 4, ep, E, planned_rows, counted=False)["total"]
         t = m.moe.dispatcher.traffic
         traffic.append({"layer": m.layer_name, "sent": t.rows + t.counts, "from_counts": from_counts,
                         "dropless": m.moe.config.dropless,
-                        "capacity_figure": capacity_figure, "full": min(kept) == comm.capacity(facts, tokens)})
+                        "capacity_figure": capacity_figure, "full": min(kept) == comm.capacity(layer, B)})
     return {"measured": measured, "planned": planned.__dict__, "counts": counts, "traffic": traffic}
 
 

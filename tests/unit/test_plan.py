@@ -75,9 +75,10 @@ def test_all_to_all_and_gradient_formulas():
     assert comm.remote_rows([5, 1, 3, 4], 2, 0) == 7
     assert comm.received_rows([[5, 1, 3, 4], [2, 0, 6, 6]], 0) == 2
     facts = model_facts(load_run_config(TINY, []))  # E=4, K=1, capacity factor 1.5, min capacity 4
-    assert comm.capacity(facts, 68) == 26  # ceil(1.5 x 68 / 4)
-    assert comm.planned_rows(facts, 68, 2) == 26 * 2 * 1  # C x L x (R - 1)
-    assert comm.planned_rows(facts, 68, 2, dropless=True) == 34
+    vision = facts.layer("vision.1")  # micro batch 4 x 17 image tokens = 68 tokens a call
+    assert comm.capacity(vision, 4) == 26  # ceil(1.5 x 68 / 4)
+    assert comm.planned_rows(vision, 4, 2) == 26 * 2 * 1  # C x L x (R - 1)
+    assert comm.planned_rows(vision, 4, 2, dropless=True) == 34
     # EP groups of 4 on nodes of 2 GPUs: 2 of a rank's 3 peers are on the other node
     assert comm.Cluster(2, 2).inter_fraction(4) == pytest.approx(2 / 3)
     assert comm.Cluster(2, 8).inter_fraction(8) == 0
@@ -92,8 +93,8 @@ def test_all_to_all_and_gradient_formulas():
     g = comm.gradient_bytes([ParamGroup("decay", False, (10,))], comm.Cluster(2, 2), 1, 1, "fp32", grad_accum=2)
     assert (g["bucket_all_reduce"], g["param_all_gather"]) == (60, 48)
     # expert rows: T K assignments, but at ep_size > 1 with a capacity the whole [E, C] exchange buffer
-    assert expert_rows(facts, 68, 1) == 68 and expert_rows(facts, 68, 2) == 4 * 26
-    assert expert_rows(model_facts(load_run_config(TINY, ["model.moe.dropless=true"])), 68, 2) == 68
+    assert expert_rows(vision, 4, 1) == 68 and expert_rows(vision, 4, 2) == 4 * 26
+    assert expert_rows(model_facts(load_run_config(TINY, ["model.moe.dropless=true"])).layer("vision.1"), 4, 2) == 68
 
 
 def _measured_and_estimated(name, sets=()):
@@ -164,3 +165,156 @@ def test_plan_bad_input(capsys):
     code, _, err = _plan(capsys, "--nodes", "1", "--gpus-per-node", "1", "--gpu-memory-gb", "16",
                          "--set", "model.name=moe-clip-l14", "--set", "ep_size=1", "--set", "precision=bf16")
     assert code == 2 and "no layout of moe-clip-l14 fits" in err and "GPUs of at least" in err and " nodes of " in err
+
+
+# ----------------------------------------------------------------------------- routing options, per tower
+# moe-clip-tiny: width 64, MLP hidden H = 256, E = 4, top-1, capacity factor 1.5, MoE in blocks 1 and 3 of
+# each tower; 17 image tokens, 32 text tokens. One expert row costs 2 x 64 x 256 x 2 = 65,536 FLOPs (two
+# projections) and one expert holds 64 x 256 + 256 + 256 x 64 + 64 = 33,088 parameters.
+BASE_FLOPS = {"image": 7_399_424, "text": 13_672_448}
+BASE_ACTIVE = {"image": 218_241, "text": 272_257}
+
+
+def _report(*sets):
+    from moe_dist.config import parse_overrides
+    from moe_dist.models.params import params_report
+
+    return params_report("moe-clip-tiny", parse_overrides(list(sets), prefix="model."))
+
+
+def test_fine_grained_and_shared_experts_cost_what_the_coarse_top1_does():
+    # granularity 4: 16 experts of width 64, top-3, plus one shared expert of width 64: 3 x 2 x 64 x 64 x 2 +
+    # 2 x 64 x 64 x 2 = 65,536 FLOPs a token, the coarse top-1's; only the router grows, 2 x 64 x (16 - 4) =
+    # 1,536 FLOPs a token and layer
+    from moe_dist.moe import MoEConfig, cost
+
+    coarse = MoEConfig(hidden_size=64, ffn_hidden_size=256, num_experts=4, top_k=1)
+    fine = MoEConfig(hidden_size=64, ffn_hidden_size=256, num_experts=16, top_k=3, granularity=4, num_shared_experts=1)
+    for cfg in (coarse, fine):
+        assert cost.layer_flops(cfg, 10) - cost.router_flops(cfg, 10) == 10 * 65_536
+    assert (cost.router_flops(coarse, 10), cost.router_flops(fine, 10)) == (5_120, 20_480)
+    report = _report("moe.granularity=4", "moe.num_experts=16", "moe.top_k=3", "moe.num_shared_experts=1")
+    assert report["flops"]["image"] == BASE_FLOPS["image"] + 2 * 17 * 1_536 == 7_451_648
+    assert report["flops"]["text"] == BASE_FLOPS["text"] + 2 * 32 * 1_536 == 13_770_752
+    # active per layer: 3 experts of 64 x 64 + 64 + 64 x 64 + 64 = 8,320 and the shared one (8,320) = 33,280
+    # against one coarse expert's 33,088 (+192), and a router of 64 x 16 against 64 x 4 (+768)
+    assert report["params"]["active/image"] == BASE_ACTIVE["image"] + 2 * (192 + 768) == 220_161
+    assert report["params"]["expert"] == 4 * 16 * 8_320  # the shared experts are not expert-parallel
+    # SwiGLU doubles the first projection of the routed and the shared experts: 2 D He (2 + 1) a row
+    swiglu = fine.replace(activation="swiglu")
+    assert cost.layer_flops(swiglu, 10) - cost.router_flops(swiglu, 10) == 10 * 4 * 2 * 64 * 64 * 3
+
+
+def test_soft_moe_counts_its_dispatch_and_combine_matmuls():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moe_dist.moe import MoEConfig, build_moe_layer, cost
+
+    # D = 8, H = 32, E = 2 experts of P = 3 slots (S = 6), 2 sequences of L = 5 tokens (T = 10): logits x @ phi
+    # 2 x 10 x 8 x 6 = 960, dispatch^T x and combine @ outputs 960 each; E P = 6 slot rows a sequence, 12 rows
+    # of 2 x 8 x 32 x 2 = 1,024 FLOPs
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=32, num_experts=2, router="soft", slots_per_expert=3)
+    assert cost.router_flops(cfg, 10) == 2_880
+    assert cost.expert_rows(cfg, 10, 2) == 12 == cost.expert_rows(cfg, 10, 2, ep_size=2)
+    assert cost.layer_flops(cfg, 10, 2) == 2_880 + 12 * 1_024
+    with FlopCounterMode(display=False) as counter:  # the layer's own matmuls (the experts' loop is opaque)
+        build_moe_layer(cfg).train()(torch.randn(2, 5, 8))
+    assert counter.get_total_flops() == 2_880
+    # a Soft MoE image tower: per layer 6 x 17 x 64 x 4 = 26,112 mixing FLOPs and 4 slot rows (262,144)
+    # replace the top-1's router (8,704) and 17 rows (1,114,112); the active image parameters count 4 / 17
+    # of the 4 experts (the other 64 / 17 experts' worth of 33,088 is left out of 416,771)
+    report = _report("vision.moe.overrides.router=soft")
+    assert report["flops"]["image"] == BASE_FLOPS["image"] - 2 * (8_704 + 1_114_112 - 26_112 - 262_144) == 5_730_304
+    assert report["params"]["active/image"] == round(416_771 - 2 * 64 / 17 * 33_088) == 167_638
+
+
+def test_expert_choice_computes_exactly_e_times_c_rows():
+    import torch
+
+    from moe_dist.moe import MoEConfig, cost
+    from moe_dist.moe.router import build_router
+
+    # E = 4, factor 1.25, T = 10: C = ceil(12.5 / 4) = 4, so 16 rows (not T K = 40), at any ep_size
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=32, num_experts=4, router="expert_choice", capacity_factor=1.25)
+    assert cost.expert_rows(cfg, 10) == 16 == cost.expert_rows(cfg, 10, ep_size=2)
+    assert int(build_router(cfg)(torch.randn(10, 8)).valid_TK.sum()) == 16  # the router's own choice
+    assert cost.buffer_rows(cfg, 10) == 40  # but the dispatcher gathers all T E slots at ep_size 1
+    assert cost.active_experts(cfg, 10) == 1.25
+    # an Expert-Choice image tower at factor 1.5: C = ceil(1.5 x 17 / 4) = 7 per expert, 28 rows a sample
+    # instead of 17; micro batch 4: T = 68, C = 26, and ep_size 2 sends C x 2 local experts x 1 remote rank
+    report = _report("vision.moe.overrides.router=expert_choice")
+    assert report["flops"]["image"] == BASE_FLOPS["image"] + 2 * 11 * 65_536 == 8_841_216
+    assert report["params"]["active/image"] == BASE_ACTIVE["image"] + 2 * 0.5 * 33_088 == 251_329
+    facts = model_facts(load_run_config(TINY, ["model.vision.moe.overrides.router=expert_choice"]))
+    vision = facts.layer("vision.1")
+    assert (vision.rows(1), vision.rows(4)) == (28, 104)
+    assert (comm.capacity(vision, 4), comm.planned_rows(vision, 4, 2)) == (26, 52)
+
+
+def test_vision_only_override_counts_each_tower_with_its_own_config():
+    sets = ["model.vision.moe.overrides.router=soft", "model.vision.moe.overrides.num_experts=8",
+            "model.vision.moe.overrides.slots_per_expert=2"]
+    facts = model_facts(load_run_config(TINY, sets))
+    assert [(x.name, x.config.router, x.config.num_experts) for x in facts.moe_layers] == [
+        ("vision.1", "soft", 8), ("vision.3", "soft", 8), ("text.1", "topk", 4), ("text.3", "topk", 4)]
+    assert facts.num_experts == 4  # an ep_size must divide both towers' counts
+    # the text tower is moe-clip-tiny's; the image tower: 6 x 17 x 64 x 16 = 104,448 mixing FLOPs and
+    # 8 x 2 = 16 slot rows (1,048,576) per layer instead of 8,704 + 1,114,112
+    assert facts.flops["text"] == BASE_FLOPS["text"] and facts.params["active/text"] == BASE_ACTIVE["text"]
+    assert facts.flops["image"] == BASE_FLOPS["image"] + 2 * (104_448 + 1_048_576 - 8_704 - 1_114_112) == 7_459_840
+    # all-to-all at ep_size 2, micro batch 4, fp32, each exchanged twice: the Soft MoE layer sends its
+    # remote experts' 4 x 2 x 4 = 32 slot rows of 64 values (no counts: 2 x 64 x 64 x 4 B); the top-1 text
+    # layer the fixed [2, 48] block, C = ceil(1.5 x 128 / 4) = 48 (2 x 192 x 64 x 4 B)
+    per_layer = comm.moe_all_to_all(facts, Cluster(1, 2), 2, 4, 1, "fp32")["per_layer"]
+    assert [x["bytes"] for x in per_layer] == [32_768, 32_768, 98_304, 98_304]
+    assert comm.capacity(facts.layer("vision.1"), 4) == 8  # 2 slots x 4 sequences per expert and rank
+
+
+def test_sigmoid_costs_what_softmax_does_and_balance_all_reduces_are_counted():
+    base = model_facts(load_run_config(TINY, []))
+    facts = model_facts(load_run_config(TINY, ["model.moe.score_func=sigmoid", "model.moe.router_bias=true",
+                                               "model.moe.load_balance=global_batch", "model.moe.n_groups=2"]))
+    assert facts.flops == base.flops and facts.params == base.params
+    assert comm.balance_bytes(base, Cluster(1, 4), 2) == {"forward_all_reduce": 0, "step_all_reduce": 0,
+                                                          "intra_node": 0, "inter_node": 0}
+    # 4 layers of M x E = 2 x 4 loads, 8 bytes each, ring over W = 4: 2 x 3/4 x 64 = 96 B per all-reduce:
+    # every forward of the 2 micro batches (twice with checkpointing), and once per step
+    assert comm.balance_bytes(facts, Cluster(1, 4), 2) == {"forward_all_reduce": 4 * 96 * 2, "step_all_reduce": 4 * 96,
+                                                           "intra_node": 1_152, "inter_node": 0}
+    assert comm.balance_bytes(facts, Cluster(2, 2), 2, "blocks")["inter_node"] == 4 * 96 * 4 + 4 * 96
+    bias_only = model_facts(load_run_config(TINY, ["model.text.moe.overrides.router_bias=true"]))
+    assert comm.balance_bytes(bias_only, Cluster(1, 4), 2)["step_all_reduce"] == 2 * 96  # the text layers only
+
+
+@pytest.mark.parametrize("sets", [["model.vision.moe.overrides.router=soft"],
+                                  ["model.vision.moe.overrides.router=expert_choice"],
+                                  ["model.moe.granularity=4", "model.moe.num_experts=16", "model.moe.top_k=3",
+                                   "model.moe.num_shared_experts=1", "model.moe.activation=swiglu"]])
+def test_activation_estimate_of_routing_options_within_15_percent(sets):
+    measured, estimated = _measured_and_estimated("moe-clip-tiny", sets)
+    assert abs(estimated - measured) <= 0.15 * measured, (estimated, measured)
+
+
+def test_model_configs_params_comments_are_current():
+    """Each shipped model JSON's "_params" line states what ``moe-dist params`` counts."""
+    import glob
+    import re
+
+    from moe_dist.models.params import params_report
+
+    for path in sorted(glob.glob("configs/models/*.json")):
+        with open(path) as f:
+            line = json.load(f)["_params"]
+        report = params_report(path)
+        p, flops = report["params"], report["flops"]
+        number = r"([\d,]+)"
+        stated = {"total": re.search(rf"total {number} params", line),
+                  "expert": re.search(rf"\({number} in experts", line),
+                  "active/image": re.search(rf"image {number}", line),
+                  "active/text": re.search(rf"text {number}", line),
+                  "per_sample": re.search(rf"FLOPs per sample {number}", line)}
+        for key, match in stated.items():
+            assert match, (path, key, line)
+            actual = flops[key] if key == "per_sample" else p[key]
+            assert int(match.group(1).replace(",", "")) == actual, (path, key, actual, line)
