@@ -105,7 +105,8 @@ def expert_row_flops(cfg: MoEConfig) -> int:
 
 def shared_flops(cfg: MoEConfig, tokens: int) -> int:
     """Forward FLOPs of the always-on FFN for ``tokens`` tokens: 2 T D Hs (a + 1) (0 without one)."""
-    return 2 * tokens * cfg.hidden_size * cfg.shared_hidden_size * (activation_width(cfg) + 1)
+    a = ACTIVATIONS.get(cfg.shared_activation).width  # the older shared_expert is GELU whatever the experts use
+    return 2 * tokens * cfg.hidden_size * cfg.shared_hidden_size * (a + 1)
 
 
 def layer_flops(cfg: MoEConfig, tokens: int, sequences: int = 1) -> int:

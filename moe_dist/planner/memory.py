@@ -141,13 +141,15 @@ def state_bytes(groups: Iterable[ParamGroup], world: int, ep_size: int, zero_sta
 def moe_mlp_values(layer, micro_batch: int, ep_size: int = 1) -> float:
     """Saved values of one MoE MLP call of ``micro_batch`` samples (module docstring)."""
     from ..moe import cost
+    from ..moe.registry import ACTIVATIONS
 
     m = layer.config
     N, D, X = layer.call_tokens(micro_batch), m.hidden_size, layer.buffer_rows(micro_batch, ep_size)
     a = cost.activation_width(m)
     k = 1 if not m.recompute_activation or m.expert_backend == "grouped_mm" else 0
     routing = 2 * D + 2 * m.num_experts * m.slots_per_expert + 2 if m.router == "soft" else D + 2 * m.num_experts + 7
-    return N * routing + X * (3 * D + (a + k) * m.expert_hidden_size + 7) + N * (a + 1) * m.shared_hidden_size
+    a_shared = ACTIVATIONS.get(m.shared_activation).width
+    return N * routing + X * (3 * D + (a + k) * m.expert_hidden_size + 7) + N * (a_shared + 1) * m.shared_hidden_size
 
 
 def _tower_values(tokens: int, width: int, layers: int, moe_blocks: Dict[int, object], hidden: int,
