@@ -243,6 +243,7 @@ def table(results: dict, names: List[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------- routing study
 LOAD_TAG = "moe/expert_load/"  # + layer: engine/metrics.py's per-expert histogram (all modalities of the layer)
+SLOT_TAG = "moe/slot_weight/"  # + layer: a Soft MoE layer's slot weight per expert (engine/metrics.py)
 DROP_KEY = "moe/dropped_fraction/"  # + layer: metrics.jsonl, the logged step's last micro-batch
 STEP_TIME_KEY = "perf/step_time_s"  # metrics.jsonl, the logged step's wall time (data wait included)
 RETRIEVAL = ["i->t R@1", "i->t R@10", "t->i R@1", "t->i R@10"]
@@ -324,7 +325,8 @@ def window_dropped(rows: Iterable[dict], last_step: int, window: int) -> Dict[st
 
 def read_load_histograms(tb_dir: str) -> Dict[str, List[Tuple[int, List[float]]]]:
     """{layer: [(step, per-expert load)]} from a run's TensorBoard histograms ``moe/expert_load/<layer>``
-    (the per-modality tags ``moe/expert_load/<modality>/<layer>`` are skipped); {} without a log."""
+    (the per-modality tags ``moe/expert_load/<modality>/<layer>`` are skipped), and a Soft MoE layer's
+    ``moe/slot_weight/<layer>``; {} without a log."""
     if not os.path.isdir(tb_dir):
         return {}
     from tensorboard.backend.event_processing import event_accumulator as ea
@@ -334,8 +336,9 @@ def read_load_histograms(tb_dir: str) -> Dict[str, List[Tuple[int, List[float]]]
     acc.Reload()
     out = {}
     for tag in acc.Tags().get(ea.HISTOGRAMS, []):
-        layer = tag[len(LOAD_TAG):]
-        if tag.startswith(LOAD_TAG) and "/" not in layer:
+        prefix = next((p for p in (LOAD_TAG, SLOT_TAG) if tag.startswith(p)), None)
+        layer = tag[len(prefix):] if prefix else ""
+        if prefix and layer and "/" not in layer:
             by_step = {h.step: [float(c) for c in h.histogram_value.bucket] for h in acc.Histograms(tag)}
             out[layer] = sorted(by_step.items())
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,9 +252,14 @@ class ModelConfig:
         if self.kind == "coca":  # three modalities: image, text and the decoder's cross-modal tokens
             reserved = list(fields.get("modality_experts", (0, 0)))
             fields["modality_experts"] = tuple(reserved + [0] * (3 - len(reserved)))
-        # typed like every other section (finite numbers, the right types), named model.moe in errors
-        return from_dict(MoEConfig, {**fields, "hidden_size": width, "ffn_hidden_size": int(width * mlp_ratio)},
-                         where_overrides if overrides else "model.moe")
+        # typed like every other section (finite numbers, the right types); errors name the config key that
+        # set each field (model.moe.x, or the tower's overrides)
+        try:
+            return from_dict(MoEConfig, {**fields, "hidden_size": width, "ffn_hidden_size": int(width * mlp_ratio)},
+                             where_overrides if overrides else "model.moe")
+        except ValueError as err:
+            message = re.sub(r"MoEConfig\.(\w+)", lambda m: self.moe_key(tower, m.group(1)), str(err))
+            raise ValueError(message) from None
 
 
 def model_config_dirs() -> List[Path]:

@@ -393,7 +393,8 @@ def test_bad_routing_configs_are_refused(fields, message):
     ("moe-clip-tiny", {"vision": {"moe": {"overrides": {"routre": "soft"}}}},
      "model.vision.moe.overrides has unknown fields ['routre']"),
     ("moe-clip-tiny", {"vision": {"moe": {"overrides": {"slots_per_expert": 0, "router": "soft"}}}},
-     "slots_per_expert=0 must be >= 1"),
+     "model.vision.moe.overrides.slots_per_expert=0 must be >= 1"),
+    ("moe-clip-tiny", {"moe": {"load_balance": "global"}}, "model.moe.load_balance='global' is unknown; use one of"),
 ])
 def test_whole_sequence_routers_are_refused_in_causal_towers(model, overrides, message):
     with pytest.raises(ValueError) as err:
