@@ -215,7 +215,7 @@ class MoELayer(_DeepSpeedMoE):
             tracker = self.load_tracker
             return BalanceInputs(experts_M, global_load=tracker.global_load if self.training else None)
         # sequence: [..., L, D] holds prod(...) sequences of L tokens ([T, D]: one sequence)
-        L = x.shape[-2] if x.dim() >= 3 else x.shape[0]
+        L = max(1, x.shape[-2] if x.dim() >= 3 else x.shape[0])  # (an empty call has no sequence)
         T = x.numel() // x.shape[-1]
         return BalanceInputs(experts_M, sample_T=torch.arange(T, device=x.device) // L, num_samples=T // L)
 

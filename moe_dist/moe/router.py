@@ -358,8 +358,8 @@ class TopPRouter(_ProbabilityRouter):
 
 
 def expert_choice_capacity(cfg: MoEConfig, num_tokens: int) -> int:
-    """Tokens each expert takes under Expert-Choice: ceil(capacity_factor * T / E), in [1, T]."""
-    return max(1, min(num_tokens, math.ceil(cfg.capacity_factor * num_tokens / cfg.num_experts)))
+    """Tokens each expert takes under Expert-Choice: ceil(capacity_factor * T / E), in [1, T] (0 for T = 0)."""
+    return min(num_tokens, max(1, math.ceil(cfg.capacity_factor * num_tokens / cfg.num_experts)))
 
 
 @ROUTERS.register("expert_choice")

@@ -90,8 +90,8 @@ class SoftMoELayer(MoELayer):
         if x.shape[-1] != D or x.dim() < 2:
             raise ValueError(f"Soft MoE expects inputs [..., L, {D}] (sequences of tokens), got {tuple(x.shape)}")
         L = x.shape[-2]
-        x_BLD = x.reshape(-1, L, D)
-        B = x_BLD.shape[0]
+        B = math.prod(x.shape[:-2])  # (1 for [L, D]; an explicit count, as L may be 0)
+        x_BLD = x.reshape(B, L, D)
         mask_BL = None if padding_mask is None else ~padding_mask.expand(x.shape[:-1]).reshape(B, L)
         dispatch_BLS, combine_BLS = self.router(x_BLD, mask_BL)
         # 1. slots, expert-major rows: row (e, b, p) is slot e * P + p of sequence b

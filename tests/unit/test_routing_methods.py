@@ -460,3 +460,16 @@ def test_new_routers_read_nothing_on_the_host(fields):
     ref.load_state_dict(layer.state_dict())
     want = ref(x.detach().double(), modality=modality, padding_mask=padding).output
     assert rel_err(out.output.double(), want) < 1e-5
+
+
+@pytest.mark.parametrize("fields", [dict(router="expert_choice"), dict(router="soft"),
+                                    dict(load_balance="sequence"), dict(load_balance="global_batch")],
+                         ids=["expert_choice", "soft", "sequence", "global_batch"])
+@pytest.mark.parametrize("shape", [(0, D), (2, 0, D), (0, 3, D)])
+def test_empty_calls(fields, shape):
+    """No tokens (or sequences of no tokens): an empty output, a zero aux loss, and a backward."""
+    layer = build_moe_layer(MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, top_k=1, **fields))
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    (out.output.sum() + out.aux_loss).backward()
+    assert out.output.shape == shape and float(out.aux_loss) == 0.0 and x.grad.shape == shape
