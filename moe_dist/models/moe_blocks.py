@@ -17,14 +17,15 @@ name or state-dict key:
     compile (``COMPILE_MODES``):
         "blocks": each block's forward is compiled with torch.compile (inductor; CUDA and CPU alike),
             the MoE layer inside it at ep_size 1 (no host read, no data-dependent shape: moe/). With
-            expert parallelism the layer, which communicates, stays eager behind ``torch.compiler.disable``
+            expert parallelism (or a global-batch balance loss over several ranks) the layer, which
+            communicates (``MoELayer.communicates``), stays eager behind ``torch.compiler.disable``
             (``MoEMLP.forward``). MoE-CLIP's text blocks see the batch's caption length (the tower
             stops at the last EOS): the second length they meet recompiles them once with a dynamic
             length. Each kind of block (block list, block class, MLP class) compiles its own copy of the
             forward, so that no kind shares dynamo's per-code-object cache (and its limit of 8 graphs)
             with the others. The blocks are every Transformer's ``resblocks`` and a CoCa decoder's
             ``cross_attn`` blocks.
-        "model": the whole model's forward is one graph (``fullgraph`` at ep_size 1: a graph break is an
+        "model": the whole model's forward is one graph (``fullgraph`` when no layer communicates: a break is an
             error, not a silent slowdown), as open_clip compiles; module hooks (DeepSpeed's) run outside.
             MoE-CLIP's forward no longer cuts its text after the batch's last EOS (that reads the length
             on the host): the trainer cuts each batch before its copy to the device (``trim_text_batch``),
