@@ -144,7 +144,9 @@ class MoELayer(_DeepSpeedMoE):
         open_M = (torch.full((len(config.modalities),), config.num_experts) if self.router.allowed_ME is None
                   else self.router.allowed_ME[:-1].sum(-1))  # integers: a cast model leaves them exact
         self.register_buffer("open_experts_M", open_M, persistent=False)
+        # (Soft MoE has no routing loss and no bias: nothing to track)
         tracks_load = config.router_bias or config.load_balance == "global_batch"
+        tracks_load = tracks_load and config.router_class.has_routing_loss
         self.load_tracker = LoadTracker(config, self.router.allowed_ME) if tracks_load else None
         self.dispatcher = build_dispatcher(config.num_experts, ep_size, expert_parallel_group(ep_size))
         self.register_state_dict_post_hook(_experts_to_deepspeed_keys)
@@ -154,7 +156,8 @@ class MoELayer(_DeepSpeedMoE):
     def communicates(self) -> bool:
         """The forward calls collectives (expert-parallel all-to-alls, or the global-batch loss's
         all-reduce): it runs eager, outside a compiled graph (models/moe_blocks.py)."""
-        return self.ep_size > 1 or (self.config.load_balance == "global_batch" and world_size() > 1)
+        global_loss = self.load_tracker is not None and self.config.load_balance == "global_batch"
+        return self.ep_size > 1 or (global_loss and world_size() > 1)
 
     def set_dropless(self, dropless: bool) -> None:
         """Switch between dropless and capacity dispatch after construction (evaluation runs dropless by

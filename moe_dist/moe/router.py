@@ -151,11 +151,13 @@ class Router(nn.Module):
         token_choice: each token picks its experts on its own (False: the router looks at the whole call).
         may_skip_slots: ``select`` can leave slots unused (``valid_TK`` False).
         capacity_policy: the ``dispatch.POLICIES`` entry the router imposes (None: by ``dropless``).
+        has_routing_loss: the routing losses (and the loads moe/balance.py tracks) apply.
     """
 
     token_choice = True
     may_skip_slots = True
     capacity_policy: Optional[str] = None
+    has_routing_loss = True
 
     @classmethod
     def slots_per_token(cls, cfg: MoEConfig) -> int:

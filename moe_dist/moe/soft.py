@@ -40,6 +40,7 @@ class SoftRouter(nn.Module):
 
     token_choice = False
     capacity_policy: Optional[str] = None
+    has_routing_loss = False
     allowed_ME = None  # Soft MoE reserves no experts per modality (check_config)
 
     @classmethod

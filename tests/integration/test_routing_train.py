@@ -1,8 +1,8 @@
-"""Training with the selection bias (DeepSeek-V3) and the global-batch balance loss on 2 ranks, ep_size 2,
-grad_accum 2: after every optimizer step the bias moved by rate * sign(mean - load) with the load that
-TensorBoard shows for that step (every rank, both micro batches), it is in the checkpoint, and a resume
-continues it bit for bit. A Soft MoE image tower trains with its experts on 2 ranks and analyze-routing
-reads it."""
+"""One 2-rank run (ep_size 2, ZeRO-2, grad_accum 2): a Soft MoE image tower beside a text tower with the
+selection bias (DeepSeek-V3) and the global-batch balance loss. After every optimizer step each text
+layer's bias moved by rate * sign(mean - load) with the load that TensorBoard shows for that step (every
+rank, both micro batches); it is in the checkpoint and a resume continues it bit for bit; analyze-routing
+reads the Soft MoE layers (their experts were on 2 ranks)."""
 
 import json
 import os
@@ -15,7 +15,8 @@ from helpers.train import deepspeed_cmd, make_synth, overrides, run
 RATE = 0.01
 SETS = {"batch.grad_accum": 2, "batch.micro_batch": 8, "model.moe.dropless": "true", "model.moe.router_bias": "true",
         "model.moe.router_bias_rate": RATE, "model.moe.load_balance": "global_batch", "logging.every": 1,
-        "checkpoint.every": 1, "ep_size": 2, "zero_stage": 2}
+        "checkpoint.every": 1, "ep_size": 2, "zero_stage": 2, "model.vision.moe.overrides.router": "soft",
+        "model.vision.moe.overrides.slots_per_expert": 2, "model.vision.moe.overrides.router_bias": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +59,12 @@ def test_the_bias_moves_once_per_step_by_every_ranks_and_micro_batchs_load(biase
     before = None
     for step in (1, 2):
         biases = _biases(biased_run / "checkpoints" / f"step{step:08d}")
-        assert len(biases) == 4  # two image and two text MoE layers
+        assert sorted(biases) == [f"text.transformer.resblocks.{i}.mlp.moe.router.selection_bias_ME" for i in (1, 3)]
         for key, bias in biases.items():
-            layer = key.split(".transformer.resblocks.")
-            layer = ("vision" if layer[0] == "visual" else "text") + "." + layer[1].split(".")[0]
-            modality = "image" if layer.startswith("vision") else "text"
-            load = loads[(step, layer, modality)]
-            # image tokens: 2 ranks x 2 micro batches x 8 images x 17 tokens, top-1 dropless
-            if modality == "image":
-                assert float(load.sum()) == 2 * 2 * 8 * 17
-            row = 0 if modality == "image" else 1
+            layer = "text." + key.split(".transformer.resblocks.")[1].split(".")[0]
+            load = loads[(step, layer, "text")]
+            assert float(load.sum()) > 0
+            row = 1  # text tokens
             step_change = RATE * torch.sign(load.mean() - load)
             previous = torch.zeros_like(bias[row]) if before is None else before[key][row]
             assert torch.allclose(bias[row].double() - previous.double(), step_change, atol=1e-7), (key, step)
@@ -86,23 +83,15 @@ def test_a_resume_continues_the_bias_exactly(synth, biased_run, tmp_path):
         assert torch.equal(got[key], want[key]), key
 
 
-@pytest.mark.parametrize("router", ["soft"])  # Expert-Choice: tests/distributed/test_routing_methods.py, analysis
-def test_whole_sequence_image_towers_train_and_analyze(synth, tmp_path, router):
-    out = tmp_path / router
-    sets = {"steps": 2, "model.vision.moe.overrides.router": router, "model.vision.moe.overrides.slots_per_expert": 2,
-            "ep_size": 2}  # the image tower's experts on 2 ranks: slots (or chosen tokens) cross the all-to-all
-    res = run(deepspeed_cmd(overrides(synth, out, **sets)))
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    res = run(["moe-dist", "analyze-routing", "--checkpoint", str(out / "checkpoints" / "step00000002"), "--data",
-               str(synth / "val"), "--out", str(tmp_path / "routing")])
+def test_analyze_routing_reads_the_soft_moe_image_tower(synth, biased_run, tmp_path):
+    res = run(["moe-dist", "analyze-routing", "--checkpoint", str(biased_run / "checkpoints" / "step00000002"),
+               "--data", str(synth / "val"), "--out", str(tmp_path / "routing")])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     layers = json.loads((tmp_path / "routing" / "routing.json").read_text())["layers"]
     vision = {name: layer["image"] for name, layer in layers.items() if name.startswith("vision")}
     assert len(vision) == 2, layers
-    for report in vision.values():
-        # Soft MoE: each token's combine weights sum to 1; Expert-Choice: every expert takes its capacity
+    for report in vision.values():  # each token's combine weights sum to 1
         per_token = sum(report["assignments"]) / report["tokens"]
-        if router == "soft":
-            assert report["unit"] == "slot_weight" and per_token == pytest.approx(1.0, rel=1e-9)
-        else:
-            assert report["unit"] == "assignments" and len(set(report["assignments"])) == 1, report
+        assert report["unit"] == "slot_weight" and per_token == pytest.approx(1.0, rel=1e-6)
+    text = {name: layer["text"] for name, layer in layers.items() if name.startswith("text")}
+    assert all(report["unit"] == "assignments" for report in text.values()) and len(text) == 2

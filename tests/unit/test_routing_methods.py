@@ -473,3 +473,14 @@ def test_empty_calls(fields, shape):
     out = layer(x)
     (out.output.sum() + out.aux_loss).backward()
     assert out.output.shape == shape and float(out.aux_loss) == 0.0 and x.grad.shape == shape
+
+
+def test_a_soft_moe_tower_under_a_model_wide_global_batch_loss_tracks_nothing():
+    """Soft MoE has no routing loss: a model-wide load_balance=global_batch builds no load tracker there,
+    so the step's update passes it by (the 2-rank run in tests/integration/test_routing_train.py too)."""
+    layer = build_moe_layer(MoEConfig(hidden_size=D, ffn_hidden_size=H, num_experts=E, router="soft",
+                                      load_balance="global_batch"))
+    assert layer.load_tracker is None and not layer.communicates
+    out = layer(torch.randn(2, 5, D))
+    assert out.load_ME is None
+    end_optimizer_step([layer])
