@@ -112,12 +112,31 @@ def _refs(references: Mapping[str, Sequence[str]], key: str) -> Sequence[str]:
     return [refs] if isinstance(refs, str) else refs
 
 
+def token_f1(hypothesis: str, reference: str) -> float:
+    """F1 of the two sentences' words as bags (``tokenize``; SQuAD's answer F1): 2 P R / (P + R) with
+    P = shared / hypothesis words, R = shared / reference words; 0 when either is empty."""
+    h, r = Counter(tokenize(hypothesis)), Counter(tokenize(reference))
+    shared = sum((h & r).values())
+    if not shared:
+        return 0.0
+    precision, recall = shared / sum(h.values()), shared / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
 def caption_metrics(hypotheses: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> Dict[str, float]:
-    """{"bleu4", "cider_d", "exact_match", "images"}; exact_match: the hypothesis equals a reference
-    after ``tokenize``."""
+    """{"bleu4", "cider_d", "exact_match", "token_f1", "distinct", "top_caption_share", "images"}.
+
+    exact_match: the hypothesis equals a reference after ``tokenize``; token_f1: the mean over images of the
+    best ``token_f1`` against the image's references; distinct: distinct hypotheses (after ``tokenize``) per
+    image; top_caption_share: the share of images given the most frequent hypothesis (mode collapse shows
+    as a low ``distinct`` and a high share)."""
     exact = sum(tokenize(h) in [tokenize(r) for r in _refs(references, k)] for k, h in hypotheses.items())
+    f1 = sum(max(token_f1(h, r) for r in _refs(references, k)) for k, h in hypotheses.items())
+    counts = Counter(tuple(tokenize(h)) for h in hypotheses.values())
+    n = max(1, len(hypotheses))
     return {"bleu4": bleu(hypotheses, references)["bleu4"], "cider_d": cider_d(hypotheses, references),
-            "exact_match": exact / max(1, len(hypotheses)), "images": len(hypotheses)}
+            "exact_match": exact / n, "token_f1": f1 / n, "distinct": len(counts) / n,
+            "top_caption_share": max(counts.values(), default=0) / n, "images": len(hypotheses)}
 
 
 def normalize_answer(answer: str) -> str:

@@ -76,3 +76,18 @@ def test_vqa_normalisation_and_accuracy():
     assert out["per_type"]["yes/no"] == {"accuracy": 0.5, "questions": 2, "majority_baseline": 1.0}
     assert out["majority_baseline"] == 1.0  # every type's most frequent answer covers all of its questions
     assert out["single_answer_baseline"] == 0.5  # "no" answers 2 of the 4
+
+
+def test_token_f1_and_diversity_hand_worked():
+    from moe_dist.evaluation.captioning import token_f1
+
+    # "a red circle" vs "a big red square": 2 shared words; P = 2/3, R = 2/4, F1 = 2 * (2/3 * 1/2) / (2/3 + 1/2) = 4/7
+    assert token_f1("A red circle.", "a big red square") == pytest.approx(4 / 7, abs=1e-12)
+    assert token_f1("", "a cat") == 0.0 and token_f1("dog", "a cat") == 0.0
+    hyp = {"a": "a red circle", "b": "A red circle!", "c": "a blue square"}
+    refs = {"a": ["a big red square", "a red circle"], "b": ["two cats"], "c": ["a blue square"]}
+    out = caption_metrics(hyp, refs)
+    # token F1: image a takes its best reference (1.0), b shares no word (0), c is exact (1.0)
+    assert out["token_f1"] == pytest.approx(2 / 3, abs=1e-12)
+    # two distinct captions after tokenisation over 3 images; the most frequent one is given to 2 of them
+    assert out["distinct"] == pytest.approx(2 / 3) and out["top_caption_share"] == pytest.approx(2 / 3)
