@@ -118,9 +118,10 @@ def _flatten(data: bytes, size: int) -> bytes:
     """An RGBA PNG composited onto white, resized to ``size`` x ``size``, as PNG bytes."""
     from PIL import Image
 
+    from moe_dist.data.decode import to_rgb
+
     with Image.open(io.BytesIO(data)) as img:
-        rgba = img.convert("RGBA")
-    image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        image = to_rgb(img)
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     out = io.BytesIO()

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 USED_KEYS = frozenset(IMAGE_KEYS + ("txt", "json"))  # the only members a tar reader needs to read
@@ -58,8 +58,50 @@ def image_key(sample: Dict[str, object]) -> Optional[str]:
     return next((k for k in IMAGE_KEYS if k in sample), None)
 
 
+WHITE = (255, 255, 255)
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_EXIF_ORIENTATION = 0x0112
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as an upright 8-bit RGB image, whatever its mode: the one image-to-RGB step (training shards,
+    ``moe-dist caption``, ``moe-dist-data`` recipes).
+
+    - EXIF orientation is applied (a phone photo stored sideways comes out upright).
+    - Transparency (RGBA, LA, PA, a palette or grey/RGB image with a tRNS chunk) is composited onto
+      **white**, as open_clip-style pipelines expect; a plain ``convert("RGB")`` would drop the alpha and
+      show whatever colour the transparent pixels happen to hold (often black).
+    - 16/32-bit greyscale (I;16, I) is scaled to 8 bits (a plain convert clips everything above 255 to
+      white); float (F) is clipped to 0..255.
+    - CMYK, YCbCr, LAB, HSV, 1-bit and palette images convert through PIL's own conversions.
+
+    Any size works, 1 x 1 included; the result may be ``img`` itself when it already is upright RGB.
+    """
+    orientation = img.getexif().get(_EXIF_ORIENTATION) if hasattr(img, "getexif") else None
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        img = ImageOps.exif_transpose(img)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return _gray16(img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _gray16(img: Image.Image) -> Image.Image:
+    """An I;16 / I / F greyscale image as RGB: 16-bit values (0..65535) scaled to 0..255; an "I" or "F" image
+    whose values all fit 0..255 is taken as 8-bit already."""
+    import numpy as np
+
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (values.size and values.max() > 255):
+        values = values / 257.0
+    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: Optional[int] = None) -> Image.Image:
-    """RGB image from encoded bytes.
+    """RGB image from encoded bytes (through ``to_rgb``: upright, transparency composited onto white).
 
     Args:
         max_pixels: refuse images with more pixels (checked from the header, before decoding).
@@ -79,7 +121,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
                 raise SampleError("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
-            return img.convert("RGB")
+            return to_rgb(img)
     except SampleError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

@@ -97,3 +97,45 @@ def test_vqa_runs_on_vqa_shards_and_bad_inputs_give_one_line(exports, tmp_path, 
         code, stdout, err = cli(*args)
         lines = [line for line in err.splitlines() if "WARNING" not in line]
         assert code == 2 and len(lines) == 1 and expected in lines[0], (args, err)
+
+
+def test_caption_folder_of_odd_and_bad_images_captions_the_good_and_counts_the_bad(exports, tmp_path, cli):
+    import io
+    import os
+
+    images = tmp_path / "odd"
+    images.mkdir()
+    pal = Image.new("P", (20, 12))
+    pal.putpalette([0, 0, 0, 200, 30, 30])
+    pal.putpixel((3, 3), 1)
+    pal.save(images / "a_palette.png", transparency=0)
+    Image.new("RGBA", (16, 16), (0, 0, 255, 100)).save(images / "b_rgba.png")
+    Image.new("CMYK", (24, 18), (0, 255, 255, 0)).save(images / "c_cmyk.jpg")
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(images / "d_tiny.png")
+    Image.new("L", (1, 500), 90).save(images / "e_thin.png")
+    grey16 = Image.new("I;16", (10, 10))
+    grey16.putpixel((1, 1), 60000)
+    grey16.save(images / "f_grey16.png")
+    (images / "g_corrupt.jpg").write_bytes(os.urandom(300))
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, format="PNG")
+    (images / "h_truncated.png").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    out = tmp_path / "odd.jsonl"
+    code, stdout, err = cli("caption", "--checkpoint", exports["coca"], "--images", images, "--out", out,
+                            "--max-length", "3", "--batch", "3")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    good = ["a_palette.png", "b_rgba.png", "c_cmyk.jpg", "d_tiny.png", "e_thin.png", "f_grey16.png"]
+    bad = ["g_corrupt.jpg", "h_truncated.png"]
+    assert [r["key"] for r in rows] == good + bad  # file-name order, failures in their place
+    assert all(isinstance(r["caption"], str) and "error" not in r for r in rows[:6])
+    assert all("caption" not in r and r["error"] for r in rows[6:])
+    failed_lines = [line for line in err.splitlines() if line.startswith("caption: failed ")]
+    assert [line.split()[2].rstrip(":") for line in failed_lines] == bad
+    assert err.strip().splitlines()[-1] == "captioned 6, failed 2"
+    # every file bad: one clear line, non-zero
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "x.jpg").write_bytes(b"not an image")
+    code, stdout, err = cli("caption", "--checkpoint", exports["coca"], "--images", only_bad)
+    assert code == 2 and "none of its 1 image files could be read" in err.strip().splitlines()[-1], err
