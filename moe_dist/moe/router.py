@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -129,11 +129,16 @@ def allowed_experts_table(cfg: MoEConfig) -> torch.Tensor:
     ``modality_experts`` = (n_image, n_text[, n_cross]) lays the experts out as consecutive groups:
     image-only, text-only, cross-only, then shared. A token of modality m may use its own group and the
     shared experts."""
+    # from Python lists: no operator, so it also builds under torch.device("meta") (parameter counting)
+    return torch.tensor(allowed_experts_lists(cfg), dtype=torch.bool)
+
+
+def allowed_experts_lists(cfg: MoEConfig) -> List[List[bool]]:
+    """``allowed_experts_table`` as Python lists (config checks need no tensor)."""
     M = len(cfg.modality_experts)
     group_E = [m for m, n in enumerate(cfg.modality_experts) for _ in range(n)]
     group_E += [M] * (cfg.num_experts - len(group_E))  # shared
-    # from Python lists: no operator, so it also builds under torch.device("meta") (parameter counting)
-    return torch.tensor([[g in (m, M) for g in group_E] for m in range(M + 1)], dtype=torch.bool)
+    return [[g in (m, M) for g in group_E] for m in range(M + 1)]
 
 
 def modality_rows(modality_T: Optional[torch.Tensor], num_rows: int, num_tokens: int, device) -> torch.Tensor:
@@ -293,8 +298,7 @@ class TopKRouter(Router):
                              f"topk_groups={cfg.topk_groups} groups of {E // G} allow; raise topk_groups or lower top_k")
         if G > 1 and cfg.uses_modality:
             # the groups a token may end up in hold at least top_k experts its modality may use
-            allowed_ME = allowed_experts_table(cfg)[:-1]
-            for m, allowed_E in enumerate(allowed_ME.tolist()):
+            for m, allowed_E in enumerate(allowed_experts_lists(cfg)[:-1]):
                 usable = sorted(n for n in (sum(allowed_E[g * (E // G):(g + 1) * (E // G)]) for g in range(G)) if n)
                 if len(usable) < cfg.topk_groups or sum(usable[:cfg.topk_groups]) < cfg.top_k:
                     raise ValueError(
