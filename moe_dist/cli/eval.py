@@ -11,6 +11,8 @@ import os
 import sys
 from typing import List
 
+from .caption import add_generation_flags, generation_config
+
 TASK_NAMES = "zeroshot|retrieval|loss|caption|vqa"  # the names evaluation.tasks.TASKS checks; no heavy import for --help
 
 
@@ -33,6 +35,11 @@ def print_table(result, args: argparse.Namespace, tasks: List[str]) -> None:
           f"{'capacity' if args.capacity else 'dropless'} routing")
     for group, values in result.groups.items():
         if group == "samples":
+            continue
+        if group == "caption" and "constant_token_f1" in values:
+            from ..evaluation.caption_baselines import caption_table
+
+            print(caption_table(values))
             continue
         print(group)
         for key, value in values.items():
@@ -67,19 +74,29 @@ def _run(args: argparse.Namespace) -> int:
         init_distributed(env)
     accelerator = get_accelerator()
     device = "cpu" if accelerator.device_name() == "cpu" else accelerator.device_name(env.local_rank)
+    generation = generation_config(args) if "caption" in tasks else None
+    pool = None
+    if "caption" in tasks and args.caption_pool:
+        from ..evaluation.caption_baselines import read_caption_pool
+
+        pool = read_caption_pool(args.caption_pool, args.caption_pool_size, args.allow_pipe)
     model, tokenizer = load_pretrained(args.checkpoint, ep_size=1)
     model.to(device)
     try:
         result = evaluate(model, tokenizer, args.data, tasks, batch_size=args.batch, classes=args.classes,
                           rank=env.rank, world_size=env.world_size, dropless=not args.capacity,
                           allow_pipe=args.allow_pipe, label_key=args.label_key,
-                          progress=not args.no_progress and sys.stderr.isatty(), workers=args.workers)
+                          progress=not args.no_progress and sys.stderr.isatty(), workers=args.workers,
+                          caption_pool=pool, generation=generation)
     finally:
         if env.world_size > 1:
             torch.distributed.destroy_process_group()
     if env.rank != 0:
         return 0
     print_table(result, args, tasks)
+    if "caption" in tasks and not args.caption_pool:
+        print("caption baselines (best constant caption, retrieval captioning): give --caption-pool SPEC, the "
+              "training captions")
     if args.json:
         atomic_json(args.json, {"checkpoint": args.checkpoint, "data": shown_spec(args.data), "tasks": tasks,
                                 "dropless": not args.capacity, **result.to_json()}, durable=False)
@@ -113,5 +130,11 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="route with the model's eval capacity instead of dropless, and report the dropped fraction")
     p.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs (they run shell commands)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--caption-pool", metavar="SPEC",
+                   help="caption task: shard spec of the training captions; reports the best constant caption "
+                        "(chosen in hindsight) and retrieval captioning beside the model's scores")
+    p.add_argument("--caption-pool-size", type=int, default=10000,
+                   help="caption task: distinct pool captions read, in spec order (default 10000)")
+    add_generation_flags(p, max_length=30, batch=False)
     p.set_defaults(func=_run)
 

@@ -17,7 +17,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -106,6 +106,7 @@ class Trainer:
         self.step, self.skipped, self.consecutive_skips, self.micro_step = 0, 0, 0, 0
         self.run_id = ""
         self._stream: Optional[Iterator] = None
+        self._caption_pool: Optional[List[str]] = None  # eval.caption_pool, read at the first caption eval
         self._expert_load = ExpertLoadWindow()
         self._saved_step, self._saved_path = -1, ""
         self.resumer = Resumer(cfg, self.model_cfg, self.rank, self.world)  # the checkpoint directory: lock, resume
@@ -196,11 +197,16 @@ class Trainer:
             return {}
         from ..evaluation import evaluate
 
-        e = self.cfg.eval
-        result = evaluate(self.engine.module, self.tokenizer, self.cfg.data.val, e.tasks,
-                          batch_size=self.cfg.batch.micro_batch, classes=e.classes or None, rank=self.rank,
-                          world_size=self.world, allow_pipe=self.cfg.data.allow_pipe, label_key=e.label_key,
-                          progress=False, remote=self.cfg.data.remote_options())
+        e, d = self.cfg.eval, self.cfg.data
+        if "caption" in e.tasks and e.caption_pool != "none" and self._caption_pool is None:  # read once
+            from ..evaluation.caption_baselines import read_caption_pool
+
+            self._caption_pool = read_caption_pool(e.caption_pool or d.train, e.caption_pool_size, d.allow_pipe,
+                                                   d.remote_options())
+        result = evaluate(self.engine.module, self.tokenizer, d.val, e.tasks, batch_size=self.cfg.batch.micro_batch,
+                          classes=e.classes or None, rank=self.rank, world_size=self.world, allow_pipe=d.allow_pipe,
+                          label_key=e.label_key, progress=False, remote=d.remote_options(),
+                          caption_pool=self._caption_pool, generation=e.decoding.generation())
         self.engine.train()
         return {f"val/{name}": float(value) for name, value in result.scalars().items()}
 

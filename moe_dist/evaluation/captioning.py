@@ -183,13 +183,14 @@ def check_vqa_data(spec: str, allow_pipe: bool = False) -> None:
 
 def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: int = 32, rank: int = 0,
                   world_size: int = 1, allow_pipe: bool = False, progress: bool = False, workers: int = 0,
-                  remote=None):
+                  remote=None, image_features: bool = False):
     """Generate over every sample of ``spec`` once (this rank's shards); gathered from all ranks in canonical
     order. ``task`` "caption" decodes from an empty prompt, "vqa" from each sample's "question: Q answer:".
 
     Under ``world_size > 1`` with whole models on every rank (``load_pretrained``, ep_size=1) no rank waits
     on another until the final gather; an expert-parallel model needs ``cfg.lockstep``. Returns a list of
-    dicts (key, image_id, caption, metadata, generated). ``remote``: ``RemoteOptions`` of remote shards."""
+    dicts (key, image_id, caption, metadata, generated; with ``image_features`` also "image_features", the
+    normalised image embedding [D] on the CPU, for retrieval captioning). ``remote``: ``RemoteOptions``."""
     import torch
     from tqdm import tqdm
 
@@ -213,7 +214,10 @@ def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: 
     for batch in batches:
         if batch is None:
             size = model.cfg.vision.image_size
-            generate(model, tokenizer, torch.zeros(1, 3, size, size, device=device, dtype=dtype), None, cfg)
+            dummy = torch.zeros(1, 3, size, size, device=device, dtype=dtype)
+            generate(model, tokenizer, dummy, None, cfg)
+            if image_features:
+                _embed(model, dummy)
             continue
         prompts = None
         if task == "vqa":
@@ -222,10 +226,14 @@ def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: 
                     raise ValueError(f"sample {key} of {shown_spec(spec)} has no question or answer in its json; "
                                      "every VQA sample needs both")
             prompts = [vqa_prompt(str(m["question"])) for m in batch.metadata]
-        texts = generate(model, tokenizer, batch.images.to(device=device, dtype=dtype), prompts, cfg)
+        images = batch.images.to(device=device, dtype=dtype)
+        texts = generate(model, tokenizer, images, prompts, cfg)
+        features = _embed(model, images) if image_features else None
         for i, text in enumerate(texts):
             rows.append({"key": tuple(batch.keys[i].tolist()), "image_id": batch.image_ids[i],
                          "caption": batch.captions[i], "metadata": batch.metadata[i], "generated": text})
+            if features is not None:
+                rows[-1]["image_features"] = features[i]
         bar.update(len(batch.keys))
     bar.close()
     if world_size > 1:
@@ -235,15 +243,14 @@ def generate_over(model, tokenizer, spec: str, task: str, cfg=None, batch_size: 
     return sorted(rows, key=lambda r: r["key"])
 
 
-def caption_scores(rows) -> Dict[str, float]:
-    """BLEU-4, CIDEr-D and exact match of the generated captions, one hypothesis per image (its first sample's)
-    against every caption stored for that image (COCO shards hold one sample per caption)."""
-    hypotheses: Dict[str, str] = {}
-    references: Dict[str, List[str]] = defaultdict(list)
-    for r in rows:
-        hypotheses.setdefault(r["image_id"], r["generated"])
-        references[r["image_id"]].append(r["caption"])
-    return caption_metrics(hypotheses, references)
+def _embed(model, images):
+    """Normalised image embeddings [B, D] (fp32, CPU), dropless like generation."""
+    import torch
+
+    from ..models.moe_blocks import eval_routing
+
+    with eval_routing(model, dropless=True), torch.no_grad():
+        return model.encode_image(images).float().cpu()
 
 
 def vqa_scores(rows) -> Dict[str, object]:

@@ -71,7 +71,8 @@ def parse_tasks(tasks: Union[str, Sequence[str]]) -> List[str]:
 def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequence[str] = CONTRASTIVE_TASKS,
              batch_size: int = 64, classes: Union[None, str, Sequence[str]] = None, templates=None, rank: int = 0,
              world_size: int = 1, dropless: bool = True, allow_pipe: bool = False, label_key: str = "label",
-             progress: bool = True, workers: int = 0, remote=None) -> EvalResult:
+             progress: bool = True, workers: int = 0, remote=None, caption_pool: Optional[Sequence[str]] = None,
+             generation=None) -> EvalResult:
     """Evaluate ``model`` on every sample of ``spec`` exactly once over ``world_size`` ranks.
 
     Args:
@@ -92,6 +93,9 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequ
         workers: DataLoader worker processes decoding this rank's shards (0: in this process).
         remote: ``RemoteOptions`` of http(s):// and s3:// shards and their index files (None: the defaults;
             training passes ``data.remote_*``).
+        caption_pool: training captions (``caption_baselines.read_caption_pool``): the caption task then
+            reports the best constant caption and retrieval captioning beside the model's scores.
+        generation: the caption task's ``GenerationConfig`` (None: its defaults; VQA decodes greedily).
     Returns:
         EvalResult; ``groups`` holds "zeroshot" (metrics.zeroshot_metrics without "confusion"),
         "retrieval" (metrics.retrieval_metrics), "loss" (batch-size-weighted means of the total loss and
@@ -106,7 +110,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequ
     if world_size > 1 and not torch.distributed.is_initialized():
         raise ValueError(f"world_size={world_size} needs torch.distributed initialised before evaluate()")
     model = getattr(model, "module", model)  # a DeepSpeed engine evaluates its module
-    generated = {t: _generative(model, tokenizer, spec, t, batch_size, rank, world_size, allow_pipe, remote)
+    generated = {t: _generative(model, tokenizer, spec, t, batch_size, rank, world_size, allow_pipe, remote,
+                                caption_pool, generation)
                  for t in tasks if t in GENERATIVE_TASKS}
     tasks = [t for t in tasks if t not in GENERATIVE_TASKS]
     if not tasks:
@@ -120,18 +125,31 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, spec: str, tasks: Sequ
     return result
 
 
-def _generative(model, tokenizer, spec, task, batch_size, rank, world_size, allow_pipe, remote) -> Dict[str, object]:
-    """Greedy generation over the set and its scores; under expert parallelism every rank decodes in lockstep."""
+def _generative(model, tokenizer, spec, task, batch_size, rank, world_size, allow_pipe, remote, pool,
+                generation) -> Dict[str, object]:
+    """Generation over the set and its scores (captions: with the baselines when a pool is given); under
+    expert parallelism every rank decodes in lockstep."""
+    import dataclasses
+
     from ..generation import GenerationConfig, check_generative
-    from .captioning import caption_scores, check_vqa_data, generate_over, vqa_scores
+    from .caption_baselines import caption_scores, encode_pool
+    from .captioning import check_vqa_data, generate_over, vqa_scores
 
     check_generative(model, f"eval task {task!r}: the model")
     if task == "vqa":
         check_vqa_data(spec, allow_pipe)
     expert_parallel = any(m.moe.ep_size > 1 for m in moe_mlps(model))
-    cfg = GenerationConfig(max_new=8 if task == "vqa" else 30, lockstep=expert_parallel)
-    rows = generate_over(model, tokenizer, spec, task, cfg, batch_size, rank, world_size, allow_pipe, remote=remote)
-    scores = caption_scores(rows) if task == "caption" else vqa_scores(rows)
+    if task == "caption" and generation is not None:
+        cfg = dataclasses.replace(generation, lockstep=expert_parallel)
+    else:
+        cfg = GenerationConfig(max_new=8 if task == "vqa" else 30, lockstep=expert_parallel)
+    with_pool = task == "caption" and pool is not None
+    rows = generate_over(model, tokenizer, spec, task, cfg, batch_size, rank, world_size, allow_pipe, remote=remote,
+                         image_features=with_pool)
+    if task == "caption":
+        scores = caption_scores(rows, pool, encode_pool(model, tokenizer, pool, batch_size) if with_pool else None)
+    else:
+        scores = vqa_scores(rows)
     return {k: v for k, v in scores.items() if k != "per_type"} | {
         f"{t}_accuracy": s["accuracy"] for t, s in scores.get("per_type", {}).items()}
 

@@ -10,13 +10,14 @@ the other rows of a call: batched decoding equals one-by-one decoding.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from ..models.moe_blocks import collect_moe_outputs, eval_routing
-from .decoding import GenerationConfig, Step, decode
+from .decoding import GenerationConfig, Step, beam_candidates, decode
 
 VQA_PROMPT = "question: {question} answer:"
 
@@ -96,13 +97,43 @@ def _lockstep_lengths(groups: Dict[int, List[int]]) -> List[int]:
     return sorted({n for lengths in everyone for n in lengths} - set(groups))
 
 
+def _fitted(cfg: GenerationConfig, room: int) -> GenerationConfig:
+    """``cfg`` with at most ``room`` new tokens (what the context leaves after a prompt), the minimum length
+    cut to leave the EOS room."""
+    max_new = min(cfg.max_new, room)
+    return dataclasses.replace(cfg, max_new=max_new, min_length=min(cfg.min_length, max_new - 1))
+
+
+def _reranked(model, tokenizer, image_BD, memory_BPW, prompt_BT, prompts: List[str],
+              cfg: GenerationConfig) -> List[str]:
+    """Beam search, then per image the finished beam with the best beam score + ``cfg.rerank`` x cosine
+    similarity between the image's embedding and the text tower's embedding of prompt + continuation. One
+    text-tower call per group, on every rank (lockstep)."""
+    from ..models.clip import text_to_device
+
+    found = beam_candidates(model_step(model, memory_BPW, tokenizer), prompt_BT, tokenizer.eos_id, cfg.max_new,
+                            cfg.beam_width, cfg.length_penalty, cfg.lockstep, cfg.repetition_penalty, cfg.min_length)
+    texts = [[tokenizer.decode(torch.tensor([ids], dtype=torch.long))[0].strip() for _, ids in c] for c in found]
+    flat = [(b, text) for b, candidates in enumerate(texts) for text in candidates]
+    full = [" ".join(filter(None, [prompts[b].strip(), text])) for b, text in flat]
+    text_ND = model.encode_text(text_to_device(model, tokenizer(full), image_BD.device)).float()
+    owner_N = torch.tensor([b for b, _ in flat], device=image_BD.device)
+    cosine_N = (text_ND * image_BD.float()[owner_N]).sum(-1).cpu().tolist()
+    out, n = [], 0
+    for b, candidates in enumerate(found):
+        scores = [score + cfg.rerank * cosine_N[n + i] for i, (score, _) in enumerate(candidates)]
+        out.append(texts[b][max(range(len(scores)), key=scores.__getitem__)])
+        n += len(candidates)
+    return out
+
+
 def _generate(model, tokenizer, images, prompts, cfg: GenerationConfig) -> List[str]:
     prompts = list(prompts) if prompts is not None else [""] * images.shape[0]
     if len(prompts) != images.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images; give one prompt per image")
     context = model.cfg.text.context_length
     device = images.device
-    _, memory_BPW = model.encode_image_tokens(images)
+    image_BD, memory_BPW = model.encode_image_tokens(images)
     groups: Dict[int, List[int]] = defaultdict(list)
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     for b, prompt in enumerate(ids):
@@ -112,12 +143,21 @@ def _generate(model, tokenizer, images, prompts, cfg: GenerationConfig) -> List[
         groups[len(prompt)].append(b)
     out: List[str] = [""] * len(prompts)
     for length in _lockstep_lengths(groups) if cfg.lockstep else []:  # lengths only other ranks decode
-        dummy_cfg = GenerationConfig(**{**cfg.__dict__, "max_new": min(cfg.max_new, context - length)})
+        dummy_cfg = _fitted(cfg, context - length)
         prompt_1T = torch.full((1, length), tokenizer.bos_id, dtype=torch.long, device=device)
-        decode(model_step(model, memory_BPW[:1], tokenizer), prompt_1T, tokenizer.eos_id, dummy_cfg)
+        if cfg.rerank:
+            _reranked(model, tokenizer, image_BD[:1], memory_BPW[:1], prompt_1T, [""], dummy_cfg)
+        else:
+            decode(model_step(model, memory_BPW[:1], tokenizer), prompt_1T, tokenizer.eos_id, dummy_cfg)
     for length, members in sorted(groups.items()):
-        group_cfg = GenerationConfig(**{**cfg.__dict__, "max_new": min(cfg.max_new, context - length)})
+        group_cfg = _fitted(cfg, context - length)
         prompt_BT = torch.tensor([ids[b] for b in members], dtype=torch.long, device=device)
+        if cfg.rerank:
+            texts = _reranked(model, tokenizer, image_BD[members], memory_BPW[members], prompt_BT,
+                              [prompts[b] for b in members], group_cfg)
+            for b, text in zip(members, texts):
+                out[b] = text
+            continue
         generated = decode(model_step(model, memory_BPW[members], tokenizer), prompt_BT, tokenizer.eos_id, group_cfg)
         for b, tokens in zip(members, generated):
             out[b] = tokenizer.decode(torch.tensor([tokens], dtype=torch.long))[0].strip()

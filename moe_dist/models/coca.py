@@ -1,13 +1,15 @@
 """CoCa-MoE: MoE-CLIP's two towers plus open_clip's multimodal text decoder, for captioning and VQA.
 
-Shape legend: B batch, C context length, L decoder positions (C - 1 in training), P image patches, W text
-width, Wv vision width, V vocabulary.
+Shape legend: B batch, C context length, L decoder positions (C - 1 in training), P image tokens the decoder
+reads (patches, or the pooler's queries), W decoder width (``decoder.width``, by default the text width),
+Wv vision width, V vocabulary.
 
 Outline of ``forward(images, text)``:
     1. image tower (open_clip VisionTransformer, ``output_tokens``): the pooled CLS embedding for the
-       contrastive loss and the patch tokens [B, P, Wv], projected to the decoder width [B, P, W];
+       contrastive loss and the patch tokens, mapped to the decoder's memory [B, P, W] by a linear layer
+       (``decoder.image_tokens: patches``) or open_clip's AttentionalPooler (``pooler``: P learnt queries);
     2. unimodal text tower (open_clip TextTransformer, causal, ``output_tokens``): the EOS embedding for
-       the contrastive loss and the token states [B, C, W];
+       the contrastive loss and the token states [B, C, Wt], mapped to W when the widths differ;
     3. multimodal decoder (open_clip MultimodalTransformer): token states of positions 0..C-2 attend
        causally to each other and fully to the image tokens; logits [B, C-1, V] predict text[:, 1:].
 MoE routing: image tokens are modality IMAGE, the text tower's TEXT, the decoder's CROSS; positions
@@ -15,8 +17,9 @@ after the first EOS are padding everywhere (never routed). ``CocaLoss`` = contra
 captioning cross-entropy x weight + MoE aux losses.
 
 Where this departs from open_clip's ``CoCa`` (coca_model.py), and why:
-    - the decoder cross-attends to the ViT's patch tokens through one linear map instead of an
-      attentional pooler to 256 queries: tiny images have a few dozen patches, fewer than the queries;
+    - by default the decoder cross-attends to the ViT's patch tokens through one linear map instead of an
+      attentional pooler to 256 queries (tiny images have a few dozen patches, fewer than the queries);
+      ``decoder.image_tokens: pooler`` is open_clip's pooler with ``decoder.pooler_queries`` queries;
     - the contrastive text embedding is the EOS token's (as in MoE-CLIP), not an appended CLS token, so
       the text tower and its MoE layers are MoE-CLIP's;
     - generation is ``moe_dist.generation`` (no HF ``transformers`` dependency) and recomputes the
@@ -33,7 +36,7 @@ from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import MultimodalTransformer, TextTransformer, VisionTransformer
+from open_clip.transformer import AttentionalPooler, MultimodalTransformer, TextTransformer, VisionTransformer
 from torch import nn
 
 from ..moe.router import CROSS, IMAGE, TEXT
@@ -75,20 +78,25 @@ class CoCa(ContrastiveModel):
                                     heads=t.heads, layers=t.layers, mlp_ratio=t.mlp_ratio,
                                     output_dim=cfg.embed_dim, pad_id=t.pad_id, eos_id=t.eos_id,
                                     pool_type=t.pool_type, output_tokens=True)
-        self.image_to_decoder = nn.Linear(v.width, t.width)
-        self.decoder = MultimodalTransformer(width=t.width, layers=d.layers, heads=d.heads or t.heads,
+        D = cfg.decoder_width
+        if d.image_tokens == "pooler":
+            self.image_to_decoder = AttentionalPooler(D, v.width, n_head=d.heads or t.heads, n_queries=d.pooler_queries)
+        else:
+            self.image_to_decoder = nn.Linear(v.width, D)
+        self.text_to_decoder = nn.Linear(t.width, D) if D != t.width else nn.Identity()
+        self.decoder = MultimodalTransformer(width=D, layers=d.layers, heads=d.heads or t.heads,
                                              context_length=t.context_length, mlp_ratio=d.mlp_ratio,
                                              output_dim=t.vocab_size)
         # open_clip leaves the projection to init_parameters, which reads attributes this class lacks
-        nn.init.normal_(self.decoder.text_projection, std=t.width ** -0.5)
+        nn.init.normal_(self.decoder.text_projection, std=D ** -0.5)
         place_moe(self.visual.transformer, cfg.vision_moe_blocks(), cfg.moe_config(v.width, v.mlp_ratio, "vision"),
                   ep_size, "vision")
         place_moe(self.text.transformer, cfg.text_moe_blocks(), cfg.moe_config(t.width, t.mlp_ratio, "text"),
                   ep_size, "text")
         blocks = cfg.decoder_moe_blocks()
-        place_moe(self.decoder, blocks["decoder"], cfg.moe_config(t.width, d.mlp_ratio, "decoder"), ep_size, "decoder")
+        place_moe(self.decoder, blocks["decoder"], cfg.moe_config(D, d.mlp_ratio, "decoder"), ep_size, "decoder")
         place_moe(SimpleNamespace(resblocks=self.decoder.cross_attn), blocks["decoder_cross"],
-                  cfg.moe_config(t.width, d.mlp_ratio, "decoder_cross"), ep_size, "decoder_cross")
+                  cfg.moe_config(D, d.mlp_ratio, "decoder_cross"), ep_size, "decoder_cross")
         self._init_logits(cfg)
 
     # ------------------------------------------------------------------ towers
@@ -128,7 +136,7 @@ class CoCa(ContrastiveModel):
     def _decoder(self, memory_BPW, states_BLW, padding_BL) -> torch.Tensor:
         with routing_context(self.decoder, modality=torch.full((), CROSS, device=states_BLW.device),
                              padding_mask=padding_BL):
-            return self.decoder(memory_BPW, states_BLW)
+            return self.decoder(memory_BPW, self.text_to_decoder(states_BLW))
 
     # ------------------------------------------------------------------ training forward
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> CocaOutput:
@@ -145,7 +153,8 @@ class CoCa(ContrastiveModel):
 class CocaLoss(nn.Module):
     """loss = contrastive_loss_weight x contrastive + caption_loss_weight x caption + MoE aux loss.
 
-    ``caption`` is the mean next-token cross-entropy (fp32) over the label positions that are not padding
+    ``caption`` is the mean next-token cross-entropy (fp32; ``decoder.label_smoothing`` spreads that share of
+    each target's mass uniformly over the vocabulary) over the label positions that are not padding
     (the EOS is predicted, nothing after it) and, with ``decoder.loss_after``, that follow the marker's last
     occurrence in their sample (VQA: the answer, not the question). Parts are logged unweighted."""
 
@@ -153,6 +162,7 @@ class CocaLoss(nn.Module):
         super().__init__()
         self.contrastive = ContrastiveLoss(cfg.loss, rank, world_size)
         self.pad_id = cfg.text.pad_id
+        self.label_smoothing = cfg.decoder.label_smoothing
         self.caption_weight = cfg.decoder.caption_loss_weight
         self.contrastive_weight = cfg.decoder.contrastive_loss_weight
         self.marker: List[int] = []
@@ -173,7 +183,8 @@ class CocaLoss(nn.Module):
                 self._warned = True  # once: a marker the tokenizer splits differently would score every token
                 log.warning("model.decoder.loss_after=%r occurs in no sample of this batch (token ids %s): "
                             "every token of those samples is scored", self.loss_after, self.marker)
-        caption = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=self.pad_id)
+        caption = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=self.pad_id,
+                                  label_smoothing=self.label_smoothing)
         parts["caption"] = caption
         total = self.contrastive_weight * parts["contrastive"] + self.caption_weight * caption + out.moe.aux_loss
         return LossOutput(total, parts)

@@ -24,6 +24,7 @@ from ..text.tokenizer import sentencepiece_path
 from .loss import CONTRASTIVE_LOSSES
 
 KINDS = ("clip", "limoe", "coca")
+IMAGE_TOKENS = ("patches", "pooler")  # model.decoder.image_tokens
 # tower -> the config key of its MoE placement (LIMoE's shared tower is placed by the vision key)
 PLACEMENT_KEYS = {"vision": "model.vision.moe", "text": "model.text.moe", "decoder": "model.decoder.moe",
                   "decoder_cross": "model.decoder.cross_moe"}
@@ -102,22 +103,33 @@ class TextConfig:
 
 @dataclass
 class DecoderConfig:
-    """CoCa's multimodal text decoder (kind=coca): open_clip's MultimodalTransformer at the text width,
+    """CoCa's multimodal text decoder (kind=coca): open_clip's MultimodalTransformer at ``width``,
     each layer a causal self-attention block then a cross-attention block over the image tokens."""
 
     layers: int = 0  # decoder layers (kind=coca needs >= 1)
     heads: int = 0  # attention heads (0: text.heads)
-    mlp_ratio: float = 4.0  # MLP hidden = text.width x mlp_ratio
+    mlp_ratio: float = 4.0  # MLP hidden = decoder width x mlp_ratio
     moe: MoEPlacement = field(default_factory=MoEPlacement)  # MoE MLPs in the self-attention blocks
     cross_moe: MoEPlacement = field(default_factory=MoEPlacement)  # MoE MLPs in the cross-attention blocks
+    width: int = 0  # decoder width (0: text.width); another width maps the text states through a linear layer
     caption_loss_weight: float = 2.0  # weight of the next-token captioning loss (open_clip's CoCa default)
     contrastive_loss_weight: float = 1.0  # weight of the contrastive loss
+    label_smoothing: float = 0.0  # of the caption cross-entropy (the CoCa paper: 0.1)
+    lr_scale: float = 1.0  # the decoder's learning rate (and the maps into it) = optimizer.lr x this
     loss_after: str = ""  # caption loss only after this text's last occurrence ("answer:" for VQA); "": every token
+    image_tokens: str = "patches"  # decoder memory: patch tokens (linear map) or "pooler" (attentional pooler)
+    pooler_queries: int = 32  # image_tokens=pooler: its learnt queries (the decoder's image tokens)
 
     def __post_init__(self) -> None:
-        _positive(self, "model.decoder.", "mlp_ratio")
-        if self.layers < 0 or self.heads < 0:
-            raise ValueError(f"model.decoder.layers={self.layers} and heads={self.heads} must be >= 0")
+        _positive(self, "model.decoder.", "mlp_ratio", "pooler_queries", "lr_scale")
+        if self.layers < 0 or self.heads < 0 or self.width < 0:
+            raise ValueError(f"model.decoder.layers={self.layers}, heads={self.heads} and width={self.width} must "
+                             "be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"model.decoder.label_smoothing={self.label_smoothing} must lie in [0, 1)")
+        if self.image_tokens not in IMAGE_TOKENS:
+            raise ValueError(f"model.decoder.image_tokens={self.image_tokens!r} is unknown; use one of "
+                             f"{', '.join(IMAGE_TOKENS)}")
 
 
 @dataclass
@@ -167,13 +179,19 @@ class ModelConfig:
             return
         if d.layers < 1:
             raise ValueError("model.kind='coca' needs a multimodal decoder: set model.decoder.layers >= 1")
-        heads = d.heads or self.text.heads
-        if self.text.width % heads:
-            raise ValueError(f"model.decoder.heads={heads} must divide model.text.width={self.text.width}")
+        heads, width = d.heads or self.text.heads, self.decoder_width
+        if width % heads:
+            raise ValueError(f"model.decoder.heads={heads} must divide the decoder width {width} (model.decoder.width, "
+                             "0: model.text.width)")
         if not min(d.caption_loss_weight, d.contrastive_loss_weight) >= 0:
             raise ValueError("model.decoder.caption_loss_weight and contrastive_loss_weight must be >= 0 (got "
                              f"{d.caption_loss_weight}, {d.contrastive_loss_weight})")
         self.decoder_moe_blocks()
+
+    @property
+    def decoder_width(self) -> int:
+        """The multimodal decoder's width: ``decoder.width``, or the text tower's when 0."""
+        return self.decoder.width or self.text.width
 
     def decoder_moe_blocks(self) -> Dict[str, List[int]]:
         """{"decoder": self-attention block indices, "decoder_cross": cross-attention block indices}."""
@@ -195,8 +213,8 @@ class ModelConfig:
     def _tower_shapes(self) -> Dict[str, tuple]:
         """tower -> (width, mlp_ratio) of its MoE layers."""
         v, t, d = self.vision, self.text, self.decoder
-        return {"vision": (v.width, v.mlp_ratio), "text": (t.width, t.mlp_ratio), "decoder": (t.width, d.mlp_ratio),
-                "decoder_cross": (t.width, d.mlp_ratio)}
+        return {"vision": (v.width, v.mlp_ratio), "text": (t.width, t.mlp_ratio),
+                "decoder": (self.decoder_width, d.mlp_ratio), "decoder_cross": (self.decoder_width, d.mlp_ratio)}
 
     def tower_moe(self) -> Dict[str, MoEConfig]:
         """Each tower with MoE layers -> their MoEConfig (``model.moe`` with the tower's overrides), in the

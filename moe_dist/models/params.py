@@ -16,9 +16,11 @@ FLOPs are forward multiply-adds x 2 for one image and one caption (training is a
                                  logits and the dispatch and combine matmuls, 6 N D S), the routed experts'
                                  rows x 2 D He (a + 1), the shared FFN N x 2 D Hs (a + 1)
     image stem 2 P 3 p^2 D (P patches of p x p pixels), each tower's projection 2 D embed_dim.
-    "decoder" (CoCa): Ld = context_length - 1 positions; per layer a causal block as above and a cross-
-    attention block, 2 Ld D^2 x 2 (q, out) + 2 P D^2 x 2 (k, v over the P patch tokens) + 2 x 2 Ld P D,
-    each with its MLP; plus the patch tokens' map to the decoder width 2 P Dv D and the logits 2 Ld D V.
+    "decoder" (CoCa, width D): Ld = context_length - 1 positions; per layer a causal block as above and a
+    cross-attention block, 2 Ld D^2 x 2 (q, out) + 2 M D^2 x 2 (k, v over the M image tokens) + 2 x 2 Ld M D,
+    each with its MLP; plus the image tokens' map to the decoder width: patches (M = P) 2 P Dv D, or the
+    attentional pooler (M queries) 2 M D^2 x 2 (q, out) + 2 P Dv D x 2 (k, v) + 2 x 2 M P D; the text
+    states' map 2 Ld Dt D when the widths differ; and the logits 2 Ld D V.
 LIMoE runs image and text through one transformer: each sequence is counted at its own length, except
 where the padded pair call decides the work (Expert-Choice's C, Soft MoE's mixing: ``cost.call_flops``).
 Text is counted at context_length (the longest caption). ``forward_flops(cfg, B)`` gives the FLOPs of a
@@ -111,7 +113,8 @@ def moe_layers(cfg: ModelConfig) -> Tuple[MoELayerShape, ...]:
     out += [MoELayerShape(f"text.{i}", t.width, towers["text"], (text,)) for i in cfg.text_moe_blocks()]
     if cfg.kind == "coca":
         for tower, blocks in cfg.decoder_moe_blocks().items():
-            out += [MoELayerShape(f"{tower}.{i}", t.width, towers[tower], (("decoder", t.context_length - 1),))
+            out += [MoELayerShape(f"{tower}.{i}", cfg.decoder_width, towers[tower],
+                                  (("decoder", t.context_length - 1),))
                     for i in blocks]
     return tuple(out)
 
@@ -170,11 +173,17 @@ def forward_flops(cfg: ModelConfig, micro_batch: int = 1) -> Dict[str, int]:
         for i in range(layers):
             out[kind] += B * _block(L, D) + (0 if f"{prefix}.{i}" in moe else B * _mlp(L, D, int(D * ratio)))
     if cfg.kind == "coca":
-        Ld, D = Lt - 1, t.width
+        Ld, D = Lt - 1, cfg.decoder_width
         H = int(D * d.mlp_ratio)
-        out["decoder"] = B * (2 * P * v.width * D + 2 * Ld * D * t.vocab_size)
+        if d.image_tokens == "pooler":  # Q queries over the P patches, k and v from the vision width
+            M = d.pooler_queries
+            memory = 2 * 2 * M * D * D + 2 * 2 * P * v.width * D + 2 * 2 * M * P * D
+        else:
+            M, memory = P, 2 * P * v.width * D
+        text_map = 2 * Ld * t.width * D if D != t.width else 0
+        out["decoder"] = B * (memory + text_map + 2 * Ld * D * t.vocab_size)
         for i in range(d.layers):
-            cross = 2 * 2 * Ld * D * D + 2 * 2 * P * D * D + 2 * 2 * Ld * P * D
+            cross = 2 * 2 * Ld * D * D + 2 * 2 * M * D * D + 2 * 2 * Ld * M * D
             out["decoder"] += B * (_block(Ld, D) + cross)
             out["decoder"] += sum(0 if f"{name}.{i}" in moe else B * _mlp(Ld, D, H)
                                   for name in ("decoder", "decoder_cross"))

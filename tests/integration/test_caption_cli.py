@@ -139,3 +139,40 @@ def test_caption_folder_of_odd_and_bad_images_captions_the_good_and_counts_the_b
     (only_bad / "x.jpg").write_bytes(b"not an image")
     code, stdout, err = cli("caption", "--checkpoint", exports["coca"], "--images", only_bad)
     assert code == 2 and "none of its 1 image files could be read" in err.strip().splitlines()[-1], err
+
+
+def test_caption_scores_with_baselines_agree_between_caption_json_and_eval(exports, tmp_path, cli):
+    """`moe-dist caption --json --caption-pool` and `moe-dist eval --task caption --caption-pool` score the same
+    greedy captions the same way; the constant is a pool caption and retrieval is the model's own nearest one."""
+    from data_tools.cli import main as data_cli
+
+    from moe_dist.evaluation.caption_baselines import read_caption_pool
+
+    assert data_cli(["synth", "--out", str(tmp_path / "d"), "--n", "24", "--val-fraction", "0.25", "-q"]) == 0
+    train, val = tmp_path / "d" / "train", tmp_path / "d" / "val"
+    code, _, err = cli("caption", "--checkpoint", exports["coca"], "--images", val, "--max-length", "3",
+                       "--json", tmp_path / "cap.json", "--caption-pool", train, "--out", tmp_path / "cap.jsonl")
+    assert code == 0, err
+    assert "constant*" in err and "retrieval" in err  # the table goes to stderr
+    scores = json.loads((tmp_path / "cap.json").read_text())["caption"]
+    code, stdout, err = cli("eval", "--checkpoint", exports["coca"], "--data", val, "--task", "caption",
+                            "--max-length", "3", "--caption-pool", train, "--json", tmp_path / "eval.json",
+                            "--workers", "0")
+    assert code == 0, err
+    evaluated = json.loads((tmp_path / "eval.json").read_text())["caption"]
+    assert evaluated == pytest.approx(scores)
+    assert scores["constant_caption"] in read_caption_pool(str(train)) and scores["pool_captions"] > 1
+    assert scores["constant_chosen_in_hindsight"] is True
+    assert 0 < scores["retrieval_distinct"] <= 1 and "retrieval_cider_d" in scores
+    code, stdout, _ = cli("eval", "--checkpoint", exports["coca"], "--data", val, "--task", "caption",
+                          "--max-length", "2", "--workers", "0")
+    assert code == 0 and "give --caption-pool SPEC" in stdout  # without a pool: says how to get the baselines
+    images = tmp_path / "folder"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "x.jpg")
+    for args, expected in (
+            (["--images", images, "--json", tmp_path / "x.json"], "give a shard spec, not the image folder"),
+            (["--images", val, "--caption-pool", train], "--caption-pool needs --json OUT")):
+        code, _, err = cli("caption", "--checkpoint", exports["coca"], *args)
+        lines = [line for line in err.splitlines() if "WARNING" not in line]
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (args, err)

@@ -140,3 +140,37 @@ def test_a_contrastive_model_is_refused():
         check_generative(clip, "ckpt")
     with pytest.raises(ValueError, match="decoder.layers"):
         create_model("coca-tiny", text=TEXT, decoder={"layers": 0})
+
+
+class _CallTok(_Tok):
+    """_Tok that also encodes texts as the towers read them: BOS, the ids, EOS, padding to the context."""
+
+    def __call__(self, texts):
+        rows = [[2] + self.pieces([t])[0] + [3] for t in texts]
+        return torch.tensor([r + [0] * (TEXT["context_length"] - len(r)) for r in rows])
+
+
+def test_rerank_picks_the_finished_beam_the_towers_match_best():
+    from moe_dist.generation.captioning import model_step
+    from moe_dist.generation.decoding import beam_candidates
+
+    model = _model(modality_experts=[1, 1, 1])
+    images, _ = _batch()
+    tok = _CallTok()
+    cfg = dict(strategy="beam", beam_width=4, max_new=3)
+    plain = generate(model, tok, images, None, GenerationConfig(**cfg))
+    assert generate(model, tok, images, None, GenerationConfig(**cfg, rerank=0.0)) == plain
+    with torch.no_grad():  # by hand: every finished beam, its text embedding against the image's
+        image_BD, memory = model.eval().encode_image_tokens(images)
+        found = beam_candidates(model_step(model, memory, tok), torch.full((3, 1), 2), 3, 3, 4)
+        want, choice_changed = [], False
+        for b, candidates in enumerate(found):
+            texts = [tok.decode(torch.tensor([ids]))[0] for _, ids in candidates]
+            cosine = (model.encode_text(tok(texts)) @ image_BD[b]).tolist()
+            want.append(texts[max(range(len(texts)), key=cosine.__getitem__)])
+            choice_changed |= want[-1] != plain[b]
+    # a weight that dwarfs the beam scores: the most similar caption wins
+    assert generate(model, tok, images, None, GenerationConfig(**cfg, rerank=1e6)) == want
+    assert choice_changed, "the similarity never changed a choice here: the test would not tell"
+    with pytest.raises(ValueError, match="only with the beam strategy"):
+        GenerationConfig(rerank=1.0)

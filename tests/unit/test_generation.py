@@ -110,3 +110,66 @@ def test_bad_generation_config():
         GenerationConfig(strategy="nucleus")
     with pytest.raises(ValueError, match="max length"):
         GenerationConfig(max_new=0)
+
+
+def constrained_brute_force(table, row, max_new, length_penalty, penalty, min_length):
+    """``brute_force`` with each step's log-probabilities constrained as the decoding docstring says, written
+    out in floats: tokens already generated get logprob x penalty, EOS is impossible before min_length
+    tokens, then the row is renormalised (log-sum-exp)."""
+    best = (-math.inf, None)
+    for length in range(1, max_new + 1):
+        for seq in itertools.product(range(V), repeat=length):
+            if EOS in seq[:-1] or (length < max_new and seq[-1] != EOS):
+                continue
+            last, logprob = BOS, 0.0
+            for i, token in enumerate(seq):
+                row_lp = [float(x) for x in table[row, i, last]]
+                row_lp = [lp * penalty if t in seq[:i] else lp for t, lp in enumerate(row_lp)]
+                if i < min_length:
+                    row_lp[EOS] = -math.inf
+                norm = math.log(sum(math.exp(lp) for lp in row_lp))
+                logprob += row_lp[token] - norm
+                last = token
+            score = logprob / length ** length_penalty
+            if score > best[0]:
+                best = (score, [t for t in seq if t != EOS])
+    return best[1]
+
+
+def test_repetition_penalty_and_min_length_hand_worked():
+    from moe_dist.generation.decoding import constrain
+
+    # probabilities (1/2, 1/4, 1/4), token 0 already generated, penalty 2: 2 log 1/2 = log 1/4, so all three
+    # tokens have 1/4 before renormalising and 1/3 after
+    lp = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64).log()
+    torch.testing.assert_close(constrain(lp, [[0]], eos_id=2, repetition_penalty=2.0),
+                               torch.full((1, 3), 1 / 3, dtype=torch.float64).log())
+    # min_length 2 after one generated token: EOS (id 2) is out, the rest renormalise to (2/3, 1/3)
+    torch.testing.assert_close(constrain(lp, [[1]], eos_id=2, min_length=2),
+                               torch.tensor([[2 / 3, 1 / 3, 0.0]], dtype=torch.float64).log())
+    assert constrain(lp, [[0]], eos_id=2) is lp  # neither option: untouched
+
+
+@pytest.mark.parametrize("penalty,min_length", [(1.7, 0), (1.0, 2), (2.5, 3)])
+def test_wide_beam_with_constraints_equals_exhaustive_search(penalty, min_length):
+    max_new, B = 4, 3
+    step, table = toy_step(seed=7, prompts=B)
+    prompt = torch.full((B, 1), BOS)
+    got = beam_search(step, prompt, EOS, max_new, width=V ** max_new, length_penalty=1.0,
+                      repetition_penalty=penalty, min_length=min_length)
+    assert got == [constrained_brute_force(table, b, max_new, 1.0, penalty, min_length) for b in range(B)]
+
+
+def test_greedy_respects_min_length_and_penalty():
+    step, table = toy_step(seed=3, prompts=6)
+    prompt = torch.full((6, 1), BOS)
+    plain = decode(step, prompt, EOS, GenerationConfig(max_new=6))
+    longer = decode(step, prompt, EOS, GenerationConfig(max_new=6, min_length=3))
+    assert all(len(ids) >= 3 for ids in longer) and any(len(ids) < 3 for ids in plain)  # it binds on this table
+    # a penalty so strong that a token once generated is never the argmax again while another is left
+    distinct = decode(step, prompt, EOS, GenerationConfig(max_new=3, repetition_penalty=1e6))
+    assert all(len(set(ids)) == len(ids) for ids in distinct)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        GenerationConfig(repetition_penalty=0.5)
+    with pytest.raises(ValueError, match="min_length"):
+        GenerationConfig(max_new=3, min_length=3)
