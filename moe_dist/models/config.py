@@ -22,6 +22,7 @@ from ..moe.config import MoEConfig
 from ..moe.registry import ROUTERS
 from ..text.tokenizer import sentencepiece_path
 from .loss import CONTRASTIVE_LOSSES
+from .openclip_arch import PREFIX, arch_model_dict, check_limoe, is_openclip
 
 KINDS = ("clip", "limoe", "coca")
 # tower -> the config key of its MoE placement (LIMoE's shared tower is placed by the vision key)
@@ -282,7 +283,13 @@ def list_models() -> Dict[str, Path]:
 
 
 def load_model_config(name_or_path: str, overrides: Optional[Dict[str, Any]] = None) -> ModelConfig:
-    """Load a model config by registry name or JSON path, apply nested ``overrides``, validate."""
+    """Load a model config by registry name, JSON path or ``open_clip:ARCH`` (open_clip's architecture,
+    openclip_arch.py), apply nested ``overrides``, validate."""
+    if is_openclip(name_or_path):
+        data = merge(arch_model_dict(name_or_path[len(PREFIX):]), overrides or {})
+        if data.get("kind") == "limoe":
+            check_limoe(name_or_path[len(PREFIX):], data)
+        return from_dict(ModelConfig, data, "model")
     registry = list_models()
     if name_or_path in registry:
         path = registry[name_or_path]
@@ -292,7 +299,7 @@ def load_model_config(name_or_path: str, overrides: Optional[Dict[str, Any]] = N
             raise ValueError(f"model config file {name_or_path!r} does not exist")
     else:
         raise ValueError(f"unknown model {name_or_path!r}; known models: {', '.join(sorted(registry)) or 'none'} "
-                         "(or pass a path to a model JSON)")
+                         f"(or pass a path to a model JSON, or {PREFIX}ARCH for an open_clip architecture)")
     with open(path) as f:
         data = json.load(f)
     data.setdefault("name", Path(path).stem)
