@@ -92,9 +92,9 @@ def arch_model_dict(arch: str, where: str = "model.name") -> Dict[str, Any]:
                              "builds open_clip's own text transformer with its BPE tokenizer (openclip-bpe); pick an "
                              "architecture without it (e.g. open_clip:ViT-B-32)")
     if config.get("quick_gelu"):
-        raise ValueError(f"{where}: quick_gelu=true (QuickGELU activations) is not supported: moe_dist's towers and "
-                         f"experts use GELU; use the GELU variant ({arch.replace('-quickgelu', '')}) with a tag trained "
-                         "with GELU")
+        raise ValueError(f"{where}: quick_gelu=true (QuickGELU activations) is not supported: moe_dist's towers "
+                         f"and experts use GELU; use the GELU variant ({arch.replace('-quickgelu', '')}) with a tag "
+                         "trained with GELU")
     extra = sorted(k for k in config if k not in _TOP_MAPPED and k != "quick_gelu")
     if extra:
         raise ValueError(f"{where}: {extra[0]}={config[extra[0]]!r} is not supported by moe_dist's models; pick an "

@@ -153,7 +153,8 @@ def test_tag_not_cached_and_offline_fails_at_config_load_naming_what_to_download
     ("open_clip:ViT-B-32", {"kind": "limoe"}, "", "towers differ (vision vs text: width 768 vs 512, heads 12 vs 8)"),
     # model.init against model.name, before any weights are looked for
     ("open_clip:ViT-B-32", {}, "open_clip:ViT-B-16/laion2b_s34b_b88k",
-     "ViT-B-16 is not the architecture of model.name=open_clip:ViT-B-32 (ViT-B-16 vs model: vision.patch_size 16 vs 32)"),
+     "ViT-B-16 is not the architecture of model.name=open_clip:ViT-B-32 "
+     "(ViT-B-16 vs model: vision.patch_size 16 vs 32)"),
     ("open_clip:ViT-B-32", {"text": {"layers": 6}}, f"open_clip:{ARCH}/{TAG}", "text.layers 12 vs 6"),
     ("moe-clip-tiny", {}, f"open_clip:{ARCH}/{TAG}", "embed_dim 512 vs"),
     ("open_clip:ViT-B-32", {}, f"open_clip:{ARCH}/no_such_tag",
