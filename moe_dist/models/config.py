@@ -133,6 +133,7 @@ class ModelConfig:
     loss: str = "clip"
     init_logit_scale: float = 2.659260036932778  # ln(1/0.07), open_clip's default
     init_logit_bias: Optional[float] = None  # SigLIP uses -10
+    quick_gelu: bool = False  # open_clip's QuickGELU in the dense MLPs (OpenAI CLIP); experts: model.moe.activation
 
     def __post_init__(self) -> None:
         _positive(self, "model.", "embed_dim")

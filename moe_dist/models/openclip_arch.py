@@ -5,7 +5,8 @@ mapped field by field onto our model JSON (``arch_model_dict``): the same widths
 size, context length, vocabulary, embed dim and logit scale, and open_clip's BPE tokenizer. What our
 towers cannot build exactly is refused in one line naming the open_clip field: a non-ViT image tower
 (ModifiedResNet, timm ConvNeXt/Swin/...: no transformer MLPs to turn into experts), a Hugging Face text
-tower or tokenizer, QuickGELU, layer scale, and every other option set away from open_clip's default.
+tower or tokenizer, layer scale, and every other option set away from open_clip's default. QuickGELU
+architectures (``*-quickgelu``, for OpenAI's weights) map onto ``model.quick_gelu`` with QuickGELU experts.
 
 ``open_clip:ARCH/TAG`` (``model.init``) is a pretrained tag of ``open_clip.list_pretrained_tags_by_model``,
 or ``open_clip:ARCH/PATH`` a weights file open_clip can load (``open_clip:ViT-B-32//abs/path.safetensors``).
@@ -25,7 +26,7 @@ import difflib
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 PREFIX = "open_clip:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -33,9 +34,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # default: our towers are built with it)
 _VISION_MAPPED = ("image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio")
 _TEXT_MAPPED = ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pad_id")
-_TOP_MAPPED = ("embed_dim", "vision_cfg", "text_cfg", "init_logit_scale", "init_logit_bias", "custom_text")
+_TOP_MAPPED = ("embed_dim", "vision_cfg", "text_cfg", "init_logit_scale", "init_logit_bias", "custom_text",
+               "quick_gelu")
 # the architecture a model.init must share with model.name (ModelConfig keys)
-ARCH_FIELDS = ("embed_dim", "vision.image_size", "vision.patch_size", "vision.width", "vision.layers",
+ARCH_FIELDS = ("embed_dim", "quick_gelu", "vision.image_size", "vision.patch_size", "vision.width", "vision.layers",
                "vision.heads", "vision.mlp_ratio", "text.vocab_size", "text.context_length", "text.width",
                "text.layers", "text.heads", "text.mlp_ratio")
 
@@ -91,11 +93,7 @@ def arch_model_dict(arch: str, where: str = "model.name") -> Dict[str, Any]:
             raise ValueError(f"{where}: text_cfg.{key}={t[key]!r} is a Hugging Face text tower or tokenizer; moe_dist "
                              "builds open_clip's own text transformer with its BPE tokenizer (openclip-bpe); pick an "
                              "architecture without it (e.g. open_clip:ViT-B-32)")
-    if config.get("quick_gelu"):
-        raise ValueError(f"{where}: quick_gelu=true (QuickGELU activations) is not supported: moe_dist's towers "
-                         f"and experts use GELU; use the GELU variant ({arch.replace('-quickgelu', '')}) with a tag "
-                         "trained with GELU")
-    extra = sorted(k for k in config if k not in _TOP_MAPPED and k != "quick_gelu")
+    extra = sorted(k for k in config if k not in _TOP_MAPPED)
     if extra:
         raise ValueError(f"{where}: {extra[0]}={config[extra[0]]!r} is not supported by moe_dist's models; pick an "
                          "architecture without it")
@@ -128,6 +126,9 @@ def arch_model_dict(arch: str, where: str = "model.name") -> Dict[str, Any]:
                  "pad_id": t.get("pad_id", td.pad_id), "pool_type": "argmax", "tokenizer": "openclip-bpe"},
         "init_logit_scale": config.get("init_logit_scale", math.log(1 / 0.07)),
         "init_logit_bias": config.get("init_logit_bias"),
+        # QuickGELU in the dense MLPs, and by default in the experts, which upcycling copies them into
+        "quick_gelu": bool(config.get("quick_gelu", False)),
+        "moe": {"num_experts": 8, "top_k": 1, "activation": "quick_gelu" if config.get("quick_gelu") else "gelu"},
     }
 
 
@@ -253,10 +254,7 @@ def locate_weights(init: OpenClipInit) -> str:
     if init.file:
         return init.file
     pretrained_cfg = open_clip.get_pretrained_cfg(init.arch, init.tag)
-    if pretrained_cfg.get("quick_gelu"):
-        raise ValueError(f"model.init={init.spec}: tag {init.tag} was trained with QuickGELU activations, which "
-                         "moe_dist's towers and experts do not compute (GELU only); pick a tag trained with GELU: "
-                         f"{', '.join(t for t in gelu_tags(init.arch)) or 'none'}")
+    _check_activation(init, bool(pretrained_cfg.get("quick_gelu")))
     found = cached_weights(pretrained_cfg)
     if found:
         return found
@@ -270,11 +268,21 @@ def locate_weights(init: OpenClipInit) -> str:
     return target
 
 
-def gelu_tags(arch: str) -> List[str]:
+def _check_activation(init: OpenClipInit, tag_quick_gelu: bool) -> None:
+    """Refuse a tag trained with another activation than its architecture computes (open_clip itself only
+    warns), naming the architecture that fits."""
     import open_clip
 
-    return [t for t in open_clip.list_pretrained_tags_by_model(arch)
-            if not open_clip.get_pretrained_cfg(arch, t).get("quick_gelu")]
+    arch_quick_gelu = bool(_arch_config(init.arch, f"model.init={init.spec}").get("quick_gelu"))
+    if tag_quick_gelu == arch_quick_gelu:
+        return
+    base = init.arch[:-len("-quickgelu")] if init.arch.endswith("-quickgelu") else init.arch
+    fits = f"{base}-quickgelu" if tag_quick_gelu else base
+    acts = ("QuickGELU", "GELU") if tag_quick_gelu else ("GELU", "QuickGELU")
+    fix = (f"use model.name={PREFIX}{fits} and model.init={PREFIX}{fits}/{init.tag}"
+           if init.tag in open_clip.list_pretrained_tags_by_model(fits) else "pick another tag")
+    raise ValueError(f"model.init={init.spec}: tag {init.tag} was trained with {acts[0]} but {init.arch} computes "
+                     f"{acts[1]}; {fix}")
 
 
 def load_openclip(init: OpenClipInit):

@@ -221,12 +221,26 @@ def init_from_dense(model: nn.Module, path: str, noise_std: float = 0.0,
         init = parse_init(path)
         check_source(DenseSource("clip", {}, f"open_clip's {init.arch}"), model.cfg, path)
         check_same_arch(init, dataclasses.asdict(model.cfg), model.cfg.name)
+    _check_expert_activation(model, path)
     source = read_dense(path)
     check_source(source, model.cfg, path)
     try:
         return upcycle(model, source.state, noise_std, generator)
     except ValueError as err:
         raise ValueError(f"model.init: {path} does not fit model {model.cfg.name!r}: {err}") from None
+
+
+def _check_expert_activation(model: nn.Module, path: str) -> None:
+    """Experts start as copies of the dense MLPs: refuse an expert activation other than theirs."""
+    dense = "quick_gelu" if model.cfg.quick_gelu else "gelu"
+    for name, mlp in model.named_modules():
+        if isinstance(mlp, MoEMLP) and mlp.moe.config.activation != dense:
+            tower = mlp.layer_name.rsplit(".", 1)[0].replace("shared", "vision")  # place_moe's "<tower>.<block>"
+            key = model.cfg.moe_key(tower, "activation")
+            raise ValueError(f"model.init: {path}: the dense MLPs compute {dense} (model.quick_gelu="
+                             f"{str(model.cfg.quick_gelu).lower()}) but {name} experts compute "
+                             f"{mlp.moe.config.activation}, so the upcycled copies would not compute the dense MLP; "
+                             f"set {key}={dense}")
 
 
 def check_init(path: str, cfg: ModelConfig) -> None:

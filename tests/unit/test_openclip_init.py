@@ -59,9 +59,9 @@ def _inputs():
     return images, text
 
 
-def _moe_model():
+def _moe_model(arch=ARCH):
     torch.manual_seed(5)  # routers start random: the equality must not depend on where tokens go
-    return build_model(load_model_config(f"open_clip:{ARCH}", {"moe": EXACT_MOE, **PLACEMENT}))
+    return build_model(load_model_config(f"open_clip:{arch}", {"moe": EXACT_MOE, **PLACEMENT}))
 
 
 def test_name_maps_the_architecture_and_tokenizer():
@@ -77,10 +77,16 @@ def test_name_maps_the_architecture_and_tokenizer():
 
 
 @torch.no_grad()
-def test_upcycled_model_computes_what_openclip_computes(openclip_weights):
+@pytest.mark.parametrize("arch", [ARCH, f"{ARCH}-quickgelu"])  # the same weights, GELU or OpenAI's QuickGELU
+def test_upcycled_model_computes_what_openclip_computes(openclip_weights, arch):
     reference, path = openclip_weights
-    model = _moe_model()
-    report = init_from_dense(model, f"open_clip:{ARCH}/{path}")
+    if arch != ARCH:
+        reference = open_clip.create_model(arch, pretrained=path).eval()
+        assert isinstance(reference.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    model = _moe_model(arch)
+    assert model.cfg.quick_gelu == (arch != ARCH) and model.cfg.moe_config(768).activation == (
+        "quick_gelu" if arch != ARCH else "gelu")
+    report = init_from_dense(model, f"open_clip:{arch}/{path}")
     assert sorted(report["experts"]) == ["text.transformer.resblocks.11.mlp", "text.transformer.resblocks.5.mlp",
                                          "visual.transformer.resblocks.11.mlp", "visual.transformer.resblocks.5.mlp"]
     dense = reference.state_dict()
@@ -146,7 +152,6 @@ def test_tag_not_cached_and_offline_fails_at_config_load_naming_what_to_download
     # a non-ViT image tower: no transformer MLPs to turn into experts
     ("open_clip:RN50", {}, "", "the image tower is a ModifiedResNet (vision_cfg.layers=[3, 4, 6, 3])"),
     ("open_clip:convnext_tiny", {}, "", "the image tower is timm's convnext_tiny"),
-    ("open_clip:ViT-B-32-quickgelu", {}, "", "quick_gelu=true"),
     ("open_clip:ViT-M-16-alt", {}, "", "vision_cfg.ls_init_value=0.0001 is not supported"),
     ("open_clip:roberta-ViT-B-32", {}, "", "text_cfg.hf_model_name='roberta-base'"),
     ("open_clip:ViT-B-33", {}, "", "has no architecture 'ViT-B-33'; nearest: ViT-B-32"),
@@ -155,19 +160,22 @@ def test_tag_not_cached_and_offline_fails_at_config_load_naming_what_to_download
     ("open_clip:ViT-B-32", {}, "open_clip:ViT-B-16/laion2b_s34b_b88k",
      "ViT-B-16 is not the architecture of model.name=open_clip:ViT-B-32 "
      "(ViT-B-16 vs model: vision.patch_size 16 vs 32)"),
-    ("open_clip:ViT-B-32", {"text": {"layers": 6}}, f"open_clip:{ARCH}/{TAG}", "text.layers 12 vs 6"),
+    ("open_clip:ViT-B-32", {"text.layers": 6}, f"open_clip:{ARCH}/{TAG}", "text.layers 12 vs 6"),
     ("moe-clip-tiny", {}, f"open_clip:{ARCH}/{TAG}", "embed_dim 512 vs"),
     ("open_clip:ViT-B-32", {}, f"open_clip:{ARCH}/no_such_tag",
      "open_clip has no pretrained tag 'no_such_tag' for ViT-B-32; known tags: openai, laion400m_e31"),
-    ("open_clip:ViT-B-32", {}, f"open_clip:{ARCH}/openai", "tag openai was trained with QuickGELU"),
+    ("open_clip:ViT-B-32", {}, f"open_clip:{ARCH}/openai", "tag openai was trained with QuickGELU but ViT-B-32 computes "
+     "GELU; use model.name=open_clip:ViT-B-32-quickgelu and model.init=open_clip:ViT-B-32-quickgelu/openai"),
+    ("open_clip:ViT-B-32-quickgelu", {"moe.activation": "gelu", "vision.moe.every": 6}, f"open_clip:{ARCH}-quickgelu/"
+     f"{__file__}", "the dense MLPs compute quick_gelu (model.quick_gelu=true) but visual.transformer.resblocks.5.mlp "
+     "experts compute gelu"),
     ("open_clip:ViT-B-32", {}, f"open_clip:{ARCH}", "give a pretrained tag or a file after the architecture"),
     ("moe-clip-tiny", {}, "open_clip:RN50/openai", "model.init=open_clip:RN50: the image tower is a ModifiedResNet"),
     ("open_clip:ViT-S-32", {"kind": "limoe"}, f"open_clip:ViT-S-32/{__file__}", "is a one-tower LIMoE"),
 ])
 def test_refused_in_one_line(name, overrides, init, expected):
     sets = [f"model.name={name}", "data.tokenizer=openclip-bpe"] + ([f"model.init={init}"] if init else [])
-    sets += [f"model.{k}={v}" for k, v in overrides.items() if not isinstance(v, dict)]
-    sets += [f"model.text.layers={v['layers']}" for k, v in overrides.items() if k == "text"]
+    sets += [f"model.{k}={v}" for k, v in overrides.items()]
     with pytest.raises(ValueError) as err:
         cfg = load_run_config(overrides=sets)
         cfg.model_config()
