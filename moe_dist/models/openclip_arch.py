@@ -293,7 +293,10 @@ def load_openclip(init: OpenClipInit):
     try:
         model = open_clip.create_model(init.arch, pretrained=path, device="cpu")
     except Exception as err:  # noqa: BLE001 - a state dict of another architecture, an unreadable file
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        lines = [line.strip() for line in str(err).strip().splitlines()] or [""]
+        # torch's load_state_dict error starts with a header line; the first mismatch names the tensor
+        first = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                     lines[0])[:200]
         raise ValueError(f"model.init={init.spec}: open_clip could not load {path} into {init.arch} "
                          f"({type(err).__name__}: {first}); give weights saved for {init.arch}") from None
     return model.eval()

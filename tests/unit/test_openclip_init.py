@@ -18,7 +18,7 @@ from moe_dist.engine.config import load_run_config
 from moe_dist.models import build_model, load_model_config
 from moe_dist.models.moe_blocks import MoEMLP, moe_mlps
 from moe_dist.models.openclip_arch import cached_weights, locate_weights, parse_init
-from moe_dist.models.upcycle import init_from_dense
+from moe_dist.models.upcycle import check_init, init_from_dense
 from moe_dist.text import get_tokenizer
 
 ARCH = "ViT-B-32"
@@ -74,6 +74,10 @@ def test_name_maps_the_architecture_and_tokenizer():
     assert cfg.init_logit_scale == pytest.approx(math.log(1 / 0.07))
     ours = get_tokenizer(t.tokenizer, t.context_length)
     assert torch.equal(torch.as_tensor(ours(CAPTIONS)), open_clip.get_tokenizer(ARCH)(CAPTIONS))
+    # LIMoE where the two towers match: one shared tower of ViT-S-32's size
+    limoe = load_model_config("open_clip:ViT-S-32", {"kind": "limoe", "vision": {"moe": {"every": 2}}})
+    assert (limoe.kind, limoe.vision.width, limoe.vision.layers, limoe.vision.heads) == ("limoe", 384, 12, 6)
+    assert limoe.vision_moe_blocks() == [1, 3, 5, 7, 9, 11]
 
 
 @torch.no_grad()
@@ -109,6 +113,14 @@ def test_upcycled_model_computes_what_openclip_computes(openclip_weights, arch):
     # the check can fail: one expert changed -> the image embedding moves
     next(moe_mlps(model.visual)).moe.experts.w1[1].mul_(1.5)
     assert (model.encode_image(images) - image_ref).abs().max() > 1e-3
+
+
+def test_weights_of_another_architecture_are_refused_naming_the_tensor(openclip_weights):
+    _, path = openclip_weights  # ViT-B-32's weights, given as ViT-B-16's
+    with pytest.raises(ValueError) as err:  # the config-load check: our model on the meta device
+        check_init(f"open_clip:ViT-B-16/{path}", load_model_config("open_clip:ViT-B-16"))
+    assert f"open_clip could not load {path} into ViT-B-16 (RuntimeError: size mismatch for " in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def _fake_hub_cache(hub, weights: str) -> str:
