@@ -230,6 +230,26 @@ def cached_weights(pretrained_cfg: Dict[str, Any]) -> Optional[str]:
     return path if url and os.path.isfile(path) else None
 
 
+def _unreachable(pretrained_cfg: Dict[str, Any]) -> str:
+    """Why a download cannot start ("HF_HUB_OFFLINE is set", "<host> does not resolve"), "" if it may."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if pretrained_cfg.get("hf_hub"):
+        if constants.HF_HUB_OFFLINE:
+            return "HF_HUB_OFFLINE is set"
+        host = urlparse(constants.ENDPOINT).hostname
+    else:
+        host = urlparse(pretrained_cfg.get("url", "")).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return f"{host} does not resolve: no network"
+    return ""
+
+
 def _where_to_get(init: OpenClipInit, pretrained_cfg: Dict[str, Any]) -> str:
     if pretrained_cfg.get("hf_hub"):
         from huggingface_hub import constants
@@ -258,11 +278,15 @@ def locate_weights(init: OpenClipInit) -> str:
     found = cached_weights(pretrained_cfg)
     if found:
         return found
+    unreachable = _unreachable(pretrained_cfg)  # no retry storm (about a minute) where there is no network
     try:
+        if unreachable:
+            raise ConnectionError(unreachable)
         target = download_pretrained(pretrained_cfg)
     except Exception as err:  # noqa: BLE001 - hub, HTTP and offline-mode errors alike
+        why = unreachable or type(err).__name__
         raise ValueError(f"model.init={init.spec}: the weights are not in open_clip's cache and could not be "
-                         f"downloaded ({type(err).__name__}); {_where_to_get(init, pretrained_cfg)}") from None
+                         f"downloaded ({why}); {_where_to_get(init, pretrained_cfg)}") from None
     if not target or not os.path.isfile(target):
         raise ValueError(f"model.init={init.spec}: open_clip found no weights; {_where_to_get(init, pretrained_cfg)}")
     return target
