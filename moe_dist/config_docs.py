@@ -267,7 +267,8 @@ COMPOSITION = """\
 3. **`--set a.b=c`** (repeatable), merged over the YAML; the value is parsed as YAML, so
    `--set ep_size=2` is an int and `--set eval.tasks=[loss,retrieval]` a list.
 4. **The model**: `model.name` picks a JSON (a registry name from `configs/models/`, a file in
-   `$MOE_DIST_CONFIG_DIR/models`, or a path ending in `.json`). Any key under `model` other than
+   `$MOE_DIST_CONFIG_DIR/models`, or a path ending in `.json`), or `open_clip:ARCH` maps open_clip's
+   architecture `ARCH` onto it (docs/interop.md). Any key under `model` other than
    {model_section} is moved into `model.overrides`, so `--set model.moe.top_k=2` and
    `model: {overrides: {moe: {top_k: 2}}}` are the same. The overrides are merged into the JSON
    (nested mappings merge key by key; a list or scalar replaces) and the result is validated as a

@@ -36,7 +36,8 @@ def _run(args: argparse.Namespace) -> int:
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="parameter counts (total, expert, active per modality) and FLOPs of a model",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="registry name (see configs/models/) or path to a model JSON")
+    p.add_argument("--model", required=True,
+                   help="registry name (see configs/models/), path to a model JSON, or open_clip:ARCH")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model field, e.g. --set moe.top_k=2 (repeatable)")

@@ -24,9 +24,9 @@ def _at_least(section: object, where: str, minimum: float, *names: str) -> None:
 
 @dataclass
 class ModelSection:
-    name: str = "moe-clip-tiny"  # registry name or path to a model JSON
+    name: str = "moe-clip-tiny"  # registry name, path to a model JSON, or open_clip:ARCH (open_clip's architecture)
     overrides: Dict[str, Any] = field(default_factory=dict)  # nested model-JSON fields, e.g. {moe: {top_k: 2}}
-    init: str = ""  # sparse upcycling on a fresh start: a dense open_clip checkpoint, moe-dist export or checkpoint dir
+    init: str = ""  # sparse upcycling on a fresh start: open_clip file, export, checkpoint dir or open_clip:ARCH/TAG
 
 
 @dataclass

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
+from open_clip.transformer import QuickGELU, TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
 from ..moe import IMAGE, TEXT
 from .config import ModelConfig
 from .loss import ModelOutput
 from .moe_blocks import collect_moe_outputs, place_moe, routing_context
+
+
+def act_layer(cfg: ModelConfig) -> type:
+    """The dense MLPs' activation module: open_clip's QuickGELU (``model.quick_gelu``) or GELU."""
+    return QuickGELU if cfg.quick_gelu else nn.GELU
 
 
 def text_padding_mask(text: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -104,11 +109,11 @@ class MoECLIP(ContrastiveModel):
         v, t = cfg.vision, cfg.text
         self.visual = VisionTransformer(image_size=v.image_size, patch_size=v.patch_size, width=v.width,
                                         layers=v.layers, heads=v.heads, mlp_ratio=v.mlp_ratio,
-                                        output_dim=cfg.embed_dim)
+                                        output_dim=cfg.embed_dim, act_layer=act_layer(cfg))
         self.text = TextTransformer(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
                                     heads=t.heads, layers=t.layers, mlp_ratio=t.mlp_ratio,
                                     output_dim=cfg.embed_dim, pad_id=t.pad_id, eos_id=t.eos_id,
-                                    pool_type=t.pool_type)
+                                    pool_type=t.pool_type, act_layer=act_layer(cfg))
         place_moe(self.visual.transformer, cfg.vision_moe_blocks(), cfg.moe_config(v.width, v.mlp_ratio, "vision"),
                   ep_size, "vision")
         text_moe = cfg.moe_config(t.width, t.mlp_ratio, "text")

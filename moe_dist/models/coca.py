@@ -40,7 +40,7 @@ from open_clip.transformer import AttentionalPooler, MultimodalTransformer, Text
 from torch import nn
 
 from ..moe.router import CROSS, IMAGE, TEXT
-from .clip import ContrastiveModel
+from .clip import ContrastiveModel, act_layer
 from .config import ModelConfig
 from .loss import ContrastiveLoss, LossOutput, ModelOutput
 from .moe_blocks import collect_moe_outputs, place_moe, routing_context
@@ -73,11 +73,11 @@ class CoCa(ContrastiveModel):
         v, t, d = cfg.vision, cfg.text, cfg.decoder
         self.visual = VisionTransformer(image_size=v.image_size, patch_size=v.patch_size, width=v.width,
                                         layers=v.layers, heads=v.heads, mlp_ratio=v.mlp_ratio,
-                                        output_dim=cfg.embed_dim, output_tokens=True)
+                                        output_dim=cfg.embed_dim, output_tokens=True, act_layer=act_layer(cfg))
         self.text = TextTransformer(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
                                     heads=t.heads, layers=t.layers, mlp_ratio=t.mlp_ratio,
                                     output_dim=cfg.embed_dim, pad_id=t.pad_id, eos_id=t.eos_id,
-                                    pool_type=t.pool_type, output_tokens=True)
+                                    pool_type=t.pool_type, output_tokens=True, act_layer=act_layer(cfg))
         D = cfg.decoder_width
         if d.image_tokens == "pooler":
             self.image_to_decoder = AttentionalPooler(D, v.width, n_head=d.heads or t.heads, n_queries=d.pooler_queries)
@@ -86,7 +86,7 @@ class CoCa(ContrastiveModel):
         self.text_to_decoder = nn.Linear(t.width, D) if D != t.width else nn.Identity()
         self.decoder = MultimodalTransformer(width=D, layers=d.layers, heads=d.heads or t.heads,
                                              context_length=t.context_length, mlp_ratio=d.mlp_ratio,
-                                             output_dim=t.vocab_size)
+                                             output_dim=t.vocab_size, act_layer=act_layer(cfg))
         # open_clip leaves the projection to init_parameters, which reads attributes this class lacks
         nn.init.normal_(self.decoder.text_projection, std=D ** -0.5)
         place_moe(self.visual.transformer, cfg.vision_moe_blocks(), cfg.moe_config(v.width, v.mlp_ratio, "vision"),

@@ -22,6 +22,7 @@ from ..moe.config import MoEConfig
 from ..moe.registry import ROUTERS
 from ..text.tokenizer import sentencepiece_path
 from .loss import CONTRASTIVE_LOSSES
+from .openclip_arch import PREFIX, arch_model_dict, check_limoe, is_openclip
 
 KINDS = ("clip", "limoe", "coca")
 IMAGE_TOKENS = ("patches", "pooler")  # model.decoder.image_tokens
@@ -144,6 +145,7 @@ class ModelConfig:
     loss: str = "clip"
     init_logit_scale: float = 2.659260036932778  # ln(1/0.07), open_clip's default
     init_logit_bias: Optional[float] = None  # SigLIP uses -10
+    quick_gelu: bool = False  # open_clip's QuickGELU in the dense MLPs (OpenAI CLIP); experts: model.moe.activation
 
     def __post_init__(self) -> None:
         _positive(self, "model.", "embed_dim")
@@ -300,7 +302,13 @@ def list_models() -> Dict[str, Path]:
 
 
 def load_model_config(name_or_path: str, overrides: Optional[Dict[str, Any]] = None) -> ModelConfig:
-    """Load a model config by registry name or JSON path, apply nested ``overrides``, validate."""
+    """Load a model config by registry name, JSON path or ``open_clip:ARCH`` (open_clip's architecture,
+    openclip_arch.py), apply nested ``overrides``, validate."""
+    if is_openclip(name_or_path):
+        data = merge(arch_model_dict(name_or_path[len(PREFIX):]), overrides or {})
+        if data.get("kind") == "limoe":
+            check_limoe(name_or_path[len(PREFIX):], data)
+        return from_dict(ModelConfig, data, "model")
     registry = list_models()
     if name_or_path in registry:
         path = registry[name_or_path]
@@ -310,7 +318,7 @@ def load_model_config(name_or_path: str, overrides: Optional[Dict[str, Any]] = N
             raise ValueError(f"model config file {name_or_path!r} does not exist")
     else:
         raise ValueError(f"unknown model {name_or_path!r}; known models: {', '.join(sorted(registry)) or 'none'} "
-                         "(or pass a path to a model JSON)")
+                         f"(or pass a path to a model JSON, or {PREFIX}ARCH for an open_clip architecture)")
     with open(path) as f:
         data = json.load(f)
     data.setdefault("name", Path(path).stem)

@@ -18,7 +18,7 @@ from open_clip.transformer import LayerNorm, Transformer
 from torch import nn
 
 from ..moe import IMAGE, TEXT
-from .clip import ContrastiveModel, text_eos_position, text_padding_mask
+from .clip import ContrastiveModel, act_layer, text_eos_position, text_padding_mask
 from .config import ModelConfig
 from .moe_blocks import place_moe, routing_context
 
@@ -38,7 +38,7 @@ class LIMoE(ContrastiveModel):
         self.text_positions = nn.Parameter(0.01 * torch.randn(t.context_length, width))
         self.modality_embedding = nn.Parameter(0.02 * torch.randn(2, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, v.layers, v.heads, v.mlp_ratio)
+        self.transformer = Transformer(width, v.layers, v.heads, v.mlp_ratio, act_layer=act_layer(cfg))
         place_moe(self.transformer, cfg.vision_moe_blocks(), cfg.moe_config(width, v.mlp_ratio, "vision"), ep_size, "shared")
         self.image_head = nn.Sequential(LayerNorm(width), nn.Linear(width, cfg.embed_dim, bias=False))
         self.text_head = nn.Sequential(LayerNorm(width), nn.Linear(width, cfg.embed_dim, bias=False))

@@ -8,6 +8,9 @@ renormalised gates and no dropped tokens the upcycled model computes exactly the
 Dense sources (``read_dense``; the run-config option ``model.init: PATH`` takes the same):
     open_clip   a CLIP state dict file (torch ``.pt``/``.bin``, or a ``.safetensors`` without our metadata):
                 its top-level text tower is renamed into our ``text.`` layout; always kind "clip";
+    published   ``open_clip:ARCH/TAG`` (or ``open_clip:ARCH/PATH``): the model ``open_clip.create_model``
+                builds from that tag's weights in open_clip's cache (openclip_arch.py); its architecture
+                must be the run model's;
     ours        a ``moe-dist export`` .safetensors file or a checkpoint directory (``load_pretrained``'s
                 forms) of a dense model: ``clip-tiny-dense``, or for LIMoE a LIMoE config with no MoE blocks.
 A source of another kind than the model, or one that has MoE layers itself, is refused in one line.
@@ -15,6 +18,7 @@ A source of another kind than the model, or one that has MoE layers itself, is r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ from torch import nn
 from .build import build_model
 from .config import ModelConfig
 from .moe_blocks import MoEMLP
+from .openclip_arch import check_same_arch, is_openclip, load_openclip, parse_init
 from .pretrained import EXPORT_FORMAT, consolidated_state_dict
 
 KIND_NAMES = {"clip": "a two-tower CLIP", "limoe": "a one-tower LIMoE"}
@@ -157,9 +162,12 @@ def read_dense(path: str) -> DenseSource:
     Raises:
         ValueError (one line): the path does not exist or holds no model.
     """
+    if is_openclip(path):
+        init = parse_init(path)
+        return DenseSource("clip", load_dense_state(load_openclip(init)), f"open_clip's {init.arch}")
     if not os.path.exists(path):
         raise ValueError(f"model.init: {path} does not exist; give a dense open_clip checkpoint file, a moe-dist "
-                         "export (.safetensors) or a checkpoint directory of a dense model")
+                         "export (.safetensors), a checkpoint directory of a dense model, or open_clip:ARCH/TAG")
     if os.path.isdir(path) or (path.endswith(".safetensors") and _is_our_export(path)):
         try:
             pretrained = consolidated_state_dict(path)
@@ -209,12 +217,30 @@ def init_from_dense(model: nn.Module, path: str, noise_std: float = 0.0,
         upcycle's report. Raises ValueError (one line, starting "model.init:") for a source that does
         not fit: another kind, MoE layers of its own, missing or differently shaped tensors.
     """
+    if is_openclip(path):  # kind and architecture first: a mismatch costs no download
+        init = parse_init(path)
+        check_source(DenseSource("clip", {}, f"open_clip's {init.arch}"), model.cfg, path)
+        check_same_arch(init, dataclasses.asdict(model.cfg), model.cfg.name)
+    _check_expert_activation(model, path)
     source = read_dense(path)
     check_source(source, model.cfg, path)
     try:
         return upcycle(model, source.state, noise_std, generator)
     except ValueError as err:
         raise ValueError(f"model.init: {path} does not fit model {model.cfg.name!r}: {err}") from None
+
+
+def _check_expert_activation(model: nn.Module, path: str) -> None:
+    """Experts start as copies of the dense MLPs: refuse an expert activation other than theirs."""
+    dense = "quick_gelu" if model.cfg.quick_gelu else "gelu"
+    for name, mlp in model.named_modules():
+        if isinstance(mlp, MoEMLP) and mlp.moe.config.activation != dense:
+            tower = mlp.layer_name.rsplit(".", 1)[0].replace("shared", "vision")  # place_moe's "<tower>.<block>"
+            key = model.cfg.moe_key(tower, "activation")
+            raise ValueError(f"model.init: {path}: the dense MLPs compute {dense} (model.quick_gelu="
+                             f"{str(model.cfg.quick_gelu).lower()}) but {name} experts compute "
+                             f"{mlp.moe.config.activation}, so the upcycled copies would not compute the dense MLP; "
+                             f"set {key}={dense}")
 
 
 def check_init(path: str, cfg: ModelConfig) -> None:

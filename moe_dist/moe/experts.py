@@ -45,6 +45,17 @@ def _swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
     return torch.cat([grad_a * up * sig * (1 + gate * (1 - sig)), grad_a * gate * sig], dim=-1)
 
 
+def _quick_gelu(h: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's GELU approximation, as open_clip's QuickGELU computes it."""
+    return h * torch.sigmoid(1.702 * h)
+
+
+def _quick_gelu_backward(h: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
+    """d h sigmoid(a h) = sigmoid(a h) (1 + a h (1 - sigmoid(a h))) dh, a = 1.702."""
+    sig = torch.sigmoid(1.702 * h)
+    return grad_a * sig * (1 + 1.702 * h * (1 - sig))
+
+
 @dataclass(frozen=True)
 class Activation:
     """An expert activation and its backward in closed form (the loop backend's operator runs below
@@ -74,6 +85,7 @@ for _name, _activation in {
     "gelu_tanh": Activation(lambda h: F.gelu(h, approximate="tanh"),
                             lambda h, g: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
                             out=lambda h, out: torch.ops.aten.gelu.out(h, approximate="tanh", out=out)),
+    "quick_gelu": Activation(_quick_gelu, _quick_gelu_backward),
     "relu": Activation(F.relu, lambda h, g: g * (h > 0), out=lambda h, out: torch.clamp_min(h, 0, out=out)),
     "swiglu": Activation(_swiglu, _swiglu_backward, width=2),
 }.items():

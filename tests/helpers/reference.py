@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-ACT = {"gelu": F.gelu, "relu": F.relu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh")}
+ACT = {"gelu": F.gelu, "relu": F.relu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+       "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h)}
 
 
 def _router_logits(layer, x):

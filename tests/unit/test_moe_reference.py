@@ -25,6 +25,7 @@ CASES = {
                                      shared_expert=True),
     "modality_padding": dict(top_k=2, dropless=True, modality_experts=(1, 1)),
     "no_bias_relu": dict(top_k=2, dropless=True, expert_bias=False, activation="relu"),
+    "top2_quick_gelu": dict(top_k=2, dropless=True, activation="quick_gelu"),  # OpenAI CLIP's MLPs, upcycled
 }
 
 
@@ -95,7 +96,7 @@ def test_backends_agree_fp32(backend):
         assert rel_err(g.double(), w) < 1e-5
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "swiglu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu"])
 def test_saved_activation_matches_recompute_and_keeps_one_more_hidden(activation):
     """recompute_activation=False gives the same output and gradients (fp64) and saves exactly the
     activation rows [A, H] more for backward."""
