@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Dict
 
 import torch
@@ -115,7 +116,8 @@ def write_dcp(state: PretrainedState, out_dir: str, dtype: str = "fp32") -> None
     import torch.distributed.checkpoint as dcp
 
     tensors = file_tensors(state.state_dict, dtype)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
         dcp.save(tensors, checkpoint_id=tmp, no_dist=True)
         for name, data in model_files(state.config, state.tokenizer).items():
             atomic_write(os.path.join(tmp, name), data, durable=False)
