@@ -186,9 +186,9 @@ def _routing(record: Dict[str, object]) -> List[str]:
                       "`moe-dist analyze-routing` measures them on any data.", ""]
     table: Dict[str, Dict[str, object]] = {}
     for key, value in record.items():
-        parts = key.split("/")
-        if len(parts) >= 3:
-            table.setdefault("/".join(parts[2:]), {})[parts[1]] = value
+        parts = key.split("/")  # moe/<stat>/<layer>, or moe/<stat>/<modality>/<layer> (left out: one row per layer)
+        if len(parts) == 3:
+            table.setdefault(parts[2], {})[parts[1]] = value
     columns = sorted({c for row in table.values() for c in row})
     out += [f"From training at step {record.get('step')} (metrics.jsonl; load_max_over_mean 1 = balanced):", "",
             "| layer | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
