@@ -164,7 +164,8 @@ def _training(run: RunRecord, step: Optional[int]) -> List[str]:
     model = rc.get("model") or {}
     out += [f"- data: train `{shown_spec(str(data.get('train', '')))}`"
             + (f", validation `{shown_spec(str(data['val']))}`" if data.get("val") else ""),
-            f"- steps: {step if step is not None else '?'} of {rc.get('steps', '?')} planned; seed {rc.get('seed', '?')}",
+            f"- steps: {step if step is not None else '?'} of {rc.get('steps', '?')} planned; "
+            f"seed {rc.get('seed', '?')}",
             f"- model config: `{model.get('name', '?')}`" + (f" with overrides `{json.dumps(model['overrides'])}`"
                                                               if model.get("overrides") else ""), ""]
     return out

@@ -309,7 +309,8 @@ def _read_hub(folder: str) -> PretrainedState:
     config = from_dict(ModelConfig, data["model_config"], f"{config_path} model_config")
     name = sentencepiece_path(config.text.tokenizer)
     if name and (os.path.basename(name) != name or name in (".", "..")):
-        raise ValueError(f"{config_path} names tokenizer {name!r}, which is not a file of the folder ({TOKENIZER_FILE})")
+        raise ValueError(f"{config_path} names tokenizer {name!r}, which is not a file of the folder "
+                         f"({TOKENIZER_FILE})")
     spec = _tokenizer_spec(config.text.tokenizer, folder, config_path, in_checkpoint=True)
     state = _read_export(os.path.join(folder, HUB_WEIGHTS_FILE))
     step = data.get("step")
