@@ -1,7 +1,7 @@
 """``moe-dist export``: a trained model in a file or folder that stands alone, in our format or another tool's.
 
     moe-dist export --checkpoint PATH --out model.safetensors [--dtype fp32|bf16]
-    moe-dist export --checkpoint PATH --format open_clip --out DIR [--collapse expert:I|mean] [--dtype ...]
+    moe-dist export --checkpoint PATH --format open_clip --out DIR [--collapse expert:I|mean|routed-mass:FILE] [--dtype ...]
     moe-dist export --checkpoint PATH --format hub --out DIR [--push REPO] [--dtype ...]
     moe-dist export --checkpoint PATH --format torch_dcp --out DIR [--dtype ...]
 PATH is a run's checkpoint root (its newest complete checkpoint), one step directory, an export (to change its
@@ -103,8 +103,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="precision of the weights written (bf16: half the size)")
     p.add_argument("--collapse", metavar="RULE",
-                   help="open_clip only: make an MoE model dense, expert:I (keep expert I of every MoE layer) or "
-                        "mean (average the experts' weights); changes the model unless all experts are equal")
+                   help="open_clip only: make an MoE model dense, expert:I (keep expert I of every MoE layer), "
+                        "mean (average the experts' weights) or routed-mass:routing.json (weight them by the "
+                        "assignments of moe-dist analyze-routing); changes the model unless all experts are equal")
     p.add_argument("--push", metavar="REPO",
                    help="hub only: upload the folder to this Hub model repo (needs huggingface_hub and a token: "
                         "HF_TOKEN or `hf auth login`)")

@@ -121,8 +121,14 @@ def test_collapse_rules_pick_or_average_experts_and_are_exact_for_equal_experts(
     assert not os.path.exists(tmp_path / "refused")
     layer = "visual.transformer.resblocks.1.mlp"
     experts = [moe.state_dict[f"{layer}.moe.deepspeed_moe.experts.deepspeed_experts.{e}.w1"] for e in range(4)]
-    for rule, want in (("expert:2", experts[2]), ("mean", torch.stack(experts).double().mean(0).float())):
-        out = tmp_path / rule.replace(":", "")
+    routing = tmp_path / "routing.json"  # what moe-dist analyze-routing writes, cut to the assignments
+    routing.write_text(json.dumps({"layers": {
+        **{f"vision.{i}": {"image": {"assignments": [3, 1, 0, 0]}, "image_fraction": [1, 1, 0, 0]} for i in (1, 3)},
+        **{f"text.{i}": {"text": {"assignments": [0, 0, 5, 5]}} for i in (1, 3)}}}))
+    rules = [("expert:2", experts[2]), ("mean", torch.stack(experts).double().mean(0).float()),
+             (f"routed-mass:{routing}", (0.75 * experts[0].double() + 0.25 * experts[1].double()).float())]
+    for i, (rule, want) in enumerate(rules):
+        out = tmp_path / f"rule{i}"
         code, stdout, err = cli("export", "--checkpoint", src, "--format", "open_clip", "--collapse", rule,
                                 "--out", out)
         assert code == 0, err
@@ -146,6 +152,8 @@ def test_models_open_clip_cannot_load_are_refused_with_the_reason(tmp_path, cli,
     limoe = _export(tmp_path, _state("limoe-tiny-dense", None, spm_bytes), "limoe.safetensors")
     dense = _export(tmp_path, _state("clip-tiny-dense", BPE, OPENCLIP_BPE), "bpe.safetensors")
     moe = _export(tmp_path, _state("moe-clip-tiny", BPE, OPENCLIP_BPE), "moe.safetensors")
+    routing = tmp_path / "routing.json"
+    routing.write_text(json.dumps({"layers": {"vision.1": {"image": {"assignments": [1, 1, 1, 1]}}}}))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "old.txt").write_text("x")
     cases = [
@@ -154,6 +162,10 @@ def test_models_open_clip_cannot_load_are_refused_with_the_reason(tmp_path, cli,
         (["--checkpoint", dense, "--format", "open_clip", "--collapse", "mean"], "dense model"),
         (["--checkpoint", moe, "--format", "open_clip", "--collapse", "expert:4"], "ids 0..3"),
         (["--checkpoint", moe, "--format", "open_clip", "--collapse", "median"], "is not a rule"),
+        (["--checkpoint", moe, "--format", "open_clip", "--collapse", f"routed-mass:{routing}"],
+         "no assignments of 4 experts for layer 'vision.3'"),
+        (["--checkpoint", moe, "--format", "open_clip", "--collapse", f"routed-mass:{tmp_path}/none.json"],
+         "cannot read a routing.json"),
         (["--checkpoint", moe, "--format", "hub", "--collapse", "mean"], "--format open_clip only"),
         (["--checkpoint", moe, "--format", "torch_dcp", "--push", "me/m"], "--format hub only"),
     ]
