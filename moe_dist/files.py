@@ -59,6 +59,32 @@ def atomic_path(path: str, durable: bool = True) -> Iterator[str]:
         fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+    """Yield a new temporary directory beside ``path``; when the block succeeds it is renamed to ``path``,
+    when it raises it is removed. ``path`` must not exist, or be an empty directory (ValueError otherwise):
+    a folder of files that belong together is never mixed with an older one."""
+    import shutil
+
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)):
+        raise ValueError(f"--out {path} exists and is not an empty directory; name a new directory or remove it")
+    tmp = f"{os.path.abspath(path)}{TMP_MARK}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            if os.path.isfile(os.path.join(tmp, name)):
+                fsync_file(os.path.join(tmp, name))
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def atomic_write(path: str, data: Union[str, bytes], durable: bool = True) -> None:
     """Write ``data`` (text or bytes) to ``path`` atomically."""
     with atomic_path(path, durable) as tmp:

@@ -9,7 +9,10 @@
     build.py       the model-kind registry: build_model, build_loss, create_model
     upcycle.py     sparse upcycling from a dense open_clip checkpoint
     params.py      parameter and FLOP accounting
-    pretrained.py  load_pretrained (any checkpoint or export -> one-process model + tokenizer), export
+    pretrained.py  load_pretrained (any checkpoint, export or Hub folder -> one-process model + tokenizer), export
+    collapse.py    an MoE model made dense by an explicit rule (expert:I, mean) for open_clip
+    interop.py     writers for other tools: an open_clip local-dir: folder, a torch.distributed.checkpoint directory
+    hub.py         a Hugging Face Hub folder with a model card from the run, and pushing it
 """
 
 from .build import MODEL_KINDS, build_loss, build_model, create_model, expert_parallel_share

@@ -32,6 +32,11 @@ PLACEMENT_KEYS = {"vision": "model.vision.moe", "text": "model.text.moe", "decod
 # What every checkpoint directory (and export) carries besides the weights, so that it loads on its own:
 MODEL_CONFIG_FILE = "model_config.json"  # the resolved ModelConfig as JSON; text.tokenizer relative to it
 TOKENIZER_FILE = "tokenizer.model"  # a copy of the run's sentencepiece model (absent for openclip-bpe)
+# A Hub folder (``moe-dist export --format hub``; read by load_pretrained): config.json holds the format, the
+# ModelConfig and the run's record; model.safetensors is an export file; tokenizer.model as in a checkpoint
+HUB_FORMAT = "moe_dist.hub/1"
+HUB_CONFIG_FILE = "config.json"
+HUB_WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """A trained model on its own: any checkpoint (or export) into a plain ``nn.Module`` on one process, and
 an export to one safetensors file.
 
-``path`` takes three forms everywhere (``load_pretrained``, ``consolidated_state_dict``, ``export``, and
+``path`` takes four forms everywhere (``load_pretrained``, ``consolidated_state_dict``, ``export``, and
 ``moe-dist export/reshard --checkpoint``): a run's checkpoint root (its newest complete checkpoint), one
-``step########`` directory, or a ``.safetensors`` file written by ``export``.
+``step########`` directory, a ``.safetensors`` file written by ``export``, or a Hub folder written by
+``moe-dist export --format hub`` (``config.json`` with format "moe_dist.hub/1", its ModelConfig and the
+run's record; ``model.safetensors``, an export file; ``tokenizer.model`` for sentencepiece; README.md):
+``config.json`` gives the model, and tensors that disagree with it are refused, naming the first one.
 
 A checkpoint directory carries ``model_config.json`` (the resolved ModelConfig; its ``text.tokenizer``
 is "sentencepiece:tokenizer.model", relative to the directory, or "openclip-bpe") and ``tokenizer.model``.
@@ -43,7 +46,8 @@ from ..config import from_dict
 from ..files import atomic_path
 from ..text.tokenizer import MAX_TOKENIZER_BYTES, SentencePieceTokenizer, get_tokenizer, sentencepiece_path
 from .build import build_model
-from .config import MODEL_CONFIG_FILE, TOKENIZER_FILE, ModelConfig, load_model_config
+from .config import (HUB_CONFIG_FILE, HUB_FORMAT, HUB_WEIGHTS_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, ModelConfig,
+                     load_model_config)
 
 EXPORT_FORMAT = "moe_dist.export/1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -99,7 +103,7 @@ def consolidated_state_dict(path: str, model_config: ConfigArg = None, tokenizer
     """Read a checkpoint (root, step directory) or export into the ep_size=1 layout, and check it.
 
     Args:
-        path: a run's checkpoint root, one step directory, or an exported .safetensors file.
+        path: a run's checkpoint root, one step directory, an exported .safetensors file, or a Hub folder.
         model_config: use this model config instead of the one the checkpoint carries (needed for
             checkpoints written before they carried ``model_config.json``).
         tokenizer: use this tokenizer ("sentencepiece:<path>", a .model path, "openclip-bpe") instead;
@@ -111,8 +115,8 @@ def consolidated_state_dict(path: str, model_config: ConfigArg = None, tokenizer
         that is not a moe_dist export, a missing model config, another kind than ``kind``, tensors whose
         names or shapes do not match the config, or a tokenizer that does not fit the model.
     """
-    if os.path.isfile(path):
-        state = _read_export(os.path.abspath(path))
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, HUB_CONFIG_FILE)):
+        state = _read_export(os.path.abspath(path)) if os.path.isfile(path) else _read_hub(os.path.abspath(path))
         if model_config is not None:
             state.config = _as_config(model_config)
         if tokenizer is not None:
@@ -171,19 +175,17 @@ def export(checkpoint_path: str, out_file: str, dtype: str = "fp32", model_confi
     Returns:
         The state that was read (before the dtype cast).
     """
-    from safetensors.torch import save_file
-
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}; use one of {sorted(DTYPES)}")
     state = consolidated_state_dict(checkpoint_path, model_config, tokenizer)
-    tensors, storages = {}, set()
-    for name, tensor in state.state_dict.items():
-        if tensor.is_floating_point() and not name.endswith("selection_bias_ME"):  # the bias stays fp32
-            tensor = tensor.to(DTYPES[dtype])
-        if tensor.untyped_storage().data_ptr() in storages or not tensor.is_contiguous():
-            tensor = tensor.clone(memory_format=torch.contiguous_format)  # safetensors stores no shared views
-        storages.add(tensor.untyped_storage().data_ptr())
-        tensors[name] = tensor
+    write_export(state, out_file, dtype)
+    return state
+
+
+def write_export(state: PretrainedState, out_file: str, dtype: str = "fp32") -> None:
+    """``state`` as one export file (format in the module docstring), written atomically."""
+    from safetensors.torch import save_file
+
     metadata = {"format": EXPORT_FORMAT, "model_config": json.dumps(portable_config(state.config, state.tokenizer)),
                 "dtype": dtype, "step": "" if state.step is None else str(state.step), "source": state.source}
     if isinstance(state.tokenizer, bytes):
@@ -192,8 +194,23 @@ def export(checkpoint_path: str, out_file: str, dtype: str = "fp32", model_confi
         metadata["tokenizer"] = state.tokenizer
     os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
     with atomic_path(out_file) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return state
+        save_file(file_tensors(state.state_dict, dtype), tmp, metadata=metadata)
+
+
+def file_tensors(state_dict: Dict[str, torch.Tensor], dtype: str) -> Dict[str, torch.Tensor]:
+    """``state_dict`` ready for a file: floating-point tensors cast to ``dtype`` ("fp32"/"bf16"; a router's
+    selection bias stays fp32), each contiguous and in its own storage (safetensors stores no shared views)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    tensors, storages = {}, set()
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not name.endswith("selection_bias_ME"):  # the bias stays fp32
+            tensor = tensor.to(DTYPES[dtype])
+        if tensor.untyped_storage().data_ptr() in storages or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    return tensors
 
 
 def portable_config(config: ModelConfig, tokenizer: TokenizerSpec) -> dict:
@@ -275,6 +292,36 @@ def _read_export(path: str) -> PretrainedState:
                          f"{OPENCLIP_BPE!r} (re-export it with moe-dist export)")
     step = int(meta["step"]) if meta.get("step", "").isdigit() else None
     return PretrainedState(config, weights, spec, path, step)
+
+
+def _read_hub(folder: str) -> PretrainedState:
+    """A Hub folder: the model and tokenizer that config.json names, the tensors of model.safetensors (their
+    names and shapes are checked against the config by the caller)."""
+    config_path = os.path.join(folder, HUB_CONFIG_FILE)
+    try:
+        data = json.loads(_config_text(config_path))
+    except ValueError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != HUB_FORMAT or not isinstance(data.get("model_config"), dict):
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ValueError(f"{config_path} is not a moe_dist Hub folder's config (format={found!r}, expected "
+                         f"{HUB_FORMAT!r} and a model_config object); write one with moe-dist export --format hub")
+    config = from_dict(ModelConfig, data["model_config"], f"{config_path} model_config")
+    name = sentencepiece_path(config.text.tokenizer)
+    if name and (os.path.basename(name) != name or name in (".", "..")):
+        raise ValueError(f"{config_path} names tokenizer {name!r}, which is not a file of the folder "
+                         f"({TOKENIZER_FILE})")
+    spec = _tokenizer_spec(config.text.tokenizer, folder, config_path, in_checkpoint=True)
+    state = _read_export(os.path.join(folder, HUB_WEIGHTS_FILE))
+    step = data.get("step")
+    return PretrainedState(config, state.state_dict, spec, folder, step if isinstance(step, int) else None)
+
+
+def _config_text(path: str) -> str:
+    try:
+        return read_small(path, MAX_METADATA_BYTES, "config").decode("utf-8", "replace")
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read ({err})") from None
 
 
 def _as_config(model_config: ConfigArg) -> ModelConfig:

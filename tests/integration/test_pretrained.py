@@ -114,6 +114,23 @@ def test_bf16_export_halves_the_weights_and_loads(ep2, tmp_path):
     assert all(torch.isfinite(f).all() for f in _features(model, tokenizer, torch.bfloat16))
 
 
+def test_hub_and_dcp_exports_of_a_two_rank_checkpoint_hold_every_tensor(ep2, tmp_path, cli):
+    """The 2-rank ep_size=2 checkpoint on one process: a Hub folder (its card from the run's record) and a
+    DCP directory that ``dcp.load`` reads back, both bit for bit."""
+    import torch.distributed.checkpoint as dcp
+
+    want = consolidated_state_dict(str(ep2)).state_dict
+    assert cli("export", "--checkpoint", ep2, "--format", "hub", "--out", tmp_path / "hub")[0] == 0
+    hub = load_pretrained(str(tmp_path / "hub"))[0].state_dict()
+    assert sorted(hub) == sorted(want) and all(torch.equal(hub[k], want[k]) for k in want)
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "steps: 4 of 4 planned" in card and "| vision.1 |" in card and "| in experts |" in card
+    assert cli("export", "--checkpoint", ep2, "--format", "torch_dcp", "--out", tmp_path / "dcp")[0] == 0
+    got = {k: torch.full_like(v, float("nan")) for k, v in want.items()}
+    dcp.load(got, checkpoint_id=str(tmp_path / "dcp"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_bf16_checkpoint_loads_its_saved_weights(bf16):
     model, tokenizer = load_pretrained(str(bf16))
     saved = consolidated_state_dict(str(bf16)).state_dict
