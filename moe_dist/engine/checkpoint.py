@@ -313,6 +313,14 @@ def check_same_model(tag_dir: str, model_cfg) -> None:
     except ValueError as err:
         raise ValueError(f"checkpoint {tag_dir}: {MODEL_CONFIG_FILE} is not a model config this version reads "
                          f"({err})") from None
+    # the optimizer groups follow the decoder's learning-rate scale (its own groups unless 1): the saved
+    # optimizer state only fits the same groups; a file from before the option existed means 1
+    saved_scale = float((saved.get("decoder") or {}).get("lr_scale", 1.0))
+    if model_cfg.kind == "coca" and saved_scale != model_cfg.decoder.lr_scale:
+        raise ValueError(f"checkpoint {tag_dir} was trained with model.decoder.lr_scale={saved_scale:g}, this run's "
+                         f"config gives {model_cfg.decoder.lr_scale:g}: its optimizer state holds other groups; resume "
+                         f"with --set model.overrides.decoder.lr_scale={saved_scale:g}, or start a new run (model.init "
+                         "takes the weights)")
     with torch.device("meta"):
         was, now = ({k: tuple(v.shape) for k, v in build_model(c).state_dict().items()} for c in (saved_cfg, model_cfg))
     if was == now:

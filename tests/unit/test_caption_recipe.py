@@ -118,3 +118,20 @@ def test_caption_eval_settings_refuse_bad_values(setting, match):
 
     with pytest.raises(ValueError, match=match):
         load_run_config(None, ["data.train=x", setting])
+
+
+def test_resume_refuses_another_decoder_learning_rate_scale(tmp_path):
+    """The optimizer groups follow lr_scale: a checkpoint resumes only under the scale it was saved with
+    (a model_config.json from before the option means 1)."""
+    import dataclasses
+    import json
+
+    from moe_dist.engine.checkpoint import check_same_model
+
+    saved = dataclasses.asdict(load_model_config("coca-tiny", {"text": TEXT}))
+    del saved["decoder"]["lr_scale"]  # written before the option existed
+    (tmp_path / "model_config.json").write_text(json.dumps(saved))
+    check_same_model(str(tmp_path), load_model_config("coca-tiny", {"text": TEXT, "decoder": {"lr_scale": 1.0}}))
+    with pytest.raises(ValueError, match=r"model.decoder.lr_scale=1, this run's config gives 3.*"
+                                         r"--set model.overrides.decoder.lr_scale=1"):
+        check_same_model(str(tmp_path), load_model_config("coca-tiny", {"text": TEXT, "decoder": {"lr_scale": 3}}))
