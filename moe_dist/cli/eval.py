@@ -135,6 +135,6 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "(chosen in hindsight) and retrieval captioning beside the model's scores")
     p.add_argument("--caption-pool-size", type=int, default=10000,
                    help="caption task: distinct pool captions read, in spec order (default 10000)")
-    add_generation_flags(p, max_length=30, batch=False)
+    add_generation_flags(p, max_length=30, batch=False, recipe=True)
     p.set_defaults(func=_run)
 

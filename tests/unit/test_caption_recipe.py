@@ -92,7 +92,7 @@ def test_decoder_learning_rate_scale_gets_its_own_groups():
     optimizer.step()  # no gradients: nothing moves
     schedule.step()
     assert sorted({round(g["lr"], 12) for g in optimizer.param_groups}) == [5e-4, 1.5e-3]
-    assert len(param_groups(coca(), 0.1)) == 4 < len(param_groups(model, 0.1))  # scale 1: the usual groups
+    assert len(param_groups(coca(lr_scale=1.0), 0.1)) == 4 < len(param_groups(model, 0.1))  # scale 1: the usual groups
 
 
 @pytest.mark.parametrize("decoder,match", [
