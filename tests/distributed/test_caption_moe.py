@@ -36,7 +36,42 @@ def _loss_and_grads(model, loss_fn, batch, names):
 
 
 def _compare(rank, world_size):
-    return [f for dropless in (True, False) for f in _compare_one(rank, world_size, dropless)]
+    return [f for dropless in (True, False) for f in _compare_one(rank, world_size, dropless)] + _rerank(rank)
+
+
+class _Tok:
+    """Token ids as words: BOS 2, EOS 3, pad 0; encodes texts as the towers read them."""
+    bos_id, eos_id, pad_id = 2, 3, 0
+
+    def pieces(self, texts):
+        return [[int(w) for w in t.split()] for t in texts]
+
+    def decode(self, tokens):
+        return [" ".join(str(t) for t in row if t not in (0, 2, 3)) for row in tokens.tolist()]
+
+    def __call__(self, texts):
+        rows = [[2] + self.pieces([t])[0][:10] + [3] for t in texts]
+        return torch.tensor([r + [0] * (12 - len(r)) for r in rows])
+
+
+def _rerank(rank):
+    """Beam search reranked by the towers, expert-parallel and in lockstep: rank 0 captions 3 images, rank 1
+    decodes 2 after a prompt (a prompt length rank 0 lacks), and each equals the single-process model."""
+    from moe_dist.generation import GenerationConfig, generate
+    from moe_dist.models import create_model
+    from moe_dist.models.pretrained import _local_experts
+
+    moe = {"num_experts": 4, "top_k": 2, "modality_experts": [1, 1, 1], "dropless": True}
+    torch.manual_seed(6)
+    ref = create_model("coca-tiny", overrides={**MODEL, "moe": moe}).double().eval()
+    ep = create_model("coca-tiny", ep_size=2, overrides={**MODEL, "moe": moe}).double().eval()
+    ep.load_state_dict(_local_experts(ref.state_dict(), rank, 2))
+    images = _batch(10 + rank)[0][:3 - rank]
+    prompts = None if rank == 0 else ["5 6", "7 8"]
+    cfg = dict(strategy="beam", beam_width=3, max_new=4, rerank=5.0)
+    got = generate(ep, _Tok(), images, prompts, GenerationConfig(**cfg, lockstep=True))
+    want = generate(ref, _Tok(), images, prompts, GenerationConfig(**cfg))
+    return [] if got == want else [f"rerank rank {rank}: {got} != {want}"]
 
 
 def _compare_one(rank, world_size, dropless):
