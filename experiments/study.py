@@ -5,6 +5,7 @@
     python experiments/study.py report                   # tables + plots from runs/study/*/seed*/metrics.jsonl
     python experiments/study.py run --grid routing       # the routing study: the E=8-equivalent arms, seeds 0 1 2
     python experiments/study.py report --grid routing    # its tables into docs/results.md, routing_study.json, plots
+    python experiments/study.py run --grid caption --eval-every 0   # the captioning study (caption_study.py)
 
 Each run is ``moe-dist train --config experiments/emoji.yaml`` with the overrides below, in one process (the
 models differ, not the cluster). A run counts as done once its metrics.jsonl holds the final evaluation, so an
@@ -34,6 +35,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "emoji.yaml")
 MOE8 = ["model.name=moe-clip-tiny", "model.moe.num_experts=8"]
+# the recipe before the study: decoder lr x1 (coca-tiny now sets 3) and greedy final evals (eval.decoding's default is
+# now beam 5 with reranking; `decode` re-scores the checkpoints with each decoding)
+COCA = ["model.name=coca-tiny", "model.vision.layers=4", "model.text.layers=4", "model.decoder.lr_scale=1",
+        "eval.tasks=[loss,retrieval,caption]", "eval.decoding.strategy=greedy", "eval.decoding.rerank=0"]
+COCA_MOE = COCA + ["model.moe.num_experts=8", "model.moe.modality_experts=[]"]
+COCA_DENSE = COCA + ["model.vision.moe.every=0", "model.text.moe.every=0", "model.decoder.cross_moe.every=0"]
 
 # name -> (overrides, what it is). The first five are the study; the rest vary one setting of "moe" or "dense".
 RUNS: Dict[str, tuple] = {
@@ -67,10 +74,29 @@ RUNS: Dict[str, tuple] = {
     "moe-ga4": (MOE8 + ["batch.micro_batch=16", "batch.grad_accum=4"], "moe at 4 micro batches of 16 per step"),
     "moe-global-ga4": (MOE8 + ["batch.micro_batch=16", "batch.grad_accum=4", "model.moe.load_balance=global_batch"],
                        "moe-ga4 with the balance loss over the step's 4 micro batches"),
+    # the captioning study (issue 28): CoCa with moe-clip-tiny's 4-layer towers, E=8 top-1 in every second tower
+    # block and both decoder cross-attention blocks, and its dense twin; each recipe option one at a time
+    "coca-dense": (COCA_DENSE, "CoCa, dense MLPs (equal active FLOPs to coca-moe)"),
+    "coca-moe": (COCA_MOE, "CoCa-MoE: today's recipe (caption 2 : contrastive 1, patch tokens, greedy)"),
+    "coca-moe-ls": (COCA_MOE + ["model.decoder.label_smoothing=0.1"], "coca-moe with label smoothing 0.1"),
+    "coca-moe-pooler": (COCA_MOE + ["model.decoder.image_tokens=pooler", "model.decoder.pooler_queries=16"],
+                        "coca-moe reading 16 attentional-pooler queries instead of the 16 patch tokens"),
+    "coca-moe-cap4": (COCA_MOE + ["model.decoder.caption_loss_weight=4"], "coca-moe with caption weight 4 : 1"),
+    "coca-moe-dec4": (COCA_MOE + ["model.decoder.layers=4"], "coca-moe with a 4-layer decoder"),
+    "coca-moe-declr3": (COCA_MOE + ["model.decoder.lr_scale=3"], "coca-moe with 3x the learning rate on the decoder"),
+    "coca-moe-long": (COCA_MOE, "coca-moe trained twice as long (600 steps)"),
+    "coca-moe-declr10": (COCA_MOE + ["model.decoder.lr_scale=10"],
+                         "coca-moe with 10x the learning rate on the decoder"),
+    # the best combination of the options above (decoder learning rate x3, twice the steps), dense and MoE
+    "coca-moe-best": (COCA_MOE + ["model.decoder.lr_scale=3"], "coca-moe, decoder lr x3, 600 steps"),
+    "coca-dense-best": (COCA_DENSE + ["model.decoder.lr_scale=3"], "coca-dense, decoder lr x3, 600 steps"),
 }
+STEPS_FACTOR = {"coca-moe-long": 2, "coca-moe-best": 2, "coca-dense-best": 2}  # runs trained for a multiple of --steps
+CAPTION = ["coca-dense", "coca-moe", "coca-moe-ls", "coca-moe-pooler", "coca-moe-cap4", "coca-moe-dec4",
+           "coca-moe-declr3", "coca-moe-declr10", "coca-moe-long", "coca-dense-best", "coca-moe-best"]
 STUDY = ["dense", "moe", "moe-upcycled", "limoe-dense", "limoe"]
 ROUTING = ["moe", "moe-bias", "moe-global", "moe-ec", "moe-soft", "moe-fine", "moe-ga4", "moe-global-ga4"]
-GRIDS = {"study": STUDY, "routing": ROUTING}
+GRIDS = {"study": STUDY, "routing": ROUTING, "caption": CAPTION}
 METRICS = {  # column -> metrics.jsonl key
     "zero-shot top-1": "val/zeroshot/top1",
     "macro F1": "val/zeroshot/macro_f1",
@@ -116,7 +142,7 @@ def prepare(data: str) -> None:
 
 def train(name: str, seed: int, args: argparse.Namespace) -> None:
     directory = run_dir(args.out, name, seed)
-    steps = args.steps
+    steps = args.steps * STEPS_FACTOR.get(name, 1)
     extra = [f"output_dir={directory}", f"seed={seed}"]
     if name == "moe-upcycled":
         half = args.steps // 2
@@ -488,17 +514,17 @@ def size_table(sizes: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_docs_block(path: str, text: str) -> bool:
-    """Replace what lies between DOCS_BEGIN and DOCS_END in ``path`` with ``text``; False (nothing written)
-    when the file or a marker is missing."""
+def write_docs_block(path: str, text: str, begin: str = DOCS_BEGIN, end_marker: str = DOCS_END) -> bool:
+    """Replace what lies between ``begin`` and ``end_marker`` (the routing report's by default) in ``path``
+    with ``text``; False (nothing written) when the file or a marker is missing."""
     if not os.path.isfile(path):
         return False
     with open(path) as f:
         doc = f.read()
-    start, end = doc.find(DOCS_BEGIN), doc.find(DOCS_END)
+    start, end = doc.find(begin), doc.find(end_marker)
     if start < 0 or end < start:
         return False
-    doc = doc[:start + len(DOCS_BEGIN)] + "\n" + text.rstrip("\n") + "\n" + doc[end:]
+    doc = doc[:start + len(begin)] + "\n" + text.rstrip("\n") + "\n" + doc[end:]
     with open(path + ".tmp", "w") as f:
         f.write(doc)
     os.replace(path + ".tmp", path)
@@ -536,6 +562,10 @@ def routing_report(args: argparse.Namespace) -> None:
 def report(args: argparse.Namespace) -> None:
     if args.grid == "routing":
         return routing_report(args)
+    if args.grid == "caption":
+        import caption_study
+
+        return caption_study.report(args)
     results = collect(args.out, args.steps)
     if not results:
         raise SystemExit(f"no finished run under {args.out}; run 'python experiments/study.py run' first")
@@ -550,7 +580,8 @@ def report(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["prepare", "run", "report"])
+    parser.add_argument("action", choices=["prepare", "run", "decode", "report"],
+                        help="decode (--grid caption): decoding variants on the trained checkpoints")
     parser.add_argument("--data", default=os.path.join(ROOT, "datasets", "emoji32"), help="the recipe's --out")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "study"), help="where the runs go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -573,6 +604,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     args.data, args.out = os.path.abspath(args.data), os.path.abspath(args.out)
     if args.action == "prepare":
         prepare(args.data)
+    elif args.action == "decode":
+        import caption_study
+
+        caption_study.decode(args)
     elif args.action == "run":
         if not args.dry_run:
             prepare(args.data)
