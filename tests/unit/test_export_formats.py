@@ -70,11 +70,12 @@ def _embeddings(model, images, tokens):
         return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
 
 
-@pytest.mark.parametrize("logit_bias", [None, -10.0])
-def test_open_clip_loads_a_dense_clip_with_our_embeddings_and_preprocessing(tmp_path, cli, logit_bias):
+@pytest.mark.parametrize("logit_bias,quick_gelu", [(None, False), (-10.0, True)])
+def test_open_clip_loads_a_dense_clip_with_our_embeddings_and_preprocessing(tmp_path, cli, logit_bias, quick_gelu):
     from moe_dist.data.evalset import default_eval_transform
 
-    src = _export(tmp_path, _state("clip-tiny-dense", {**BPE, "init_logit_bias": logit_bias}, OPENCLIP_BPE))
+    overrides = {**BPE, "init_logit_bias": logit_bias, "quick_gelu": quick_gelu}
+    src = _export(tmp_path, _state("clip-tiny-dense", overrides, OPENCLIP_BPE))
     code, out, err = cli("export", "--checkpoint", src, "--format", "open_clip", "--out", tmp_path / "oc")
     assert code == 0, err
     assert "open_clip" in out
@@ -152,13 +153,20 @@ def test_models_open_clip_cannot_load_are_refused_with_the_reason(tmp_path, cli,
     limoe = _export(tmp_path, _state("limoe-tiny-dense", None, spm_bytes), "limoe.safetensors")
     dense = _export(tmp_path, _state("clip-tiny-dense", BPE, OPENCLIP_BPE), "bpe.safetensors")
     moe = _export(tmp_path, _state("moe-clip-tiny", BPE, OPENCLIP_BPE), "moe.safetensors")
+    moe_sp = _export(tmp_path, _state("moe-clip-tiny", None, spm_bytes), "moe_sp.safetensors")
+    mixed = _export(tmp_path, _state("moe-clip-tiny", {**BPE, "quick_gelu": True}, OPENCLIP_BPE), "mixed.safetensors")
     routing = tmp_path / "routing.json"
     routing.write_text(json.dumps({"layers": {"vision.1": {"image": {"assignments": [1, 1, 1, 1]}}}}))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": {"vision.1": [1, 2]}}))
+    bad2 = tmp_path / "bad2.json"
+    bad2.write_text(json.dumps({"layers": {"vision.1": {"image": {"assignments": 3}}}}))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "old.txt").write_text("x")
     cases = [
         (["--checkpoint", sp, "--format", "open_clip"], "sentencepiece tokenizer, which open_clip cannot load"),
         (["--checkpoint", limoe, "--format", "open_clip"], "LIMoE shares one transformer"),
+        (["--checkpoint", moe_sp, "--format", "open_clip", "--collapse", "mean"], "sentencepiece tokenizer"),
         (["--checkpoint", dense, "--format", "open_clip", "--collapse", "mean"], "dense model"),
         (["--checkpoint", moe, "--format", "open_clip", "--collapse", "expert:4"], "ids 0..3"),
         (["--checkpoint", moe, "--format", "open_clip", "--collapse", "median"], "is not a rule"),
@@ -166,12 +174,20 @@ def test_models_open_clip_cannot_load_are_refused_with_the_reason(tmp_path, cli,
          "no assignments of 4 experts for layer 'vision.3'"),
         (["--checkpoint", moe, "--format", "open_clip", "--collapse", f"routed-mass:{tmp_path}/none.json"],
          "cannot read a routing.json"),
+        (["--checkpoint", mixed, "--format", "open_clip", "--collapse", "mean"],
+         "experts use model.moe.activation='gelu' but the dense MLPs (model.quick_gelu=true)"),
+        (["--checkpoint", moe, "--format", "open_clip", "--collapse", f"routed-mass:{bad}"], "layer 'vision.1'"),
+        (["--checkpoint", moe, "--format", "open_clip", "--collapse", f"routed-mass:{bad2}"], "layer 'vision.1'"),
         (["--checkpoint", moe, "--format", "hub", "--collapse", "mean"], "--format open_clip only"),
+        (["--checkpoint", moe, "--format", "hub", "--out", tmp_path / "afile" / "sub"], "--out"),
+        (["--checkpoint", moe, "--format", "hub", "--out", ""], "--out"),
         (["--checkpoint", moe, "--format", "torch_dcp", "--push", "me/m"], "--format hub only"),
     ]
+    (tmp_path / "afile").write_text("x")
     for args, phrase in cases:
-        code, _, err = cli("export", *args, "--out", tmp_path / "never")
-        assert code == 2 and err.count("\n") == 1 and phrase in err, (args, err)
+        code, out, err = cli("export", *args, *([] if "--out" in args else ["--out", tmp_path / "never"]))
+        assert code == 2 and err.count("\n") == 1 and phrase in err and "Traceback" not in err, (args, err)
+        assert "collapsed" not in out, out  # a refused model prints only the refusal
         assert not os.path.exists(tmp_path / "never")
     code, _, err = cli("export", "--checkpoint", dense, "--format", "hub", "--out", tmp_path / "full")
     assert code == 2 and "exists and is not an empty directory" in err
