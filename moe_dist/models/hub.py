@@ -224,6 +224,6 @@ def push_folder(folder: str, repo: str) -> str:
                                  commit_message="moe-dist export --format hub")
         return str(getattr(info, "commit_url", "") or f"https://huggingface.co/{repo}")
     except Exception as err:  # any network, auth or offline error: one line, token masked
-        reason = " ".join(str(err).split())[:300].replace(token, "***")
+        reason = " ".join(str(err).replace(token, "***").split())[:300]  # masked before the cut: no prefix shows
         raise ValueError(f"--push {repo} failed ({type(err).__name__}: {reason}); the folder {folder} is written, "
                          f"push it later with `hf upload {repo} {folder}`") from None

@@ -263,7 +263,7 @@ def _push(tmp_path, src, **env):
                                env=base, timeout=120)
 
 
-def test_push_without_a_token_says_what_to_do_and_a_token_never_shows(tmp_path):
+def test_push_without_a_token_says_what_to_do_and_a_token_never_shows(tmp_path, monkeypatch):
     src = _export(tmp_path, _state("moe-clip-tiny", BPE, OPENCLIP_BPE))
     out, res = _push(tmp_path, src)
     assert res.returncode == 2, res.stderr
@@ -276,3 +276,17 @@ def test_push_without_a_token_says_what_to_do_and_a_token_never_shows(tmp_path):
     out, res = _push(tmp_path, src, HF_TOKEN=token)
     assert res.returncode == 2 and "--push someone/tiny-moe failed" in res.stderr, res.stderr
     assert token not in res.stdout + res.stderr and token[3:15] not in res.stdout + res.stderr
+    # an error that quotes the token where the message is cut: masked before the cut, no prefix shows
+    import huggingface_hub
+
+    from moe_dist.models.hub import push_folder
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("x" * 270 + f" Authorization: Bearer {token}\n again {token}")
+
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fail)
+    with pytest.raises(ValueError) as err:
+        push_folder(str(tmp_path), "me/repo")
+    assert "\n" not in str(err.value) and "Bearer ***" in str(err.value)
+    assert not any(token[:n] in str(err.value) for n in range(8, len(token) + 1))
