@@ -17,7 +17,8 @@ from PIL import Image
 from moe_dist.cli import main
 from moe_dist.models.build import build_model
 from moe_dist.models.config import load_model_config
-from moe_dist.models.pretrained import OPENCLIP_BPE, PretrainedState, load_pretrained, write_export
+from moe_dist.models.pretrained import (OPENCLIP_BPE, PretrainedState, consolidated_state_dict, load_pretrained,
+                                        write_export)
 from moe_dist.text.tokenizer import train_sentencepiece
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -198,11 +199,12 @@ def _fake_run(tmp_path):
     step_dir = tmp_path / "run" / "checkpoints" / "step00000007"
     step_dir.mkdir(parents=True)
     run = {"model": {"name": "moe-clip-tiny", "overrides": {"moe": {"top_k": 1}}}, "steps": 10, "seed": 5,
-           "data": {"train": "datasets/synth/train::https://host/x.tar?token=SECRET", "val": "datasets/synth/val"}}
+           "data": {"train": "datasets/synth/train::https://host/x.tar?token=SECRET::pipe:aws s3 cp s3://b/SECRET2 -",
+                    "val": "datasets/synth/val"}}
     (step_dir / "run_config.json").write_text(json.dumps(run))
     records = [{"step": 5, "loss/total": 3.0, "val/loss/loss": 2.5},
                {"step": 7, "loss/total": 2.0, "val/retrieval/image_to_text_R@1": 0.375,
-                "moe/load_max_over_mean/vision.1": 1.25, "moe/dead_experts/vision.1": 0.0},
+                "moe/load_max_over_mean/vision.1": 1.25, "moe/dead_experts/vision.1": 0.0, "val/a|b`c": 0.5},
                {"step": 9, "val/loss/loss": 1.0}]  # after the checkpoint: not this model's
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"cut')
     return str(step_dir)
@@ -227,6 +229,20 @@ def test_hub_folder_loads_back_bit_for_bit_and_carries_a_card_from_the_run(tmp_p
                    "val/retrieval/image_to_text_R@1 | 0.375", "| vision.1 | 0 | 1.25 |", "4 experts, router `topk`"):
         assert phrase in card, phrase
     assert "SECRET" not in card and "val/loss/loss | 1" not in card
+    assert "pipe:<command hidden>" in card and "| val/a\\|b\\`c | 0.5 |" in card
+    # no absolute path in the folder: the source is shown relative to the run directory
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hub" / "model.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    for text in (card, json.dumps(config), json.dumps(metadata)):
+        assert str(tmp_path) not in text and "checkpoints/step00000007" in text
+    # a Hub folder exported again takes no metrics.jsonl of a run it happens to sit in
+    state = consolidated_state_dict(str(tmp_path / "hub"))
+    (tmp_path / "run" / "exports").mkdir()
+    write_hub(state, str(tmp_path / "run" / "exports" / "again"))
+    again = (tmp_path / "run" / "exports" / "again" / "README.md").read_text()
+    assert "image_to_text_R@1" not in again and "not recorded beside the checkpoint" in again
 
 
 def test_a_tampered_hub_folder_is_refused_naming_what_differs(tmp_path, spm_bytes):
