@@ -231,7 +231,8 @@ def cached_weights(pretrained_cfg: Dict[str, Any]) -> Optional[str]:
 
 
 def _unreachable(pretrained_cfg: Dict[str, Any]) -> str:
-    """Why a download cannot start ("HF_HUB_OFFLINE is set", "<host> does not resolve"), "" if it may."""
+    """Why a download cannot start ("HF_HUB_OFFLINE is set", "<host> does not resolve"), "" if it may
+    (always behind an HTTPS proxy, which resolves names itself)."""
     import socket
     from urllib.parse import urlparse
 
@@ -243,6 +244,8 @@ def _unreachable(pretrained_cfg: Dict[str, Any]) -> str:
         host = urlparse(constants.ENDPOINT).hostname
     else:
         host = urlparse(pretrained_cfg.get("url", "")).hostname
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return ""  # the proxy resolves the host, which may not resolve here: let the download try
     try:
         socket.getaddrinfo(host, 443)
     except (OSError, UnicodeError):

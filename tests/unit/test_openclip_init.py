@@ -180,6 +180,23 @@ def test_another_data_tokenizer_is_refused_at_config_load(tmp_path):
         small.check_inputs(resume="none")
 
 
+def test_no_dns_pre_check_behind_a_proxy(monkeypatch):
+    import socket
+
+    from moe_dist.models.openclip_arch import _unreachable
+
+    def no_dns(*args, **kwargs):
+        raise OSError("no DNS")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    url_tag = {"url": "https://openaipublic.azureedge.net/clip/models/x/ViT-B-32.pt"}  # a URL tag: not the hub
+    assert "does not resolve" in _unreachable(url_tag)
+    monkeypatch.setenv("https_proxy", "http://proxy:3128")
+    assert _unreachable(url_tag) == ""
+
+
 @pytest.mark.parametrize("name, overrides, init, expected", [
     # a non-ViT image tower: no transformer MLPs to turn into experts
     ("open_clip:RN50", {}, "", "the image tower is a ModifiedResNet (vision_cfg.layers=[3, 4, 6, 3])"),
