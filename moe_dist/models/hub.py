@@ -10,7 +10,9 @@
                        summary of metrics.jsonl; its ``license`` is left for the user to fill in
 
 The run is found from the checkpoint: a step directory's ``run_config.json``, and ``metrics.jsonl`` in the
-run directory (``<run>/checkpoints/step########``). An export file has no run: the card says so.
+run directory (its ``output_dir``, or ``<run>`` of ``<run>/checkpoints/step########``). An export file or a Hub
+folder has no run: the card says so. The source is named relative to the run directory (or by its base name),
+``pipe:`` data sources are hidden, and table cells are escaped.
 
 ``push_folder`` uploads the folder with ``huggingface_hub`` when it is installed and a token is set
 (``HF_TOKEN`` or ``hf auth login``); the token is never printed, and is masked in any error that is.
