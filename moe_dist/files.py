@@ -66,19 +66,29 @@ def atomic_dir(path: str) -> Iterator[str]:
     a folder of files that belong together is never mixed with an older one."""
     import shutil
 
+    if not path:
+        raise ValueError("--out is empty; name a new directory to write")
     if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)):
         raise ValueError(f"--out {path} exists and is not an empty directory; name a new directory or remove it")
     tmp = f"{os.path.abspath(path)}{TMP_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as err:  # a parent that is a file, no permission, a read-only file system
+        raise ValueError(f"--out {path}: cannot create a directory there ({err.strerror or err}); name a "
+                         "directory under a writable folder") from None
     try:
         yield tmp
         for name in os.listdir(tmp):
             if os.path.isfile(os.path.join(tmp, name)):
                 fsync_file(os.path.join(tmp, name))
-        if os.path.isdir(path):
-            os.rmdir(path)
-        os.replace(tmp, path)
+        try:
+            if os.path.isdir(path):
+                os.rmdir(path)
+            os.replace(tmp, path)
+        except OSError as err:  # EBUSY (a mount point), a directory filled or made meanwhile
+            raise ValueError(f"--out {path}: cannot put the written directory there ({err.strerror or err}); "
+                             "name a new directory under a writable folder") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

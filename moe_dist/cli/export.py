@@ -56,8 +56,9 @@ def _write(state, args: argparse.Namespace):
     """Write ``state`` in ``args.format`` to ``args.out``; returns the state written (collapsed or not)."""
     if args.format == "open_clip":
         from ..models.collapse import CollapseRule, collapse
-        from ..models.interop import write_open_clip
+        from ..models.interop import check_open_clip_kind, write_open_clip
 
+        check_open_clip_kind(state)  # a model open_clip cannot load is refused before any collapsing message
         if args.collapse:
             state = collapse(state, CollapseRule.parse(args.collapse))
             print(f"collapsed every MoE layer by --collapse {args.collapse}: the dense model differs from the MoE "

@@ -270,6 +270,7 @@ class RunConfig:
             raise ValueError(f"ep_size={self.ep_size} must divide the world size {world_size}; use an ep_size "
                              f"among {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
         model = self.model_config()
+        self._check_openclip_tokenizer()
         # each tower's MoE layers with their own config (model.<tower>.moe.overrides over model.moe)
         towers = model.tower_moe() or {"": model.moe_config(model.vision.width, model.vision.mlp_ratio)}
         traced = self.compile in ("model", "blocks") and self.ep_size == 1  # the MoE layer inside a graph
@@ -314,8 +315,9 @@ class RunConfig:
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
         text = self.model_config().text
+        self._check_openclip_tokenizer()
         try:
-            get_tokenizer(d.tokenizer or text.tokenizer, text.context_length)
+            tokenizer = get_tokenizer(d.tokenizer or text.tokenizer, text.context_length)
         except ValueError as err:
             raise ValueError(f"data.tokenizer: {err}") from None
         if self.eval.classes and not os.path.isfile(self.eval.classes):
@@ -334,6 +336,22 @@ class RunConfig:
             from ..models.upcycle import check_init
 
             check_init(self.model.init, self.model_config())
+        # ids past the embedding table would fail at the first step (checked after model.init, whose errors say more)
+        if tokenizer.vocab_size > text.vocab_size:
+            raise ValueError(f"data.tokenizer={d.tokenizer or text.tokenizer!r} has {tokenizer.vocab_size} tokens but "
+                             f"model.text.vocab_size is {text.vocab_size}; use a tokenizer of at most that many "
+                             f"tokens, or set --set model.overrides.text.vocab_size={tokenizer.vocab_size}")
+
+    def _check_openclip_tokenizer(self) -> None:
+        """open_clip:ARCH (model.name or model.init) means open_clip's BPE ids: refuse another data.tokenizer,
+        which would feed its ids to the BPE embeddings (e.g. a sentencepiece path from a base YAML)."""
+        from ..models.openclip_arch import is_openclip
+
+        key = "model.name" if is_openclip(self.model.name) else "model.init" if is_openclip(self.model.init) else ""
+        if key and self.data.tokenizer not in ("", "openclip-bpe"):
+            raise ValueError(f"data.tokenizer={self.data.tokenizer!r} replaces the openclip-bpe tokenizer of "
+                             f"{key}={getattr(self.model, key.split('.')[1])}, whose text embeddings take open_clip's "
+                             "BPE ids; set --set data.tokenizer=openclip-bpe (or leave it empty)")
 
     def model_config(self):
         from ..models import load_model_config

@@ -20,7 +20,8 @@ the mean of the experts' outputs. Evaluate the collapsed model before you rely o
 
 Refused in one line: a dense model (nothing to collapse), shared experts (a second MLP beside the routed
 ones), fine-grained experts (granularity > 1: an expert is narrower than the dense MLP), and an expert
-activation other than GELU (open_clip's MLP uses exact GELU).
+activation other than the dense MLPs' (``model.quick_gelu``: QuickGELU, else exact GELU; the open_clip
+config written says which).
 """
 
 from __future__ import annotations
@@ -137,9 +138,11 @@ def _routed_mass(state: PretrainedState, path: str) -> Dict[str, torch.Tensor]:
     out = {}
     for layer, module in paths.items():
         report = layers.get(layer) if isinstance(layers, dict) else None
-        rows = [r["assignments"] for r in (report or {}).values() if isinstance(r, dict) and "assignments" in r]
+        report = report if isinstance(report, dict) else {}
+        rows = [r["assignments"] for r in report.values() if isinstance(r, dict) and "assignments" in r]
         E = counts[f"{module}.moe.deepspeed_moe.experts.deepspeed_experts."]
-        if not rows or any(len(r) != E for r in rows):
+        if not rows or any(not isinstance(r, list) or len(r) != E or
+                           not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in r) for r in rows):
             raise ValueError(f"--collapse routed-mass:{path} has no assignments of {E} experts for layer {layer!r}; "
                              "run moe-dist analyze-routing on this checkpoint")
         mass_E = torch.tensor(rows, dtype=torch.float64).sum(0)
@@ -165,9 +168,12 @@ def _check_collapsible(state: PretrainedState, rule: CollapseRule) -> None:
             raise ValueError(f"the {tower} MoE layers have fine-grained experts ({key(tower, 'granularity')}="
                              f"{moe.granularity}): an expert is narrower than the dense MLP, so it cannot be "
                              "collapsed; use --format hub, which keeps every expert")
-        if moe.activation != "gelu":
-            raise ValueError(f"the {tower} experts use {key(tower, 'activation')}={moe.activation!r}, but open_clip's "
-                             "MLP uses exact GELU; use --format hub, which keeps every expert")
+        dense = "quick_gelu" if state.config.quick_gelu else "gelu"
+        if moe.activation != dense:
+            raise ValueError(f"the {tower} experts use {key(tower, 'activation')}={moe.activation!r} but the dense "
+                             f"MLPs (model.quick_gelu={str(state.config.quick_gelu).lower()}) and open_clip's MLP "
+                             f"compute {dense}, so no dense MLP computes an expert; use --format hub, which keeps "
+                             "every expert")
     fewest = min(counts.values())
     if rule.mode == "expert" and not rule.expert < fewest:
         raise ValueError(f"--collapse {rule.text}: the MoE layers have {fewest} experts (ids 0..{fewest - 1}); "

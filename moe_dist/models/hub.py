@@ -10,7 +10,9 @@
                        summary of metrics.jsonl; its ``license`` is left for the user to fill in
 
 The run is found from the checkpoint: a step directory's ``run_config.json``, and ``metrics.jsonl`` in the
-run directory (``<run>/checkpoints/step########``). An export file has no run: the card says so.
+run directory (its ``output_dir``, or ``<run>`` of ``<run>/checkpoints/step########``). An export file or a Hub
+folder has no run: the card says so. The source is named relative to the run directory (or by its base name),
+``pipe:`` data sources are hidden, and table cells are escaped.
 
 ``push_folder`` uploads the folder with ``huggingface_hub`` when it is installed and a token is set
 (``HF_TOKEN`` or ``hf auth login``); the token is never printed, and is masked in any error that is.
@@ -18,6 +20,7 @@ run directory (``<run>/checkpoints/step########``). An export file has no run: t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -34,51 +37,61 @@ README_FILE = "README.md"
 
 @dataclass
 class RunRecord:
-    """What the run that wrote a checkpoint recorded (empty when the source is not a run's checkpoint).
+    """What the run that wrote a checkpoint recorded (empty when the source is not a trainer's checkpoint).
 
     Attributes:
-        run_config: the run's resolved config (run_config.json), or None.
-        metrics: the records of its metrics.jsonl, oldest first.
-        metrics_path: where they were read ("" when none).
+        run_config: the run's resolved config (run_config.json of the step directory), or None.
+        latest: prefix ("val/", "moe/") -> the newest metrics.jsonl record at or before the step holding keys
+            with that prefix, as {"step", key: value}.
+        run_dir: the run directory (where metrics.jsonl is; "" when unknown).
     """
 
     run_config: Optional[dict] = None
-    metrics: List[dict] = field(default_factory=list)
-    metrics_path: str = ""
+    latest: Dict[str, Dict[str, object]] = field(default_factory=dict)
+    run_dir: str = ""
 
     @classmethod
-    def find(cls, source: str) -> "RunRecord":
-        """The record of the run whose checkpoint ``source`` is (a step directory); unreadable parts are left out."""
+    def find(cls, source: str, step: Optional[int] = None, prefixes=("val/", "moe/")) -> "RunRecord":
+        """The record of the run whose step directory ``source`` is: only a directory holding the trainer's
+        run_config.json (a Hub folder or an export has none, and takes no other run's metrics). The run
+        directory is its ``output_dir`` when absolute, else ``<run>`` of ``<run>/checkpoints/step########``.
+        metrics.jsonl is streamed (a line at a time); unreadable parts are left out."""
         if not os.path.isdir(source):
             return cls()
-        record = cls()
         try:
             with open(os.path.join(source, "run_config.json")) as f:
-                record.run_config = json.load(f)
+                run_config = json.load(f)
         except (OSError, ValueError):
-            pass
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(source))), "metrics.jsonl")
+            return cls()
+        if not isinstance(run_config, dict):
+            return cls()
+        out = run_config.get("output_dir")
+        run_dir = out if isinstance(out, str) and os.path.isabs(out) and os.path.isdir(out) else \
+            os.path.dirname(os.path.dirname(os.path.abspath(source)))
+        record = cls(run_config, {}, run_dir)
         try:
-            with open(path) as f:
+            with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                 for line in f:
-                    try:
-                        record.metrics.append(json.loads(line))
-                    except ValueError:
-                        continue  # a line cut by a crash
-            record.metrics_path = path
+                    record._take(line, step, prefixes)
         except OSError:
             pass
         return record
 
-    def last(self, prefix: str, step: Optional[int] = None) -> Dict[str, object]:
-        """The newest record (at or before ``step``) holding keys that start with ``prefix``: {"step", key: value}."""
-        for rec in reversed(self.metrics):
-            if step is not None and isinstance(rec.get("step"), int) and rec["step"] > step:
-                continue
+    def _take(self, line: str, step: Optional[int], prefixes) -> None:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return  # a line cut by a crash
+        if not isinstance(rec, dict) or (step is not None and isinstance(rec.get("step"), int) and rec["step"] > step):
+            return
+        for prefix in prefixes:
             found = {k: v for k, v in rec.items() if k.startswith(prefix)}
             if found:
-                return {"step": rec.get("step"), **found}
-        return {}
+                self.latest[prefix] = {"step": rec.get("step"), **found}
+
+    def last(self, prefix: str) -> Dict[str, object]:
+        """The newest record (at or before the step ``find`` was given) with keys starting with ``prefix``."""
+        return self.latest.get(prefix, {})
 
 
 def param_counts(config: ModelConfig) -> Dict[str, int]:
@@ -93,6 +106,8 @@ def param_counts(config: ModelConfig) -> Dict[str, int]:
 def write_hub(state: PretrainedState, out_dir: str, dtype: str = "fp32") -> None:
     """The Hub folder of ``state`` (module docstring) at ``out_dir`` (a new or empty directory), atomically."""
     params = param_counts(state.config)
+    run = RunRecord.find(state.source, state.step)
+    state = dataclasses.replace(state, source=shown_source(state.source, run.run_dir))  # no absolute path leaves
     with atomic_dir(out_dir) as tmp:
         write_export(state, os.path.join(tmp, HUB_WEIGHTS_FILE), dtype)
         for name, data in model_files(state.config, state.tokenizer).items():
@@ -101,11 +116,38 @@ def write_hub(state: PretrainedState, out_dir: str, dtype: str = "fp32") -> None
         atomic_json(os.path.join(tmp, HUB_CONFIG_FILE), {
             "format": HUB_FORMAT, "model_config": portable_config(state.config, state.tokenizer), "dtype": dtype,
             "step": state.step, "source": state.source, "params": params}, durable=False)
-        atomic_write(os.path.join(tmp, README_FILE), model_card(state, RunRecord.find(state.source), params, dtype),
+        atomic_write(os.path.join(tmp, README_FILE), model_card(state, run, params, dtype),
                      durable=False)
 
 
+def shown_source(source: str, run_dir: str) -> str:
+    """How the folder names its source: the path relative to the run directory when it is inside it
+    (checkpoints/step00000007), else the base name; never an absolute path (a user name, a mount)."""
+    path = os.path.abspath(source)
+    if run_dir and path.startswith(os.path.abspath(run_dir) + os.sep):
+        return os.path.relpath(path, run_dir)
+    return os.path.basename(os.path.normpath(source)) or source
+
+
 # ---------------------------------------------------------------------------------------------- the card
+def _cell(value: object) -> str:
+    """A Markdown table cell: no newline, and | and ` escaped."""
+    return " ".join(str(value).split()).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+
+
+def _code(value: object) -> str:
+    """Text for an inline code span: on one line, with no backtick to end it early."""
+    return " ".join(str(value).split()).replace("`", "'")
+
+
+def _card_spec(spec: str) -> str:
+    """A data spec for the card: URLs shown by ``shown_spec`` (no query, no credentials), pipe: commands hidden."""
+    from ..data.urls import shown_spec
+
+    return "::".join("pipe:<command hidden>" if part.strip().startswith("pipe:") else shown_spec(part)
+                     for part in spec.split("::"))
+
+
 def model_card(state: PretrainedState, run: RunRecord, params: Dict[str, int], dtype: str) -> str:
     """README.md of a Hub folder: YAML front matter (licence left empty) and the sections of the module docstring."""
     cfg = state.config
@@ -113,13 +155,13 @@ def model_card(state: PretrainedState, run: RunRecord, params: Dict[str, int], d
     step = "unknown" if state.step is None else str(state.step)
     lines = ["---", "library_name: moe_dist", "license:  # fill in the licence of the weights (e.g. apache-2.0)",
              f"tags: [moe_dist, {cfg.kind}, {'mixture-of-experts' if cfg.tower_moe() else 'dense'}]", "---", "",
-             f"# {cfg.name}", "",
+             f"# {_code(cfg.name)}", "",
              f"A {kind.get(cfg.kind, cfg.kind)} model trained with moe_dist, exported at step {step} in {dtype} "
-             f"from `{state.source}`.", "", "```python", "from moe_dist.models import load_pretrained", "",
+             f"from `{_code(state.source)}`.", "", "```python", "from moe_dist.models import load_pretrained", "",
              'model, tokenizer = load_pretrained("THIS_FOLDER")  # or a local clone of the Hub repo', "```", ""]
     lines += _architecture(cfg) + _parameters(params) + _training(run, state.step)
-    lines += _metrics(run.last("val/", state.step), "Last evaluation", "no evaluation was recorded")
-    lines += _routing(run.last("moe/", state.step))
+    lines += _metrics(run.last("val/"), "Last evaluation", "no evaluation was recorded")
+    lines += _routing(run.last("moe/"))
     lines += ["## Licence", "", "Not set by the export: fill in `license:` at the top of this file.", ""]
     return "\n".join(lines)
 
@@ -155,19 +197,17 @@ def _parameters(params: Dict[str, int]) -> List[str]:
 
 
 def _training(run: RunRecord, step: Optional[int]) -> List[str]:
-    from ..data.urls import shown_spec
-
     out = ["## Training", ""]
     if run.run_config is None:
         return out + ["The run that trained this model was not recorded beside the checkpoint.", ""]
     data, rc = run.run_config.get("data") or {}, run.run_config
     model = rc.get("model") or {}
-    out += [f"- data: train `{shown_spec(str(data.get('train', '')))}`"
-            + (f", validation `{shown_spec(str(data['val']))}`" if data.get("val") else ""),
+    out += [f"- data: train `{_code(_card_spec(str(data.get('train', ''))))}`"
+            + (f", validation `{_code(_card_spec(str(data['val'])))}`" if data.get("val") else ""),
             f"- steps: {step if step is not None else '?'} of {rc.get('steps', '?')} planned; "
             f"seed {rc.get('seed', '?')}",
-            f"- model config: `{model.get('name', '?')}`" + (f" with overrides `{json.dumps(model['overrides'])}`"
-                                                              if model.get("overrides") else ""), ""]
+            f"- model config: `{_code(model.get('name', '?'))}`"
+            + (f" with overrides `{_code(json.dumps(model['overrides']))}`" if model.get("overrides") else ""), ""]
     return out
 
 
@@ -176,7 +216,7 @@ def _metrics(record: Dict[str, object], title: str, missing: str) -> List[str]:
     if not record:
         return out + [f"None: {missing}.", ""]
     out += [f"At step {record.get('step')}:", "", "| metric | value |", "|---|---|"]
-    out += [f"| {k} | {_number(v)} |" for k, v in record.items() if k != "step"]
+    out += [f"| {_cell(k)} | {_cell(_number(v))} |" for k, v in record.items() if k != "step"]
     return out + [""]
 
 
@@ -192,8 +232,8 @@ def _routing(record: Dict[str, object]) -> List[str]:
             table.setdefault(parts[2], {})[parts[1]] = value
     columns = sorted({c for row in table.values() for c in row})
     out += [f"From training at step {record.get('step')} (metrics.jsonl; load_max_over_mean 1 = balanced):", "",
-            "| layer | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    out += [f"| {layer} | " + " | ".join(_number(row.get(c, "")) for c in columns) + " |"
+            "| layer | " + " | ".join(map(_cell, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
+    out += [f"| {_cell(layer)} | " + " | ".join(_cell(_number(row.get(c, ""))) for c in columns) + " |"
             for layer, row in sorted(table.items())]
     return out + [""]
 
@@ -224,6 +264,6 @@ def push_folder(folder: str, repo: str) -> str:
                                  commit_message="moe-dist export --format hub")
         return str(getattr(info, "commit_url", "") or f"https://huggingface.co/{repo}")
     except Exception as err:  # any network, auth or offline error: one line, token masked
-        reason = " ".join(str(err).split())[:300].replace(token, "***")
+        reason = " ".join(str(err).replace(token, "***").split())[:300]  # masked before the cut: no prefix shows
         raise ValueError(f"--push {repo} failed ({type(err).__name__}: {reason}); the folder {folder} is written, "
                          f"push it later with `hf upload {repo} {folder}`") from None

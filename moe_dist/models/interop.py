@@ -39,11 +39,9 @@ OPEN_CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
 _SCALARS = ("logit_scale", "logit_bias")  # [1] in our models (DeepSpeed's broadcast), [] in open_clip's files
 
 
-def open_clip_config(state: PretrainedState) -> dict:
-    """The ``open_clip_config.json`` of a dense CLIP: {"model_cfg", "preprocess_cfg"} (module docstring).
-    Raises ValueError (one line, with the reason) for a model open_clip cannot load."""
-    from open_clip.transform import PreprocessCfg
-
+def check_open_clip_kind(state: PretrainedState) -> None:
+    """Refuse (one line, with the reason) a model open_clip cannot load even when made dense: another kind
+    than "clip", or a tokenizer other than openclip-bpe. ``moe-dist export`` calls it before collapsing."""
     cfg = state.config
     if cfg.kind != "clip":
         what = {"limoe": "LIMoE shares one transformer between images and text, and open_clip has no such model",
@@ -55,13 +53,22 @@ def open_clip_config(state: PretrainedState) -> dict:
                          "load (a local-dir: folder gives its CLIP BPE, or a Hugging Face tokenizer through "
                          "transformers); export it with --format hub, which carries the tokenizer, or train with "
                          "data.tokenizer=openclip-bpe")
+
+
+def open_clip_config(state: PretrainedState) -> dict:
+    """The ``open_clip_config.json`` of a dense CLIP: {"model_cfg", "preprocess_cfg"} (module docstring).
+    Raises ValueError (one line, with the reason) for a model open_clip cannot load."""
+    from open_clip.transform import PreprocessCfg
+
+    check_open_clip_kind(state)
+    cfg = state.config
     if experts_per_layer(state.state_dict):
         raise ValueError(f"{state.source}: model {cfg.name!r} has MoE layers and open_clip's CLIP is dense; choose "
                          "how to make it dense with --collapse expert:I or --collapse mean (see docs/interop.md: "
                          "it changes the model), or export every expert with --format hub")
     v, t = cfg.vision, cfg.text
     model_cfg = {
-        "embed_dim": cfg.embed_dim, "custom_text": True, "quick_gelu": False,
+        "embed_dim": cfg.embed_dim, "custom_text": True, "quick_gelu": cfg.quick_gelu,
         "init_logit_scale": cfg.init_logit_scale,
         "vision_cfg": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
                        "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio},

@@ -231,7 +231,8 @@ def cached_weights(pretrained_cfg: Dict[str, Any]) -> Optional[str]:
 
 
 def _unreachable(pretrained_cfg: Dict[str, Any]) -> str:
-    """Why a download cannot start ("HF_HUB_OFFLINE is set", "<host> does not resolve"), "" if it may."""
+    """Why a download cannot start ("HF_HUB_OFFLINE is set", "<host> does not resolve"), "" if it may
+    (always behind an HTTPS proxy, which resolves names itself)."""
     import socket
     from urllib.parse import urlparse
 
@@ -243,6 +244,8 @@ def _unreachable(pretrained_cfg: Dict[str, Any]) -> str:
         host = urlparse(constants.ENDPOINT).hostname
     else:
         host = urlparse(pretrained_cfg.get("url", "")).hostname
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return ""  # the proxy resolves the host, which may not resolve here: let the download try
     try:
         socket.getaddrinfo(host, 443)
     except (OSError, UnicodeError):
@@ -267,7 +270,7 @@ def _where_to_get(init: OpenClipInit, pretrained_cfg: Dict[str, Any]) -> str:
 def locate_weights(init: OpenClipInit) -> str:
     """The local weights file of ``init``: the file given, or the tag's file in open_clip's cache (downloaded
     by open_clip when absent). ValueError (one line) when it is neither cached nor downloadable, or was
-    trained with QuickGELU."""
+    trained with another activation or preprocessing than the model's (``_check_preprocess``)."""
     import open_clip
     from open_clip.pretrained import download_pretrained
 
@@ -275,6 +278,7 @@ def locate_weights(init: OpenClipInit) -> str:
         return init.file
     pretrained_cfg = open_clip.get_pretrained_cfg(init.arch, init.tag)
     _check_activation(init, bool(pretrained_cfg.get("quick_gelu")))
+    _check_preprocess(init, pretrained_cfg)
     found = cached_weights(pretrained_cfg)
     if found:
         return found
@@ -307,6 +311,23 @@ def _check_activation(init: OpenClipInit, tag_quick_gelu: bool) -> None:
            if init.tag in open_clip.list_pretrained_tags_by_model(fits) else "pick another tag")
     raise ValueError(f"model.init={init.spec}: tag {init.tag} was trained with {acts[0]} but {init.arch} computes "
                      f"{acts[1]}; {fix}")
+
+
+def _check_preprocess(init: OpenClipInit, pretrained_cfg: Dict[str, Any]) -> None:
+    """Refuse a tag trained on other pixels than our eval transform gives (``PreprocessCfg``'s defaults:
+    CLIP mean/std, bicubic, resize of the shortest side), naming the first difference; open_clip would
+    apply the tag's own, which moe_dist's data pipeline does not."""
+    from open_clip.transform import PreprocessCfg
+
+    ours = PreprocessCfg()
+    for key in ("mean", "std", "interpolation", "resize_mode"):
+        theirs = pretrained_cfg.get(key)
+        theirs = tuple(theirs) if isinstance(theirs, list) else theirs
+        if theirs is not None and theirs != getattr(ours, key):
+            raise ValueError(f"model.init={init.spec}: tag {init.tag} was trained with {key}={theirs!r} but "
+                             f"moe_dist's image transform uses {key}={getattr(ours, key)!r}, so the weights would see "
+                             "other pixels; pick a tag with open_clip's default preprocessing, or accept the "
+                             f"difference by giving the file: model.init={PREFIX}{init.arch}//path/to/the/file")
 
 
 def load_openclip(init: OpenClipInit):

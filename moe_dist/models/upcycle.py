@@ -22,7 +22,7 @@ import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -128,12 +128,14 @@ class DenseSource:
         state: name -> tensor in our module layout.
         what: how messages name it ("an open_clip CLIP checkpoint", "model 'clip-tiny-dense'").
         moe_layers: how many MoE layers it has itself (a dense source has none).
+        config: its ModelConfig when it carries one (our exports and checkpoints), else None.
     """
 
     kind: str
     state: Dict[str, torch.Tensor]
     what: str
     moe_layers: int = 0
+    config: Optional[ModelConfig] = None
 
 
 def _is_our_export(path: str) -> bool:
@@ -175,7 +177,7 @@ def read_dense(path: str) -> DenseSource:
             raise ValueError(f"model.init: {err}") from None
         cfg = pretrained.config
         layers = len(cfg.vision_moe_blocks()) + (len(cfg.text_moe_blocks()) if cfg.kind == "clip" else 0)
-        return DenseSource(cfg.kind, pretrained.state_dict, f"model {cfg.name!r}", layers)
+        return DenseSource(cfg.kind, pretrained.state_dict, f"model {cfg.name!r}", layers, cfg)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -207,6 +209,19 @@ def check_source(source: DenseSource, cfg: ModelConfig, path: str) -> None:
         raise ValueError(f"model.init: {path} holds {source.what} with {source.moe_layers} MoE layers; sparse "
                          "upcycling starts from a dense model (e.g. clip-tiny-dense); to continue an MoE run, "
                          "resume it (--resume PATH, --weights-only for another layout)")
+    if source.config is not None:  # what the tensors cannot show: the function computed with them
+        theirs = source.config
+        for key, mine, its in (("model.quick_gelu", cfg.quick_gelu, theirs.quick_gelu),
+                               ("model.text.pool_type", cfg.text.pool_type, theirs.text.pool_type),
+                               ("model.text.eos_id", cfg.text.eos_id, theirs.text.eos_id)):
+            if mine != its:
+                raise ValueError(f"model.init: {path} holds {source.what}, trained with {key}={_yaml(its)}, but the "
+                                 f"run's model has {key}={_yaml(mine)}, so the upcycled model would compute another "
+                                 f"function; set {key}={_yaml(its)}")
+
+
+def _yaml(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def init_from_dense(model: nn.Module, path: str, noise_std: float = 0.0,

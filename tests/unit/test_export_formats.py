@@ -17,7 +17,8 @@ from PIL import Image
 from moe_dist.cli import main
 from moe_dist.models.build import build_model
 from moe_dist.models.config import load_model_config
-from moe_dist.models.pretrained import OPENCLIP_BPE, PretrainedState, load_pretrained, write_export
+from moe_dist.models.pretrained import (OPENCLIP_BPE, PretrainedState, consolidated_state_dict, load_pretrained,
+                                        write_export)
 from moe_dist.text.tokenizer import train_sentencepiece
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,11 +71,12 @@ def _embeddings(model, images, tokens):
         return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
 
 
-@pytest.mark.parametrize("logit_bias", [None, -10.0])
-def test_open_clip_loads_a_dense_clip_with_our_embeddings_and_preprocessing(tmp_path, cli, logit_bias):
+@pytest.mark.parametrize("logit_bias,quick_gelu", [(None, False), (-10.0, True)])
+def test_open_clip_loads_a_dense_clip_with_our_embeddings_and_preprocessing(tmp_path, cli, logit_bias, quick_gelu):
     from moe_dist.data.evalset import default_eval_transform
 
-    src = _export(tmp_path, _state("clip-tiny-dense", {**BPE, "init_logit_bias": logit_bias}, OPENCLIP_BPE))
+    overrides = {**BPE, "init_logit_bias": logit_bias, "quick_gelu": quick_gelu}
+    src = _export(tmp_path, _state("clip-tiny-dense", overrides, OPENCLIP_BPE))
     code, out, err = cli("export", "--checkpoint", src, "--format", "open_clip", "--out", tmp_path / "oc")
     assert code == 0, err
     assert "open_clip" in out
@@ -152,13 +154,20 @@ def test_models_open_clip_cannot_load_are_refused_with_the_reason(tmp_path, cli,
     limoe = _export(tmp_path, _state("limoe-tiny-dense", None, spm_bytes), "limoe.safetensors")
     dense = _export(tmp_path, _state("clip-tiny-dense", BPE, OPENCLIP_BPE), "bpe.safetensors")
     moe = _export(tmp_path, _state("moe-clip-tiny", BPE, OPENCLIP_BPE), "moe.safetensors")
+    moe_sp = _export(tmp_path, _state("moe-clip-tiny", None, spm_bytes), "moe_sp.safetensors")
+    mixed = _export(tmp_path, _state("moe-clip-tiny", {**BPE, "quick_gelu": True}, OPENCLIP_BPE), "mixed.safetensors")
     routing = tmp_path / "routing.json"
     routing.write_text(json.dumps({"layers": {"vision.1": {"image": {"assignments": [1, 1, 1, 1]}}}}))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": {"vision.1": [1, 2]}}))
+    bad2 = tmp_path / "bad2.json"
+    bad2.write_text(json.dumps({"layers": {"vision.1": {"image": {"assignments": 3}}}}))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "old.txt").write_text("x")
     cases = [
         (["--checkpoint", sp, "--format", "open_clip"], "sentencepiece tokenizer, which open_clip cannot load"),
         (["--checkpoint", limoe, "--format", "open_clip"], "LIMoE shares one transformer"),
+        (["--checkpoint", moe_sp, "--format", "open_clip", "--collapse", "mean"], "sentencepiece tokenizer"),
         (["--checkpoint", dense, "--format", "open_clip", "--collapse", "mean"], "dense model"),
         (["--checkpoint", moe, "--format", "open_clip", "--collapse", "expert:4"], "ids 0..3"),
         (["--checkpoint", moe, "--format", "open_clip", "--collapse", "median"], "is not a rule"),
@@ -166,12 +175,20 @@ def test_models_open_clip_cannot_load_are_refused_with_the_reason(tmp_path, cli,
          "no assignments of 4 experts for layer 'vision.3'"),
         (["--checkpoint", moe, "--format", "open_clip", "--collapse", f"routed-mass:{tmp_path}/none.json"],
          "cannot read a routing.json"),
+        (["--checkpoint", mixed, "--format", "open_clip", "--collapse", "mean"],
+         "experts use model.moe.activation='gelu' but the dense MLPs (model.quick_gelu=true)"),
+        (["--checkpoint", moe, "--format", "open_clip", "--collapse", f"routed-mass:{bad}"], "layer 'vision.1'"),
+        (["--checkpoint", moe, "--format", "open_clip", "--collapse", f"routed-mass:{bad2}"], "layer 'vision.1'"),
         (["--checkpoint", moe, "--format", "hub", "--collapse", "mean"], "--format open_clip only"),
+        (["--checkpoint", moe, "--format", "hub", "--out", tmp_path / "afile" / "sub"], "--out"),
+        (["--checkpoint", moe, "--format", "hub", "--out", ""], "--out"),
         (["--checkpoint", moe, "--format", "torch_dcp", "--push", "me/m"], "--format hub only"),
     ]
+    (tmp_path / "afile").write_text("x")
     for args, phrase in cases:
-        code, _, err = cli("export", *args, "--out", tmp_path / "never")
-        assert code == 2 and err.count("\n") == 1 and phrase in err, (args, err)
+        code, out, err = cli("export", *args, *([] if "--out" in args else ["--out", tmp_path / "never"]))
+        assert code == 2 and err.count("\n") == 1 and phrase in err and "Traceback" not in err, (args, err)
+        assert "collapsed" not in out, out  # a refused model prints only the refusal
         assert not os.path.exists(tmp_path / "never")
     code, _, err = cli("export", "--checkpoint", dense, "--format", "hub", "--out", tmp_path / "full")
     assert code == 2 and "exists and is not an empty directory" in err
@@ -182,11 +199,12 @@ def _fake_run(tmp_path):
     step_dir = tmp_path / "run" / "checkpoints" / "step00000007"
     step_dir.mkdir(parents=True)
     run = {"model": {"name": "moe-clip-tiny", "overrides": {"moe": {"top_k": 1}}}, "steps": 10, "seed": 5,
-           "data": {"train": "datasets/synth/train::https://host/x.tar?token=SECRET", "val": "datasets/synth/val"}}
+           "data": {"train": "datasets/synth/train::https://host/x.tar?token=SECRET::pipe:aws s3 cp s3://b/SECRET2 -",
+                    "val": "datasets/synth/val"}}
     (step_dir / "run_config.json").write_text(json.dumps(run))
     records = [{"step": 5, "loss/total": 3.0, "val/loss/loss": 2.5},
                {"step": 7, "loss/total": 2.0, "val/retrieval/image_to_text_R@1": 0.375,
-                "moe/load_max_over_mean/vision.1": 1.25, "moe/dead_experts/vision.1": 0.0},
+                "moe/load_max_over_mean/vision.1": 1.25, "moe/dead_experts/vision.1": 0.0, "val/a|b`c": 0.5},
                {"step": 9, "val/loss/loss": 1.0}]  # after the checkpoint: not this model's
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"cut')
     return str(step_dir)
@@ -211,6 +229,20 @@ def test_hub_folder_loads_back_bit_for_bit_and_carries_a_card_from_the_run(tmp_p
                    "val/retrieval/image_to_text_R@1 | 0.375", "| vision.1 | 0 | 1.25 |", "4 experts, router `topk`"):
         assert phrase in card, phrase
     assert "SECRET" not in card and "val/loss/loss | 1" not in card
+    assert "pipe:<command hidden>" in card and "| val/a\\|b\\`c | 0.5 |" in card
+    # no absolute path in the folder: the source is shown relative to the run directory
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hub" / "model.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    for text in (card, json.dumps(config), json.dumps(metadata)):
+        assert str(tmp_path) not in text and "checkpoints/step00000007" in text
+    # a Hub folder exported again takes no metrics.jsonl of a run it happens to sit in
+    state = consolidated_state_dict(str(tmp_path / "hub"))
+    (tmp_path / "run" / "exports").mkdir()
+    write_hub(state, str(tmp_path / "run" / "exports" / "again"))
+    again = (tmp_path / "run" / "exports" / "again" / "README.md").read_text()
+    assert "image_to_text_R@1" not in again and "not recorded beside the checkpoint" in again
 
 
 def test_a_tampered_hub_folder_is_refused_naming_what_differs(tmp_path, spm_bytes):
@@ -247,7 +279,7 @@ def _push(tmp_path, src, **env):
                                env=base, timeout=120)
 
 
-def test_push_without_a_token_says_what_to_do_and_a_token_never_shows(tmp_path):
+def test_push_without_a_token_says_what_to_do_and_a_token_never_shows(tmp_path, monkeypatch):
     src = _export(tmp_path, _state("moe-clip-tiny", BPE, OPENCLIP_BPE))
     out, res = _push(tmp_path, src)
     assert res.returncode == 2, res.stderr
@@ -260,3 +292,17 @@ def test_push_without_a_token_says_what_to_do_and_a_token_never_shows(tmp_path):
     out, res = _push(tmp_path, src, HF_TOKEN=token)
     assert res.returncode == 2 and "--push someone/tiny-moe failed" in res.stderr, res.stderr
     assert token not in res.stdout + res.stderr and token[3:15] not in res.stdout + res.stderr
+    # an error that quotes the token where the message is cut: masked before the cut, no prefix shows
+    import huggingface_hub
+
+    from moe_dist.models.hub import push_folder
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("x" * 270 + f" Authorization: Bearer {token}\n again {token}")
+
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fail)
+    with pytest.raises(ValueError) as err:
+        push_folder(str(tmp_path), "me/repo")
+    assert "\n" not in str(err.value) and "Bearer ***" in str(err.value)
+    assert not any(token[:n] in str(err.value) for n in range(8, len(token) + 1))

@@ -166,6 +166,37 @@ def test_tag_not_cached_and_offline_fails_at_config_load_naming_what_to_download
     assert f"model.init=open_clip:{ARCH}//path/to/the/file" in message
 
 
+def test_another_data_tokenizer_is_refused_at_config_load(tmp_path):
+    """open_clip:ARCH's BPE embeddings must not get a base YAML's sentencepiece ids; nor a small model BPE ids."""
+    for sets in ([], [f"model.init=open_clip:{ARCH}/{TAG}"]):
+        cfg = _run_config(f"data.tokenizer={tmp_path}/base.model", *sets)
+        for check in (lambda: cfg.validate(1), lambda: cfg.check_inputs(resume="none")):
+            with pytest.raises(ValueError) as err:
+                check()
+            assert "replaces the openclip-bpe tokenizer of model.name=open_clip:ViT-B-32" in str(err.value)
+            assert "--set data.tokenizer=openclip-bpe" in str(err.value) and "\n" not in str(err.value)
+    small = load_run_config(overrides=["model.name=moe-clip-tiny", "data.tokenizer=openclip-bpe"])
+    with pytest.raises(ValueError, match=r"has 49408 tokens but model.text.vocab_size is \d+; use a tokenizer"):
+        small.check_inputs(resume="none")
+
+
+def test_no_dns_pre_check_behind_a_proxy(monkeypatch):
+    import socket
+
+    from moe_dist.models.openclip_arch import _unreachable
+
+    def no_dns(*args, **kwargs):
+        raise OSError("no DNS")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    url_tag = {"url": "https://openaipublic.azureedge.net/clip/models/x/ViT-B-32.pt"}  # a URL tag: not the hub
+    assert "does not resolve" in _unreachable(url_tag)
+    monkeypatch.setenv("https_proxy", "http://proxy:3128")
+    assert _unreachable(url_tag) == ""
+
+
 @pytest.mark.parametrize("name, overrides, init, expected", [
     # a non-ViT image tower: no transformer MLPs to turn into experts
     ("open_clip:RN50", {}, "", "the image tower is a ModifiedResNet (vision_cfg.layers=[3, 4, 6, 3])"),
@@ -188,6 +219,10 @@ def test_tag_not_cached_and_offline_fails_at_config_load_naming_what_to_download
      f"{__file__}", "the dense MLPs compute quick_gelu (model.quick_gelu=true) but visual.transformer.resblocks.5.mlp "
      "experts compute gelu"),
     ("open_clip:ViT-B-32", {}, f"open_clip:{ARCH}", "give a pretrained tag or a file after the architecture"),
+    # a tag trained on other pixels than our eval transform gives (its preprocess cfg; no download)
+    ("open_clip:ViT-L-14", {}, "open_clip:ViT-L-14/laion2b_s32b_b82k", "tag laion2b_s32b_b82k was trained with "
+     "mean=(0.5, 0.5, 0.5) but moe_dist's image transform uses mean=(0.48145466"),
+    ("open_clip:ViT-H-14-quickgelu", {}, "open_clip:ViT-H-14-quickgelu/dfn5b", "resize_mode='squash' but"),
     ("moe-clip-tiny", {}, "open_clip:RN50/openai", "model.init=open_clip:RN50: the image tower is a ModifiedResNet"),
     ("open_clip:ViT-S-32", {"kind": "limoe"}, f"open_clip:ViT-S-32/{__file__}", "is a one-tower LIMoE"),
 ])

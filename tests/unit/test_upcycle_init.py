@@ -131,6 +131,15 @@ def test_moe_source_wrong_shapes_and_missing_file_are_refused(tmp_path, sp_model
     with pytest.raises(ValueError, match=r"^model\.init: .*nowhere.pt does not exist"):
         check_init(str(tmp_path / "nowhere.pt"), moe.cfg)
 
+    # what the tensors cannot show: the activation and the text pooling the source was trained with
+    quick = _dense_checkpoint(tmp_path / "quick", create_model("clip-tiny-dense", quick_gelu=True), sp_model)
+    with pytest.raises(ValueError, match=r"^model\.init: .*trained with model.quick_gelu=true, but the run's model has "
+                                         r"model.quick_gelu=false, .*; set model.quick_gelu=true$"):
+        check_init(quick, moe.cfg)
+    argmax = create_model("clip-tiny-dense", text={"pool_type": "argmax"})
+    with pytest.raises(ValueError, match=r"model.text.pool_type=argmax, but the run's model has model.text.pool_type"):
+        check_init(_dense_checkpoint(tmp_path / "argmax", argmax, sp_model), moe.cfg)
+
 
 def test_run_config_keeps_init_in_the_model_section(tmp_path, sp_model):
     cfg = load_run_config(overrides=["model.init=dense.safetensors", "model.moe.top_k=1"])
