@@ -162,7 +162,7 @@ def collect_decoding(out: str, names: List[str]) -> dict:
 
 
 def decoding_table(results: dict) -> str:
-    head = ["arm", "decoding", "seeds", *CAPTION_KEYS, "targets met"]
+    head = ["arm", "decoding", "seeds", *CAPTION_KEYS, "targets met (CIDEr-D > retrieval, F1 >= 1.5x, top <= 10 %)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, variants in results.items():
         for variant, r in variants.items():
@@ -180,13 +180,15 @@ def plot_curves(results: dict, names: List[str], where: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name in names:
+    colours = plt.get_cmap("tab20").colors  # one colour per arm (the default cycle repeats after 10)
+    for i, name in enumerate(names):
         if name not in results:
             continue
         points = sorted((s, v) for s, v in results[name]["curve"].items() if len(v) == results[name]["seeds"])
         mean = [statistics.fmean(v) for _, v in points]
         smooth = [statistics.fmean(mean[max(0, i - 4):i + 1]) for i in range(len(mean))]
-        ax.plot([s for s, _ in points], smooth, label=name)
+        ax.plot([s for s, _ in points], smooth, label=name, color=colours[i % len(colours)],
+                linestyle="--" if "dense" in name else "-")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("nats per token")
     ax.set_title("train caption loss (mean over seeds, 50-step moving average)")
