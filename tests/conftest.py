@@ -10,6 +10,19 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+@pytest.fixture
+def cli(capsys):
+    """``moe-dist ARGS`` in this process -> (exit code, stdout, stderr)."""
+    from moe_dist.cli import main
+
+    def call(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return call
+
+
 # DeepSpeed's CPU all-reduce workspaces; which of them existed when the session started
 SHM_WORKSPACES = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"
 _SHM_AT_START = pytest.StashKey[set]()

@@ -9,6 +9,7 @@ the reference's gradients over the two batches.
 import pytest
 import torch
 
+from helpers.data import IdTokenizer
 from helpers.harness import run_ranks
 from helpers.reference import rel_err
 
@@ -39,21 +40,6 @@ def _compare(rank, world_size):
     return [f for dropless in (True, False) for f in _compare_one(rank, world_size, dropless)] + _rerank(rank)
 
 
-class _Tok:
-    """Token ids as words: BOS 2, EOS 3, pad 0; encodes texts as the towers read them."""
-    bos_id, eos_id, pad_id = 2, 3, 0
-
-    def pieces(self, texts):
-        return [[int(w) for w in t.split()] for t in texts]
-
-    def decode(self, tokens):
-        return [" ".join(str(t) for t in row if t not in (0, 2, 3)) for row in tokens.tolist()]
-
-    def __call__(self, texts):
-        rows = [[2] + self.pieces([t])[0][:10] + [3] for t in texts]
-        return torch.tensor([r + [0] * (12 - len(r)) for r in rows])
-
-
 def _rerank(rank):
     """Beam search reranked by the towers, expert-parallel and in lockstep: rank 0 captions 3 images, rank 1
     decodes 2 after a prompt (a prompt length rank 0 lacks), and each equals the single-process model."""
@@ -69,8 +55,8 @@ def _rerank(rank):
     images = _batch(10 + rank)[0][:3 - rank]
     prompts = None if rank == 0 else ["5 6", "7 8"]
     cfg = dict(strategy="beam", beam_width=3, max_new=4, rerank=5.0)
-    got = generate(ep, _Tok(), images, prompts, GenerationConfig(**cfg, lockstep=True))
-    want = generate(ref, _Tok(), images, prompts, GenerationConfig(**cfg))
+    got = generate(ep, IdTokenizer(12), images, prompts, GenerationConfig(**cfg, lockstep=True))
+    want = generate(ref, IdTokenizer(12), images, prompts, GenerationConfig(**cfg))
     return [] if got == want else [f"rerank rank {rank}: {got} != {want}"]
 
 

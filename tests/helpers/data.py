@@ -104,3 +104,26 @@ def blank_transform(size: int = 8):
     import torch
 
     return lambda image: torch.zeros(3, size, size)
+
+
+class IdTokenizer:
+    """A tokenizer over the ids themselves (BOS 2, EOS 3, pad 0): prompt words are ids, ``decode`` joins the
+    ids that are not special, and calling it encodes texts as the towers read them (BOS, the ids cut to the
+    context, EOS, padding)."""
+
+    bos_id, eos_id, pad_id = 2, 3, 0
+
+    def __init__(self, context_length: int = 12):
+        self.context_length = context_length
+
+    def pieces(self, texts):
+        return [[int(w) for w in t.split()] for t in texts]
+
+    def decode(self, tokens):
+        return [" ".join(str(t) for t in row if t not in (0, 2, 3)) for row in tokens.tolist()]
+
+    def __call__(self, texts):
+        import torch
+
+        rows = [[2] + self.pieces([t])[0][:self.context_length - 2] + [3] for t in texts]
+        return torch.tensor([r + [0] * (self.context_length - len(r)) for r in rows])

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from moe_dist.cli import main
 
 WORDS = "a large small red green blue yellow circle square triangle circles squares two three left right of " \
         "question: what colour is the how many are there? shape object answer: yes no one is"
@@ -38,16 +37,6 @@ def exports(tmp_path_factory):
         out[kind] = root / f"{kind}.safetensors"
         out[f"{kind}-notok"] = root / f"{kind}-notok.safetensors"
     return out
-
-
-@pytest.fixture
-def cli(capsys):
-    def call(*args):
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return call
 
 
 def test_caption_folder_of_mixed_sizes_and_decoding_options(exports, tmp_path, cli):

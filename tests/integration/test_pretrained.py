@@ -14,7 +14,6 @@ import torch
 from helpers.harness import run_ranks
 from helpers.train import RUN_CONFIG, deepspeed_cmd, make_synth, overrides, run
 from moe_dist.checkpoint_files import EXPERT_STATES_RE, MODEL_FILE_RE, MODEL_STATES, load_weights_only
-from moe_dist.cli import main
 from moe_dist.models.pretrained import consolidated_state_dict, export, load_pretrained
 from moe_dist.text import SentencePieceTokenizer
 
@@ -44,17 +43,6 @@ def bf16(synth, tmp_path_factory):
                           **{"data.workers": 0, "batch.micro_batch": 8}))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return out / "checkpoints"
-
-
-@pytest.fixture
-def cli(capsys):
-    """``moe-dist ARGS`` in this process -> (exit code, stdout, stderr)."""
-    def call(*args):
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return call
 
 
 def _features(model, tokenizer, dtype=torch.float32, seed=0):

@@ -4,6 +4,7 @@ equals the training forward, prompts and lengths at the edges, refusals."""
 import pytest
 import torch
 
+from helpers.data import IdTokenizer
 from moe_dist.models import build_loss, create_model
 from moe_dist.generation import GenerationConfig, check_generative, generate
 from moe_dist.models.moe_blocks import set_dropless
@@ -96,7 +97,7 @@ def test_loss_after_scores_only_what_follows_the_marker():
     with torch.no_grad():
         out = model(images, text)
     model.cfg.decoder.loss_after = "40 41"
-    parts = build_loss(model.cfg, tokenizer=_Tok())(out).parts
+    parts = build_loss(model.cfg, tokenizer=IdTokenizer(TEXT["context_length"]))(out).parts
     labels = text[:, 1:].clone()
     labels[0, :3] = 0
     logp = out.logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
@@ -105,21 +106,10 @@ def test_loss_after_scores_only_what_follows_the_marker():
         build_loss(model.cfg)
 
 
-class _Tok:
-    """A tokenizer over the ids themselves: prompt words are ids, decode joins them."""
-    bos_id, eos_id, pad_id = 2, 3, 0
-
-    def pieces(self, texts):
-        return [[int(w) for w in t.split()] for t in texts]
-
-    def decode(self, tokens):
-        return [" ".join(str(t) for t in row if t not in (0, 2, 3)) for row in tokens.tolist()]
-
-
 def test_generation_edges():
     model = _model(modality_experts=[1, 1, 1])
     images, _ = _batch()
-    tok = _Tok()
+    tok = IdTokenizer(TEXT["context_length"])
     one = generate(model, tok, images, None, GenerationConfig(max_new=1))
     assert all(len(t.split()) <= 1 for t in one)
     # an empty prompt is captioning; prompts of different lengths decode in groups, each as if alone
@@ -142,21 +132,13 @@ def test_a_contrastive_model_is_refused():
         create_model("coca-tiny", text=TEXT, decoder={"layers": 0})
 
 
-class _CallTok(_Tok):
-    """_Tok that also encodes texts as the towers read them: BOS, the ids, EOS, padding to the context."""
-
-    def __call__(self, texts):
-        rows = [[2] + self.pieces([t])[0] + [3] for t in texts]
-        return torch.tensor([r + [0] * (TEXT["context_length"] - len(r)) for r in rows])
-
-
 def test_rerank_picks_the_finished_beam_the_towers_match_best():
     from moe_dist.generation.captioning import model_step
     from moe_dist.generation.decoding import beam_candidates
 
     model = _model(modality_experts=[1, 1, 1])
     images, _ = _batch()
-    tok = _CallTok()
+    tok = IdTokenizer(TEXT["context_length"])
     cfg = dict(strategy="beam", beam_width=4, max_new=3)
     plain = generate(model, tok, images, None, GenerationConfig(**cfg))
     assert generate(model, tok, images, None, GenerationConfig(**cfg, rerank=0.0)) == plain

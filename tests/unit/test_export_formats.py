@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from moe_dist.cli import main
 from moe_dist.models.build import build_model
 from moe_dist.models.config import load_model_config
 from moe_dist.models.pretrained import (OPENCLIP_BPE, PretrainedState, consolidated_state_dict, load_pretrained,
@@ -47,16 +46,6 @@ def _export(tmp_path, state, name="model.safetensors"):
 def spm_bytes():
     sentences = [f"a {c} {s} number {i}" for i in range(60) for c, s in [("red", "circle"), ("blue", "square")]]
     return train_sentencepiece(sentences, vocab_size=48)
-
-
-@pytest.fixture
-def cli(capsys):
-    def call(*args):
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return call
 
 
 def _open_clip(folder):

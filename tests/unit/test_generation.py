@@ -24,8 +24,12 @@ def toy_step(seed: int, prompts: int, max_len: int = 8):
     return step, table
 
 
-def brute_force(table, row: int, prompt_len: int, max_new: int, length_penalty: float):
-    """Every sequence that ends with EOS within max_new tokens or runs max_new tokens without one."""
+def brute_force(table, row: int, prompt_len: int, max_new: int, length_penalty: float, penalty: float = 1.0,
+                min_length: int = 0):
+    """Every sequence that ends with EOS within max_new tokens or runs max_new tokens without one. Each
+    step's log-probabilities are constrained as the decoding docstring says, written out in floats: tokens
+    already generated get logprob x penalty, EOS is impossible before min_length tokens, then the row is
+    renormalised (log-sum-exp; a no-op without constraints)."""
     best = (-math.inf, None)
     for length in range(1, max_new + 1):
         for seq in itertools.product(range(V), repeat=length):
@@ -33,7 +37,11 @@ def brute_force(table, row: int, prompt_len: int, max_new: int, length_penalty: 
                 continue
             last, logprob = BOS, 0.0
             for i, token in enumerate(seq):
-                logprob += float(table[row, prompt_len + i - 1, last, token])
+                row_lp = [float(x) for x in table[row, prompt_len + i - 1, last]]
+                row_lp = [lp * penalty if t in seq[:i] else lp for t, lp in enumerate(row_lp)]
+                if i < min_length:
+                    row_lp[EOS] = -math.inf
+                logprob += row_lp[token] - math.log(sum(math.exp(lp) for lp in row_lp))
                 last = token
             score = logprob / length ** length_penalty
             if score > best[0]:
@@ -112,30 +120,6 @@ def test_bad_generation_config():
         GenerationConfig(max_new=0)
 
 
-def constrained_brute_force(table, row, max_new, length_penalty, penalty, min_length):
-    """``brute_force`` with each step's log-probabilities constrained as the decoding docstring says, written
-    out in floats: tokens already generated get logprob x penalty, EOS is impossible before min_length
-    tokens, then the row is renormalised (log-sum-exp)."""
-    best = (-math.inf, None)
-    for length in range(1, max_new + 1):
-        for seq in itertools.product(range(V), repeat=length):
-            if EOS in seq[:-1] or (length < max_new and seq[-1] != EOS):
-                continue
-            last, logprob = BOS, 0.0
-            for i, token in enumerate(seq):
-                row_lp = [float(x) for x in table[row, i, last]]
-                row_lp = [lp * penalty if t in seq[:i] else lp for t, lp in enumerate(row_lp)]
-                if i < min_length:
-                    row_lp[EOS] = -math.inf
-                norm = math.log(sum(math.exp(lp) for lp in row_lp))
-                logprob += row_lp[token] - norm
-                last = token
-            score = logprob / length ** length_penalty
-            if score > best[0]:
-                best = (score, [t for t in seq if t != EOS])
-    return best[1]
-
-
 def test_repetition_penalty_and_min_length_hand_worked():
     from moe_dist.generation.decoding import constrain
 
@@ -157,7 +141,7 @@ def test_wide_beam_with_constraints_equals_exhaustive_search(penalty, min_length
     prompt = torch.full((B, 1), BOS)
     got = beam_search(step, prompt, EOS, max_new, width=V ** max_new, length_penalty=1.0,
                       repetition_penalty=penalty, min_length=min_length)
-    assert got == [constrained_brute_force(table, b, max_new, 1.0, penalty, min_length) for b in range(B)]
+    assert got == [brute_force(table, b, 1, max_new, 1.0, penalty, min_length) for b in range(B)]
 
 
 def test_greedy_respects_min_length_and_penalty():
